@@ -1,0 +1,28 @@
+"""Run the benchmarks: `python -m bench [name ...] [--json PATH] [--quick]`."""
+import argparse
+import importlib
+
+from bench.common import environment, print_table, save_json
+
+BENCHMARKS = ["confusion_matrix"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("names", nargs="*", default=BENCHMARKS, help=f"any of {BENCHMARKS}")
+    parser.add_argument("--json", default="bench/results/latest.json", help="write all rows here")
+    args = parser.parse_args()
+    env = environment()
+    print("environment:", ", ".join(f"{k}={v}" for k, v in env.items()))
+    rows = []
+    for name in args.names:
+        module = importlib.import_module(f"bench.bench_{name}")
+        part = module.run()
+        print_table(part, name)
+        rows += part
+    save_json(rows, args.json)
+    print(f"\nresults written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Timing and reporting shared by the benchmarks (medians of repeated runs, ratios to the
+torch reference measured in the same run, memory bandwidth of this machine)."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+def timeit(fn, repeat: int = 5, warmup: int = 1, sync_cuda: bool = False) -> float:
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if sync_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+_BANDWIDTH = None
+
+
+def memory_bandwidth() -> float:
+    """Measured read bandwidth of this machine in bytes/s (sum over a 1 GiB buffer,
+    all torch threads)."""
+    global _BANDWIDTH
+    if _BANDWIDTH is None:
+        buf = torch.ones(1 << 27, dtype=torch.int64)  # 1 GiB
+        t = timeit(lambda: buf.sum(), repeat=5)
+        _BANDWIDTH = buf.numel() * 8 / t
+        del buf
+    return _BANDWIDTH
+
+
+@dataclass
+class Row:
+    op: str
+    backend: str
+    shape: str
+    seconds: float
+    ratio_vs_torch: float | None = None       # torch time / this time (>1 = faster)
+    bandwidth_pct: float | None = None         # bytes moved / time / machine bandwidth
+    extra: dict = field(default_factory=dict)
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    print(f"\n== {title}")
+    print(f"{'op':<22}{'backend':<16}{'shape':<30}{'time':>12}{'vs torch':>10}{'% mem bw':>10}")
+    for r in rows:
+        t = f"{r.seconds * 1e3:9.2f} ms" if r.seconds < 10 else f"{r.seconds:9.2f} s "
+        ratio = f"{r.ratio_vs_torch:9.1f}x" if r.ratio_vs_torch else f"{'-':>10}"
+        bw = f"{r.bandwidth_pct:9.1f}%" if r.bandwidth_pct is not None else f"{'-':>10}"
+        print(f"{r.op:<22}{r.backend:<16}{r.shape:<30}{t:>12}{ratio}{bw}")
+        for k, v in r.extra.items():
+            print(f"{'':<38}{k}: {v}")
+
+
+def environment() -> dict:
+    return {"machine": platform.machine(), "processor": platform.processor(), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "threads": torch.get_num_threads(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "memory_bandwidth_GBps": memory_bandwidth() / 1e9}
+
+
+def save_json(rows: list[Row], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), "results": [asdict(r) for r in rows]}, indent=2))

@@ -1,0 +1,23 @@
+// The one schema file: every namedmask op is declared here, once. Backends register
+// implementations with TORCH_LIBRARY_IMPL(namedmask, CPU|CUDA, m) in cpu/ and cuda/.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(namedmask, m) {
+  // Dataset-level confusion histogram. Returns int64 [num_classes, num_classes + 1]:
+  // rows = target class, columns = predicted class; the extra last column counts
+  // non-ignored pixels whose prediction is outside [0, num_classes) so the Python
+  // wrapper can raise without a second pass over the data.
+  m.def("confusion_matrix(Tensor pred, Tensor target, int num_classes, int ignore_index) -> Tensor");
+
+  // --- copy-paste augmentation (issue 3) ---
+
+  // --- bilateral solver (issue 9) ---
+}
+
+// _C is a plain extension module: importing it runs the static registrations above.
+// No pybind11 bindings, so no <torch/extension.h> (24 s per translation unit).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "namedmask native ops", -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,3 @@
+from namedmask.cli import main
+
+main()

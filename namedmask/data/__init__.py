@@ -1,0 +1,1 @@
+"""Data: decoding, datasets, category sets, label-map files."""

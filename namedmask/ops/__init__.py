@@ -1,0 +1,8 @@
+"""The kernels' public face: one function per op, each with
+backend="auto" | "torch" | "cpp" | "cuda" | "triton" (see registry.py)."""
+from namedmask.ops.registry import BACKENDS, BackendUnavailable, available_backends, ops, why_not
+from namedmask.ops.confusion import confusion_matrix
+from namedmask.ops.metrics import SegmentationMetrics, miou
+
+__all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "ops", "why_not",
+           "confusion_matrix", "miou", "SegmentationMetrics"]
