@@ -20,7 +20,7 @@ def read_label_map(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            arr = np.asarray(img)
+            arr = np.array(img)
     except (OSError, SyntaxError, ValueError) as exc:
         raise LabelMapError(f"{path}: cannot read label map ({exc})") from exc
     if mode in ("P", "L"):

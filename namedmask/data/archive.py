@@ -1,0 +1,81 @@
+"""The category-archive file (archive.json) written by `namedmask build-archive` and read
+by every later stage. This module is the schema; keep writer and readers on it.
+
+{
+  "schema_version": 1,
+  "pool_root": "/data/imagenet/train",          # entries' paths are relative to it
+  "categories": {"aeroplane": 1, ...},           # explicit ids 1..C; 0 = background
+  "archives": {"aeroplane": [{"path": "n02690373/x.JPEG", "score": 0.312}, ...], ...},
+                                                  # per category, best first (K entries)
+  "duplicate_policy": "keep-all",                # an image stays in every archive it ranks in;
+  "best_category": {"n02690373/x.JPEG": "aeroplane", ...},   # ... and this says which wins
+  "model": {...}, "templates": ..., "k": 500, "skipped": [...], "config": {...}
+}
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+
+class ArchiveError(ValueError):
+    """archive.json is missing, malformed or of another schema version."""
+
+
+@dataclass
+class Archive:
+    pool_root: Path
+    categories: dict          # name -> id (1..C)
+    archives: dict            # name -> list of {"path", "score"}
+    best_category: dict = field(default_factory=dict)  # relative path -> category name
+    meta: dict = field(default_factory=dict)           # everything else in the file
+
+    @property
+    def class_names(self) -> list:
+        """names[i] has id i; names[0] = 'background'."""
+        names = ["background"] + [None] * len(self.categories)
+        for name, i in self.categories.items():
+            names[i] = name
+        return names
+
+    def images(self) -> list:
+        """Every distinct relative path in any archive, sorted."""
+        return sorted({e["path"] for entries in self.archives.values() for e in entries})
+
+    def label_of(self, path: str) -> int:
+        """Class id an image is trained with: its best category (the duplicate policy)."""
+        return self.categories[self.best_category[path]]
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "pool_root": str(self.pool_root), "categories": self.categories,
+                "archives": self.archives, "duplicate_policy": "keep-all", "best_category": self.best_category,
+                **self.meta}
+
+
+def load_archive(path: str | Path) -> Archive:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "archive.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArchiveError(f"{path}: not found; run `namedmask build-archive` first") from None
+    except json.JSONDecodeError as exc:
+        raise ArchiveError(f"{path}: not valid JSON ({exc})") from exc
+    if data.get("schema_version") != SCHEMA_VERSION:
+        raise ArchiveError(f"{path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
+    for key in ("pool_root", "categories", "archives"):
+        if key not in data:
+            raise ArchiveError(f"{path}: missing key {key!r}")
+    ids = sorted(data["categories"].values())
+    if ids != list(range(1, len(ids) + 1)):
+        raise ArchiveError(f"{path}: category ids must be 1..C, got {ids}")
+    root = Path(data["pool_root"])
+    if not root.is_absolute():
+        root = (path.parent / root).resolve()
+    meta = {k: v for k, v in data.items()
+            if k not in ("schema_version", "pool_root", "categories", "archives", "best_category", "duplicate_policy")}
+    return Archive(root, dict(data["categories"]), data["archives"], dict(data.get("best_category", {})), meta)
