@@ -1,6 +1,6 @@
 // CPU backend of namedmask::confusion_matrix: OpenMP, one private histogram per thread
-// (several interleaved copies for small class counts, so consecutive equal bins do not
-// serialise on one counter), merged once at the end.
+// (several interleaved copies, so consecutive equal bins do not serialise on one
+// counter), merged once at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,6 +15,7 @@
 namespace namedmask {
 namespace {
 
+// Generic path: any label types, any class count.
 template <typename P, typename T>
 void histogram(const P* pred, const T* target, int64_t n, int64_t num_classes, int64_t ignore_index,
                int64_t* out) {
@@ -37,6 +38,46 @@ void histogram(const P* pred, const T* target, int64_t n, int64_t num_classes, i
   }
 }
 
+// uint8 fast path: the bin of every (target, pred) byte pair is tabulated once (from
+// confusion_bin, so the rule stays in one place) in a 64K-entry table; ignored pixels count
+// into a trash bin instead of branching, and 8 interleaved uint32 histograms break the
+// store-to-load chain on runs of equal bins.
+void histogram_u8(const uint8_t* pred, const uint8_t* target, int64_t n, int64_t num_classes,
+                  int64_t ignore_index, int64_t* out) {
+  constexpr int kLanes = 8;
+  constexpr int64_t kChunk = int64_t(1) << 30;  // per-thread chunk: uint32 counters cannot overflow
+  const int64_t bins = num_classes * (num_classes + 1);
+  const int64_t stride = bins + 1;  // + one trash bin for ignored pixels
+  std::vector<uint32_t> table(1 << 16);
+  for (int t = 0; t < 256; ++t)
+    for (int p = 0; p < 256; ++p) {
+      const int64_t b = confusion_bin<uint8_t, uint8_t>(p, t, num_classes, ignore_index);
+      table[(t << 8) | p] = static_cast<uint32_t>(b < 0 ? bins : b);
+    }
+  const uint32_t* lut = table.data();
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1)));
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<uint32_t> local(static_cast<size_t>(stride * kLanes), 0);
+    std::vector<int64_t> total(static_cast<size_t>(bins), 0);
+    uint32_t* h = local.data();
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t begin = n * tid / nt, end = n * (tid + 1) / nt;
+    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
+      const int64_t c1 = std::min(end, c0 + kChunk);
+      int64_t i = c0;
+      for (; i + kLanes <= c1; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) ++h[l * stride + lut[(uint32_t(target[i + l]) << 8) | pred[i + l]]];
+      for (; i < c1; ++i) ++h[lut[(uint32_t(target[i]) << 8) | pred[i]]];
+      for (int l = 0; l < kLanes; ++l)
+        for (int64_t b = 0; b < bins; ++b) total[b] += h[l * stride + b];
+      std::fill(local.begin(), local.end(), 0u);
+    }
+#pragma omp critical(namedmask_confusion_merge)
+    for (int64_t b = 0; b < bins; ++b) out[b] += total[b];
+  }
+}
+
 at::Tensor confusion_matrix_cpu(const at::Tensor& pred, const at::Tensor& target, int64_t num_classes,
                                 int64_t ignore_index) {
   TORCH_CHECK(pred.sizes() == target.sizes(), "confusion_matrix: pred and target shapes differ");
@@ -44,6 +85,11 @@ at::Tensor confusion_matrix_cpu(const at::Tensor& pred, const at::Tensor& target
   auto out = at::zeros({num_classes, num_classes + 1}, pred.options().dtype(at::kLong));
   const auto p = pred.contiguous();
   const auto t = target.contiguous();
+  if (p.scalar_type() == at::kByte && t.scalar_type() == at::kByte && num_classes <= 256) {
+    histogram_u8(p.data_ptr<uint8_t>(), t.data_ptr<uint8_t>(), p.numel(), num_classes, ignore_index,
+                 out.data_ptr<int64_t>());
+    return out;
+  }
   dispatch_label_type(p.scalar_type(), "confusion_matrix: pred", [&](auto pred_type) {
     dispatch_label_type(t.scalar_type(), "confusion_matrix: target", [&](auto target_type) {
       histogram(p.data_ptr<decltype(pred_type)>(), t.data_ptr<decltype(target_type)>(), p.numel(), num_classes,
