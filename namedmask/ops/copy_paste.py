@@ -149,10 +149,15 @@ def random_copy_paste(images: torch.Tensor, labels: torch.Tensor, *, p: float = 
     P = int(max_objects)
     boxes = fg_boxes(labels, ignore_index=ignore_index, background=background, backend=backend).cpu()
     sources = _draw_sources(B, P, p, generator)
+    # Positions are drawn before any transform, so scale=(1, 1) reproduces the plain result.
+    position = torch.rand((B, P, 2), generator=generator, dtype=torch.float64)
     if scale is not None or hflip:
         images, labels, sources, boxes = _with_transformed_objects(images, labels, boxes, sources, scale, hflip,
                                                                    background, ignore_index, generator, backend)
-    offsets = _draw_offsets(boxes, sources, H, W, generator)
+    offsets = _offsets(boxes, sources, H, W, position)
+    extra = images.shape[0] - B  # the temporary samples receive nothing
+    sources = torch.cat([sources, sources.new_full((extra, P), -1)])
+    offsets = torch.cat([offsets, offsets.new_zeros(extra, P, 2)])
     out_images, out_labels = copy_paste(images, labels, sources.to(images.device), offsets.to(images.device),
                                         ignore_index=ignore_index, background=background, backend=backend)
     return out_images[:B], out_labels[:B]
@@ -168,13 +173,13 @@ def _draw_sources(B: int, P: int, p: float, generator) -> torch.Tensor:
     return torch.where(used, other, torch.full_like(other, -1))
 
 
-def _draw_offsets(boxes, sources, H: int, W: int, generator) -> torch.Tensor:
-    """int64 [B, P, 2]: a uniform top-left corner at which each source's box fits the canvas."""
+def _offsets(boxes, sources, H: int, W: int, position) -> torch.Tensor:
+    """int64 [B, P, 2]: the top-left corner at relative position (uniform in [0, 1)^2) among
+    those where each source's box fits the canvas; 0 for slots that paste nothing."""
     box = boxes[sources.clamp(min=0)]
     size = torch.stack([box[..., 2] - box[..., 0] + 1, box[..., 3] - box[..., 1] + 1], dim=-1)
-    room = (torch.tensor([H, W]) - size + 1).clamp(min=1)  # number of valid positions per axis
-    u = torch.rand(sources.shape + (2,), generator=generator, dtype=torch.float64)
-    offsets = torch.minimum((u * room).long(), room - 1)
+    room = (torch.tensor([H, W]) - size + 1).clamp(min=1)  # number of valid corners per axis
+    offsets = torch.minimum((position * room).long(), room - 1)
     return torch.where(((sources >= 0) & (box[..., 0] >= 0))[..., None], offsets, torch.zeros_like(offsets))
 
 

@@ -28,7 +28,9 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 # --- copy-paste augmentation (issue 3) -------------------------------------------------------
 
 def is_foreground(labels: torch.Tensor, background: int, ignore_index: int) -> torch.Tensor:
-    """Pixels that belong to an object: strictly between the background and the ignore id."""
+    """Pixels that belong to an object: strictly between the background and the ignore id
+    (compared as int64, so ids outside the label dtype's range, e.g. 256 for uint8, work)."""
+    labels = labels.long()
     return (labels > background) & (labels < ignore_index)
 
 
