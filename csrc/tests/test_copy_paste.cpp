@@ -45,6 +45,21 @@ int main() {
   EXPECT_EQ(is_foreground<uint8_t>(255, 0, 255), 0);
   EXPECT_EQ(is_foreground<int64_t>(-1, -2, 255), 1);  // custom background id
 
+  // The label-typed range test equals is_foreground for every uint8 label and many id pairs.
+  const int64_t ids[] = {-1000, -2, -1, 0, 1, 2, 20, 127, 128, 253, 254, 255, 256, 1000};
+  for (int64_t bg : ids)
+    for (int64_t ig : ids) {
+      const auto range = foreground_range<uint8_t>(bg, ig);
+      for (int l = 0; l < 256; ++l)
+        EXPECT_EQ(range.contains(static_cast<uint8_t>(l)), is_foreground(static_cast<uint8_t>(l), bg, ig));
+      const auto wide = foreground_range<int64_t>(bg, ig);
+      for (int64_t l : ids) EXPECT_EQ(wide.contains(l), is_foreground(l, bg, ig));
+    }
+  const int64_t big = std::numeric_limits<int64_t>::max(), small = std::numeric_limits<int64_t>::lowest();
+  EXPECT_EQ(foreground_range<int64_t>(small, big).contains(small + 1), 1);
+  EXPECT_EQ(foreground_range<int64_t>(small, big).contains(small), 0);
+  EXPECT_EQ(foreground_range<int64_t>(big, big).contains(big), 0);
+
   // A 2x3 box (rows 1..2, cols 4..6) landing at (5, 0): inclusive, so 2 rows and 3 columns.
   const std::vector<int64_t> one_box = {1, 4, 2, 6};
   Placement pl = place(0, 5, 0, one_box.data(), 1, 10, 10);

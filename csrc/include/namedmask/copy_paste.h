@@ -9,6 +9,8 @@
 // The CUDA kernel evaluates this rule per output pixel (winning_placement); the CPU kernel
 // paints the pastes in order onto a copy of the base row, which gives the same result
 // (csrc/tests/test_copy_paste.cpp checks both formulations against each other).
+#include <limits>
+
 #include "namedmask/common.h"
 
 namespace namedmask {
@@ -18,6 +20,24 @@ template <typename L>
 NM_HD bool is_foreground(L label, int64_t background, int64_t ignore_index) {
   const int64_t l = static_cast<int64_t>(label);
   return background < l && l < ignore_index;
+}
+
+// The same test in the label type's own arithmetic, for CPU loops that vectorise only
+// without widening: foreground iff lo <= label <= hi (never when lo > hi).
+template <typename L>
+struct ForegroundRange {
+  L lo, hi;
+  NM_HD bool contains(L label) const { return (label >= lo) & (label <= hi); }
+};
+
+template <typename L>
+ForegroundRange<L> foreground_range(int64_t background, int64_t ignore_index) {
+  const int64_t lowest = std::numeric_limits<L>::lowest(), highest = std::numeric_limits<L>::max();
+  if (background >= highest || ignore_index <= lowest || background >= ignore_index)
+    return {static_cast<L>(highest), static_cast<L>(lowest)};  // nothing is foreground
+  const int64_t lo = background < lowest ? lowest : background + 1;
+  const int64_t hi = ignore_index > highest ? highest : ignore_index - 1;
+  return {static_cast<L>(lo), static_cast<L>(hi)};  // lo > hi when no L lies strictly between
 }
 
 // Where one paste lands. Destination pixel (y, x) inside [y0, y1] x [x0, x1] (inclusive)
