@@ -13,7 +13,7 @@ _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 @triton.jit
 def _fg_boxes_kernel(labels_ptr, boxes_ptr, H, W, background, ignore_index, BLOCK: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    plane = H.to(tl.int64) * W
+    plane = H * W  # int args may arrive as constexpr (Triton specialises 1): no .to() on them
     y0 = tl.full([BLOCK], H, tl.int64)
     x0 = tl.full([BLOCK], W, tl.int64)
     y1 = tl.full([BLOCK], -1, tl.int64)
@@ -41,7 +41,7 @@ def _fg_boxes_kernel(labels_ptr, boxes_ptr, H, W, background, ignore_index, BLOC
 def _copy_paste_kernel(images_ptr, labels_ptr, boxes_ptr, sources_ptr, offsets_ptr, out_images_ptr, out_labels_ptr,
                        B, C, H, W, P, background, ignore_index, BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    plane = H.to(tl.int64) * W
+    plane = H * W  # int args may arrive as constexpr (Triton specialises 1): no .to() on them
     pix = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inside = pix < plane
     y = pix // W
