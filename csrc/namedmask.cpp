@@ -11,6 +11,16 @@ TORCH_LIBRARY(namedmask, m) {
   m.def("confusion_matrix(Tensor pred, Tensor target, int num_classes, int ignore_index) -> Tensor");
 
   // --- copy-paste augmentation (issue 3) ---
+  // Tight inclusive foreground boxes (background < label < ignore_index) of labels [B, H, W]:
+  // int64 [B, 4] rows (y0, x0, y1, x1), (-1, -1, -1, -1) for a sample without foreground.
+  m.def("fg_boxes(Tensor labels, int background, int ignore_index) -> Tensor");
+  // Batched copy-paste composite: sample b receives the foreground of samples sources[b, p]
+  // (int64 [B, P], -1 = none) cut by boxes (from fg_boxes) from the INPUT batch, box corner
+  // at offsets[b, p] (int64 [B, P, 2], (y, x)); later pastes cover earlier ones. Returns new
+  // (images [B, C, H, W], labels [B, H, W]). Pastes reaching outside the canvas are clipped
+  // (the Python wrapper rejects them first).
+  m.def("copy_paste(Tensor images, Tensor labels, Tensor boxes, Tensor sources, Tensor offsets, int background, "
+        "int ignore_index) -> (Tensor, Tensor)");
 
   // --- bilateral solver (issue 9) ---
 }

@@ -2,7 +2,8 @@
 backend="auto" | "torch" | "cpp" | "cuda" | "triton" (see registry.py)."""
 from namedmask.ops.registry import BACKENDS, BackendUnavailable, available_backends, ops, why_not
 from namedmask.ops.confusion import confusion_matrix
+from namedmask.ops.copy_paste import copy_paste, fg_boxes, random_copy_paste
 from namedmask.ops.metrics import SegmentationMetrics, miou
 
 __all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "ops", "why_not",
-           "confusion_matrix", "miou", "SegmentationMetrics"]
+           "confusion_matrix", "miou", "SegmentationMetrics", "copy_paste", "fg_boxes", "random_copy_paste"]

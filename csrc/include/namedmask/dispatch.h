@@ -18,3 +18,20 @@ void dispatch_label_type(at::ScalarType type, const char* what, F&& f) {
 }
 
 }  // namespace namedmask
+
+namespace namedmask {
+
+// Calls f(T{}) with T an unsigned integer type as wide as one element of `type`: kernels
+// that only move elements (never compute with them) copy any dtype bit-exactly this way.
+template <typename F>
+void dispatch_element_bits(at::ScalarType type, const char* what, F&& f) {
+  switch (c10::elementSize(type)) {
+    case 1: f(uint8_t{}); break;
+    case 2: f(uint16_t{}); break;
+    case 4: f(uint32_t{}); break;
+    case 8: f(uint64_t{}); break;
+    default: TORCH_CHECK(false, what, ": unsupported dtype ", type);
+  }
+}
+
+}  // namespace namedmask
