@@ -172,7 +172,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def _pil_decode(data: bytes, path) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as img:
         img = ImageOps.exif_transpose(img)
-        return np.asarray(_to_rgb(img))
+        return np.array(_to_rgb(img))  # writable (torch.from_numpy needs that)
 
 
 def _is_plain_jpeg(data: bytes) -> bool:
