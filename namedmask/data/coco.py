@@ -11,7 +11,9 @@ used here, per image:
 Images with no annotation get an all-background mask (every image of the split is scored)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +65,8 @@ def prepare_coco_object(root: str | Path, split: str = "val", out_dir: str | Pat
                                 f"(expected <root>/annotations/instances_{split}2017.json)")
     out_dir = Path(out_dir) if out_dir else paths["masks"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    coco = COCO(str(paths["instances"]))
+    with contextlib.redirect_stdout(StringIO()):  # pycocotools prints its progress
+        coco = COCO(str(paths["instances"]))
     written = kept = 0
     for image_id in tqdm(sorted(coco.imgs), desc=f"coco-object {split}", unit="img", disable=not progress):
         target = out_dir / (Path(coco.imgs[image_id]["file_name"]).stem + ".png")

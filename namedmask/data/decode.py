@@ -169,10 +169,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def _pil_decode(data: bytes, path) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as img:
-        img = ImageOps.exif_transpose(img)
-        return np.array(_to_rgb(img))  # writable (torch.from_numpy needs that)
+def _pil_decode(data: bytes) -> Image.Image:
+    # No `with`: closing a Pillow image frees its pixels, and this one is returned.
+    img = _to_rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(data))))
+    img.load()
+    return img
 
 
 def _is_plain_jpeg(data: bytes) -> bool:
@@ -203,8 +204,9 @@ def _cv2_decode(data: bytes) -> np.ndarray:
 _FAST_JPEG = {"simplejpeg": _simplejpeg_decode, "cv2": _cv2_decode}
 
 
-def _decode_cpu(path, backend: str = "pil") -> np.ndarray:
-    """H×W×3 uint8 RGB array; ImageDecodeError naming the file on failure."""
+def _decode_cpu(path, backend: str = "pil") -> np.ndarray | Image.Image:
+    """An H×W×3 uint8 RGB array (fast JPEG path) or an RGB Pillow image (saves a copy when
+    it is resized next); ImageDecodeError naming the file on failure."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -216,11 +218,10 @@ def _decode_cpu(path, backend: str = "pil") -> np.ndarray:
     try:
         if backend in _FAST_JPEG and _is_plain_jpeg(data):
             arr = _FAST_JPEG[backend](data)
-        else:
-            arr = _pil_decode(data, path)
-        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-            raise ValueError(f"decoder returned {arr.dtype} {arr.shape}, not H×W×3 uint8")
-        return arr
+            if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+                raise ValueError(f"decoder returned {arr.dtype} {arr.shape}, not H×W×3 uint8")
+            return arr
+        return _pil_decode(data)
     except Exception as exc:  # decoders raise many types for bad files
         raise _decode_error(path, exc) from exc
 
@@ -229,13 +230,20 @@ def load_image(path: str | Path, backend: str = "pil") -> torch.Tensor:
     """uint8 RGB tensor [H, W, 3] (CPU decoders: "pil", "simplejpeg", "cv2" - same pixels)."""
     if backend not in _FAST_JPEG and backend != "pil":
         raise ValueError(f"load_image decodes on CPU: backend 'pil', 'simplejpeg' or 'cv2', got {backend!r}")
-    return torch.from_numpy(np.ascontiguousarray(_decode_cpu(path, backend)))
+    return _as_tensor(_decode_cpu(path, backend))
 
 
-def resize_crop(img: np.ndarray | torch.Tensor, resize: Resize) -> torch.Tensor:
+def _as_tensor(img: np.ndarray | Image.Image) -> torch.Tensor:
+    """uint8 [H, W, 3] tensor owning writable memory."""
+    return torch.from_numpy(np.array(img) if isinstance(img, Image.Image) else np.ascontiguousarray(img))
+
+
+def resize_crop(img: np.ndarray | torch.Tensor | Image.Image, resize: Resize) -> torch.Tensor:
     """uint8 [3, H, W]: Pillow short-side resize (antialiased) + centre crop, CLIP-style."""
-    arr = img.numpy() if isinstance(img, torch.Tensor) else img
-    pil = Image.fromarray(arr)
+    if isinstance(img, Image.Image):
+        pil = img
+    else:
+        pil = Image.fromarray(img.numpy() if isinstance(img, torch.Tensor) else img)
     nw, nh = resize.output_size(*pil.size)
     method = Image.BICUBIC if resize.interpolation == "bicubic" else Image.BILINEAR
     pil = pil.resize((nw, nh), method)
@@ -264,12 +272,10 @@ def _centre_crop_chw(img: torch.Tensor, crop: int) -> torch.Tensor:
 def _decode_task(path, backend: str, resize: Resize | None):
     """(image, None) or (None, (path, reason)); never raises for a bad file."""
     try:
-        arr = _decode_cpu(path, backend)
+        img = _decode_cpu(path, backend)
     except (ImageDecodeError, FileNotFoundError) as exc:
         return None, exc
-    if resize is None:
-        return torch.from_numpy(np.ascontiguousarray(arr)), None
-    return resize_crop(arr, resize), None
+    return (_as_tensor(img) if resize is None else resize_crop(img, resize)), None
 
 
 def _stack(images: list, resize: Resize) -> torch.Tensor:
