@@ -257,7 +257,7 @@ def test_pool_folder_tree(tmp_path):
     pool = list_pool_images(tmp_path)
     assert isinstance(pool, ImagePool) and pool.root == tmp_path
     assert pool == ["a/1.PNG", "a/sub/3.webp", "b/2.jpg", "c.jpeg"]
-    assert pool.absolute(2) == tmp_path / "b" / "2.jpg"
+    assert pool.absolute(2) == tmp_path / "b" / "2.jpg" and pool.absolute_paths()[2] == pool.absolute(2)
 
 
 def test_pool_list_file(tmp_path):

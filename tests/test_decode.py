@@ -138,6 +138,8 @@ def odd_files(tmp_path_factory):
     put("one.jpg", _jpeg_bytes(Image.fromarray(np.full((1, 1, 3), 90, np.uint8))), np.full((1, 1, 3), 90, np.uint8))
     rgba = np.concatenate([rgb, rng.integers(0, 256, (32, 48, 1)).astype(np.uint8)], -1)
     put("rgba.png", _png(Image.fromarray(rgba, "RGBA")), rgb)                              # alpha dropped
+    gray_jpeg = _jpeg_bytes(Image.fromarray(rgb[..., 1]))
+    put("gray.jpg", gray_jpeg, np.repeat(np.asarray(Image.open(io.BytesIO(gray_jpeg)))[..., None], 3, -1))
     put("gray.png", _png(Image.fromarray(rgb[..., 0])), np.repeat(rgb[..., :1], 3, -1))
     pal = Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE, colors=16)
     put("palette.png", _png(pal), np.asarray(pal.convert("RGB")))
@@ -211,6 +213,12 @@ def test_load_image_errors(odd_files, tmp_path):
     with pytest.raises(FileNotFoundError):
         load_image(tmp_path / "nope.jpg")
     assert load_image(odd_files["exif6.jpg"][0]).shape == (48, 32, 3)
+
+
+def test_early_stop_does_not_hang(real_photos):
+    batches = iter_image_batches(real_photos * 4, 2, resize=Resize(32, 32), backend="pil")
+    assert next(batches).images.shape == (2, 3, 32, 32)
+    batches.close()
 
 
 def test_empty_batch_with_resize_has_crop_shape(odd_files):

@@ -324,6 +324,9 @@ class ImagePool(list):
     def absolute(self, index: int) -> Path:
         return self.root / self[index]
 
+    def absolute_paths(self) -> list:
+        return [self.root / p for p in self]
+
 
 def list_pool_images(path: str | Path) -> ImagePool:
     """The images of an unlabelled pool: a folder tree (every image below it), a text file

@@ -297,30 +297,37 @@ def _iter_cpu(paths, batch_size, resize, backend, on_error, threads, prefetch_ba
     threads = threads or decode_threads()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
         pending: deque = deque()
-        next_i = 0
-        limit = batch_size * (1 + prefetch_batches)
-        for start in range(0, len(paths), batch_size):
-            stop = min(start + batch_size, len(paths))
-            while next_i < len(paths) and next_i < start + limit:
-                pending.append(pool.submit(_decode_task, paths[next_i], backend, resize))
-                next_i += 1
-            batch = ImageBatch([], [], [], [])
-            for i in range(start, stop):
-                image, exc = pending.popleft().result()
-                if exc is not None:
-                    if on_error == "raise":
-                        for f in pending:
-                            f.cancel()
-                        raise exc
-                    log.warning("skipping %s", exc)
-                    batch.failed.append((paths[i], str(exc)))
-                    continue
-                batch.indices.append(i)
-                batch.paths.append(paths[i])
-                batch.images.append(image)
-            if resize is not None:
-                batch.images = _stack(batch.images, resize)
-            yield batch
+        try:
+            yield from _ordered_batches(paths, batch_size, resize, backend, on_error, pool, pending,
+                                        batch_size * (1 + prefetch_batches))
+        finally:  # a consumer that stops early (or an error) must not wait for the look-ahead
+            for future in pending:
+                future.cancel()
+
+
+def _ordered_batches(paths, batch_size, resize, backend, on_error, pool, pending, limit):
+    """Batches in input order; keeps up to `limit` images decoding ahead of the consumer."""
+    next_i = 0
+    for start in range(0, len(paths), batch_size):
+        stop = min(start + batch_size, len(paths))
+        while next_i < len(paths) and next_i < start + limit:
+            pending.append(pool.submit(_decode_task, paths[next_i], backend, resize))
+            next_i += 1
+        batch = ImageBatch([], [], [], [])
+        for i in range(start, stop):
+            image, exc = pending.popleft().result()
+            if exc is not None:
+                if on_error == "raise":
+                    raise exc
+                log.warning("skipping %s", exc)
+                batch.failed.append((paths[i], str(exc)))
+                continue
+            batch.indices.append(i)
+            batch.paths.append(paths[i])
+            batch.images.append(image)
+        if resize is not None:
+            batch.images = _stack(batch.images, resize)
+        yield batch
 
 
 # ---------------------------------------------------------------------------------------------
