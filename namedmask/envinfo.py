@@ -23,7 +23,7 @@ def _decoders() -> dict:
     from namedmask.data import decode
 
     live = decode.available_decoders()
-    return {"auto": decode.resolve_backend("auto"), "backends": live}
+    return {"auto": decode.auto_backend(), "backends": live}
 
 
 def collect() -> dict:

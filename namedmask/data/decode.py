@@ -132,25 +132,29 @@ def available_decoders() -> dict:
     return {b: why_not(b) or "live" for b in BACKENDS}
 
 
-_auto_logged = threading.Lock()
+def auto_backend() -> str:
+    """What backend="auto" means here: DALI on a GPU, else the fastest live CPU backend."""
+    order = ("dali",) + CPU_PREFERENCE if torch.cuda.is_available() else CPU_PREFERENCE
+    return next(b for b in order if why_not(b) is None)
+
+
+_auto_lock = threading.Lock()
 _AUTO_CHOICE: list = []
 
 
 def resolve_backend(backend: str = "auto") -> str:
-    """The backend that `backend` means here; "auto" = DALI on a GPU, else the fastest live
-    CPU backend (logged once). An explicitly named backend that is not live is an error."""
+    """The backend that `backend` means here ("auto": see auto_backend; the choice is logged
+    once per process). An explicitly named backend that is not live is an error."""
     if backend != "auto":
         reason = why_not(backend)
         if reason:
             raise RuntimeError(f"decode backend {backend!r} is not available: {reason}")
         return backend
-    with _auto_logged:
+    with _auto_lock:
         if not _AUTO_CHOICE:
-            order = ("dali",) + CPU_PREFERENCE if torch.cuda.is_available() else CPU_PREFERENCE
-            choice = next(b for b in order if why_not(b) is None)
-            log.info("image decoding: %s (auto; live: %s)", choice,
+            _AUTO_CHOICE.append(auto_backend())
+            log.info("image decoding: %s (auto; live: %s)", _AUTO_CHOICE[0],
                      ", ".join(b for b in BACKENDS if why_not(b) is None))
-            _AUTO_CHOICE.append(choice)
         return _AUTO_CHOICE[0]
 
 
