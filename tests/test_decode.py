@@ -255,5 +255,7 @@ def test_bad_arguments():
 def test_import_does_not_load_dali():
     import subprocess
     import sys
-    code = "import sys, namedmask.data.decode, namedmask.data.datasets; print('nvidia.dali' in sys.modules)"
+    code = ("import sys, namedmask.data.decode as d, namedmask.data.datasets; import torch\n"
+            "if not torch.cuda.is_available(): d.resolve_backend('auto')\n"
+            "print('nvidia.dali' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

@@ -10,8 +10,10 @@ Backends (`available_decoders()` says which are live and why not):
   simplejpeg  libjpeg-turbo via simplejpeg for plain RGB/gray JPEGs without EXIF rotation,
   cv2         or via OpenCV; anything else goes through the Pillow path. Decoded pixels are
               identical to Pillow's (same libjpeg-turbo, same settings); resizing is Pillow's.
-  dali-cpu    NVIDIA DALI, CPU operators (device_id=None): decode + resize + crop in DALI.
-  dali        NVIDIA DALI "mixed" decode (nvJPEG) + resize/crop on the GPU; needs a GPU.
+  dali-cpu    NVIDIA DALI, CPU operators (device_id=None): decode + resize in DALI.
+  dali        NVIDIA DALI "mixed" decode (nvJPEG) + resize on the GPU; needs a GPU. Batches
+              are copied back to host memory (the contract's CPU tensors).
+              For both, the centre crop is a torch slice rounded like torchvision's CenterCrop.
 "auto" picks the fastest live backend (DALI on a GPU, else the CPU order measured by
 bench/bench_decode.py) and logs the choice once.
 
@@ -28,6 +30,7 @@ the next batches decoded while the caller works on the current one."""
 from __future__ import annotations
 
 import functools
+import importlib
 import io
 import logging
 import os
@@ -86,29 +89,14 @@ class ImageBatch:
 # ---------------------------------------------------------------------------------------------
 # Backend availability
 
-def _why_not_simplejpeg() -> str | None:
-    try:
-        import simplejpeg  # noqa: F401
-    except ImportError as exc:
-        return f"simplejpeg not installed ({exc})"
-    return None
-
-
-def _why_not_cv2() -> str | None:
-    try:
-        import cv2  # noqa: F401
-    except ImportError as exc:
-        return f"opencv not installed ({exc})"
-    return None
-
-
 @functools.lru_cache(maxsize=None)
-def _dali_import_error() -> str | None:
-    """DALI is imported only when asked for (importing it takes ~1 s)."""
+def _import_error(module: str, install: str) -> str | None:
+    """None if `module` imports, else why not. DALI is only imported here, when asked for
+    (importing it takes ~1 s)."""
     try:
-        import nvidia.dali  # noqa: F401
+        importlib.import_module(module)
     except Exception as exc:  # ImportError, or a broken install
-        return f"nvidia-dali not importable ({type(exc).__name__}: {exc}); pip install nvidia-dali-cuda130"
+        return f"{module} not importable ({type(exc).__name__}: {exc}); pip install {install}"
     return None
 
 
@@ -117,15 +105,15 @@ def why_not(backend: str) -> str | None:
     if backend == "pil":
         return None
     if backend == "simplejpeg":
-        return _why_not_simplejpeg()
+        return _import_error("simplejpeg", "simplejpeg")
     if backend == "cv2":
-        return _why_not_cv2()
+        return _import_error("cv2", "opencv-python-headless")
     if backend == "dali-cpu":
-        return _dali_import_error()
+        return _import_error("nvidia.dali", "nvidia-dali-cuda130")
     if backend == "dali":
         if not torch.cuda.is_available():
             return "needs a CUDA device"
-        return _dali_import_error()
+        return _import_error("nvidia.dali", "nvidia-dali-cuda130")
     raise ValueError(f"unknown decode backend {backend!r}; one of {BACKENDS} or 'auto'")
 
 
@@ -155,8 +143,8 @@ def resolve_backend(backend: str = "auto") -> str:
     with _auto_lock:
         if not _AUTO_CHOICE:
             _AUTO_CHOICE.append(auto_backend())
-            log.info("image decoding: %s (auto; live: %s)", _AUTO_CHOICE[0],
-                     ", ".join(b for b in BACKENDS if why_not(b) is None))
+            log.info("image decoding: %s (auto: %s)", _AUTO_CHOICE[0],
+                     "GPU found" if torch.cuda.is_available() else f"no GPU; CPU order {', '.join(CPU_PREFERENCE)}")
         return _AUTO_CHOICE[0]
 
 
