@@ -93,6 +93,7 @@ setup(
     install_requires=[
         "torch>=2.4", "torchvision", "numpy", "pillow", "click>=8", "tqdm", "pyyaml",
         "safetensors", "open_clip_torch>=2.24", "timm>=1.0", "pycocotools", "scipy", "matplotlib",
+        "simplejpeg",  # fastest exact JPEG decoder on CPU (bench/bench_decode.py)
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],

@@ -73,6 +73,48 @@ def eval_cmd(pred_dir, gt_dir, num_classes, ignore_index, class_names, out, skip
         click.echo(f"metrics written to {out}")
 
 
+@cli.group()
+def prepare() -> None:
+    """Prepare and check evaluation datasets."""
+
+
+@prepare.command("coco-object")
+@click.option("--root", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="COCO root holding <split>2017/ and annotations/instances_<split>2017.json.")
+@click.option("--split", default="val", help="COCO split (val, train).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write the label PNGs [default: <root>/annotations/coco_object_<split>2017].")
+@click.option("--overwrite", is_flag=True, help="Rebuild masks that already exist.")
+def prepare_coco_object_cmd(root, split, out_dir, overwrite) -> None:
+    """Build the 81-id COCO-Object label PNGs from the instances json (crowd -> 255,
+    overlapping instances: the smaller wins). Resumable."""
+    from namedmask.data.coco import prepare_coco_object
+
+    try:
+        counts = prepare_coco_object(root, split, out_dir, overwrite)
+    except (FileNotFoundError, ValueError) as exc:
+        raise _Error(str(exc))
+    click.echo(f"{counts['images']} images: {counts['written']} masks written, {counts['kept']} already there "
+               f"-> {counts['out_dir']}")
+
+
+@prepare.command("check")
+@click.option("--dataset", required=True, help="voc, coco-object, coca, cityscapes-object or imagenet-s.")
+@click.option("--root", required=True, type=click.Path(path_type=Path), help="The dataset's root folder.")
+@click.option("--split", default="val", help="Split to check.")
+def prepare_check_cmd(dataset, root, split) -> None:
+    """Print what of a dataset's expected layout is found under --root and what is missing."""
+    from namedmask.data.datasets import check_dataset
+
+    try:
+        report = check_dataset(dataset, root, split)
+    except ValueError as exc:
+        raise _Error(str(exc))
+    click.echo(report.text())
+    if not report.ok:
+        sys.exit(1)
+
+
 def main() -> None:
     cli(prog_name="namedmask")
 

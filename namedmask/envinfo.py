@@ -19,6 +19,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _decoders() -> dict:
+    from namedmask.data import decode
+
+    live = decode.available_decoders()
+    return {"auto": decode.auto_backend(), "backends": live}
+
+
 def collect() -> dict:
     info = {
         "namedmask": __version__,
@@ -35,6 +42,7 @@ def collect() -> dict:
         "dali": next((v for v in (_version("nvidia-dali-cuda130"), _version("nvidia-dali-cuda120")) if v), None),
         "open_clip": _version("open_clip_torch"),
         "timm": _version("timm"),
+        "image_decoding": _decoders(),
         "ops": {},
     }
     for op in ops.ops():
@@ -54,6 +62,9 @@ def format_info(info: dict) -> str:
              f"triton: {info['triton'] or 'not installed'}{'  (TRITON_INTERPRET=1)' if info['triton_interpret'] else ''}"
              f"   DALI: {info['dali'] or 'not installed'}   open_clip: {info['open_clip'] or '-'}"
              f"   timm: {info['timm'] or '-'}",
+             f"image decoding: auto = {info['image_decoding']['auto']}  ("
+             + ", ".join(f"{b}: {'live' if st == 'live' else 'no'}" for b, st in info["image_decoding"]["backends"].items())
+             + ")",
              "", "op backends (live, or why not):"]
     for op, backends in info["ops"].items():
         lines.append(f"  {op}")

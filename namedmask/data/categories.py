@@ -1,4 +1,10 @@
-"""Category sets: class names with explicit ids (0 = background)."""
+"""Category sets: class names with explicit ids (0 = background).
+
+Built in: `voc` (20 + background, official order), `coco-object` (80 COCO things in COCO
+category order, contiguous ids 1..80; COCO_ID_TO_CONTIGUOUS maps COCO's category ids 1..90),
+`cityscapes-object` (the 14 human/vehicle/object classes NamedMask evaluates, ids 1..14 in
+Cityscapes label-id order; CITYSCAPES_LABEL_ID_TO_OBJECT maps gtFine labelIds), `coca` (its 80
+categories as named by the dataset's folders, sorted, ids 1..80 as in the official code)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,7 +28,49 @@ class CategorySet:
         return {n: i for i, n in enumerate(self.names)}
 
 
-BUILTIN = {"voc": VOC}
+# (COCO category id, name) of the 80 thing classes, in COCO's category order.
+COCO_THINGS = (
+    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"), (7, "train"),
+    (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"), (13, "stop sign"),
+    (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"), (18, "dog"), (19, "horse"), (20, "sheep"),
+    (21, "cow"), (22, "elephant"), (23, "bear"), (24, "zebra"), (25, "giraffe"), (27, "backpack"),
+    (28, "umbrella"), (31, "handbag"), (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"),
+    (36, "snowboard"), (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
+    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"), (46, "wine glass"), (47, "cup"),
+    (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"), (52, "banana"), (53, "apple"), (54, "sandwich"),
+    (55, "orange"), (56, "broccoli"), (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"),
+    (61, "cake"), (62, "chair"), (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"),
+    (70, "toilet"), (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"),
+    (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"), (82, "refrigerator"),
+    (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"), (88, "teddy bear"), (89, "hair drier"),
+    (90, "toothbrush"),
+)
+COCO_OBJECT = ("background",) + tuple(name for _, name in COCO_THINGS)
+COCO_ID_TO_CONTIGUOUS = {coco_id: i for i, (coco_id, _) in enumerate(COCO_THINGS, start=1)}
+
+# gtFine labelId -> object id (1..14); every other labelId is background (0), as in the
+# official NamedMask evaluation (the human, vehicle and object groups of Cityscapes).
+CITYSCAPES_OBJECTS = (
+    (17, "pole"), (18, "polegroup"), (19, "traffic light"), (20, "traffic sign"), (24, "person"), (25, "rider"),
+    (26, "car"), (27, "truck"), (28, "bus"), (29, "caravan"), (30, "trailer"), (31, "train"), (32, "motorcycle"),
+    (33, "bicycle"),
+)
+CITYSCAPES_OBJECT = ("background",) + tuple(name for _, name in CITYSCAPES_OBJECTS)
+CITYSCAPES_LABEL_ID_TO_OBJECT = {label_id: i for i, (label_id, _) in enumerate(CITYSCAPES_OBJECTS, start=1)}
+
+# CoCA's 80 categories, spelled as its image/<category>/ folders, sorted as in the official code.
+COCA = ("background",
+        "Accordion", "UAV", "Yellow duck", "alarm clock", "avocado", "backpack", "baseball", "beer bottle", "belt",
+        "binoculars", "boots", "butterfly", "calculator", "camel", "camera", "candle", "chopsticks", "clover", "dice",
+        "dolphin", "doughnut", "dumbbell", "eggplant", "faucet", "fishing rod", "frisbee", "gift box", "glasses",
+        "globe", "glove", "guitar", "hammer", "hammock", "handbag", "harp", "hat", "headphone", "helicopter",
+        "high heels", "hourglass", "ice cream", "key", "lollipop", "macaroon", "microphone", "minions", "moon",
+        "persimmon", "pigeon", "pillow", "pine cone", "pineapple", "pocket watch", "poker", "potato", "pumpkin",
+        "rabbit", "rocking horse", "roller-skating", "rolling pin", "soap bubble", "squirrel", "stethoscope",
+        "sticky note", "stool", "strawberry", "sunflower", "tablet", "teddy bear", "thermometer", "tomato", "towel",
+        "toy car", "typewriter", "violin", "waffles", "watering can", "watermelon", "wheelchair", "whisk")
+
+BUILTIN = {"voc": VOC, "coco-object": COCO_OBJECT, "cityscapes-object": CITYSCAPES_OBJECT, "coca": COCA}
 
 
 def get_category_set(name_or_path: str) -> CategorySet:

@@ -1,0 +1,352 @@
+"""The labelled datasets users already have, and unlabelled image pools.
+
+`open_dataset(name, root, split="val")` gives a LabeledSet: items (id, image path, label
+path) in a stable sorted order, the class names in id order (0 = background) and
+`read_label(item)`, an H×W array of class ids with `ignore_index` for unscored pixels.
+
+  voc                VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets/Segmentation/<split>.txt}
+                     (root may be the folder holding VOCdevkit, VOCdevkit, or VOC2012); 255 = ignore.
+  coco-object        <root>/<split>2017/*.jpg + the masks `namedmask prepare coco-object` builds
+                     (namedmask/data/coco.py: crowd -> 255, overlaps -> the smaller instance).
+  coca               <root>/image/<category>/*.jpg + <root>/binary/<category>/*.png (0/255 masks):
+                     foreground (> 127) gets the category's id; binary=True (per-image fg IoU).
+  cityscapes-object  <root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/..._gtFine_labelIds.png;
+                     the 14 object classes, every other labelId is background (official protocol).
+  imagenet-s         <root>/validation/<wnid>/*.JPEG + validation-segmentation/<wnid>/*.png, root =
+                     an ImageNetS50/300/919 folder; id = R + 256·G, ignore_index = 1000 (the dataset's
+                     own; 255 is a real class in S300/S919); class names are the subset's WordNet ids,
+                     sorted (that is the dataset's id order); labels are int32.
+
+`list_pool_images(path)` lists an unlabelled pool: a folder tree, a list file (one path per
+line, relative to the file's folder), or an ImageNet root (only train/<wnid>/*.JPEG)."""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_category_set
+from namedmask.data.coco import coco_paths
+from namedmask.data.decode import IMAGE_SUFFIXES
+from namedmask.data.labelmaps import LabelMapError, read_label_map
+
+DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+class DatasetError(FileNotFoundError):
+    """A dataset folder that does not have the expected layout; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class LabeledItem:
+    id: str                 # unique within the set, e.g. "2007_000033" or "cat/0001"
+    image: Path
+    label: Path | None
+
+
+@dataclass
+class LabeledSet:
+    name: str
+    root: Path
+    class_names: tuple      # class_names[i] = class with id i; 0 = background
+    items: list
+    label_reader: Callable = field(repr=False)   # (label path, item) -> H×W class ids
+    ignore_index: int = 255
+    binary: bool = False    # CoCA-style: score mean per-image foreground IoU
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index) -> LabeledItem:
+        return self.items[index]
+
+    def __iter__(self) -> Iterator[LabeledItem]:
+        return iter(self.items)
+
+    def read_label(self, item: LabeledItem) -> np.ndarray:
+        """H×W class ids (uint8, int32 for ImageNet-S), ignore_index where not scored."""
+        if item.label is None:
+            raise ValueError(f"{self.name}: item {item.id} has no label")
+        return self.label_reader(item.label, item)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def _files(folder: Path, suffixes) -> list:
+    """Sorted files under `folder` (recursive, symlinks followed, hidden names skipped)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        out += [Path(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(suffixes)]
+    return sorted(out)
+
+
+def _require(*paths: Path) -> None:
+    missing = [p for p in paths if not p.exists()]
+    if missing:
+        raise DatasetError("missing: " + ", ".join(str(p) for p in missing))
+
+
+def _pair(images: dict, labels: dict, what: str) -> list:
+    """Items for the ids present in both {id: path} maps; an image without its label is an error."""
+    no_label = [i for i in images if i not in labels]
+    if no_label:
+        raise DatasetError(f"{what}: {len(no_label)} image(s) have no label file, e.g. {images[no_label[0]]}")
+    return [LabeledItem(i, images[i], labels[i]) for i in sorted(images)]
+
+
+def _read_index_png(path: Path, item=None) -> np.ndarray:
+    return read_label_map(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+def _voc_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"):
+        if (cand / "JPEGImages").is_dir() or (cand / "SegmentationClass").is_dir():
+            return cand
+    raise DatasetError(f"{root}: no VOC2012 folder (looked for JPEGImages/ in {root}, {root / 'VOC2012'} and "
+                       f"{root / 'VOCdevkit' / 'VOC2012'})")
+
+
+def _open_voc(root: Path, split: str) -> LabeledSet:
+    voc = _voc_root(root)
+    split_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
+    _require(voc / "JPEGImages", voc / "SegmentationClass", split_file)
+    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    items = [LabeledItem(i, voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClass" / f"{i}.png") for i in ids]
+    _check_items_exist(items, f"VOC {split} ({split_file})")
+    return LabeledSet("voc", voc, get_category_set("voc").names, items, _read_index_png)
+
+
+def _check_items_exist(items: list, what: str) -> None:
+    missing = [p for it in items for p in (it.image, it.label) if p is not None and not p.is_file()]
+    if missing:
+        raise DatasetError(f"{what}: {len(missing)} listed file(s) missing, e.g. {', '.join(map(str, missing[:3]))}")
+
+
+def _open_coco_object(root: Path, split: str) -> LabeledSet:
+    paths = coco_paths(root, split)
+    _require(paths["images"])
+    if not paths["masks"].is_dir():
+        raise DatasetError(f"{paths['masks']}: COCO-Object masks not built yet; run "
+                           f"`namedmask prepare coco-object --root {root} --split {split}` "
+                           f"(needs {paths['instances']})")
+    images = {p.stem: p for p in _files(paths["images"], (".jpg", ".jpeg", ".png"))}
+    labels = {p.stem: p for p in _files(paths["masks"], (".png",))}
+    return LabeledSet("coco-object", root, get_category_set("coco-object").names,
+                      _pair(images, labels, f"COCO-Object {split}"), _read_index_png)
+
+
+def _open_coca(root: Path, split: str) -> LabeledSet:
+    _require(root / "image", root / "binary")
+    names = get_category_set("coca").names
+    ids = {n: i for i, n in enumerate(names)}
+    images = {p.relative_to(root / "image").with_suffix("").as_posix(): p
+              for p in _files(root / "image", (".jpg", ".jpeg", ".png"))}
+    labels = {p.relative_to(root / "binary").with_suffix("").as_posix(): p for p in _files(root / "binary", (".png",))}
+    unknown = sorted({i.split("/")[0] for i in images} - set(ids))
+    if unknown:
+        raise DatasetError(f"{root / 'image'}: folder(s) {unknown[:5]} are not CoCA categories")
+
+    def read(path: Path, item: LabeledItem) -> np.ndarray:
+        mask = read_label_map(path)
+        return np.where(mask > 127, ids[item.id.split("/")[0]], 0).astype(np.uint8)
+
+    return LabeledSet("coca", root, names, _pair(images, labels, "CoCA"), read, binary=True)
+
+
+def _open_cityscapes(root: Path, split: str) -> LabeledSet:
+    img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
+    _require(img_dir, gt_dir)
+    images = {p.relative_to(img_dir).as_posix()[:-len("_leftImg8bit.png")]: p
+              for p in _files(img_dir, ("_leftimg8bit.png",))}
+    labels = {p.relative_to(gt_dir).as_posix()[:-len("_gtFine_labelIds.png")]: p
+              for p in _files(gt_dir, ("_gtfine_labelids.png",))}
+    lut = np.zeros(256, dtype=np.uint8)
+    for label_id, object_id in CITYSCAPES_LABEL_ID_TO_OBJECT.items():
+        lut[label_id] = object_id
+
+    def read(path: Path, item: LabeledItem) -> np.ndarray:
+        return lut[read_label_map(path)]
+
+    return LabeledSet("cityscapes-object", root, get_category_set("cityscapes-object").names,
+                      _pair(images, labels, f"Cityscapes {split}"), read)
+
+
+IMAGENET_S_IGNORE = 1000
+
+
+def _read_imagenet_s(path: Path, item=None) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            rgb = np.asarray(img.convert("RGB"), dtype=np.int32)
+    except OSError as exc:
+        raise LabelMapError(f"{path}: cannot read ImageNet-S label ({exc})") from exc
+    return rgb[..., 0] + 256 * rgb[..., 1]
+
+
+def _open_imagenet_s(root: Path, split: str) -> LabeledSet:
+    img_name, seg_name = {"val": ("validation", "validation-segmentation"),
+                          "validation": ("validation", "validation-segmentation"),
+                          "train-semi": ("train-semi", "train-semi-segmentation")}.get(split, (None, None))
+    if img_name is None:
+        raise ValueError(f"imagenet-s split must be 'val' or 'train-semi', got {split!r}")
+    img_dir, seg_dir = root / img_name, root / seg_name
+    _require(img_dir, seg_dir)
+    wnids = sorted(d.name for d in seg_dir.iterdir() if d.is_dir() and _WNID.match(d.name))
+    images = {p.relative_to(img_dir).with_suffix("").as_posix(): p for p in _files(img_dir, (".jpeg", ".jpg"))}
+    labels = {p.relative_to(seg_dir).with_suffix("").as_posix(): p for p in _files(seg_dir, (".png",))}
+    images = {k: v for k, v in images.items() if k in labels}  # the image folder may be all of ImageNet val
+    return LabeledSet(f"imagenet-s{len(wnids)}", root, ("background",) + tuple(wnids),
+                      [LabeledItem(k, images[k], labels[k]) for k in sorted(images)], _read_imagenet_s,
+                      ignore_index=IMAGENET_S_IGNORE)
+
+
+_OPENERS = {"voc": _open_voc, "coco-object": _open_coco_object, "coca": _open_coca,
+            "cityscapes-object": _open_cityscapes, "imagenet-s": _open_imagenet_s}
+
+
+def open_dataset(name: str, root: str | Path, split: str = "val") -> LabeledSet:
+    """A labelled evaluation set (layouts in the module docstring). Raises DatasetError
+    naming what is missing; `namedmask prepare check` prints a full inventory."""
+    key = name.lower()
+    if re.fullmatch(r"imagenet-s\d+", key):
+        key = "imagenet-s"
+    if key not in _OPENERS:
+        raise ValueError(f"unknown dataset {name!r}; one of {list(DATASETS)}")
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset root is not a folder")
+    ds = _OPENERS[key](root, split)
+    if not len(ds):
+        raise DatasetError(f"{root}: no {name} {split} images found")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset check (what users most often get wrong: the folder layout)
+
+def _expected_layout(name: str, root: Path, split: str) -> list:
+    """(path, what it should hold) the reader needs, for `check_dataset`. A "(for prepare)"
+    entry is needed only while the derived files are not built."""
+    if name == "voc":
+        try:
+            voc = _voc_root(root)
+        except DatasetError:
+            voc = root / "VOCdevkit" / "VOC2012"
+        return [(voc / "JPEGImages", "*.jpg photos"), (voc / "SegmentationClass", "*.png palette label maps"),
+                (voc / "ImageSets" / "Segmentation" / f"{split}.txt", "image ids of the split, one per line")]
+    if name == "coco-object":
+        p = coco_paths(root, split)
+        return [(p["images"], "*.jpg photos"), (p["instances"], "COCO instances json (for prepare)"),
+                (p["masks"], "label PNGs built by `namedmask prepare coco-object`")]
+    if name == "coca":
+        return [(root / "image", "<category>/*.jpg"), (root / "binary", "<category>/*.png 0/255 masks")]
+    if name == "cityscapes-object":
+        return [(root / "leftImg8bit" / split, "<city>/*_leftImg8bit.png"),
+                (root / "gtFine" / split, "<city>/*_gtFine_labelIds.png")]
+    folders = ("train-semi", "train-semi-segmentation") if split == "train-semi" else \
+        ("validation", "validation-segmentation")
+    return [(root / folders[0], "<wnid>/*.JPEG"), (root / folders[1], "<wnid>/*.png (id = R + 256*G)")]
+
+
+@dataclass
+class CheckReport:
+    dataset: str
+    root: Path
+    split: str
+    found: list = field(default_factory=list)    # lines
+    missing: list = field(default_factory=list)  # lines
+    items: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and self.items > 0
+
+    def text(self) -> str:
+        lines = [f"{self.dataset} ({self.split}) at {self.root}"]
+        lines += [f"  found    {s}" for s in self.found]
+        lines += [f"  MISSING  {s}" for s in self.missing]
+        lines.append(f"  => {self.items} labelled images ready" if self.ok else "  => not usable yet")
+        return "\n".join(lines)
+
+
+def check_dataset(name: str, root: str | Path, split: str = "val") -> CheckReport:
+    """What of a dataset's expected layout is present under `root`, and what is missing."""
+    key = "imagenet-s" if re.fullmatch(r"imagenet-s\d*", name.lower()) else name.lower()
+    if key not in _OPENERS:
+        raise ValueError(f"unknown dataset {name!r}; one of {list(DATASETS)}")
+    root = Path(root).expanduser()
+    report = CheckReport(key, root, split)
+    layout = _expected_layout(key, root, split)
+    built = all(p.exists() for p, what in layout if "(for prepare)" not in what)
+    for path, what in layout:
+        if path.is_dir():
+            n = sum(1 for _ in _files(path, IMAGE_SUFFIXES))
+            report.found.append(f"{path}/  ({n} image files; expected {what})")
+        elif path.is_file():
+            report.found.append(f"{path}  ({path.stat().st_size:,} bytes)")
+        elif built and "(for prepare)" in what:
+            report.found.append(f"{path}  not here (not needed: its output is built)")
+        else:
+            report.missing.append(f"{path}  ({what})")
+    try:
+        report.items = len(open_dataset(key, root, split))
+    except (DatasetError, ValueError, OSError) as exc:
+        if not report.missing:  # the layout is there but its content is not right
+            report.missing.append(str(exc))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Unlabelled image pools
+
+class ImagePool(list):
+    """Sorted image paths relative to `root` (a list of str); `absolute(i)` joins them."""
+
+    def __init__(self, root: Path, paths):
+        super().__init__(paths)
+        self.root = Path(root)
+
+    def absolute(self, index: int) -> Path:
+        return self.root / self[index]
+
+    def absolute_paths(self) -> list:
+        return [self.root / p for p in self]
+
+
+def list_pool_images(path: str | Path) -> ImagePool:
+    """The images of an unlabelled pool: a folder tree (every image below it), a text file
+    listing one image path per line (relative to the file's folder, '#' comments), or an
+    ImageNet root (only train/<wnid>/*.JPEG, as 'train/<wnid>/<file>'). Sorted, relative."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        root = path.parent
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        rel = sorted({ln for ln in lines if ln and not ln.startswith("#")})
+        if not rel:
+            raise DatasetError(f"{path}: the list file names no images")
+        return ImagePool(root, rel)
+    if not path.is_dir():
+        raise DatasetError(f"{path}: not a folder or a list file of images")
+    train = path / "train"
+    if train.is_dir() and any(_WNID.match(d.name) for d in os.scandir(train) if d.is_dir()):
+        files = _files(train, IMAGE_SUFFIXES)
+    else:
+        files = _files(path, IMAGE_SUFFIXES)
+    if not files:
+        raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
+    return ImagePool(path, sorted(p.relative_to(path).as_posix() for p in files))
