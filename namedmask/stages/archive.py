@@ -83,8 +83,8 @@ def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | Non
         device = torch.device(config.device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        clip = load_clip(config.model, config.pretrained, device)
         root, paths = _list_pool_images(config.pool)
+        clip = load_clip(config.model, config.pretrained, device)
         embed_dir = out / "embeddings"
         key = _prepare_embeddings_dir(embed_dir, clip, root, paths, config.shard_size, rank == 0)
         _embed_pool(clip, root, paths, embed_dir, key, config, rank, world, progress)
@@ -306,7 +306,8 @@ def _make_archive(categories: CategorySet, paths: list, root: Path, scores: torc
     if scores.shape[0] < config.k:
         log.warning("only %d decodable images in the pool: archives have fewer than k=%d entries",
                     scores.shape[0], config.k)
-    resolved = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "out"}
+    # Everything that decides the archive (not where it is written, nor whether sheets are drawn).
+    resolved = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("out", "report")}
     resolved.update(pool=str(root), pretrained=clip.pretrained)
     meta = {"model": clip.describe(),
             "templates": {"source": config.templates, "count": len(templates), "templates": list(templates)},
