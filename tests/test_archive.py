@@ -26,6 +26,15 @@ SHARD = 8               # small shards: many of them, so kill/resume and ranks a
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The tiny model is fastest on one thread (and the CI box's two cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def small_pool(tmp_path_factory, pool_dir) -> Path:
     """Symlinks to the first real pool photos (one in a subfolder) + one undecodable file."""
@@ -136,7 +145,7 @@ def test_contact_sheets(reference):
 
 def test_resume_after_kill_is_byte_identical(reference, small_pool, tmp_path):
     out = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(_cli(*_cli_args(small_pool, out)), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
