@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from namedmask.cli import cli
 from namedmask.data.archive import SCHEMA_VERSION, load_archive
@@ -210,3 +210,29 @@ def test_cli_errors_name_the_problem(small_pool, tmp_path):
     res = CliRunner().invoke(cli, ["build-archive", "--pool", str(small_pool), "--categories", "voc",
                                    "--out", str(tmp_path / "o"), "--model", "nm-tiny", "--pretrained", "laion"])
     assert res.exit_code == 1 and "not a tag of nm-tiny" in res.output
+
+
+def test_list_file_pool_and_local_checkpoint_via_cli(small_pool, tmp_path):
+    names = sorted(p.name for p in small_pool.glob("*.jpg") if p.name != "broken.jpg")[:6]
+    listing = small_pool / "subset.txt"  # paths relative to the list file's folder; absolute ones inside it
+    listing.write_text("# six photos\n" + "\n".join(names[:5]) + f"\n{small_pool / names[5]}\n")
+    weights = tmp_path / "tiny.safetensors"
+    clip = load_clip("nm-tiny")
+    save_file({k: (v * 1.5 if v.is_floating_point() else v).contiguous() for k, v in clip.model.state_dict().items()},
+              str(weights))
+    out = tmp_path / "listed"
+    res = CliRunner().invoke(cli, ["build-archive", "--pool", str(listing), "--categories", "voc", "--out", str(out),
+                                   "--model", "nm-tiny", "--pretrained", str(weights), "--k", "4",
+                                   "--templates", "simple"])
+    assert res.exit_code == 0, res.output
+    archive = load_archive(out)
+    assert archive.pool_root == small_pool.resolve() and archive.meta["num_images"] == 6
+    assert archive.meta["model"]["pretrained"] == str(weights.resolve())
+    assert {e["path"] for es in archive.archives.values() for e in es} <= set(names)
+
+    listing.write_text(f"{names[0]}\n{names[0]}\n")
+    with pytest.raises(ArchiveBuildError, match="listed twice"):
+        build_archive(_config(listing, tmp_path / "dup"), progress=False)
+    listing.write_text(f"{tmp_path / 'elsewhere.jpg'}\n")
+    with pytest.raises(ArchiveBuildError, match="not inside"):
+        build_archive(_config(listing, tmp_path / "outside"), progress=False)
