@@ -73,7 +73,8 @@ def run(batch_size: int = 32) -> list[Row]:
         rows.append(Row("archive embed", f"{model} (random)", f"{n} pool imgs, batch {batch_size}", decode + best,
                         extra={"images/s (decode + CLIP)": f"{n / (decode + best):.1f}",
                                "decode + resize alone": f"{n / decode:.1f} images/s",
-                               **{f"CLIP forward, {t} thread(s)": f"{n / s:.1f} images/s" for t, s in forward.items()}}))
+                               **{f"CLIP forward, {t} thread(s)": f"{n / sec:.1f} images/s"
+                                  for t, sec in forward.items()}}))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         repeated = tmp / "pool4x"
