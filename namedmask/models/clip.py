@@ -134,8 +134,9 @@ def _cached_or_downloaded(name: str, tag: str, tag_cfg: dict) -> str:
     if cached:
         return cached
     if tag_cfg.get("hf_hub"):
-        host, source = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname, \
-            f"https://huggingface.co/{tag_cfg['hf_hub']}"
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        source = f"https://huggingface.co/{repo}/resolve/main/{filename or open_clip.constants.HF_WEIGHTS_NAME}"
     else:
         host, source = urlparse(tag_cfg["url"]).hostname, tag_cfg["url"]
     why = _offline_reason(host)
