@@ -87,7 +87,7 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir={"namedmask.kernels": "kernels"},
-    package_data={"namedmask": ["configs/*.yaml", "assets/*"]},
+    package_data={"namedmask": ["configs/*.yaml", "assets/*", "models/open_clip_configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

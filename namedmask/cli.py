@@ -115,6 +115,40 @@ def prepare_check_cmd(dataset, root, split) -> None:
         sys.exit(1)
 
 
+@cli.command("build-archive")
+@click.option("--pool", required=True, type=click.Path(exists=True, path_type=Path),
+              help="Image folder (searched recursively) or a list file of paths relative to its folder.")
+@click.option("--categories", required=True, help="Category set (voc) or names file ('name | synonym, ...' lines).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: archive.json, embedding shards, caches; re-run with the same arguments to resume.")
+@click.option("--model", default="ViT-L-14-336", help="open_clip model name (nm-tiny: a tiny test model).")
+@click.option("--pretrained", default=None,
+              help="open_clip tag, local checkpoint file, or 'random'  [default: openai; random for nm-tiny]")
+@click.option("--k", type=int, default=500, help="Images per category archive.")
+@click.option("--batch-size", type=int, default=64, help="Images per forward pass.")
+@click.option("--templates", default="namedmask", help="Prompt templates: namedmask (85), simple, or a file.")
+@click.option("--synonyms", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="File of 'name | synonym, synonym' lines; all names of a category are averaged.")
+@click.option("--device", default="cpu", help="cpu, cuda (cuda:LOCAL_RANK under torchrun), cuda:N.")
+@click.option("--shard-size", type=int, default=4096, help="Images per embedding shard (the unit of resumption).")
+@click.option("--report", is_flag=True, help="Also write a contact sheet PNG per category to OUT/report.")
+def build_archive_cmd(pool, categories, out, model, pretrained, k, batch_size, templates, synonyms, device,
+                      shard_size, report) -> None:
+    """Stage (A): CLIP retrieves the top-K pool images per category -> OUT/archive.json.
+    Distributed: torchrun --nproc-per-node N -m namedmask build-archive ..."""
+    from namedmask.models.clip import WeightsUnavailableError
+    from namedmask.stages.archive import ArchiveBuildError, ArchiveConfig, build_archive
+
+    config = ArchiveConfig(str(pool), categories, str(out), model, pretrained, k, batch_size, templates, synonyms,
+                           device, shard_size, report)
+    try:
+        archive = build_archive(config)
+    except (ArchiveBuildError, WeightsUnavailableError, ValueError) as exc:
+        raise _Error(str(exc))
+    if archive is not None:
+        click.echo(f"{len(archive.categories)} archives of up to {k} images -> {out / 'archive.json'}")
+
+
 def main() -> None:
     cli(prog_name="namedmask")
 

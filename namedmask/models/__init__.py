@@ -1,0 +1,1 @@
+"""Models: CLIP through open_clip (clip.py) and its prompt templates (prompts.py)."""

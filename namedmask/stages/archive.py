@@ -1,0 +1,363 @@
+"""Stage (A): category archives. CLIP embeds every category name (a prompt ensemble) and
+every pool image; each category keeps its K most similar images -> archive.json
+(schema: namedmask/data/archive.py).
+
+Out directory:
+  archive.json                   the result (written last, atomically)
+  text_embeddings.safetensors    per-category text embeddings (a cache, keyed by a fingerprint)
+  embeddings/index.json          the pool: root + sorted relative paths, and the fingerprint of
+                                 everything the image embeddings depend on
+  embeddings/shard-NNNNNN.safetensors
+                                 fp16 L2-normalised embeddings of pool positions
+                                 [N*shard_size, (N+1)*shard_size) + their positions + failures
+  report/NNN-<name>.png          contact sheets (--report)
+
+Streaming: images are decoded batch by batch and a shard holds shard_size images, so memory is
+O(batch + shard + K x C) whatever the pool size. Resumable: a shard file is written atomically
+once complete, so a killed run restarts at the first missing shard; every shard is computed the
+same way in every run, so the archive is byte-identical. Distributed (torchrun): shard n belongs
+to rank n % world_size; each rank writes its own shards (the out directory must be shared), rank
+0 merges after a barrier. Shards, not ranks, fix the batches, so the result does not depend on
+the number of processes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from namedmask import io
+from namedmask.data.archive import Archive
+from namedmask.data.categories import CategorySet, get_category_set
+from namedmask.data.decode import IMAGE_SUFFIXES, Resize, iter_image_batches
+from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
+from namedmask.models.prompts import get_templates
+
+log = logging.getLogger(__name__)
+
+REPORT_IMAGES = 40          # images per contact sheet
+_SHARD = "shard-{:06d}.safetensors"
+
+
+class ArchiveBuildError(RuntimeError):
+    """The pool or the out directory cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class ArchiveConfig:
+    pool: str                               # image folder (searched recursively) or a list file
+    categories: str                         # a category set name (voc) or file
+    out: str
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None           # tag, checkpoint file, "random"; None = the model's default
+    k: int = 500
+    batch_size: int = 64
+    templates: str = "namedmask"            # namedmask (85) | simple | FILE
+    synonyms: str | None = None             # file: "name | synonym, synonym" lines
+    device: str = "cpu"
+    shard_size: int = 4096
+    report: bool = False
+
+
+def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | None:
+    """Runs stage (A). Returns the Archive on rank 0 (and in single-process runs), None on
+    other ranks."""
+    if config.k < 1 or config.batch_size < 1 or config.shard_size < 1:
+        raise ValueError("k, batch size and shard size must be >= 1")
+    out = Path(config.out)
+    categories = _categories_with_synonyms(config.categories, config.synonyms)
+    templates = get_templates(config.templates)
+    rank, world, own_group = _init_distributed()
+    try:
+        device = torch.device(config.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        root, paths = _list_pool_images(config.pool)
+        clip = load_clip(config.model, config.pretrained, device)
+        embed_dir = out / "embeddings"
+        key = _prepare_embeddings_dir(embed_dir, clip, root, paths, config.shard_size, rank == 0)
+        _embed_pool(clip, root, paths, embed_dir, key, config, rank, world, progress)
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            return None
+        text = _text_embeddings(clip, categories, templates, out / "text_embeddings.safetensors")
+        top_scores, top_index, skipped = _top_k(embed_dir, key, len(paths), config.shard_size, text, config.k)
+        archive = _make_archive(categories, paths, root, top_scores, top_index, skipped, clip, templates, config)
+        io.write_json(out / "archive.json", archive.to_dict())
+        log.info("archive.json: %d categories x top %d of %d images (%d skipped) -> %s", len(archive.categories),
+                 config.k, len(paths), len(skipped), out / "archive.json")
+        if config.report:
+            write_contact_sheets(archive, out / "report")
+        return archive
+    finally:
+        if own_group:
+            torch.distributed.destroy_process_group()
+
+
+# ---------------------------------------------------------------- inputs
+
+def _categories_with_synonyms(categories: str, synonyms_file: str | None) -> CategorySet:
+    cats = get_category_set(categories)
+    if not synonyms_file:
+        return cats
+    extra = get_category_set(synonyms_file)
+    unknown = [n for n in extra.synonyms if n not in cats.names]
+    if unknown:
+        raise ValueError(f"{synonyms_file}: synonyms for categories not in {categories!r}: {unknown}")
+    return dataclasses.replace(cats, synonyms={**cats.synonyms, **extra.synonyms})
+
+
+def _list_pool_images(pool: str | Path) -> tuple[Path, list]:
+    """(root, sorted relative paths). A folder is searched recursively for image files (hidden
+    files and folders skipped); a list file names one image per line, relative to its folder.
+    (Private until the data layer's list_pool_images lands.)"""
+    pool = Path(pool)
+    if pool.is_dir():
+        root = pool.resolve()
+        paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    elif pool.is_file():
+        root = pool.parent.resolve()
+        paths = []
+        for lineno, line in enumerate(pool.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line)
+            if p.is_absolute():
+                try:
+                    p = p.relative_to(root)
+                except ValueError:
+                    raise ArchiveBuildError(f"{pool}:{lineno}: {line} is not inside {root}, the list file's folder; "
+                                            f"list paths relative to it") from None
+            paths.append(p.as_posix())
+        paths.sort()
+        dups = sorted({a for a, b in zip(paths, paths[1:]) if a == b})
+        if dups:
+            raise ArchiveBuildError(f"{pool}: {len(dups)} path(s) listed twice, e.g. {dups[0]}")
+    else:
+        raise ArchiveBuildError(f"{pool}: no such folder or list file")
+    if not paths:
+        raise ArchiveBuildError(f"{pool}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+    return root, paths
+
+
+# ---------------------------------------------------------------- image side
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _prepare_embeddings_dir(embed_dir: Path, clip: Clip, root: Path, paths: list, shard_size: int,
+                            write: bool) -> str:
+    """Checks that existing shards were made by the same model on the same pool (or there are
+    none) and writes index.json (every rank checks; rank 0 writes). Returns the fingerprint
+    key every shard file carries."""
+    model = clip.describe()
+    if Path(clip.pretrained).is_file():  # a replaced checkpoint file must not reuse old shards
+        model["checkpoint_bytes"] = Path(clip.pretrained).stat().st_size
+    fingerprint = {"model": model, "pool_root": str(root), "num_images": len(paths),
+                   "paths_sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest(), "shard_size": shard_size}
+    index = embed_dir / "index.json"
+    if index.exists():
+        old = json.loads(index.read_text())
+        if old.get("fingerprint") != fingerprint:
+            diff = sorted(k for k in fingerprint if old.get("fingerprint", {}).get(k) != fingerprint[k])
+            raise ArchiveBuildError(f"{embed_dir} holds embeddings of another run (different {', '.join(diff)}); "
+                                    f"use another --out, or delete {embed_dir} to recompute")
+    elif write:
+        io.write_json(index, {"fingerprint": fingerprint, "pool_root": str(root), "paths": paths}, indent=None)
+    return _fingerprint(fingerprint)
+
+
+def _shard_is_complete(path: Path, key: str) -> bool:
+    """A shard file exists only once complete (atomic write); it must belong to this run."""
+    if not path.exists():
+        return False
+    with safe_open(str(path), "pt") as f:
+        if (f.metadata() or {}).get("fingerprint") != key:
+            raise ArchiveBuildError(f"{path} belongs to another run; use another --out, or delete {path.parent}")
+    return True
+
+
+def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, config: ArchiveConfig, rank: int,
+                world: int, progress: bool) -> None:
+    size = config.shard_size
+    num_shards = -(-len(paths) // size)
+    todo = [n for n in range(rank, num_shards, world) if not _shard_is_complete(embed_dir / _SHARD.format(n), key)]
+    done = len(range(rank, num_shards, world)) - len(todo)
+    if done:
+        log.info("rank %d: %d shard(s) already complete, %d to go", rank, done, len(todo))
+    resize = Resize(clip.image_size, clip.image_size, "bicubic")
+    images = sum(min(size, len(paths) - n * size) for n in todo)
+    bar = tqdm(total=images, unit="img", desc="embed" if world == 1 else f"embed rank {rank}",
+               disable=not progress, dynamic_ncols=True)
+    for n in todo:
+        for stale in embed_dir.glob(f".{_SHARD.format(n)}.*"):  # the temp file of a killed run
+            stale.unlink(missing_ok=True)
+        first = n * size
+        chunk = [root / p for p in paths[first:first + size]]
+        position = {str(p): first + i for i, p in enumerate(chunk)}
+        embeddings, indices, failed = [], [], []
+        for batch in iter_image_batches(chunk, config.batch_size, resize=resize, on_error="skip"):
+            if batch.indices:
+                embeddings.append(clip.encode_images(batch.images).half().cpu())
+            indices += [first + i for i in batch.indices]
+            failed += [[position[str(p)], reason] for p, reason in batch.failed]
+            bar.update(len(batch.indices) + len(batch.failed))
+        for i, reason in failed:
+            log.warning("skipped %s: %s", paths[i], reason)
+        tensors = {"embeddings": torch.cat(embeddings) if embeddings else torch.zeros(0, clip.embed_dim,
+                                                                                      dtype=torch.float16),
+                   "indices": torch.tensor(indices, dtype=torch.int64)}
+        with io.atomic_path(embed_dir / _SHARD.format(n)) as tmp:
+            save_file(tensors, str(tmp), metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
+    bar.close()
+
+
+# ---------------------------------------------------------------- text side
+
+def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cache: Path) -> torch.Tensor:
+    """float32 [C, D]: per category every template x every name (the name and its synonyms)
+    encoded, L2-normalised, averaged and L2-normalised again. Cached in `cache`."""
+    names = list(categories.names[1:])
+    prompts = {n: [t.format(s) for s in (n, *categories.synonyms.get(n, ())) for t in templates] for n in names}
+    key = _fingerprint({"model": clip.describe(), "prompts": prompts})
+    if cache.exists():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                log.info("text embeddings from cache %s", cache)
+                return f.get_tensor("embeddings")
+    flat = [p for n in names for p in prompts[n]]
+    encoded = clip.encode_texts(flat).cpu()
+    out, start = [], 0
+    for n in names:
+        mean = encoded[start:start + len(prompts[n])].mean(0)
+        out.append(mean / mean.norm())
+        start += len(prompts[n])
+    text = torch.stack(out)
+    with io.atomic_path(cache) as tmp:
+        save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key, "names": json.dumps(names)})
+    return text
+
+
+# ---------------------------------------------------------------- top-K
+
+def similarity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine scores [N, C] used for ranking. Both sides are rounded to fp16 and multiplied in
+    float64: every product of two fp16 numbers is exact in float64 and every partial sum of
+    products of unit vectors fits its 53-bit mantissa, so the scores are exact whatever the
+    summation order - the same in a shard, in a brute-force pass and on any machine."""
+    return image_embeddings.half().double() @ text_embeddings.half().double().T
+
+
+def merge_top_k(scores: torch.Tensor, index: torch.Tensor, new_scores: torch.Tensor, new_index: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column the k best of both candidate sets: higher score first, ties by lower pool
+    index (= path order, the pool list is sorted). scores/index [m, C]; new_* [n, C] / [n]."""
+    s = torch.cat([scores, new_scores])
+    i = torch.cat([index, new_index[:, None].expand(-1, new_scores.shape[1])])
+    order = torch.argsort(i, dim=0, stable=True)
+    s, i = s.gather(0, order), i.gather(0, order)
+    order = torch.argsort(s, dim=0, descending=True, stable=True)[:k]
+    return s.gather(0, order), i.gather(0, order)
+
+
+def _top_k(embed_dir: Path, key: str, num_images: int, shard_size: int, text: torch.Tensor, k: int):
+    """Streams the shards in order: (scores [k', C], pool indices [k', C], skipped [(index, reason)])."""
+    scores = torch.empty(0, text.shape[0], dtype=torch.float64)
+    index = torch.empty(0, text.shape[0], dtype=torch.int64)
+    skipped = []
+    for n in range(-(-num_images // shard_size)):
+        path = embed_dir / _SHARD.format(n)
+        if not _shard_is_complete(path, key):
+            raise ArchiveBuildError(f"{path} is missing after all ranks finished; is {embed_dir} on a filesystem "
+                                    f"every rank shares?")
+        with safe_open(str(path), "pt") as f:
+            skipped += json.loads(f.metadata()["failed"])
+            emb, idx = f.get_tensor("embeddings"), f.get_tensor("indices")
+        scores, index = merge_top_k(scores, index, similarity(emb, text), idx, k)
+    return scores, index, skipped
+
+
+def _make_archive(categories: CategorySet, paths: list, root: Path, scores: torch.Tensor, index: torch.Tensor,
+                  skipped: list, clip: Clip, templates: tuple, config: ArchiveConfig) -> Archive:
+    ids = {n: i for i, n in enumerate(categories.names) if i > 0}
+    archives, best = {}, {}
+    for c, name in enumerate(ids):
+        entries = [{"path": paths[i], "score": s} for s, i in zip(scores[:, c].tolist(), index[:, c].tolist())]
+        archives[name] = entries
+        for e in entries:  # duplicate policy: keep-all; the best category is the highest score (lower id on ties)
+            if e["path"] not in best or e["score"] > best[e["path"]][1]:
+                best[e["path"]] = (name, e["score"])
+    if scores.shape[0] < config.k:
+        log.warning("only %d decodable images in the pool: archives have fewer than k=%d entries",
+                    scores.shape[0], config.k)
+    # Everything that decides the archive (not where it is written, nor whether sheets are drawn).
+    resolved = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in ("out", "report")}
+    resolved.update(pool=str(root), pretrained=clip.pretrained)
+    meta = {"model": clip.describe(),
+            "templates": {"source": config.templates, "count": len(templates), "templates": list(templates)},
+            "synonyms": {n: list(s) for n, s in categories.synonyms.items()},
+            "k": config.k, "num_images": len(paths),
+            "skipped": [{"path": paths[i], "reason": reason} for i, reason in sorted(skipped)],
+            "config": resolved}
+    return Archive(root, ids, archives, {p: best[p][0] for p in sorted(best)}, meta)
+
+
+# ---------------------------------------------------------------- report
+
+def write_contact_sheets(archive: Archive, folder: Path, per_sheet: int = REPORT_IMAGES, thumb: int = 128,
+                         columns: int = 8) -> list:
+    """One PNG per category: its top images, best first, each captioned with rank and score."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    written = []
+    for name, cid in archive.categories.items():
+        entries = archive.archives[name][:per_sheet]
+        rows = max(1, -(-len(entries) // columns))
+        sheet = Image.new("RGB", (columns * thumb, 24 + rows * thumb), "white")
+        draw = ImageDraw.Draw(sheet)
+        draw.text((4, 6), f"{cid}: {name}  (top {len(entries)} of {len(archive.archives[name])})", fill="black")
+        for r, e in enumerate(entries):
+            with Image.open(archive.pool_root / e["path"]) as img:
+                img.draft("RGB", (2 * thumb, 2 * thumb))  # JPEG: decode at reduced size, much faster
+                img = ImageOps.fit(ImageOps.exif_transpose(img).convert("RGB"), (thumb, thumb), Image.BICUBIC)
+            x, y = (r % columns) * thumb, 24 + (r // columns) * thumb
+            sheet.paste(img, (x, y))
+            draw.rectangle((x, y, x + thumb - 1, y + 13), fill="black")
+            draw.text((x + 2, y + 1), f"#{r + 1} {e['score']:.3f}", fill="white")
+        path = folder / f"{cid:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
+        io.save_png(path, sheet)
+        written.append(path)
+    log.info("contact sheets: %d PNGs in %s", len(written), folder)
+    return written
+
+
+# ---------------------------------------------------------------- distributed
+
+def _init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we created the process group). Under torchrun (WORLD_SIZE>1)
+    a gloo group is used for the barrier only, on CPU and GPU machines alike."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    # Ranks wait at the barrier until the slowest finishes embedding: allow a long time.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size(), True
