@@ -1,0 +1,1 @@
+"""Models: dino (timm DINO ViTs), saliency (TokenCut, SelfMask)."""
