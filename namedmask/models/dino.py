@@ -36,12 +36,13 @@ class DinoWeightsError(RuntimeError):
     """DINO weights that cannot be obtained or do not fit the model; the message says what to do."""
 
 
-def build_vit(name: str = "vit_small_patch16_224.dino", **timm_kwargs):
-    """The architecture only (random init): a timm ViT with a class token, no classifier."""
+def build_vit(name: str = "vit_small_patch16_224.dino", *, pretrained: bool = False, **timm_kwargs):
+    """A timm ViT with one class token and no classifier; random init unless `pretrained`
+    (timm hub)."""
     import timm
 
     name = ALIASES.get(name, name)
-    model = timm.create_model(name, pretrained=False, num_classes=0, **timm_kwargs)
+    model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
     if getattr(model, "num_prefix_tokens", None) != 1 or getattr(model, "no_embed_class", False):
         raise ValueError(f"{name}: expected a ViT with one class token and a class position embedding (DINO)")
     return model.eval()
@@ -52,27 +53,23 @@ def create_dino(name: str = "vit_small_patch16_224.dino", weights: str | Path | 
     """A DINO ViT with real weights from `weights` (a local file) or the timm hub, or random
     weights when `random_weights` is set (and no file is given)."""
     name = ALIASES.get(name, name)
+    if weights is None and not random_weights:
+        try:
+            return build_vit(name, pretrained=True, **timm_kwargs)
+        except ValueError:
+            raise
+        except Exception as exc:  # hub errors come as many types (OSError, HTTP errors, ...)
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise DinoWeightsError(
+                f"cannot download the weights of {name} ({type(exc).__name__}: {first_line}). Offline? Pass a local "
+                f"file instead (official DINO checkpoint such as dino_deitsmall16_pretrain.pth, or a timm state "
+                f"dict), or --random-weights for a smoke run.") from exc
     model = build_vit(name, **timm_kwargs)
     if weights is not None:
         load_dino_weights(model, weights)
-    elif random_weights:
-        log.warning("%s: RANDOM weights (requested); masks will be meaningless", name)
     else:
-        _load_from_hub(model, name)
+        log.warning("%s: RANDOM weights (requested); masks will be meaningless", name)
     return model
-
-
-def _load_from_hub(model, name: str) -> None:
-    import timm
-
-    try:
-        pretrained = timm.create_model(name, pretrained=True, num_classes=0)
-    except Exception as exc:  # hub errors come as many types (OSError, HTTP errors, ...)
-        raise DinoWeightsError(
-            f"cannot download the weights of {name} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            f"Offline? Pass a local file instead (official DINO checkpoint such as dino_deitsmall16_pretrain.pth, "
-            f"or a timm state dict), or --random-weights for a smoke run.") from exc
-    model.load_state_dict(pretrained.state_dict())
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -98,7 +95,7 @@ def dino_to_timm(checkpoint: dict) -> dict:
     Parameter names of the ViT body coincide; the work is unwrapping, stripping DDP/backbone
     prefixes and dropping the DINO projection head."""
     sd = checkpoint
-    for key in ("teacher", "model", "state_dict"):
+    for key in ("teacher", "student", "model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
             break
