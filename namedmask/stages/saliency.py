@@ -178,7 +178,7 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
     io.write_json(out / "config.json", asdict(config))
 
     images = archive.images()
-    masks = manifest["masks"]
+    masks = manifest["masks"] = {k: v for k, v in manifest["masks"].items() if k in set(images)}
     todo, recovered = [], 0
     for rel in images:
         if rel in masks and (out / masks[rel]["mask"]).is_file():
