@@ -81,7 +81,7 @@ def eval_cmd(pred_dir, gt_dir, num_classes, ignore_index, class_names, out, skip
               help="tokencut: training-free, DINO only; selfmask: needs --checkpoint.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="SelfMask checkpoint (official selfmask_nq20.pt layout).")
-@click.option("--dino", default=None, help="timm name of the DINO ViT [default: vit_small_patch16_224.dino].")
+@click.option("--dino", default=None, help="timm name of the DINO ViT [default: vit_small_patch16_224.dino for tokencut, vit_small_patch8_224.dino for a --random-weights selfmask].")
 @click.option("--dino-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Local DINO weights (official dino_deitsmall16_pretrain.pth layout or timm); else the timm hub.")
 @click.option("--refine", type=click.Choice(["bilateral-solver", "none"]), default="bilateral-solver",

@@ -6,8 +6,8 @@ upsampled (nearest) to its native size and written as a 0/1 PNG in the pseudo-ma
 schema of namedmask.data.pseudo_masks. Images of equal prepared size share a forward pass.
 
 Resumable: an image whose mask file exists is not recomputed (a mask written just before
-an interruption is picked up from disk); the manifest is rewritten atomically after every
-batch. Undecodable or failing images are logged and listed under "failed" (retried on the
+an interruption is picked up from disk); the manifest is rewritten atomically every
+`manifest_every_s` seconds, at the end and on Ctrl-C. Undecodable or failing images are logged and listed under "failed" (retried on the
 next run); empty and full-frame masks are flagged, never dropped.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -62,6 +63,7 @@ class SaliencyConfig:
     report: bool = False
     report_per_category: int = 4
     vit_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (tiny test ViTs)
+    manifest_every_s: float = 30.0     # manifest rewrite interval while running
 
     def resolved(self) -> "SaliencyConfig":
         if self.method not in METHODS:
@@ -178,7 +180,8 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
     io.write_json(out / "config.json", asdict(config))
 
     images = archive.images()
-    masks = manifest["masks"] = {k: v for k, v in manifest["masks"].items() if k in set(images)}
+    wanted = set(images)
+    masks = manifest["masks"] = {k: v for k, v in manifest["masks"].items() if k in wanted}
     todo, recovered = [], 0
     for rel in images:
         if rel in masks and (out / masks[rel]["mask"]).is_file():
@@ -191,25 +194,31 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
             todo.append(rel)
     log.info("%d archive images: %d to compute, %d done", len(images), len(todo), len(images) - len(todo))
 
-    failed = []
+    failed = manifest["failed"] = []
     if todo:
         model = build_model(config)
-        bar = tqdm(total=len(todo), desc=f"saliency ({config.method})", unit="img")
         paths = [archive.pool_root / rel for rel in todo]
-        for batch in iter_image_batches(paths, config.batch_size, on_error="skip"):
-            for path, reason in batch.failed:
-                failed.append(_failure(Path(path).relative_to(archive.pool_root).as_posix(), reason))
-            rels = [todo[i] for i in batch.indices]
-            for rel, mask, reason in _predict_batch(model, refine, rels, batch.images, config.device):
-                if mask is None:
-                    failed.append(_failure(rel, reason))
-                    continue
-                io.save_png(out / mask_relpath(rel), mask)
-                masks[rel] = mask_entry(rel, mask)
-            manifest["failed"] = failed
+        flushed = time.monotonic()
+        try:
+            with tqdm(total=len(todo), desc=f"saliency ({config.method})", unit="img") as bar:
+                for batch in iter_image_batches(paths, config.batch_size, on_error="skip"):
+                    for path, reason in batch.failed:
+                        failed.append(_failure(Path(path).relative_to(archive.pool_root).as_posix(), reason))
+                    rels = [todo[i] for i in batch.indices]
+                    for rel, mask, reason in _predict_batch(model, refine, rels, batch.images, config.device):
+                        if mask is None:
+                            failed.append(_failure(rel, reason))
+                            continue
+                        io.save_png(out / mask_relpath(rel), mask)
+                        masks[rel] = mask_entry(rel, mask)
+                    bar.update(len(batch.indices) + len(batch.failed))
+                    # Rewriting a 500k-entry manifest per batch would dominate; the disk scan
+                    # above recovers whatever a hard kill leaves unlisted.
+                    if time.monotonic() - flushed >= config.manifest_every_s:
+                        io.write_json(out / "manifest.json", manifest)
+                        flushed = time.monotonic()
+        finally:  # also on Ctrl-C
             io.write_json(out / "manifest.json", manifest)
-            bar.update(len(batch.indices) + len(batch.failed))
-        bar.close()
     manifest["failed"] = failed
     manifest["summary"] = {"images": len(images), "masks": len(masks), "failed": len(failed),
                            "flags": dict(Counter(e["flag"] for e in masks.values() if e["flag"]))}
