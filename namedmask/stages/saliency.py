@@ -58,7 +58,7 @@ class SaliencyConfig:
     checkpoint: str | None = None      # SelfMask checkpoint
     random_weights: bool = False       # smoke runs only: meaningless masks
     tau: float = 0.2
-    eigen_solver: str = "lanczos"      # or "dense"; same eigenvector
+    eigen_solver: str = "arpack"      # or "dense"; same eigenvector
     device: str = "auto"
     report: bool = False
     report_per_category: int = 4
@@ -219,7 +219,6 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
                         flushed = time.monotonic()
         finally:  # also on Ctrl-C
             io.write_json(out / "manifest.json", manifest)
-    manifest["failed"] = failed
     manifest["summary"] = {"images": len(images), "masks": len(masks), "failed": len(failed),
                            "flags": dict(Counter(e["flag"] for e in masks.values() if e["flag"]))}
     io.write_json(out / "manifest.json", manifest)

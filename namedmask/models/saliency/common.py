@@ -21,20 +21,23 @@ class SaliencyModel(Protocol):
         """Normalised [B, 3, h, w] of prepared images -> bool masks [B, h, w]."""
 
 
-def resize_short_side(image: torch.Tensor, short_side: int, multiple: int | None = None) -> torch.Tensor:
-    """uint8 [H, W, 3] resized (PIL bilinear, as NamedMask's torchvision resize on PIL images)
-    so the short side is `short_side` (long side truncated, as torchvision does); with
-    `multiple`, each side is then rounded down to a multiple of it (TokenCut's resize)."""
+def resize_short_side(image: torch.Tensor, short_side: int, multiple: int | None = None,
+                      resample: str = "bilinear") -> torch.Tensor:
+    """uint8 [H, W, 3] resized with PIL so the short side is `short_side` (long side
+    truncated, as torchvision's resize that NamedMask uses); with `multiple`, each side is
+    then rounded to the nearest multiple of it (TokenCut's resize_pil). resample:
+    "bilinear" (NamedMask/SelfMask) or "lanczos" (TokenCut)."""
     h, w = image.shape[:2]
     if h <= w:
         nh, nw = short_side, int(short_side * w / h)
     else:
         nh, nw = int(short_side * h / w), short_side
     if multiple:
-        nh, nw = max(multiple, nh // multiple * multiple), max(multiple, nw // multiple * multiple)
+        nh, nw = (max(multiple, int(round(n / multiple)) * multiple) for n in (nh, nw))
     if (nh, nw) == (h, w):
         return image
-    pil = Image.fromarray(image.numpy()).resize((nw, nh), Image.BILINEAR)
+    method = {"bilinear": Image.BILINEAR, "lanczos": Image.LANCZOS}[resample]
+    pil = Image.fromarray(image.numpy()).resize((nw, nh), method)
     return torch.from_numpy(np.asarray(pil).copy())
 
 

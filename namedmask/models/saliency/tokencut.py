@@ -5,6 +5,9 @@ Last-layer key features of the patch tokens, L2-normalised; affinity A = F Fᵀ 
 eigenvector v of (D − A) v = λ D v; bipartition at mean(v); the seed is argmax |v| and the
 partition is flipped if it does not contain the seed; only the seed's 4-connected component
 is kept. The patch mask is upsampled (nearest) to the input resolution.
+
+Images are resized to the stage's short side (512) with each side rounded to a multiple
+of the patch size (LANCZOS, as the official resize_pil does at native resolution).
 """
 from __future__ import annotations
 
@@ -31,12 +34,12 @@ class Cut:
     eigenvector: np.ndarray  # float64 [h, w], sign chosen so the object side is > mean
 
 
-def fiedler_vector(features: torch.Tensor, tau: float = 0.2, eps: float = 1e-5, solver: str = "lanczos") -> np.ndarray:
+def fiedler_vector(features: torch.Tensor, tau: float = 0.2, eps: float = 1e-5, solver: str = "arpack") -> np.ndarray:
     """Second-smallest generalised eigenvector of (D − A, D) for the binarised cosine
     affinity of `features` [N, C], normalised so vᵀ D v = 1 (scipy's convention).
 
     Solved as the symmetric problem M u = (1 − λ) u with M = D^-1/2 A D^-1/2, v = D^-1/2 u:
-    the second-largest eigenpair of M. solver="lanczos" (ARPACK, two eigenpairs; ~5x faster
+    the second-largest eigenpair of M. solver="arpack" (ARPACK Lanczos, two eigenpairs; ~5x faster
     than dense at 1.3k tokens) or "dense" (LAPACK eigh restricted to that one pair); both
     give scipy.linalg.eigh(D − A, D)'s vector up to sign, which `bipartition` fixes."""
     f = F.normalize(features.detach().to("cpu", torch.float64), dim=1)
@@ -45,15 +48,15 @@ def fiedler_vector(features: torch.Tensor, tau: float = 0.2, eps: float = 1e-5, 
     m = (d_inv_sqrt[:, None] * a * d_inv_sqrt[None, :]).numpy()
     n = m.shape[0]
     u = None
-    if solver == "lanczos" and n > 8:
+    if solver == "arpack" and n > 8:
         v0 = np.linspace(1.0, 2.0, n)  # fixed start vector: reproducible results
         try:
             _, vecs = eigsh(m, k=2, which="LA", v0=v0, tol=1e-10)
             u = vecs[:, 0]  # ascending: [second largest, largest]
         except ArpackNoConvergence:
             log.info("ARPACK did not converge on %d tokens; solving densely", n)
-    elif solver not in ("lanczos", "dense"):
-        raise ValueError(f"solver must be 'lanczos' or 'dense', got {solver!r}")
+    elif solver not in ("arpack", "dense"):
+        raise ValueError(f"solver must be 'arpack' or 'dense', got {solver!r}")
     if u is None:
         u = scipy.linalg.eigh(m, subset_by_index=[n - 2, n - 2])[1][:, 0]
     return d_inv_sqrt.numpy() * u
@@ -73,7 +76,7 @@ def bipartition(eigenvector: np.ndarray, grid: tuple) -> Cut:
 
 
 def normalized_cut(features: torch.Tensor, grid: tuple, tau: float = 0.2, eps: float = 1e-5,
-                   solver: str = "lanczos") -> Cut:
+                   solver: str = "arpack") -> Cut:
     """features [h*w, C] of one image on an (h, w) patch grid -> the TokenCut object cut."""
     if features.shape[0] != grid[0] * grid[1]:
         raise ValueError(f"{features.shape[0]} features do not fill a {grid} grid")
@@ -86,12 +89,12 @@ class TokenCut:
     """The saliency-model face of TokenCut around a DINO ViT (see common.SaliencyModel)."""
     name = "tokencut"
 
-    def __init__(self, vit, short_side: int = 512, tau: float = 0.2, eps: float = 1e-5, solver: str = "lanczos"):
+    def __init__(self, vit, short_side: int = 512, tau: float = 0.2, eps: float = 1e-5, solver: str = "arpack"):
         self.vit, self.short_side, self.tau, self.eps, self.solver = vit.eval(), short_side, tau, eps, solver
         self.patch = patch_size(vit)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        return resize_short_side(image, self.short_side, multiple=self.patch)
+        return resize_short_side(image, self.short_side, multiple=self.patch, resample="lanczos")
 
     def features(self, images: torch.Tensor):
         """[B, 3, h, w] -> (keys [B, h/p * w/p, C], patch grid)."""
