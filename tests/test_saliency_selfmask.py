@@ -97,3 +97,23 @@ def test_wrong_checkpoint_is_a_clear_error(tmp_path):
     torch.save({"model": model.state_dict()}, tmp_path / "no_config.pt")  # tiny weights, official shape assumed
     with pytest.raises(DinoWeightsError, match="no_config.pt.*wrong shape"):
         load_selfmask(tmp_path / "no_config.pt")
+
+
+def test_decoder_layer_is_detr_post_norm():
+    """With zero query positions a DETR post-norm layer is torch's TransformerDecoderLayer
+    (same parameter names, so the same weights load into both)."""
+    from namedmask.models.saliency.selfmask import DecoderLayer
+
+    torch.manual_seed(0)
+    ours = DecoderLayer(16, 2, 32).eval()
+    ref = torch.nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0).eval()
+    ref.load_state_dict(ours.state_dict())
+    tgt, memory = torch.randn(5, 2, 16), torch.randn(7, 2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tgt, memory, torch.zeros_like(tgt)), ref(tgt, memory))
+        pos = torch.randn(5, 2, 16)  # query positions enter queries and keys of self-attention only
+        q = tgt + pos
+        x = ref.norm1(tgt + ref.self_attn(q, q, tgt)[0])
+        x = ref.norm2(x + ref.multihead_attn(x + pos, memory, memory)[0])
+        x = ref.norm3(x + ref.linear2(torch.relu(ref.linear1(x))))
+        torch.testing.assert_close(ours(tgt, memory, pos), x)
