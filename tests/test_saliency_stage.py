@@ -211,3 +211,19 @@ def test_cli_with_report(archive, tmp_path):
     bad = runner.invoke(cli, ["saliency", "--archive", str(archive), "--out", str(tmp_path / "x"),
                               "--method", "selfmask", "--refine", "none"])
     assert bad.exit_code != 0 and "--checkpoint" in bad.output
+
+
+def test_images_sharing_a_mask_path_are_listed_not_overwritten(archive, tmp_path, pool_dir):
+    import shutil
+
+    photo = json.loads(archive.read_text())["archives"]["cat"][0]["path"]
+    twin_root = tmp_path / "pool"
+    twin_root.mkdir()
+    shutil.copy(pool_dir / photo, twin_root / "same.jpg")
+    Image.open(pool_dir / photo).save(twin_root / "same.png")
+    arch = Archive(twin_root, {"cat": 1}, {"cat": [{"path": "same.jpg", "score": 1.0}, {"path": "same.png", "score": 0.5}]})
+    io.write_json(tmp_path / "twin.json", arch.to_dict())
+    result = run_saliency(config(tmp_path / "twin.json", tmp_path / "twin_masks"))
+    assert result.computed == 1
+    assert [f["path"] for f in result.failed] == ["same.png"] and "same.jpg" in result.failed[0]["reason"]
+    assert list(load_manifest(tmp_path / "twin_masks")["masks"]) == ["same.jpg"]

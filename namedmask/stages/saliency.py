@@ -182,8 +182,14 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
     images = archive.images()
     wanted = set(images)
     masks = manifest["masks"] = {k: v for k, v in manifest["masks"].items() if k in wanted}
-    todo, recovered = [], 0
+    failed = manifest["failed"] = []
+    owner = {}  # the schema maps a.jpg and a.png to one masks/a.png: the first keeps it
+    todo, recovered, computed = [], 0, 0
     for rel in images:
+        first = owner.setdefault(mask_relpath(rel), rel)
+        if first != rel:
+            failed.append(_failure(rel, f"its mask path {mask_relpath(rel)} is taken by {first}; rename one image"))
+            continue
         if rel in masks and (out / masks[rel]["mask"]).is_file():
             continue
         on_disk = out / mask_relpath(rel)
@@ -194,7 +200,6 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
             todo.append(rel)
     log.info("%d archive images: %d to compute, %d done", len(images), len(todo), len(images) - len(todo))
 
-    failed = manifest["failed"] = []
     if todo:
         model = build_model(config)
         paths = [archive.pool_root / rel for rel in todo]
@@ -211,6 +216,7 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
                             continue
                         io.save_png(out / mask_relpath(rel), mask)
                         masks[rel] = mask_entry(rel, mask)
+                        computed += 1
                     bar.update(len(batch.indices) + len(batch.failed))
                     # Rewriting a 500k-entry manifest per batch would dominate; the disk scan
                     # above recovers whatever a hard kill leaves unlisted.
@@ -223,7 +229,7 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
                            "flags": dict(Counter(e["flag"] for e in masks.values() if e["flag"]))}
     io.write_json(out / "manifest.json", manifest)
 
-    result = SaliencyResult(out, len(images), len(todo) - len(failed), recovered, failed,
+    result = SaliencyResult(out, len(images), computed, recovered, failed,
                             manifest["summary"]["flags"])
     if config.report:
         result.report = write_report(out, archive, manifest, config.report_per_category)
