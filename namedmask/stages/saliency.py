@@ -182,22 +182,9 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
     images = archive.images()
     wanted = set(images)
     masks = manifest["masks"] = {k: v for k, v in manifest["masks"].items() if k in wanted}
-    failed = manifest["failed"] = []
-    owner = {}  # the schema maps a.jpg and a.png to one masks/a.png: the first keeps it
-    todo, recovered, computed = [], 0, 0
-    for rel in images:
-        first = owner.setdefault(mask_relpath(rel), rel)
-        if first != rel:
-            failed.append(_failure(rel, f"its mask path {mask_relpath(rel)} is taken by {first}; rename one image"))
-            continue
-        if rel in masks and (out / masks[rel]["mask"]).is_file():
-            continue
-        on_disk = out / mask_relpath(rel)
-        if on_disk.is_file():  # written atomically before an interruption; only the manifest lags
-            masks[rel] = mask_entry(rel, _read_mask(on_disk))
-            recovered += 1
-        else:
-            todo.append(rel)
+    failed = manifest["failed"] = []  # earlier failures are retried
+    todo, recovered = _scan(out, images, masks, failed)
+    computed = 0
     log.info("%d archive images: %d to compute, %d done", len(images), len(todo), len(images) - len(todo))
 
     if todo:
@@ -234,6 +221,26 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
     if config.report:
         result.report = write_report(out, archive, manifest, config.report_per_category)
     return result
+
+
+def _scan(out: Path, images: list, masks: dict, failed: list) -> tuple:
+    """Which images still need a mask. Updates `masks` with masks found on disk but not
+    listed (written just before an interruption) and `failed` with mask-path collisions.
+    Returns (todo, number recovered from disk)."""
+    owner = {}  # the schema maps a.jpg and a.png to one masks/a.png: the first keeps it
+    todo, recovered = [], 0
+    for rel in images:
+        first = owner.setdefault(mask_relpath(rel), rel)
+        if first != rel:
+            failed.append(_failure(rel, f"its mask path {mask_relpath(rel)} is taken by {first}; rename one image"))
+        elif rel in masks and (out / masks[rel]["mask"]).is_file():
+            continue
+        elif (out / mask_relpath(rel)).is_file():  # mask files are written atomically
+            masks[rel] = mask_entry(rel, _read_mask(out / mask_relpath(rel)))
+            recovered += 1
+        else:
+            todo.append(rel)
+    return todo, recovered
 
 
 def _failure(rel: str, reason: str) -> dict:
