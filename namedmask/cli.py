@@ -149,6 +149,45 @@ def build_archive_cmd(pool, categories, out, model, pretrained, k, batch_size, t
         click.echo(f"{len(archive.categories)} archives of up to {k} images -> {out / 'archive.json'}")
 
 
+@cli.command()
+@click.option("--archive", required=True, type=click.Path(path_type=Path), help="archive.json (or its folder).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Pseudo-mask folder (manifest.json + masks/); rerunning resumes it.")
+@click.option("--method", type=click.Choice(["tokencut", "selfmask"]), default="tokencut",
+              help="tokencut: training-free, DINO only; selfmask: needs --checkpoint.")
+@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="SelfMask checkpoint (official selfmask_nq20.pt layout).")
+@click.option("--dino", default=None, help="timm name of the DINO ViT [default: vit_small_patch16_224.dino for tokencut, vit_small_patch8_224.dino for a --random-weights selfmask].")
+@click.option("--dino-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Local DINO weights (official dino_deitsmall16_pretrain.pth layout or timm); else the timm hub.")
+@click.option("--refine", type=click.Choice(["bilateral-solver", "none"]), default="bilateral-solver",
+              help="Refinement of each mask (NamedMask's bilateral-solver parameters, threshold 0.5).")
+@click.option("--short-side", type=int, default=512, help="Images are resized to this short side for the model.")
+@click.option("--batch-size", type=int, default=8, help="Images decoded per step; equal sizes share a forward pass.")
+@click.option("--tau", type=float, default=0.2, help="TokenCut affinity threshold.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--random-weights", is_flag=True, help="Random model weights: smoke runs only, masks are meaningless.")
+@click.option("--report", is_flag=True, help="Also write report/<id>_<category>.png overlays of a few masks each.")
+def saliency(archive, out, method, checkpoint, dino, dino_weights, refine, short_side, batch_size, tau, device,
+             random_weights, report) -> None:
+    """Class-agnostic pseudo-masks (0/1 PNG, native size) for every archive image."""
+    from namedmask.data.archive import ArchiveError
+    from namedmask.data.pseudo_masks import PseudoMaskError
+    from namedmask.models.dino import DinoWeightsError
+    from namedmask.stages.saliency import SaliencyConfig, SaliencyError, run_saliency
+
+    config = SaliencyConfig(str(archive), str(out), method, refine, short_side, batch_size, dino,
+                            str(dino_weights) if dino_weights else None, str(checkpoint) if checkpoint else None,
+                            random_weights, tau, device=device, report=report)
+    try:
+        result = run_saliency(config)
+    except (SaliencyError, DinoWeightsError, ArchiveError, PseudoMaskError) as exc:
+        raise _Error(str(exc))
+    click.echo(result.summary())
+    for item in result.failed:
+        click.echo(f"failed: {item['path']}: {item['reason']}")
+
+
 def main() -> None:
     cli(prog_name="namedmask")
 

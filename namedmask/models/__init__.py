@@ -1,1 +1,2 @@
-"""Models: CLIP through open_clip (clip.py) and its prompt templates (prompts.py)."""
+"""Models: clip (open_clip) and its prompt templates, dino (timm DINO ViTs),
+saliency (TokenCut, SelfMask), deeplab (DeepLabv3+)."""
