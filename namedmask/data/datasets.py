@@ -21,6 +21,7 @@ path) in a stable sorted order, the class names in id order (0 = background) and
 line, relative to the file's folder), or an ImageNet root (only train/<wnid>/*.JPEG)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_categor
 from namedmask.data.coco import coco_paths
 from namedmask.data.decode import IMAGE_SUFFIXES
 from namedmask.data.labelmaps import LabelMapError, read_label_map
+
+log = logging.getLogger(__name__)
 
 DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s")
 _WNID = re.compile(r"^n\d{8}$")
@@ -332,14 +335,28 @@ def list_pool_images(path: str | Path) -> ImagePool:
     """The images of an unlabelled pool: a folder tree (every image below it), a text file
     listing one image path per line (relative to the file's folder, '#' comments), or an
     ImageNet root (only train/<wnid>/*.JPEG, as 'train/<wnid>/<file>'). Sorted, relative."""
-    path = Path(path).expanduser()
+    path = Path(path).expanduser().resolve()
     if path.is_file():
         root = path.parent
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-        rel = sorted({ln for ln in lines if ln and not ln.startswith("#")})
+        rel = []
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            p = Path(line)
+            if p.is_absolute():
+                try:
+                    p = p.relative_to(root)
+                except ValueError:
+                    raise DatasetError(f"{path}:{lineno}: {line} is not inside {root}, the list file's folder; "
+                                       f"list paths relative to it") from None
+            rel.append(p.as_posix())
         if not rel:
             raise DatasetError(f"{path}: the list file names no images")
-        return ImagePool(root, rel)
+        unique = sorted(set(rel))
+        if len(unique) < len(rel):
+            log.warning("%s: %d duplicate line(s) ignored", path, len(rel) - len(unique))
+        return ImagePool(root, unique)
     if not path.is_dir():
         raise DatasetError(f"{path}: not a folder or a list file of images")
     train = path / "train"

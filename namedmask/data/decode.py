@@ -34,6 +34,7 @@ import importlib
 import io
 import logging
 import os
+import re
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -152,7 +153,10 @@ def resolve_backend(backend: str = "auto") -> str:
 # CPU decoding
 
 def _decode_error(path, exc: Exception) -> ImageDecodeError:
-    return ImageDecodeError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})")
+    # Drop object reprs ("<_io.BytesIO object at 0x...>"): messages end up in reports that
+    # must be identical from run to run.
+    detail = re.sub(r" ?<[^<>]* at 0x[0-9a-f]+>", "", str(exc))
+    return ImageDecodeError(f"{path}: cannot decode image ({type(exc).__name__}: {detail})")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from namedmask import io
 from namedmask.data.archive import Archive
+from namedmask.data.datasets import DatasetError, list_pool_images
 from namedmask.data.categories import CategorySet, get_category_set
-from namedmask.data.decode import IMAGE_SUFFIXES, Resize, iter_image_batches
+from namedmask.data.decode import Resize, iter_image_batches
 from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
 from namedmask.models.prompts import get_templates
 
@@ -120,39 +121,12 @@ def _categories_with_synonyms(categories: str, synonyms_file: str | None) -> Cat
 
 
 def _list_pool_images(pool: str | Path) -> tuple[Path, list]:
-    """(root, sorted relative paths). A folder is searched recursively for image files (hidden
-    files and folders skipped); a list file names one image per line, relative to its folder.
-    (Private until the data layer's list_pool_images lands.)"""
-    pool = Path(pool)
-    if pool.is_dir():
-        root = pool.resolve()
-        paths = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    elif pool.is_file():
-        root = pool.parent.resolve()
-        paths = []
-        for lineno, line in enumerate(pool.read_text(encoding="utf-8").splitlines(), 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            p = Path(line)
-            if p.is_absolute():
-                try:
-                    p = p.relative_to(root)
-                except ValueError:
-                    raise ArchiveBuildError(f"{pool}:{lineno}: {line} is not inside {root}, the list file's folder; "
-                                            f"list paths relative to it") from None
-            paths.append(p.as_posix())
-        paths.sort()
-        dups = sorted({a for a, b in zip(paths, paths[1:]) if a == b})
-        if dups:
-            raise ArchiveBuildError(f"{pool}: {len(dups)} path(s) listed twice, e.g. {dups[0]}")
-    else:
-        raise ArchiveBuildError(f"{pool}: no such folder or list file")
-    if not paths:
-        raise ArchiveBuildError(f"{pool}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    return root, paths
+    """(absolute root, sorted relative paths) of a folder tree, list file or ImageNet root."""
+    try:
+        listing = list_pool_images(pool)
+    except DatasetError as exc:
+        raise ArchiveBuildError(str(exc)) from None
+    return listing.root, list(listing)
 
 
 # ---------------------------------------------------------------- image side
