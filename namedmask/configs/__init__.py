@@ -1,0 +1,1 @@
+"""Run configurations shipped with namedmask (`namedmask run --config <name>.yaml`)."""
