@@ -16,6 +16,8 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from importlib import resources
@@ -56,11 +58,18 @@ class RunConfig:
     predict: dict = field(default_factory=dict)    # predict options
 
 
+def builtin_configs() -> list:
+    return sorted(p.name[:-5] for p in resources.files("namedmask.configs").iterdir() if p.name.endswith(".yaml"))
+
+
 def load_run_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """The built-in demo config when `path` is None, else the YAML file; then `overrides`."""
-    if path is None:
-        text = resources.files("namedmask.configs").joinpath("demo.yaml").read_text()
-        where = "built-in demo config"
+    """A YAML file, or a built-in config by name (demo, voc, coco-object, coca,
+    cityscapes-object; None = demo); then `overrides`. `$VAR` in string values is taken
+    from the environment (an unset variable is an error naming it)."""
+    if path is None or (not Path(path).exists() and str(path) in builtin_configs()):
+        name = path or "demo"
+        text = resources.files("namedmask.configs").joinpath(f"{name}.yaml").read_text()
+        where = f"built-in config {name!r}"
     else:
         try:
             text = Path(path).read_text()
@@ -72,6 +81,7 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
     except yaml.YAMLError as exc:
         raise PipelineError(f"{where}: not valid YAML ({exc})") from exc
     data.update(overrides or {})
+    data = _expand_env(data, where)
     names = {f.name for f in dataclasses.fields(RunConfig)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -81,6 +91,20 @@ def load_run_config(path: str | Path | None = None, overrides: dict | None = Non
     if bad:
         raise PipelineError(f"{where}: unknown stage(s) {bad}; stages are {list(STAGES)}")
     return cfg
+
+
+def _expand_env(value, where: str):
+    if isinstance(value, dict):
+        return {k: _expand_env(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, where) for v in value]
+    if isinstance(value, str) and "$" in value:
+        expanded = os.path.expandvars(value)
+        missing = re.findall(r"\$\{?(\w+)", expanded)
+        if missing:
+            raise PipelineError(f"{where}: environment variable {missing[0]} is not set (used in {value!r})")
+        return expanded
+    return value
 
 
 def _fingerprint(settings: dict) -> str:
