@@ -132,6 +132,11 @@ def _update(defaults, data: dict, where: str):
             continue
         if isinstance(value, list):
             value = tuple(value)
+        if isinstance(default, float) and isinstance(value, str):
+            try:  # YAML 1.1 reads "5e-4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if default is not None and value is not None:
             ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
             if not ok or (isinstance(value, bool) and not isinstance(default, bool)):
