@@ -125,7 +125,7 @@ def _update(defaults, data: dict, where: str):
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown config key {where}{key!r}; valid keys: {sorted(names)}")
+            raise ConfigError(f"unknown config key '{where}{key}'; valid keys: {sorted(names)}")
         default = getattr(defaults, key)
         if dataclasses.is_dataclass(default):
             kwargs[key] = _update(default, value or {}, f"{where}{key}.")

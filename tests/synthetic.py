@@ -3,10 +3,12 @@ textured backgrounds, written as a category archive + pseudo-mask folder (the co
 namedmask.data.archive / pseudo_masks) and as a held-out images/ + labels/ folder set."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 CLASSES = {"disc": 1, "square": 2, "triangle": 3}
@@ -80,5 +82,25 @@ def write_labeled_folder(root: Path, count: int = 12, size: int = 64, seed: int 
 
 def tiny_model_overrides() -> list:
     """A DeepLabv3+ small enough to train a few hundred iterations on a busy CPU."""
-    return ["model.backbone=resnet10t", "model.backbone_args={channels: [16, 32, 64, 128], stem_width: 16}",
-            "model.aspp_channels=32", "model.low_level_channels=16", "model.aspp_rates=[1, 2, 3]"]
+    return ["model.backbone=resnet10t", "model.backbone_args={channels: [8, 16, 32, 64], stem_width: 8}",
+            "model.aspp_channels=24", "model.low_level_channels=16", "model.aspp_rates=[1, 2, 3]"]
+
+
+def tiny_train_overrides(iterations: int, batch: int = 8, crop: int = 40) -> list:
+    """Tiny model, mild augmentation (colour jitter would make colour-coded classes ambiguous),
+    a learning rate fit for an unpretrained backbone, no workers, log every iteration."""
+    return tiny_model_overrides() + [
+        f"iterations={iterations}", f"batch_size={batch}", "num_workers=0", "log_every=1", "device=cpu",
+        f"augment.crop_size={crop}", "augment.scale=[0.6, 1.0]", "augment.jitter_p=0", "augment.grayscale_p=0",
+        "augment.blur_p=0.2", "copy_paste.p=0", "optim.lr_head=1e-2", "optim.lr_backbone=1e-2"]
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models on a shared, busy machine run several times faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
