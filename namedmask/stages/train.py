@@ -336,8 +336,18 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     return run_dir
 
 
+def _sync_buffers(ctx, model) -> None:
+    """BN running statistics from rank 0 to all ranks. DDP broadcasts them before every
+    forward, so this changes nothing in training, but after the last step each rank holds
+    its own statistics; synced, every rank ends with rank 0's (saved) model."""
+    if ctx.world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _save_checkpoint(ctx, run_dir, model, optimizer, scheduler, iteration, cfg, class_names) -> None:
     """Every rank's RNG state is gathered; rank 0 writes the checkpoint and the weights."""
+    _sync_buffers(ctx, model)
     rng = torch.get_rng_state()
     rngs = [rng]
     if ctx.world > 1:
@@ -375,6 +385,7 @@ def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) ->
 
 def _finish(ctx, run_dir: Path, model, cfg) -> None:
     """Checks the ranks ended with identical weights, writes summary.json and the curves plot."""
+    _sync_buffers(ctx, model)
     digest = state_digest(model)
     digests = [digest]
     if ctx.world > 1:
