@@ -79,7 +79,8 @@ def test_model_eval_equals_file_eval_of_its_predictions(run, val, tmp_path):
     run_dir, _ = run
     CliRunner().invoke(cli, ["predict", "--checkpoint", str(run_dir), str(val / "images"), "--out",
                              str(tmp_path), "--device", "cpu", "--no-overlays"])
-    from_files = evaluate_label_maps(tmp_path / "labels", val / "labels", len(NAMES), progress=False)
+    from_files = evaluate_label_maps(tmp_path / "labels", val / "labels", len(NAMES), class_names=NAMES,
+                                     progress=False)
     from_model = evaluate_checkpoint(run_dir, "folder", val, device="cpu", progress=False)
     assert torch.equal(from_model.confusion, from_files.confusion)
     assert from_model.to_dict().keys() == from_files.to_dict().keys()
