@@ -374,6 +374,7 @@ def _open_val_set(cfg: TrainConfig, class_names):
 def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) -> None:
     from namedmask.stages.evaluate import evaluate_model
 
+    _sync_buffers(ctx, model)  # every rank scores its shard with the same model
     report = evaluate_model(model, val_set, class_names, device=ctx.device, amp=_amp_enabled(cfg, ctx.device),
                             max_images=cfg.val.max_images, rank=ctx.rank, world=ctx.world, progress=False)
     net.train()
