@@ -122,3 +122,13 @@ def test_classes_are_matched_by_name():
     assert class_lookup(NAMES, ["background", "triangle", "x", "disc", "square"]).tolist() == [0, 3, 4, 1]
     with pytest.raises(EvaluationError, match="triangle"):
         class_lookup(NAMES, ["background", "disc", "square"])
+
+
+def test_eval_cli_unknown_or_missing_dataset_is_a_clean_error(run, tmp_path):
+    run_dir, _ = run
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run_dir), "--dataset", "voc", "--root",
+                                   str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run_dir), "--dataset", "folder", "--root",
+                                   str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert res.exit_code != 0 and "nowhere/images" in res.output

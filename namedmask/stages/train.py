@@ -229,6 +229,23 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
                          f"same config, or give a new --out")
 
 
+def _truncate_metrics(run_dir: Path, iteration: int) -> None:
+    """On resume: drop records of iterations after the checkpoint (they are redone) and a
+    line torn by a kill, so metrics.jsonl reads as one uninterrupted run."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("iteration", 0) <= iteration:
+            keep.append(line)
+    io.write_text(path, "".join(line + "\n" for line in keep))
+
+
 def _append_metrics(run_dir: Path, record: dict) -> None:
     with open(run_dir / METRICS_FILE, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -278,6 +295,8 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
         start = int(state["iteration"])
         torch.set_rng_state(state["rng"]["torch"][ctx.rank % len(state["rng"]["torch"])])
         log.info("resuming %s at iteration %d / %d", run_dir, start, cfg.iterations)
+        if ctx.is_main:
+            _truncate_metrics(run_dir, start)
     else:
         torch.manual_seed(_seed(cfg.seed, ctx.rank, 1))  # training randomness (dropout) per rank
     net = model
