@@ -221,6 +221,9 @@ def test_bad_inputs(world, tmp_path):
         train(config(world, tmp_path / "r", 1, batch=1), progress=False)
     with pytest.raises(ValueError, match="none: not found"):
         train(dataclasses.replace(config(world, tmp_path / "r2", 1), masks=str(tmp_path / "none")), progress=False)
+    with pytest.raises(TrainError, match="loss is (nan|inf)"):
+        train(config(world, tmp_path / "r3", 5, "optim.lr_head=1e30", "optim.lr_backbone=1e30", batch=2, crop=32),
+              progress=False)
     with pytest.raises(TrainError, match="not in"):
         archive_items(world["archive"], world["masks"], categories=["zebra"])
     if not HAS_COPY_PASTE:

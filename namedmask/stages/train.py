@@ -2,8 +2,9 @@
 
 Data order is a pure function of (seed, iteration, rank): sample number k of the run reads
 image perm_epoch[k mod N] (perm seeded by (seed, epoch)) and augments it with a generator
-seeded by (seed, k). So a run resumed from its checkpoint, or split over DDP ranks, sees
-exactly the data an uninterrupted run sees, without saving any loader state.
+seeded by (seed, k); the global batch of iteration i is samples [i B, (i+1) B) whatever the
+number of ranks. So a run resumed from its checkpoint, or split over DDP ranks, sees exactly
+the data an uninterrupted run sees, without saving any loader state.
 
 Run directory: config.yaml (resolved config), checkpoint.pt (full training state; loads with
 torch.load(weights_only=True)), model.safetensors + model.json (the segmenter),
@@ -324,6 +325,9 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
             loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE)
         else:  # an all-ignore batch still joins the DDP gradient exchange
             loss = logits.float().sum() * 0.0
+        if not torch.isfinite(loss):
+            raise TrainError(f"loss is {float(loss.detach())} at iteration {it + 1}; lower the learning rates "
+                             f"(optim.lr_head / optim.lr_backbone) or check the masks in {cfg.masks}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
