@@ -164,6 +164,7 @@ class DistContext:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False   # this process group was created by setup_distributed (and is destroyed by train)
 
     @property
     def is_main(self) -> bool:
@@ -190,12 +191,13 @@ def setup_distributed(device_pref: str) -> DistContext:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local_rank)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
-    return DistContext(rank, world, device)
+    return DistContext(rank, world, device, owns)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -356,6 +358,8 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     elif val_set is not None:
         _validate(ctx, run_dir, net, model, val_set, class_names, cfg.iterations, cfg)
     _finish(ctx, run_dir, model, cfg)
+    if ctx.owns_group:
+        dist.destroy_process_group()
     return run_dir
 
 
@@ -405,6 +409,7 @@ def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) ->
         _append_metrics(run_dir, {"iteration": iteration, "val_miou": report.metrics.miou,
                                   "val_pixel_acc": report.metrics.pixel_acc})
         log.info("iteration %d: val mIoU %.2f", iteration, 100 * report.metrics.miou)
+        plot_curves(run_dir)  # the plot follows the run, not only its end
 
 
 def _finish(ctx, run_dir: Path, model, cfg) -> None:
