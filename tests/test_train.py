@@ -18,7 +18,7 @@ from PIL import Image
 
 from namedmask import ops
 from namedmask.cli import cli
-from namedmask.config import AugmentConfig, ConfigError, ExpertsConfig, TrainConfig, load_config
+from namedmask.config import AugmentConfig, ConfigError, ExpertsConfig, TrainConfig, load_config, to_dict
 from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from namedmask.data.labelmaps import read_label_map
 from namedmask.models.deeplab import load_segmenter
@@ -296,3 +296,21 @@ def test_resume_after_sigkill(world, tmp_path):
     assert [r["iteration"] for r in b] == list(range(1, 61))
     assert [r["images"] for r in b] == [r["images"] for r in a]
     assert state_digest(load_segmenter(out)[0]) == state_digest(load_segmenter(tmp_path / "whole")[0])
+
+
+def test_train_cli_with_config_file(world, tmp_path):
+    """`namedmask train --config FILE --set ...`: the file, then --set, then options; the
+    resolved config lands in the run directory."""
+    path = tmp_path / "tiny.yaml"
+    cfg = config(world, None, 50, batch=2, crop=32)
+    path.write_text(yaml.safe_dump({k: v for k, v in to_dict(cfg).items() if k not in ("archive", "masks", "out")}))
+    out = tmp_path / "run"
+    res = CliRunner().invoke(cli, ["train", "--config", str(path), "--archive", str(world["archive"]), "--masks",
+                                   str(world["masks"]), "--out", str(out), "--iterations", "2",
+                                   "--set", "optim.lr_head=2e-3"])
+    assert res.exit_code == 0, res.output
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    assert written["iterations"] == 2 and written["optim"]["lr_head"] == 2e-3 and written["augment"]["crop_size"] == 32
+    assert written["archive"] == str(world["archive"])
+    res = CliRunner().invoke(cli, ["train", "--config", str(path), "--set", "optim.nope=1"])
+    assert res.exit_code != 0 and "optim.nope" in res.output
