@@ -26,6 +26,7 @@ class EvalReport:
     num_images: int
     class_names: list | None = None
     bad: list = field(default_factory=list)  # (name, reason) of skipped pairs
+    extra: dict = field(default_factory=dict)  # additional top-level keys (e.g. mean_fg_iou of binary sets)
 
     def to_dict(self) -> dict:
         m = self.metrics
@@ -36,6 +37,7 @@ class EvalReport:
             out["class_names"] = list(self.class_names)
         out["skipped"] = [{"name": n, "reason": r} for n, r in self.bad]
         out["confusion_matrix"] = self.confusion.tolist()
+        out.update(self.extra)
         return out
 
     def table(self) -> str:
@@ -52,6 +54,8 @@ class EvalReport:
                   f"{'images':<{width}}{self.num_images:8d}"]
         if self.bad:
             lines.append(f"{'skipped':<{width}}{len(self.bad):8d}")
+        for key, value in self.extra.items():
+            lines.append(f"{key:<{width}}{100 * value:8.2f}")
         return "\n".join(lines)
 
 
@@ -103,3 +107,146 @@ def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: i
 
 def write_report(report: EvalReport, path: str | Path) -> None:
     io.write_json(path, report.to_dict())
+
+
+# ------------------------------------------------------------------- model-based evaluation
+
+@dataclass(frozen=True)
+class LabeledItem:
+    id: str
+    image: Path
+    label: Path | None
+
+
+class FolderLabeledSet:
+    """<root>/images/*.{jpg,png,...} + <root>/labels/<same stem>.png: the LabeledSet interface
+    of namedmask.data.datasets for a plain folder pair."""
+    ignore_index = 255
+    binary = False
+
+    def __init__(self, root: str | Path, class_names: list | None = None):
+        from namedmask.data.decode import IMAGE_SUFFIXES
+
+        root = Path(root)
+        images_dir, labels_dir = root / "images", root / "labels"
+        if not images_dir.is_dir():
+            raise EvaluationError(f"{images_dir}: not a directory (a folder set needs images/ and labels/)")
+        labels = index_label_maps(labels_dir) if labels_dir.is_dir() else {}
+        self.items = [LabeledItem(p.relative_to(images_dir).with_suffix("").as_posix(), p,
+                                  labels.get(p.relative_to(images_dir).with_suffix("").as_posix()))
+                      for p in sorted(images_dir.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        self.class_names = list(class_names) if class_names else None
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def read_label(self, item: LabeledItem):
+        return read_label_map(item.label)
+
+
+def open_eval_set(name: str, root: str | Path, split: str = "val"):
+    """A LabeledSet: 'folder' (images/ + labels/ under root) or a named benchmark
+    (voc, coco-object, coca, cityscapes-object, imagenet-s) via namedmask.data.datasets."""
+    if root is None:
+        raise EvaluationError(f"dataset {name!r} needs a root folder (--root)")
+    if name == "folder":
+        return FolderLabeledSet(root)
+    try:
+        from namedmask.data.datasets import open_dataset
+    except ImportError as exc:
+        raise EvaluationError(f"dataset {name!r}: namedmask.data.datasets is not available ({exc})") from exc
+    return open_dataset(name, root, split=split)
+
+
+def class_lookup(model_names: list, dataset_names: list | None) -> torch.Tensor:
+    """Model class id -> dataset class id, matched by name (identity when the lists agree)."""
+    if dataset_names is None or list(dataset_names) == list(model_names):
+        return torch.arange(len(model_names))
+    index = {n: i for i, n in enumerate(dataset_names)}
+    absent = [n for n in model_names if n not in index]
+    if absent:
+        raise EvaluationError(f"model classes {absent[:10]} are not classes of the dataset "
+                              f"({list(dataset_names)[:10]}...); train on the dataset's category set")
+    return torch.tensor([index[n] for n in model_names])
+
+
+@torch.no_grad()
+def predict_label(model, image: torch.Tensor, device, amp: bool = False) -> torch.Tensor:
+    """uint8 [H, W, 3] image -> int64 [H, W] argmax class ids at native resolution, single scale."""
+    from namedmask.data.augment import eval_input
+
+    x = eval_input(image).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        logits = model(x)
+    return logits.float().argmax(1)[0].cpu()
+
+
+@torch.no_grad()
+def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu", amp: bool = False,
+                   max_images: int | None = None, rank: int = 0, world: int = 1, progress: bool = True,
+                   backend: str = "auto", overlays_dir: str | Path | None = None,
+                   num_overlays: int = 4) -> EvalReport:
+    """Native resolution, single scale, argmax; one confusion matrix over the split (each rank
+    scores items[rank::world], matrices are all-reduced). Binary sets (CoCA-style) score
+    foreground = any non-background class and also report the mean per-image foreground IoU."""
+    from namedmask.data.decode import load_image
+
+    was_training = model.training
+    model.eval()
+    binary = bool(getattr(labeled_set, "binary", False))
+    dataset_names = None if binary else getattr(labeled_set, "class_names", None)
+    lookup = class_lookup(model_class_names, dataset_names)
+    n = 2 if binary else (len(dataset_names) if dataset_names else len(model_class_names))
+    names = ["background", "foreground"] if binary else list(dataset_names or model_class_names)
+    ignore = getattr(labeled_set, "ignore_index", 255)
+    items = [it for it in labeled_set if it.label is not None][:max_images]
+    confusion = torch.zeros(n, n, dtype=torch.int64)
+    fg_iou = torch.zeros(2, dtype=torch.float64)  # sum of per-image fg IoU, images
+    for i, item in enumerate(tqdm(items[rank::world], desc="eval", unit="img", disable=not progress)):
+        image = load_image(item.image)
+        gt = torch.from_numpy(labeled_set.read_label(item).astype("int64"))
+        if gt.shape != image.shape[:2]:
+            raise EvaluationError(f"{item.label}: label size {tuple(gt.shape)[::-1]} differs from image "
+                                  f"{item.image} {tuple(image.shape[:2])[::-1]} (width x height)")
+        pred = lookup[predict_label(model, image, device, amp)]
+        if binary:
+            pred = (pred > 0).long()
+            valid = gt != ignore
+            inter = ((pred == 1) & (gt == 1) & valid).sum()
+            union = (((pred == 1) | (gt == 1)) & valid).sum()
+            fg_iou += torch.tensor([float(inter) / float(union) if union > 0 else 1.0, 1.0], dtype=torch.float64)
+        confusion += ops.confusion_matrix(pred, gt, n, ignore, backend=backend)
+        if overlays_dir is not None and rank == 0 and i < num_overlays:
+            from namedmask.stages.predict import save_overlay
+
+            save_overlay(Path(overlays_dir) / f"{Path(item.id).name}.png", image, pred, names)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(confusion)
+        dist.all_reduce(fg_iou)
+    model.train(was_training)
+    if not items:
+        raise EvaluationError("no labelled images to evaluate")
+    report = EvalReport(ops.miou(confusion), confusion, len(items), names)
+    if binary:
+        report.extra["mean_fg_iou"] = float(fg_iou[0] / fg_iou[1])
+    return report
+
+
+def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, split: str = "val",
+                        device: str = "auto", max_images: int | None = None, overlays_dir=None,
+                        num_overlays: int = 4, backend: str = "auto", progress: bool = True) -> EvalReport:
+    """`namedmask eval --checkpoint RUN --dataset NAME --root DIR`."""
+    from namedmask.models.deeplab import load_segmenter
+    from namedmask.stages.train import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load_segmenter(run_dir, dev)
+    labeled_set = open_eval_set(dataset, root, split)
+    return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=dev.type == "cuda",
+                          max_images=max_images, progress=progress, backend=backend,
+                          overlays_dir=overlays_dir, num_overlays=num_overlays)

@@ -1,0 +1,218 @@
+"""DeepLabv3+ (Chen et al. 2018) as NamedMask trains it: ResNet backbone at output stride 8
+(layer3 dilation 2, layer4 dilation 4), ASPP with rates 12/24/36 + image pooling, a 48-channel
+projection of layer1 features, depthwise-separable 3x3 convs in ASPP and decoder, logits
+upsampled to the input size, BN momentum 0.01.
+
+Backbones: torchvision ResNet-50/101/152 (the key layout of DINO's `dino_resnet50_pretrain.pth`,
+loaded strictly) or any timm ResNet (e.g. resnet18, whose BasicBlocks torchvision cannot
+dilate) for small CPU configurations.
+
+A trained segmenter is stored as `model.safetensors` (weights) + `model.json` (model config,
+class names and ids) in its run directory."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from namedmask import io
+from namedmask.config import ModelConfig, from_dict, to_dict
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_RESNETS = ("resnet50", "resnet101", "resnet152")
+WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
+
+
+class ModelError(ValueError):
+    """A backbone name, weight file or run directory that cannot be used."""
+
+
+def _dilation_flags(output_stride: int) -> list:
+    flags = {8: [False, True, True], 16: [False, False, True], 32: [False, False, False]}
+    if output_stride not in flags:
+        raise ModelError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+    return flags[output_stride]
+
+
+class TorchvisionResNet(nn.Module):
+    """torchvision ResNet without avgpool/fc: state-dict keys are exactly torchvision's
+    (conv1, bn1, layer1..4), the layout DINO-ResNet-50 is released in."""
+
+    def __init__(self, name: str, output_stride: int):
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, name)(weights=None,
+                                                 replace_stride_with_dilation=_dilation_flags(output_stride))
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.channels = (256, 2048)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+class TimmResNet(nn.Module):
+    """Any timm ResNet-style model; features of stride 4 (low level) and the last stage."""
+
+    def __init__(self, name: str, output_stride: int, args: dict | None = None):
+        super().__init__()
+        import timm
+
+        _dilation_flags(output_stride)
+        try:
+            self.features = timm.create_model(name, pretrained=False, features_only=True, out_indices=(1, 4),
+                                              output_stride=output_stride, **(args or {}))
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise ModelError(f"backbone {name!r}: cannot build it with timm at output stride "
+                             f"{output_stride} ({exc})") from exc
+        self.channels = tuple(self.features.feature_info.channels())
+
+    def forward(self, x):
+        low, high = self.features(x)
+        return low, high
+
+
+def build_backbone(name: str, output_stride: int, args: dict | None = None) -> nn.Module:
+    if name in TORCHVISION_RESNETS:
+        if args:
+            raise ModelError(f"backbone {name!r} is built by torchvision and takes no backbone_args, got {args}")
+        return TorchvisionResNet(name, output_stride)
+    return TimmResNet(name, output_stride, args)
+
+
+def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def separable_conv(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+    """Depthwise 3x3 (dilated) + pointwise 1x1, then BN + ReLU."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
+        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ImagePooling(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.project = conv_bn_relu(cin, cout)
+
+    def forward(self, x):
+        y = self.project(F.adaptive_avg_pool2d(x, 1))
+        return y.expand(-1, -1, x.shape[-2], x.shape[-1])
+
+
+class ASPP(nn.Module):
+    def __init__(self, cin: int, cout: int, rates, dropout: float):
+        super().__init__()
+        self.branches = nn.ModuleList([conv_bn_relu(cin, cout)] + [separable_conv(cin, cout, r) for r in rates]
+                                      + [ImagePooling(cin, cout)])
+        self.project = nn.Sequential(conv_bn_relu(cout * len(self.branches), cout), nn.Dropout(dropout))
+
+    def forward(self, x):
+        return self.project(torch.cat([b(x) for b in self.branches], dim=1))
+
+
+class DeepLabV3Plus(nn.Module):
+    def __init__(self, num_classes: int, cfg: ModelConfig | None = None):
+        super().__init__()
+        cfg = cfg or ModelConfig()
+        self.cfg, self.num_classes = cfg, num_classes
+        self.backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.backbone_args)
+        low_ch, high_ch = self.backbone.channels
+        c = cfg.aspp_channels
+        self.aspp = ASPP(high_ch, c, cfg.aspp_rates, cfg.dropout)
+        self.low_level = conv_bn_relu(low_ch, cfg.low_level_channels)
+        self.decoder = nn.Sequential(separable_conv(c + cfg.low_level_channels, c), separable_conv(c, c))
+        self.classifier = nn.Conv2d(c, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = cfg.bn_momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised images -> [B, num_classes, H, W] logits."""
+        low, high = self.backbone(x)
+        y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        y = self.decoder(torch.cat([y, self.low_level(low)], dim=1))
+        return F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+    def head_parameters(self):
+        return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+
+def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
+    """Strict load of a local backbone file in torchvision key layout (DINO's
+    dino_resnet50_pretrain.pth). A `state_dict`/`model` wrapper and a `module.` prefix are
+    unwrapped; classifier keys (fc.*) are dropped since the segmenter has no classifier;
+    any other missing or unexpected key is an error."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: backbone weights not found") from None
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read backbone weights ({exc})") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    dropped = [k for k in state if k.startswith("fc.")]
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    if isinstance(backbone, TimmResNet):
+        state = {f"features.{k}": v for k, v in state.items()}
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelError(f"{path}: does not match backbone {type(backbone).__name__}: "
+                         f"missing keys {result.missing_keys[:8]}{'...' if len(result.missing_keys) > 8 else ''}, "
+                         f"unexpected keys {result.unexpected_keys[:8]}"
+                         f"{'...' if len(result.unexpected_keys) > 8 else ''}; expected torchvision key layout")
+    log.info("loaded backbone weights from %s (%d tensors%s)", path, len(state),
+             f", dropped {len(dropped)} classifier keys" if dropped else "")
+
+
+def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
+    model = DeepLabV3Plus(num_classes, cfg)
+    if cfg.pretrained:
+        load_backbone_weights(model.backbone, cfg.pretrained)
+    return model
+
+
+def save_segmenter(run_dir: str | Path, model: nn.Module, class_names: list, class_ids: list | None = None,
+                   extra: dict | None = None) -> None:
+    """model.safetensors + model.json (model config, class names and ids)."""
+    from safetensors.torch import save_file
+
+    run_dir = Path(run_dir)
+    model = getattr(model, "module", model)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with io.atomic_path(run_dir / WEIGHTS_FILE) as tmp:
+        save_file(state, str(tmp))
+    meta = {"format": "namedmask-deeplabv3plus", "model": to_dict(model.cfg), "num_classes": model.num_classes,
+            "class_names": list(class_names), "class_ids": list(class_ids or range(len(class_names))),
+            **(extra or {})}
+    io.write_json(run_dir / META_FILE, meta)
+
+
+def load_segmenter(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[DeepLabV3Plus, dict]:
+    """(model in eval mode, meta) from a run directory (or its model.safetensors)."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    if run_dir.suffix == ".safetensors":
+        run_dir = run_dir.parent
+    meta_path, weights_path = run_dir / META_FILE, run_dir / WEIGHTS_FILE
+    if not meta_path.is_file() or not weights_path.is_file():
+        raise ModelError(f"{run_dir}: no trained segmenter ({META_FILE} + {WEIGHTS_FILE}); "
+                         f"give a run directory written by `namedmask train`")
+    meta = json.loads(meta_path.read_text())
+    cfg = from_dict(ModelConfig, {**meta["model"], "pretrained": None})
+    model = DeepLabV3Plus(meta["num_classes"], cfg)
+    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    return model.to(device).eval(), meta

@@ -1,0 +1,129 @@
+"""Stage (C): category experts refine the saliency pseudo-masks.
+
+Categories are grouped (one group per category by default, or N groups by spherical k-means
+over the categories' CLIP text embeddings: the paper's grouped experts, whose grouping code was
+never released). Per group, a binary fg/bg DeepLabv3+ is trained on the group's archives with
+the saliency masks, then re-predicts, at native resolution, the images whose best category is
+in the group; argmax(bg, fg) is the refined mask. Output: a pseudo-mask folder of the same
+schema (manifest.json + masks/), experts in <out>/experts/<group>/. Resumable per expert:
+training resumes from its checkpoint, predicted masks already on disk are kept."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from namedmask import io
+from namedmask.config import ExpertsConfig, to_dict
+from namedmask.data.archive import load_archive
+from namedmask.data.pseudo_masks import load_manifest, mask_paths, mask_relpath
+
+log = logging.getLogger(__name__)
+
+PREDICTED_FILE = "predicted.json"
+
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = 100, seed: int = 0) -> torch.Tensor:
+    """Spherical k-means (cosine) with k-means++ seeding; returns a cluster id per row."""
+    x = torch.nn.functional.normalize(x.double(), dim=1)
+    if not 1 <= k <= len(x):
+        raise ValueError(f"cannot make {k} groups of {len(x)} categories")
+    g = torch.Generator().manual_seed(seed)
+    centres = [int(torch.randint(len(x), (), generator=g))]
+    for _ in range(1, k):
+        dist = (1 - x @ x[centres].T).min(dim=1).values.clamp(min=0)
+        weights = dist ** 2 if dist.sum() > 0 else torch.ones(len(x))
+        centres.append(int(torch.multinomial(weights, 1, generator=g)))
+    c = x[centres].clone()
+    labels = None
+    for _ in range(iterations):
+        new = (x @ c.T).argmax(dim=1)
+        if labels is not None and torch.equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            members = x[labels == j]
+            if len(members):
+                c[j] = torch.nn.functional.normalize(members.sum(0), dim=0)
+    return labels
+
+
+def load_embeddings(path: str | Path, names: list) -> torch.Tensor:
+    """[C, D] text embeddings in the order of `names` from a safetensors or torch file {name: vector}."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        table = load_file(str(path))
+    else:
+        table = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise ValueError(f"{path}: no text embedding for categories {missing[:10]}")
+    return torch.stack([table[n].float().reshape(-1) for n in names])
+
+
+def category_groups(categories: list, groups: int | None = None, embeddings: str | Path | None = None) -> list:
+    """One list of category names per expert."""
+    if groups is None:
+        return [[c] for c in categories]
+    if embeddings is None:
+        raise ValueError("grouped experts need the categories' text embeddings (embeddings file)")
+    labels = kmeans(load_embeddings(embeddings, categories), groups)
+    out = [[c for c, lab in zip(categories, labels.tolist()) if lab == j] for j in range(groups)]
+    return [g for g in out if g]
+
+
+def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | None = None,
+                        progress: bool = True) -> Path:
+    """Trains the experts and writes the refined pseudo-mask folder `out_dir`; returns it."""
+    from namedmask.data.decode import load_image
+    from namedmask.models.deeplab import load_segmenter
+    from namedmask.stages.evaluate import predict_label
+    from namedmask.stages.train import resolve_device, train
+
+    cfg = cfg or ExpertsConfig()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("refine-experts runs in one process (each expert is a small run); start it without torchrun")
+    archive = load_archive(archive_path)
+    archive_file = Path(archive_path) / "archive.json" if Path(archive_path).is_dir() else Path(archive_path)
+    source = load_manifest(masks_dir)
+    saliency = mask_paths(masks_dir)
+    out = Path(out_dir)
+    groups = category_groups(list(archive.categories), cfg.groups, cfg.embeddings)
+    device = resolve_device(cfg.train.device)
+    entries = {}
+    for g, cats in enumerate(groups):
+        expert_dir = out / "experts" / f"{g:03d}"
+        images = sorted(p for p in archive.images() if archive.best_category.get(p) in cats and p in saliency)
+        done = expert_dir / PREDICTED_FILE
+        if done.is_file():
+            fg = json.loads(done.read_text())["fg_fraction"]
+        else:
+            log.info("expert %d/%d: categories %s, %d images", g + 1, len(groups), cats, len(images))
+            train_cfg = dataclasses.replace(cfg.train, archive=str(archive_file), masks=str(masks_dir),
+                                            out=str(expert_dir))
+            train(train_cfg, binary=True, categories=cats, progress=progress)
+            model, _ = load_segmenter(expert_dir, device)
+            fg = {}
+            for p in tqdm(images, desc=f"expert {g} predict", unit="img", disable=not progress):
+                mask = predict_label(model, load_image(archive.pool_root / p), device,
+                                     amp=device.type == "cuda").to(torch.uint8)
+                io.save_png(out / mask_relpath(p), mask.numpy())
+                fg[p] = float(mask.float().mean())
+            io.write_json(done, {"categories": cats, "fg_fraction": fg})
+        for p in images:
+            entries[p] = {"mask": mask_relpath(p), "fg_fraction": fg[p],
+                          "flag": "empty" if fg[p] == 0 else ("full" if fg[p] == 1 else None)}
+    io.write_json(out / "manifest.json", {
+        "schema_version": 1, "archive": os.path.relpath(archive_file.resolve(), out.resolve()),
+        "method": source.get("method"), "refine": "experts", "source_masks": os.path.relpath(
+            Path(masks_dir).resolve(), out.resolve()),
+        "config": to_dict(cfg), "groups": groups, "masks": entries, "failed": source.get("failed", [])})
+    log.info("refined %d masks with %d experts into %s", len(entries), len(groups), out)
+    return out

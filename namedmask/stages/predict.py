@@ -1,0 +1,100 @@
+"""`namedmask predict --checkpoint RUN IMAGES... --out DIR`: label PNGs (palette, one class id
+per pixel, at native resolution) and colour overlays with a legend of the class names."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from namedmask import io
+from namedmask.data.categories import voc_palette
+from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
+
+log = logging.getLogger(__name__)
+
+
+class PredictError(ValueError):
+    """No images to predict, or an input that cannot be read; the message names it."""
+
+
+def _colours() -> np.ndarray:
+    return np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+
+
+def overlay_image(image: torch.Tensor, label: torch.Tensor, class_names: list, alpha: float = 0.5) -> Image.Image:
+    """RGB image with non-background classes tinted by the VOC palette and, on the right,
+    a legend (colour swatch + name) of the classes present."""
+    img = image.numpy().astype(np.float32)
+    lab = label.numpy().astype(np.int64)
+    colours = _colours()
+    fg = (lab > 0) & (lab < 256)
+    tinted = img.copy()
+    tinted[fg] = (1 - alpha) * img[fg] + alpha * colours[lab[fg] % 256]
+    base = Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8))
+    present = [int(c) for c in np.unique(lab) if 0 <= c < len(class_names)]
+    row, width = 14, 10 + 7 * max([len(class_names[c]) for c in present] + [4]) + 24
+    canvas = Image.new("RGB", (base.width + width, max(base.height, row * len(present) + 8)), (255, 255, 255))
+    canvas.paste(base, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        y = 4 + k * row
+        draw.rectangle([base.width + 6, y, base.width + 16, y + 10], fill=tuple(int(v) for v in colours[c % 256]),
+                       outline=(0, 0, 0))
+        draw.text((base.width + 22, y - 1), class_names[c], fill=(0, 0, 0))
+    return canvas
+
+
+def save_overlay(path, image: torch.Tensor, label: torch.Tensor, class_names: list) -> None:
+    io.save_png(path, overlay_image(image, label, class_names))
+
+
+def collect_images(inputs) -> list:
+    """Image files given directly or found (recursively) in the given folders, in order."""
+    paths = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise PredictError(f"{p}: no such file or folder")
+    if not paths:
+        raise PredictError(f"no images found in {[str(p) for p in inputs]}")
+    return paths
+
+
+def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = True,
+            progress: bool = True) -> list:
+    """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
+    Names are the input stems; a stem seen twice gets the parent folder prefixed."""
+    from namedmask.models.deeplab import load_segmenter
+    from namedmask.stages.evaluate import predict_label
+    from namedmask.stages.train import resolve_device
+
+    dev = resolve_device(device)
+    model, meta = load_segmenter(run_dir, dev)
+    names = meta["class_names"]
+    out_dir = Path(out_dir)
+    written, seen = [], set()
+    for path in tqdm(collect_images(inputs), desc="predict", unit="img", disable=not progress):
+        stem = path.stem if path.stem not in seen else f"{path.parent.name}_{path.stem}"
+        seen.add(stem)
+        try:
+            image = load_image(path)
+        except ImageDecodeError as exc:
+            raise PredictError(str(exc)) from exc
+        label = predict_label(model, image, dev, amp=dev.type == "cuda")
+        target = out_dir / "labels" / f"{stem}.png"
+        if len(names) <= 256:
+            io.save_png(target, label.to(torch.uint8).numpy(), palette=voc_palette())
+        else:  # more classes than a palette holds (ImageNet-S 919): 16-bit grayscale
+            io.save_png(target, label.numpy().astype(np.uint16))
+        if overlays:
+            save_overlay(out_dir / "overlays" / f"{stem}.png", image, label, names)
+        written.append(target)
+    log.info("wrote %d label maps to %s", len(written), out_dir / "labels")
+    return written

@@ -1,0 +1,134 @@
+"""`namedmask predict` and model-based evaluation on a LabeledSet-like object: label PNGs at
+native resolution, overlays with a legend, agreement with the file-based eval, binary sets,
+class matching by name."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from namedmask.cli import cli
+from namedmask.config import ModelConfig, from_dict, parse_overrides
+from namedmask.data.categories import voc_palette
+from namedmask.models.deeplab import build_model, save_segmenter
+from namedmask.stages.evaluate import (EvaluationError, FolderLabeledSet, LabeledItem, class_lookup,
+                                       evaluate_checkpoint, evaluate_label_maps, evaluate_model, predict_label)
+from namedmask.stages.predict import overlay_image
+from synthetic import one_thread, tiny_model_overrides, write_labeled_folder
+
+NAMES = ["background", "disc", "square", "triangle"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny segmenter with random weights, its head biased so every class appears."""
+    torch.manual_seed(0)
+    cfg = from_dict(ModelConfig, parse_overrides([o.removeprefix("model.") for o in tiny_model_overrides()]))
+    model = build_model(cfg, len(NAMES)).eval()
+    path = tmp_path_factory.mktemp("run")
+    save_segmenter(path, model, NAMES)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def val(tmp_path_factory):
+    return write_labeled_folder(tmp_path_factory.mktemp("val"), count=6, size=48)
+
+
+def test_predict_writes_labels_and_overlays(run, val, tmp_path):
+    run_dir, model = run
+    odd = tmp_path / "odd.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 53, 3), dtype=np.uint8)).save(odd)
+    res = CliRunner().invoke(cli, ["predict", "--checkpoint", str(run_dir), str(val / "images"), str(odd),
+                                   "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    labels = sorted((tmp_path / "out" / "labels").glob("*.png"))
+    assert [p.stem for p in labels] == ["000", "001", "002", "003", "004", "005", "odd"]
+    lab = np.array(Image.open(tmp_path / "out" / "labels" / "odd.png"))
+    assert lab.shape == (37, 53) and lab.max() < len(NAMES)
+    x = torch.from_numpy(np.array(Image.open(odd).convert("RGB")))
+    assert np.array_equal(lab, predict_label(model, x, "cpu").numpy())
+    overlay = Image.open(tmp_path / "out" / "overlays" / "odd.png")
+    assert overlay.height >= 37 and overlay.width > 53  # legend strip on the right
+    res = CliRunner().invoke(cli, ["predict", "--checkpoint", str(run_dir), str(tmp_path / "missing.png"),
+                                   "--out", str(tmp_path / "o2")])
+    assert res.exit_code != 0 and "missing.png" in res.output
+    res = CliRunner().invoke(cli, ["predict", "--checkpoint", str(tmp_path), str(odd), "--out", str(tmp_path / "o3")])
+    assert res.exit_code != 0 and "no trained segmenter" in res.output
+
+
+def test_overlay_legend_lists_present_classes():
+    image = torch.full((20, 30, 3), 100, dtype=torch.uint8)
+    label = torch.zeros(20, 30, dtype=torch.long)
+    label[5:10, 5:10] = 3
+    out = np.array(overlay_image(image, label, NAMES))
+    colours = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    assert np.array_equal(out[7, 7], ((100 + colours[3].astype(float)) / 2).round().astype(np.uint8))
+    assert np.array_equal(out[0, 0], [100, 100, 100])
+    legend = out[:, 30:].reshape(-1, 3)
+    assert (legend == colours[3]).all(axis=1).any() and not (legend == colours[1]).all(axis=1).any()
+
+
+def test_model_eval_equals_file_eval_of_its_predictions(run, val, tmp_path):
+    run_dir, _ = run
+    CliRunner().invoke(cli, ["predict", "--checkpoint", str(run_dir), str(val / "images"), "--out",
+                             str(tmp_path), "--device", "cpu", "--no-overlays"])
+    from_files = evaluate_label_maps(tmp_path / "labels", val / "labels", len(NAMES), class_names=NAMES,
+                                     progress=False)
+    from_model = evaluate_checkpoint(run_dir, "folder", val, device="cpu", progress=False)
+    assert torch.equal(from_model.confusion, from_files.confusion)
+    assert from_model.to_dict().keys() == from_files.to_dict().keys()
+
+
+class BinarySet:
+    """A LabeledSet-like object (CoCA style): 0/1 labels, 255 ignored."""
+    binary, ignore_index, class_names = True, 255, ["background", "foreground"]
+
+    def __init__(self, folder):
+        self.folder = FolderLabeledSet(folder)
+
+    def __iter__(self):
+        return iter(self.folder)
+
+    def read_label(self, item: LabeledItem):
+        lab = (self.folder.read_label(item) > 0).astype(np.uint8)
+        lab[:2] = 255
+        return lab
+
+
+def test_binary_set_reports_mean_foreground_iou(run, val):
+    _, model = run
+    data = BinarySet(val)
+    report = evaluate_model(model, data, NAMES, progress=False)
+    ious = []
+    for item in data:
+        gt = torch.from_numpy(data.read_label(item).astype(np.int64))
+        pred = predict_label(model, torch.from_numpy(np.array(Image.open(item.image).convert("RGB"))), "cpu") > 0
+        valid = gt != 255
+        inter, union = (pred & (gt == 1) & valid).sum(), ((pred | (gt == 1)) & valid).sum()
+        ious.append(float(inter) / float(union) if union else 1.0)
+    assert report.extra["mean_fg_iou"] == pytest.approx(np.mean(ious), abs=1e-12)
+    assert report.metrics.num_classes == 2 and "mean_fg_iou" in report.to_dict()
+
+
+def test_classes_are_matched_by_name():
+    assert class_lookup(NAMES, None).tolist() == [0, 1, 2, 3]
+    assert class_lookup(NAMES, ["background", "triangle", "x", "disc", "square"]).tolist() == [0, 3, 4, 1]
+    with pytest.raises(EvaluationError, match="triangle"):
+        class_lookup(NAMES, ["background", "disc", "square"])
+
+
+def test_eval_cli_unknown_or_missing_dataset_is_a_clean_error(run, tmp_path):
+    run_dir, _ = run
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run_dir), "--dataset", "voc", "--root",
+                                   str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run_dir), "--dataset", "folder", "--root",
+                                   str(tmp_path / "nowhere"), "--device", "cpu"])
+    assert res.exit_code != 0 and "nowhere/images" in res.output
