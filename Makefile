@@ -27,7 +27,7 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/namedmask info
-	$(BIN)/python -m namedmask.demo
+	$(BIN)/namedmask run --out runs/demo
 
 test: install
 	$(BIN)/python -m pytest

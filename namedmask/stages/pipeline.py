@@ -119,10 +119,11 @@ class _Stages:
         self.ran: list = []
         self.skipped: list = []
 
-    def run(self, name: str, settings: dict, fn):
+    def run(self, name: str, settings: dict, fn, output: Path):
+        """`output` is the stage's main product; if it is gone the stage runs again."""
         marker = self.folder / f"{name}.json"
         key = _fingerprint(settings)
-        if marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
+        if output.exists() and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
             log.info("[%s] already done with these settings; skipping", name)
             self.skipped.append(name)
             return
@@ -172,14 +173,15 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
             raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
         acfg = ArchiveConfig(pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"),
                              **_only_known(ArchiveConfig, {"report": True, **cfg.archive}, "archive"))
-        stages.run("archive", dataclasses.asdict(acfg), lambda: build_archive(acfg, progress=progress))
+        stages.run("archive", dataclasses.asdict(acfg), lambda: build_archive(acfg, progress=progress),
+                   archive_json)
 
     if "saliency" in cfg.stages:
         from namedmask.stages.saliency import SaliencyConfig, run_saliency
 
         scfg = SaliencyConfig(archive=str(archive_json), out=str(masks),
                               **_only_known(SaliencyConfig, {"report": True, **cfg.saliency}, "saliency"))
-        stages.run("saliency", dataclasses.asdict(scfg), lambda: run_saliency(scfg))
+        stages.run("saliency", dataclasses.asdict(scfg), lambda: run_saliency(scfg), masks / "manifest.json")
 
     method = cfg.refine.get("method", "none")
     if "refine" in cfg.stages and method == "experts":
@@ -193,7 +195,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
             refine_with_experts(archive_json, masks, refined, ecfg, progress=progress)
             _mask_report(archive_json, refined)
 
-        stages.run("refine", {"method": method, **to_dict(ecfg)}, refine)
+        stages.run("refine", {"method": method, **to_dict(ecfg)}, refine, refined / "manifest.json")
         masks = refined
     elif method not in ("none", "experts"):
         raise PipelineError(f"refine.method must be 'none' or 'experts', got {method!r}")
@@ -205,7 +207,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
 
         tcfg = from_dict(TrainConfig, {**cfg.train, "archive": str(archive_json), "masks": str(masks),
                                        "out": str(train_dir)})
-        stages.run("train", to_dict(tcfg), lambda: train(tcfg, progress=progress))
+        stages.run("train", to_dict(tcfg), lambda: train(tcfg, progress=progress), train_dir / "model.safetensors")
 
     if "eval" in cfg.stages and cfg.eval_dataset:
         from namedmask.report import iou_bar_chart
@@ -221,14 +223,16 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
             log.info("mIoU %.2f on %s (%d images)", 100 * report.metrics.miou, cfg.eval_dataset, report.num_images)
 
         stages.run("eval", {"dataset": cfg.eval_dataset, "root": cfg.eval_root, **options,
-                            "model": _fingerprint_file(train_dir / "model.safetensors")}, evaluate)
+                            "model": _fingerprint_file(train_dir / "model.safetensors")}, evaluate,
+                   run / "eval" / "metrics.json")
 
     if "predict" in cfg.stages and cfg.predict_images:
         from namedmask.stages.predict import predict
 
         stages.run("predict", {"images": cfg.predict_images, **cfg.predict,
                                "model": _fingerprint_file(train_dir / "model.safetensors")},
-                   lambda: predict(train_dir, cfg.predict_images, run / "predict", progress=progress, **cfg.predict))
+                   lambda: predict(train_dir, cfg.predict_images, run / "predict", progress=progress, **cfg.predict),
+                   run / "predict" / "labels")
 
     facts = {"run directory": run, "stages run now": ", ".join(stages.ran) or "none (all done before)",
              "stages skipped (already done)": ", ".join(stages.skipped) or "none"}

@@ -1,0 +1,119 @@
+"""`namedmask run`: every stage on a tiny generated configuration; every artifact exists and is
+well formed; a rerun does no work twice; a stage whose output is gone runs again."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from namedmask.cli import cli
+from namedmask.data.archive import load_archive
+from namedmask.data.pseudo_masks import load_manifest
+from namedmask.data.synthetic import CLASSES, write_dataset
+from namedmask.stages import pipeline
+from namedmask.stages.pipeline import PipelineError, load_run_config, run_pipeline
+
+TINY_DEEPLAB = {"backbone": "resnet10t", "backbone_args": {"channels": [8, 16, 32, 64], "stem_width": 8},
+                "aspp_channels": 16, "low_level_channels": 8, "aspp_rates": [1, 2, 3]}
+TINY_TRAIN = {"batch_size": 2, "num_workers": 0, "device": "cpu", "log_every": 2, "checkpoint_every": 4,
+              "augment": {"crop_size": 48, "scale": [0.8, 1.0]}, "model": TINY_DEEPLAB}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    data = write_dataset(tmp_path_factory.mktemp("data"), pool_per_class=3, eval_images=3)
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_run_config(None, {
+        "out": str(out), "demo": False, "pool": str(data / "pool"), "categories": str(data / "categories.txt"),
+        "eval_dataset": "folder", "eval_root": str(data / "eval"),
+        "predict_images": [str(data / "eval" / "images" / "0000.jpg")],
+        "archive": {"model": "nm-tiny", "pretrained": "random", "k": 3, "batch_size": 8, "shard_size": 16},
+        "saliency": {"random_weights": True, "short_side": 64, "batch_size": 4, "refine": "none",
+                     "vit_kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2}},
+        "refine": {"method": "experts", "train": {**TINY_TRAIN, "iterations": 2}},
+        "train": {**TINY_TRAIN, "iterations": 4},
+    })
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def first_run(tiny_config):
+    torch.set_num_threads(1)
+    return run_pipeline(tiny_config, progress=False)
+
+
+def test_every_artifact_exists_and_is_well_formed(tiny_config, first_run):
+    run = first_run.parent
+    html = first_run.read_text()
+    assert "RANDOM WEIGHTS" in html and "<img" in html
+    archive = load_archive(run / "archive")
+    assert archive.class_names == ["background", *CLASSES]
+    assert all(len(entries) == 3 for entries in archive.archives.values())
+    for folder in ("saliency", "refined"):
+        manifest = load_manifest(run / folder)
+        assert set(manifest["masks"]) == set(archive.images())
+        for entry in manifest["masks"].values():
+            mask = np.array(Image.open(run / folder / entry["mask"]))
+            assert mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+    assert (run / "train" / "model.safetensors").is_file() and (run / "train" / "curves.png").is_file()
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["num_images"] == 3 and len(metrics["per_class_iou"]) == 4 and 0.0 <= metrics["miou"] <= 1.0
+    assert (run / "eval" / "per_class_iou.png").is_file()
+    label = np.array(Image.open(run / "predict" / "labels" / "0000.png"))
+    assert label.shape == (160, 224) and label.max() < 4
+    assert (run / "predict" / "overlays" / "0000.png").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["archive"]["k"] == 3
+    for section in ("Category archives", "Saliency", "Refined", "Training", "Evaluation", "Predictions"):
+        assert section in html, section
+
+
+def test_rerun_does_no_work_twice(tiny_config, first_run, monkeypatch):
+    run = first_run.parent
+    calls = []
+    import namedmask.stages.archive as archive_stage
+    import namedmask.stages.train as train_stage
+
+    monkeypatch.setattr(archive_stage, "build_archive", lambda *a, **k: calls.append("archive"))
+    monkeypatch.setattr(train_stage, "train", lambda *a, **k: calls.append("train"))
+    mtime = (run / "train" / "model.safetensors").stat().st_mtime_ns
+    run_pipeline(tiny_config, progress=False)
+    assert calls == [] and (run / "train" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert "none (all done before)" in first_run.read_text()
+
+
+def test_a_stage_whose_output_is_gone_runs_again(tiny_config, first_run):
+    run = first_run.parent
+    (run / "eval" / "metrics.json").unlink()
+    run_pipeline(tiny_config, progress=False)
+    assert (run / "eval" / "metrics.json").is_file()
+    assert "eval" in first_run.read_text().split("stages run now</td><td>")[1].split("<")[0]
+
+
+def test_bad_configs_say_which_key(tmp_path, monkeypatch):
+    with pytest.raises(PipelineError, match="unknown key"):
+        load_run_config(None, {"pools": "x"})
+    with pytest.raises(PipelineError, match="unknown stage"):
+        load_run_config(None, {"stages": ["archive", "dance"]})
+    monkeypatch.delenv("IMAGENET_TRAIN", raising=False)
+    with pytest.raises(PipelineError, match="IMAGENET_TRAIN"):
+        load_run_config("voc")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("archive: [unclosed")
+    with pytest.raises(PipelineError, match="YAML"):
+        load_run_config(bad)
+    res = CliRunner().invoke(cli, ["run", "--config", str(tmp_path / "missing.yaml")])
+    assert res.exit_code != 0 and "missing.yaml" in res.output
+
+
+def test_paper_configs_load_with_their_variables(monkeypatch):
+    for var in ("IMAGENET_TRAIN", "VOC_ROOT", "COCO_ROOT", "COCA_ROOT", "CITYSCAPES_ROOT",
+                "SELFMASK_CHECKPOINT", "DINO_RESNET50"):
+        monkeypatch.setenv(var, f"/data/{var.lower()}")
+    for name in ("voc", "coco-object", "coca", "cityscapes-object"):
+        cfg = load_run_config(name)
+        assert cfg.eval_dataset == name and cfg.archive["model"] == "ViT-L-14-336" and cfg.archive["k"] == 500
+        assert cfg.saliency["method"] == "selfmask" and cfg.train["model"]["pretrained"] == "/data/dino_resnet50"
+    assert "demo" in pipeline.builtin_configs()
