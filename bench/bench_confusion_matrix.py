@@ -36,7 +36,8 @@ def run(images: int = 1449, height: int = 375, width: int = 500, n: int = 21, re
         assert torch.equal(got, want), f"{backend} disagrees with the reference"
         t = t_torch if backend == "torch" else timeit(lambda: ops.confusion_matrix(pred, target, n, backend=backend), repeat=repeat)
         rows.append(Row("confusion_matrix", backend, shape, t, t_torch / t, 100 * floor / t,
-                        {"vs numpy bincount": f"{t_numpy / t:.1f}x", "x memory floor": f"{t / floor:.2f}"}))
+                        {"vs numpy bincount": f"{t_numpy / t:.1f}x", "x memory floor": f"{t / floor:.2f}",
+                         "achieved": f"{bytes_read / t / 1e9:.1f} GB/s"}))
     rows.append(Row("confusion_matrix", "numpy bincount", shape, t_numpy, t_torch / t_numpy, 100 * floor / t_numpy))
     if torch.cuda.is_available():
         pc, tc = pred.cuda(), target.cuda()
