@@ -3,6 +3,8 @@ backend="auto" | "torch" | "cpp" | "cuda" | "triton" (see registry.py)."""
 from namedmask.ops.registry import BACKENDS, BackendUnavailable, available_backends, ops, why_not
 from namedmask.ops.confusion import confusion_matrix
 from namedmask.ops.metrics import SegmentationMetrics, miou
+from namedmask.ops.bilateral import PRESETS as BILATERAL_PRESETS, bilateral_solve, bilateral_solve_batch
 
 __all__ = ["BACKENDS", "BackendUnavailable", "available_backends", "ops", "why_not",
-           "confusion_matrix", "miou", "SegmentationMetrics"]
+           "confusion_matrix", "miou", "SegmentationMetrics",
+           "bilateral_solve", "bilateral_solve_batch", "BILATERAL_PRESETS"]
