@@ -4,7 +4,7 @@ import importlib
 
 from bench.common import environment, print_table, save_json
 
-BENCHMARKS = ["confusion_matrix"]
+BENCHMARKS = ["confusion_matrix", "bilateral"]
 
 
 def main() -> None:

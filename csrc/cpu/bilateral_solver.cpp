@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "namedmask/bilateral.h"
+#include "namedmask/bilateral_batch.h"
 
 namespace namedmask {
 namespace {
@@ -64,49 +65,44 @@ class VertexTable {
 
   // Index of `key`, inserting it as vertex `size()` when new.
   int32_t insert(int64_t key) {
-    if (2 * (count_ + 1) > static_cast<int64_t>(keys_.size())) rehash(2 * keys_.size());
-    size_t slot = probe(key);
-    if (keys_[slot] == 0) {
-      keys_[slot] = key;
-      values_[slot] = static_cast<int32_t>(count_++);
-    }
-    return values_[slot];
+    if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
+    Slot& slot = slots_[probe(key)];
+    if (slot.key == 0) slot = {key, static_cast<int32_t>(count_++)};
+    return slot.value;
   }
 
   int32_t find(int64_t key) const {
-    const size_t slot = probe(key);
-    return keys_[slot] == key ? values_[slot] : -1;
+    const Slot& slot = slots_[probe(key)];
+    return slot.key == key ? slot.value : -1;
   }
 
   int64_t size() const { return count_; }
 
  private:
+  struct Slot {
+    int64_t key = 0;
+    int32_t value = -1;
+  };
+
   size_t probe(int64_t key) const {
     const uint64_t h = static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull;  // Fibonacci hashing: top bits
     size_t slot = static_cast<size_t>(h >> shift_);
-    while (keys_[slot] != 0 && keys_[slot] != key) slot = (slot + 1) & mask_;
+    while (slots_[slot].key != 0 && slots_[slot].key != key) slot = (slot + 1) & mask_;
     return slot;
   }
 
   void rehash(size_t capacity) {
     size_t cap = 1;
     while (cap < capacity) cap <<= 1;
-    std::vector<int64_t> old_keys = std::move(keys_);
-    std::vector<int32_t> old_values = std::move(values_);
-    keys_.assign(cap, 0);
-    values_.assign(cap, -1);
+    std::vector<Slot> old = std::move(slots_);
+    slots_.assign(cap, Slot{});
     mask_ = cap - 1;
     shift_ = 64 - std::countr_zero(cap);
-    for (size_t s = 0; s < old_keys.size(); ++s)
-      if (old_keys[s] != 0) {
-        const size_t slot = probe(old_keys[s]);
-        keys_[slot] = old_keys[s];
-        values_[slot] = old_values[s];
-      }
+    for (const Slot& s : old)
+      if (s.key != 0) slots_[probe(s.key)] = s;
   }
 
-  std::vector<int64_t> keys_;
-  std::vector<int32_t> values_;
+  std::vector<Slot> slots_;
   size_t mask_ = 0;
   int shift_ = 64;
   int64_t count_ = 0;
@@ -142,7 +138,8 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   for (int64_t i = 0; i < pixels; ++i) {
     int32_t v = last_vertex;
     if (pixel_key[i] != last_key) {
-      v = table.insert(pixel_key[i]);
+      // Most pixels share the vertex of the pixel to the left or above; only the rest probe.
+      v = (i >= w && pixel_key[i - w] == pixel_key[i]) ? vertex_of_pixel[i - w] : table.insert(pixel_key[i]);
       if (v == static_cast<int32_t>(m.size())) {
         vertex_key_of.push_back(pixel_key[i]);
         m.push_back(0.0), wsplat.push_back(0.0), b.push_back(0.0);
@@ -157,27 +154,41 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   const int64_t nv = table.size();
   const bool par = nv > kParallelVertices;
 
-  std::vector<int32_t> nbr(nv * kNeighbours);
+  // Neighbours are symmetric: look up only +1 along each dimension (odd k) and fill in the
+  // -1 entry (k - 1) of the vertex found. Each entry has exactly one writer.
+  std::vector<int32_t> nbr(nv * kNeighbours, -1);
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t v = 0; v < nv; ++v)
-    for (int k = 0; k < kNeighbours; ++k) nbr[v * kNeighbours + k] = table.find(neighbour_key(layout, vertex_key_of[v], k));
+    for (int k = 1; k < kNeighbours; k += 2) {
+      const int32_t u = table.find(neighbour_key(layout, vertex_key_of[v], k));
+      if (u >= 0) nbr[v * kNeighbours + k] = u, nbr[int64_t(u) * kNeighbours + k - 1] = static_cast<int32_t>(v);
+    }
+  std::vector<int32_t> nbr_offsets(nv + 1, 0), nbr_index;
+  nbr_index.reserve(nv * 5);
+  for (int64_t v = 0; v < nv; ++v) {
+    for (int k = 0; k < kNeighbours; ++k)
+      if (nbr[v * kNeighbours + k] >= 0) nbr_index.push_back(nbr[v * kNeighbours + k]);
+    nbr_offsets[v + 1] = static_cast<int32_t>(nbr_index.size());
+  }
+  const CompactNeighbours neighbours{nbr_offsets.data(), nbr_index.data()};
 
   // Bistochastization.
   std::vector<double> n(nv, 1.0), scratch(nv);
   for (int it = 0; it < 10; ++it) {
 #pragma omp parallel for schedule(static) if (par)
-    for (int64_t v = 0; v < nv; ++v) scratch[v] = bistochastic_step(n[v], m[v], blur_at(nbr.data(), v, [&](int64_t j) { return n[j]; }));
+    for (int64_t v = 0; v < nv; ++v) scratch[v] = bistochastic_step(n[v], m[v], blur_at(neighbours, v, [&](int64_t j) { return n[j]; }));
     std::swap(n, scratch);
   }
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t v = 0; v < nv; ++v) m[v] = n[v] * blur_at(nbr.data(), v, [&](int64_t j) { return n[j]; });
+  for (int64_t v = 0; v < nv; ++v) m[v] = n[v] * blur_at(neighbours, v, [&](int64_t j) { return n[j]; });
 
-  // scipy.sparse.linalg.cg from y0 = b / w.
-  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), inv_diag(nv);
+  // scipy.sparse.linalg.cg from y0 = b / w; np holds n * (the vector A is applied to).
+  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv), inv_diag(nv);
   double b_norm2 = 0.0;
 #pragma omp parallel for schedule(static) if (par) reduction(+ : b_norm2)
   for (int64_t v = 0; v < nv; ++v) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
+    np[v] = n[v] * y[v];
     inv_diag[v] = inverse_diagonal(m[v], n[v], wsplat[v], lam);
     b_norm2 += b[v] * b[v];
   }
@@ -187,10 +198,9 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
     return;
   }
   const double atol = tol * b_norm;
-  const double *pm = m.data(), *pn = n.data(), *pw = wsplat.data();
-  const int32_t* pnbr = nbr.data();
+  const double *pm = m.data(), *pn = n.data(), *pw = wsplat.data(), *pnp = np.data();
 #pragma omp parallel for schedule(static) if (par)
-  for (int64_t v = 0; v < nv; ++v) r[v] = b[v] - apply_a_at(pnbr, pm, pn, pw, y.data(), lam, v);
+  for (int64_t v = 0; v < nv; ++v) r[v] = b[v] - apply_a_at(neighbours, pm, pn, pw, y.data(), pnp, lam, v);
   double rho_prev = 0.0;
   for (int64_t it = 0; it < max_iter; ++it) {
     double rr = 0.0, rho = 0.0;
@@ -203,11 +213,14 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
     if (std::sqrt(rr) < atol) break;
     const double beta = it == 0 ? 0.0 : rho / rho_prev;
 #pragma omp parallel for schedule(static) if (par)
-    for (int64_t v = 0; v < nv; ++v) p[v] = z[v] + beta * p[v];
+    for (int64_t v = 0; v < nv; ++v) {
+      p[v] = z[v] + beta * p[v];
+      np[v] = n[v] * p[v];
+    }
     double pq = 0.0;
 #pragma omp parallel for schedule(static) if (par) reduction(+ : pq)
     for (int64_t v = 0; v < nv; ++v) {
-      q[v] = apply_a_at(pnbr, pm, pn, pw, p.data(), lam, v);
+      q[v] = apply_a_at(neighbours, pm, pn, pw, p.data(), pnp, lam, v);
       pq += p[v] * q[v];
     }
     const double alpha = pq != 0.0 ? rho / pq : 0.0;  // pq == 0 only when r == 0 (tol == 0)
@@ -226,35 +239,18 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
 at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target, const at::Tensor& confidence,
                                const at::Tensor& sizes, double sigma_spatial, double sigma_luma, double sigma_chroma,
                                double lam, int64_t max_iter, double tol) {
-  TORCH_CHECK(image.scalar_type() == at::kByte && image.dim() == 2 && image.size(1) == 3,
-              "bilateral_solve: image must be uint8 [P, 3]");
-  TORCH_CHECK(target.scalar_type() == at::kFloat && confidence.scalar_type() == at::kFloat,
-              "bilateral_solve: target and confidence must be float32");
-  TORCH_CHECK(target.numel() == image.size(0) && confidence.numel() == image.size(0),
-              "bilateral_solve: image, target and confidence must have the same pixel count");
-  TORCH_CHECK(sizes.scalar_type() == at::kLong && sizes.dim() == 2 && sizes.size(1) == 2,
-              "bilateral_solve: sizes must be int64 [B, 2]");
+  const BilateralBatch batch = check_bilateral_inputs(image, target, confidence, sizes);
   const auto img = image.contiguous();
   const auto t = target.contiguous();
   const auto c = confidence.contiguous();
-  const auto hw = sizes.cpu().contiguous();
-  const int64_t* s = hw.data_ptr<int64_t>();
-  const int64_t batch = hw.size(0);
-  int64_t max_h = 1, max_w = 1, total = 0;
-  for (int64_t i = 0; i < batch; ++i) {
-    max_h = std::max(max_h, s[2 * i]), max_w = std::max(max_w, s[2 * i + 1]);
-    total += s[2 * i] * s[2 * i + 1];
-  }
-  TORCH_CHECK(total == image.size(0), "bilateral_solve: sizes describe ", total, " pixels, image has ", image.size(0));
-  auto out = at::empty({total}, target.options());
-  const GridLayout layout = make_layout(max_h, max_w, sigma_spatial, sigma_luma, sigma_chroma);
-  int64_t start = 0;
-  for (int64_t i = 0; i < batch; ++i) {
-    const int64_t h = s[2 * i], w = s[2 * i + 1];
-    if (h * w > 0)
+  auto out = at::empty({batch.pixels()}, target.options());
+  const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
+  for (int64_t i = 0; i < batch.size(); ++i) {
+    const int64_t start = batch.pixel_start[i];
+    if (batch.height[i] * batch.width[i] > 0)
       solve_image(layout, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
-                  c.data_ptr<float>() + start, h, w, lam, max_iter, tol, out.data_ptr<float>() + start);
-    start += h * w;
+                  c.data_ptr<float>() + start, batch.height[i], batch.width[i], lam, max_iter, tol,
+                  out.data_ptr<float>() + start);
   }
   return out;
 }

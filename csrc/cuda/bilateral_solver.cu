@@ -112,7 +112,7 @@ __global__ void bistochastic_kernel(int64_t num_vertices, const int32_t* __restr
                                     bool final) {
   for (int64_t v = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; v < num_vertices;
        v += int64_t(gridDim.x) * blockDim.x) {
-    const double bn = blur_at(nbr, v, [&](int64_t j) { return n[j]; });
+    const double bn = blur_at(PaddedNeighbours{nbr}, v, [&](int64_t j) { return n[j]; });
     if (final) m[v] = n[v] * bn;
     else n_out[v] = bistochastic_step(n[v], m[v], bn);
   }
@@ -143,11 +143,12 @@ struct Chunks {
 // two partial sums per chunk to partial[2c], partial[2c + 1].
 __global__ void cg_init_kernel(Chunks chunks, const double* __restrict__ m, const double* __restrict__ n,
                                const double* __restrict__ w, const double* __restrict__ b, double lam,
-                               double* __restrict__ y, double* __restrict__ inv_diag, double* __restrict__ p,
-                               double* __restrict__ partial) {
+                               double* __restrict__ y, double* __restrict__ np, double* __restrict__ inv_diag,
+                               double* __restrict__ p, double* __restrict__ partial) {
   double acc[2] = {0.0, 0.0};
   for (int32_t v = chunks.begin[blockIdx.x] + threadIdx.x; v < chunks.end[blockIdx.x]; v += kThreads) {
     y[v] = w[v] > 0 ? b[v] / w[v] : 0.0;
+    np[v] = n[v] * y[v];
     inv_diag[v] = inverse_diagonal(m[v], n[v], w[v], lam);
     p[v] = 0.0;
     acc[0] += b[v] * b[v];
@@ -157,10 +158,10 @@ __global__ void cg_init_kernel(Chunks chunks, const double* __restrict__ m, cons
 
 __global__ void cg_residual_kernel(Chunks chunks, const int32_t* __restrict__ nbr, const double* __restrict__ m,
                                    const double* __restrict__ n, const double* __restrict__ w,
-                                   const double* __restrict__ b, const double* __restrict__ y, double lam,
-                                   double* __restrict__ r) {
+                                   const double* __restrict__ b, const double* __restrict__ y,
+                                   const double* __restrict__ np, double lam, double* __restrict__ r) {
   for (int32_t v = chunks.begin[blockIdx.x] + threadIdx.x; v < chunks.end[blockIdx.x]; v += kThreads)
-    r[v] = b[v] - apply_a_at(nbr, m, n, w, y, lam, v);
+    r[v] = b[v] - apply_a_at(PaddedNeighbours{nbr}, m, n, w, y, np, lam, v);
 }
 
 __global__ void cg_precondition_kernel(Chunks chunks, const double* __restrict__ r,
@@ -176,20 +177,23 @@ __global__ void cg_precondition_kernel(Chunks chunks, const double* __restrict__
 }
 
 __global__ void cg_direction_kernel(Chunks chunks, const double* __restrict__ state, const double* __restrict__ z,
-                                    double* __restrict__ p, bool first) {
+                                    const double* __restrict__ n, double* __restrict__ p, double* __restrict__ np,
+                                    bool first) {
   const double* s = state + kStateSize * chunks.image[blockIdx.x];
   if (s[kDone] != 0.0) return;
-  for (int32_t v = chunks.begin[blockIdx.x] + threadIdx.x; v < chunks.end[blockIdx.x]; v += kThreads)
+  for (int32_t v = chunks.begin[blockIdx.x] + threadIdx.x; v < chunks.end[blockIdx.x]; v += kThreads) {
     p[v] = first ? z[v] : z[v] + s[kBeta] * p[v];
+    np[v] = n[v] * p[v];
+  }
 }
 
 __global__ void cg_apply_kernel(Chunks chunks, const int32_t* __restrict__ nbr, const double* __restrict__ m,
                                 const double* __restrict__ n, const double* __restrict__ w,
-                                const double* __restrict__ p, double lam, double* __restrict__ q,
-                                double* __restrict__ partial) {
+                                const double* __restrict__ p, const double* __restrict__ np, double lam,
+                                double* __restrict__ q, double* __restrict__ partial) {
   double acc[2] = {0.0, 0.0};  // p.q
   for (int32_t v = chunks.begin[blockIdx.x] + threadIdx.x; v < chunks.end[blockIdx.x]; v += kThreads) {
-    q[v] = apply_a_at(nbr, m, n, w, p, lam, v);
+    q[v] = apply_a_at(PaddedNeighbours{nbr}, m, n, w, p, np, lam, v);
     acc[0] += p[v] * q[v];
   }
   block_sum(acc, partial + 2 * blockIdx.x);
@@ -300,8 +304,8 @@ cudaError_t launch_bilateral_solve(int64_t num_vertices, int64_t batch, int64_t 
                                    const int32_t* chunk_begin, const int32_t* chunk_end, const int32_t* chunk_image,
                                    const int32_t* image_chunks, const int32_t* nbr, double* m, const double* w,
                                    const double* b, double* n, double* scratch, double* y, double* r, double* z,
-                                   double* p, double* q, double* inv_diag, double* partial, double* state, double lam,
-                                   int64_t max_iter, double tol, cudaStream_t stream) {
+                                   double* p, double* q, double* np, double* inv_diag, double* partial, double* state,
+                                   double lam, int64_t max_iter, double tol, cudaStream_t stream) {
   if (num_vertices == 0) return cudaSuccess;
   const int vblocks = blocks_for(num_vertices);
   fill_kernel<<<vblocks, kThreads, 0, stream>>>(n, 1.0, num_vertices);
@@ -314,16 +318,16 @@ cudaError_t launch_bilateral_solve(int64_t num_vertices, int64_t batch, int64_t 
   const Chunks chunks{chunk_begin, chunk_end, chunk_image};
   const int cblocks = static_cast<int>(num_chunks);
   const int iblocks = blocks_for(batch);
-  cg_init_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, m, n, w, b, lam, y, inv_diag, p, partial);
+  cg_init_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, m, n, w, b, lam, y, np, inv_diag, p, partial);
   cg_scalars_kernel<<<iblocks, kThreads, 0, stream>>>(batch, image_chunks, partial, state, tol, Phase::kInit, true);
-  cg_residual_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, nbr, m, n, w, b, y, lam, r);
+  cg_residual_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, nbr, m, n, w, b, y, np, lam, r);
   for (int64_t it = 0; it < max_iter; ++it) {
     const bool first = it == 0;
     cg_precondition_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, r, inv_diag, z, partial);
     cg_scalars_kernel<<<iblocks, kThreads, 0, stream>>>(batch, image_chunks, partial, state, tol, Phase::kDirection,
                                                         first);
-    cg_direction_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, state, z, p, first);
-    cg_apply_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, nbr, m, n, w, p, lam, q, partial);
+    cg_direction_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, state, z, n, p, np, first);
+    cg_apply_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, nbr, m, n, w, p, np, lam, q, partial);
     cg_scalars_kernel<<<iblocks, kThreads, 0, stream>>>(batch, image_chunks, partial, state, tol, Phase::kStep, first);
     cg_step_kernel<<<cblocks, kThreads, 0, stream>>>(chunks, state, p, q, y, r);
   }

@@ -41,13 +41,15 @@ cudaError_t launch_bilateral_vertices(int64_t num_vertices, int64_t pixels, int6
 
 // chunk_begin/chunk_end/chunk_image [num_chunks]; image_chunks[batch + 1] (chunk range per image).
 // state: 8 doubles per image of device scratch; partial: 2 doubles per chunk; vectors n..inv_diag
+// (np = n * p, the blur's input)
 // have num_vertices entries. On return y holds the solution.
 cudaError_t launch_bilateral_solve(int64_t num_vertices, int64_t batch, int64_t num_chunks,
                                    const int32_t* chunk_begin, const int32_t* chunk_end,
                                    const int32_t* chunk_image, const int32_t* image_chunks, const int32_t* nbr,
                                    double* m, const double* w, const double* b, double* n, double* scratch, double* y,
-                                   double* r, double* z, double* p, double* q, double* inv_diag, double* partial,
-                                   double* state, double lam, int64_t max_iter, double tol, cudaStream_t stream);
+                                   double* r, double* z, double* p, double* q, double* np, double* inv_diag,
+                                   double* partial, double* state, double lam, int64_t max_iter, double tol,
+                                   cudaStream_t stream);
 
 cudaError_t launch_bilateral_slice(const int32_t* vertex_of_pixel, const double* y, int64_t pixels, float* out,
                                    cudaStream_t stream);

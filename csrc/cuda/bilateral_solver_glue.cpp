@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "bilateral_solver.cuh"
+#include "namedmask/bilateral_batch.h"
 
 namespace namedmask {
 namespace {
@@ -23,43 +24,24 @@ int bit_length(int64_t value) {
 at::Tensor bilateral_solve_cuda(const at::Tensor& image, const at::Tensor& target, const at::Tensor& confidence,
                                 const at::Tensor& sizes, double sigma_spatial, double sigma_luma, double sigma_chroma,
                                 double lam, int64_t max_iter, double tol) {
-  TORCH_CHECK(image.scalar_type() == at::kByte && image.dim() == 2 && image.size(1) == 3,
-              "bilateral_solve: image must be uint8 [P, 3]");
-  TORCH_CHECK(target.scalar_type() == at::kFloat && confidence.scalar_type() == at::kFloat,
-              "bilateral_solve: target and confidence must be float32");
-  TORCH_CHECK(target.numel() == image.size(0) && confidence.numel() == image.size(0),
-              "bilateral_solve: image, target and confidence must have the same pixel count");
-  TORCH_CHECK(sizes.scalar_type() == at::kLong && sizes.dim() == 2 && sizes.size(1) == 2,
-              "bilateral_solve: sizes must be int64 [B, 2]");
-  TORCH_CHECK(image.device() == target.device() && image.device() == confidence.device(),
-              "bilateral_solve: image, target and confidence must be on the same device");
+  const BilateralBatch shape = check_bilateral_inputs(image, target, confidence, sizes);
   c10::cuda::CUDAGuard guard(image.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto dev = image.options();
-  const auto hw = sizes.cpu().contiguous();
-  const int64_t batch = hw.size(0);
-  const int64_t* s = hw.data_ptr<int64_t>();
-  std::vector<int64_t> pixel_start(batch + 1, 0), widths(batch);
-  int64_t max_h = 1, max_w = 1;
-  for (int64_t i = 0; i < batch; ++i) {
-    max_h = std::max(max_h, s[2 * i]), max_w = std::max(max_w, s[2 * i + 1]);
-    widths[i] = std::max<int64_t>(s[2 * i + 1], 1);
-    pixel_start[i + 1] = pixel_start[i] + s[2 * i] * s[2 * i + 1];
-  }
-  const int64_t pixels = pixel_start[batch];
-  TORCH_CHECK(pixels == image.size(0), "bilateral_solve: sizes describe ", pixels, " pixels, image has ",
-              image.size(0));
+  const int64_t batch = shape.size(), pixels = shape.pixels();
+  std::vector<int64_t> widths(batch);
+  for (int64_t i = 0; i < batch; ++i) widths[i] = std::max<int64_t>(shape.width[i], 1);
   TORCH_CHECK(pixels < (int64_t(1) << 31), "bilateral_solve: at most 2^31 - 1 pixels per call on CUDA");
   auto out = at::empty({pixels}, target.options());
   if (pixels == 0) return out;
   const auto img = image.contiguous();
   const auto t = target.contiguous();
   const auto c = confidence.contiguous();
-  const auto layout = bilateral::make_layout(max_h, max_w, sigma_spatial, sigma_luma, sigma_chroma);
+  const auto layout = bilateral::make_layout(shape.max_h, shape.max_w, sigma_spatial, sigma_luma, sigma_chroma);
   const int end_bit = bit_length(batch * layout.image_stride);
 
   auto i64 = dev.dtype(at::kLong), i32 = dev.dtype(at::kInt), f64 = dev.dtype(at::kDouble);
-  auto d_pixel_start = at::tensor(pixel_start, at::kLong).to(image.device());
+  auto d_pixel_start = at::tensor(shape.pixel_start, at::kLong).to(image.device());
   auto d_widths = at::tensor(widths, at::kLong).to(image.device());
   const size_t temp_bytes = bilateral_temp_bytes(pixels, end_bit);
   auto temp = at::empty({static_cast<int64_t>(temp_bytes)}, dev.dtype(at::kByte));
@@ -100,7 +82,7 @@ at::Tensor bilateral_solve_cuda(const at::Tensor& image, const at::Tensor& targe
   auto upload = [&](const std::vector<int32_t>& v) { return at::tensor(v, at::kInt).to(image.device()); };
   auto d_begin = upload(chunk_begin), d_end = upload(chunk_end), d_image = upload(chunk_image);
   auto d_image_chunks = upload(image_chunks);
-  auto vectors = at::empty({8, nv}, f64);  // n, scratch, y, r, z, p, q, inv_diag
+  auto vectors = at::empty({9, nv}, f64);  // n, scratch, y, r, z, p, q, np, inv_diag
   auto partial = at::empty({std::max<int64_t>(num_chunks, 1), 2}, f64);
   auto state = at::empty({batch, 8}, f64);
   double* v0 = vectors.data_ptr<double>();
@@ -108,7 +90,8 @@ at::Tensor bilateral_solve_cuda(const at::Tensor& image, const at::Tensor& targe
                                         d_image.data_ptr<int32_t>(), d_image_chunks.data_ptr<int32_t>(),
                                         nbr.data_ptr<int32_t>(), m.data_ptr<double>(), w.data_ptr<double>(),
                                         b.data_ptr<double>(), v0, v0 + nv, v0 + 2 * nv, v0 + 3 * nv, v0 + 4 * nv,
-                                        v0 + 5 * nv, v0 + 6 * nv, v0 + 7 * nv, partial.data_ptr<double>(),
+                                        v0 + 5 * nv, v0 + 6 * nv, v0 + 7 * nv, v0 + 8 * nv,
+                                        partial.data_ptr<double>(),
                                         state.data_ptr<double>(), lam, max_iter, tol, stream));
   C10_CUDA_CHECK(launch_bilateral_slice(vertex_of_pixel.data_ptr<int32_t>(), v0 + 2 * nv, pixels,
                                         out.data_ptr<float>(), stream));

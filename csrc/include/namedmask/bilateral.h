@@ -98,21 +98,43 @@ NM_HD int64_t neighbour_key(const GridLayout& g, int64_t key, int k) {
   return (k & 1) ? key + g.stride[k >> 1] : key - g.stride[k >> 1];
 }
 
-// (B x)_i = kCenterWeight x_i + sum over existing neighbours of x_j; nbr = -1 marks a missing one.
-template <typename F>
-NM_HD double blur_at(const int32_t* nbr, int64_t i, F&& x) {
-  double acc = kCenterWeight * x(i);
-  for (int k = 0; k < kNeighbours; ++k) {
-    const int32_t j = nbr[i * kNeighbours + k];
-    if (j >= 0) acc += kNeighbourWeight * x(j);
+// Neighbour lists in two layouts with the same meaning. Padded: kNeighbours slots per vertex,
+// slot k = neighbour k or -1 (coalesced on the GPU, no scan to build). Compact (CSR): only the
+// existing ones, ~4 of 10 on photos (fewer loads and no branches on the CPU).
+struct PaddedNeighbours {
+  const int32_t* index;  // [V * kNeighbours]
+  template <typename F>
+  NM_HD void for_each(int64_t i, F&& f) const {
+    for (int k = 0; k < kNeighbours; ++k) {
+      const int32_t j = index[i * kNeighbours + k];
+      if (j >= 0) f(j);
+    }
   }
-  return acc;
+};
+
+struct CompactNeighbours {
+  const int32_t* offsets;  // [V + 1]
+  const int32_t* index;    // [offsets[V]]
+  template <typename F>
+  NM_HD void for_each(int64_t i, F&& f) const {
+    for (int32_t e = offsets[i]; e < offsets[i + 1]; ++e) f(index[e]);
+  }
+};
+
+// (B x)_i = kCenterWeight x_i + kNeighbourWeight * (sum of x_j over the existing neighbours).
+template <typename Neighbours, typename F>
+NM_HD double blur_at(const Neighbours& nbr, int64_t i, F&& x) {
+  double acc = 0.0;
+  nbr.for_each(i, [&](int32_t j) { acc += x(j); });
+  return kCenterWeight * x(i) + kNeighbourWeight * acc;
 }
 
-// Row i of A p with A = lam (Dm - Dn B Dn) + diag(w).
-NM_HD double apply_a_at(const int32_t* nbr, const double* m, const double* n, const double* w, const double* p,
-                        double lam, int64_t i) {
-  const double bnp = blur_at(nbr, i, [&](int64_t j) { return n[j] * p[j]; });
+// Row i of A p with A = lam (Dm - Dn B Dn) + diag(w), given np = n * p (precomputed once per
+// CG step so the blur gathers one value per neighbour).
+template <typename Neighbours>
+NM_HD double apply_a_at(const Neighbours& nbr, const double* m, const double* n, const double* w, const double* p,
+                        const double* np, double lam, int64_t i) {
+  const double bnp = blur_at(nbr, i, [&](int64_t j) { return np[j]; });
   return lam * (m[i] * p[i] - n[i] * bnp) + w[i] * p[i];
 }
 
