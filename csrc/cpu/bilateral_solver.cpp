@@ -1,14 +1,14 @@
 // CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image:
-// grid keys per pixel (OpenMP), unique vertices through an open-addressing hash table (with a
+// grid keys per pixel (parallel over rows), unique vertices through an open-addressing hash table (with a
 // last-key cache: neighbouring pixels mostly share a vertex) that also splats as it goes,
 // neighbour indices by key lookup, bistochastization, Jacobi-preconditioned CG (scipy's
 // iteration, all buffers allocated once per image), slice.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <bit>
 #include <cmath>
 #include <vector>
@@ -21,11 +21,36 @@ namespace {
 
 using namespace bilateral;
 
-// Below this many vertices the vertex-space loops run on one thread: an image of 500x375 has
-// 10k-80k vertices, and an OpenMP barrier per CG step costs more than it saves there (much more
-// on a busy machine, where a barrier waits for a descheduled thread).
-constexpr int64_t kParallelVertices = 1 << 18;
-constexpr int64_t kParallelPixels = 1 << 16;
+// Loops run on torch's intra-op pool (at::parallel_for), the pool torch's own ops use, so two
+// OpenMP runtimes never fight over the cores. Below these sizes a loop runs inline: a 500x375
+// image (187k pixels, 10k-80k vertices) takes a few ms on one core, and a fork/join costs more
+// than it saves there (measured: 9 ms on one thread vs 58 ms on two on a shared 2-core machine,
+// where every barrier waits for a descheduled thread). Multi-megapixel images do go parallel.
+constexpr int64_t kVertexGrain = 1 << 18;
+constexpr int64_t kPixelGrain = 1 << 20;
+
+template <typename F>
+void for_vertices(int64_t nv, F&& f) {
+  at::parallel_for(0, nv, kVertexGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) f(v);
+  });
+}
+
+// Sums of N per-vertex values, f(v, acc) adding vertex v's to acc.
+template <int N, typename F>
+std::array<double, N> sum_vertices(int64_t nv, F&& f) {
+  using Sums = std::array<double, N>;
+  return at::parallel_reduce(
+      0, nv, kVertexGrain, Sums{},
+      [&](int64_t begin, int64_t end, Sums acc) {
+        for (int64_t v = begin; v < end; ++v) f(v, acc);
+        return acc;
+      },
+      [](Sums a, const Sums& b) {
+        for (int k = 0; k < N; ++k) a[k] += b[k];
+        return a;
+      });
+}
 
 // scaled_cell(value_e6, sigma) without two divisions per pixel: a reciprocal guess corrected
 // against the exact first value of each cell, found once by bisection over scaled_cell itself,
@@ -116,17 +141,18 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   std::vector<int64_t> column_cell(w);
   for (int64_t x = 0; x < w; ++x) column_cell[x] = spatial_cell(x, layout.sigma_spatial);
   std::vector<int64_t> pixel_key(pixels);
-#pragma omp parallel for schedule(static) if (pixels > kParallelPixels)
-  for (int64_t y = 0; y < h; ++y) {
-    int64_t cell[kDims] = {0, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
-    for (int64_t x = 0; x < w; ++x) {
-      const uint8_t* c = rgb + 3 * (y * w + x);
-      int64_t yuv[3];
-      yuv_e6(c[0], c[1], c[2], yuv);
-      cell[0] = column_cell[x], cell[2] = luma(yuv[0]), cell[3] = chroma(yuv[1]), cell[4] = chroma(yuv[2]);
-      pixel_key[y * w + x] = pack_key(layout, 0, cell);
+  at::parallel_for(0, h, std::max<int64_t>(1, kPixelGrain / w), [&](int64_t row_begin, int64_t row_end) {
+    for (int64_t y = row_begin; y < row_end; ++y) {
+      int64_t cell[kDims] = {0, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
+      for (int64_t x = 0; x < w; ++x) {
+        const uint8_t* c = rgb + 3 * (y * w + x);
+        int64_t yuv[3];
+        yuv_e6(c[0], c[1], c[2], yuv);
+        cell[0] = column_cell[x], cell[2] = luma(yuv[0]), cell[3] = chroma(yuv[1]), cell[4] = chroma(yuv[2]);
+        pixel_key[y * w + x] = pack_key(layout, 0, cell);
+      }
     }
-  }
+  });
 
   // Unique vertices in first-seen order, splatting 1, c and c*t on the way.
   VertexTable table(pixels / 16);
@@ -152,17 +178,16 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
     b[v] += static_cast<double>(confidence[i]) * static_cast<double>(target[i]);
   }
   const int64_t nv = table.size();
-  const bool par = nv > kParallelVertices;
 
   // Neighbours are symmetric: look up only +1 along each dimension (odd k) and fill in the
   // -1 entry (k - 1) of the vertex found. Each entry has exactly one writer.
   std::vector<int32_t> nbr(nv * kNeighbours, -1);
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t v = 0; v < nv; ++v)
+  for_vertices(nv, [&](int64_t v) {
     for (int k = 1; k < kNeighbours; k += 2) {
       const int32_t u = table.find(neighbour_key(layout, vertex_key_of[v], k));
       if (u >= 0) nbr[v * kNeighbours + k] = u, nbr[int64_t(u) * kNeighbours + k - 1] = static_cast<int32_t>(v);
     }
+  });
   std::vector<int32_t> nbr_offsets(nv + 1, 0), nbr_index;
   nbr_index.reserve(nv * 5);
   for (int64_t v = 0; v < nv; ++v) {
@@ -174,66 +199,56 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
 
   // Bistochastization.
   std::vector<double> n(nv, 1.0), scratch(nv);
+  auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < 10; ++it) {
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t v = 0; v < nv; ++v) scratch[v] = bistochastic_step(n[v], m[v], blur_at(neighbours, v, [&](int64_t j) { return n[j]; }));
+    for_vertices(nv, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
     std::swap(n, scratch);
   }
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t v = 0; v < nv; ++v) m[v] = n[v] * blur_at(neighbours, v, [&](int64_t j) { return n[j]; });
+  for_vertices(nv, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
 
   // scipy.sparse.linalg.cg from y0 = b / w; np holds n * (the vector A is applied to).
   std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv), inv_diag(nv);
-  double b_norm2 = 0.0;
-#pragma omp parallel for schedule(static) if (par) reduction(+ : b_norm2)
-  for (int64_t v = 0; v < nv; ++v) {
+  const double b_norm = std::sqrt(sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
     np[v] = n[v] * y[v];
     inv_diag[v] = inverse_diagonal(m[v], n[v], wsplat[v], lam);
-    b_norm2 += b[v] * b[v];
-  }
-  const double b_norm = std::sqrt(b_norm2);
+    acc[0] += b[v] * b[v];
+  })[0]);
   if (b_norm == 0.0) {
     std::fill(out, out + pixels, 0.0f);
     return;
   }
   const double atol = tol * b_norm;
   const double *pm = m.data(), *pn = n.data(), *pw = wsplat.data(), *pnp = np.data();
-#pragma omp parallel for schedule(static) if (par)
-  for (int64_t v = 0; v < nv; ++v) r[v] = b[v] - apply_a_at(neighbours, pm, pn, pw, y.data(), pnp, lam, v);
+  for_vertices(nv, [&](int64_t v) { r[v] = b[v] - apply_a_at(neighbours, pm, pn, pw, y.data(), pnp, lam, v); });
   double rho_prev = 0.0;
   for (int64_t it = 0; it < max_iter; ++it) {
-    double rr = 0.0, rho = 0.0;
-#pragma omp parallel for schedule(static) if (par) reduction(+ : rr, rho)
-    for (int64_t v = 0; v < nv; ++v) {
+    const auto [rr, rho] = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
       z[v] = r[v] * inv_diag[v];
-      rr += r[v] * r[v];
-      rho += r[v] * z[v];
-    }
-    if (std::sqrt(rr) < atol) break;
+      acc[0] += r[v] * r[v];
+      acc[1] += r[v] * z[v];
+    });
+    if (std::sqrt(rr) < atol) break;  // scipy's test, before every iteration
     const double beta = it == 0 ? 0.0 : rho / rho_prev;
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t v = 0; v < nv; ++v) {
+    for_vertices(nv, [&](int64_t v) {
       p[v] = z[v] + beta * p[v];
       np[v] = n[v] * p[v];
-    }
-    double pq = 0.0;
-#pragma omp parallel for schedule(static) if (par) reduction(+ : pq)
-    for (int64_t v = 0; v < nv; ++v) {
+    });
+    const double pq = sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
       q[v] = apply_a_at(neighbours, pm, pn, pw, p.data(), pnp, lam, v);
-      pq += p[v] * q[v];
-    }
+      acc[0] += p[v] * q[v];
+    })[0];
     const double alpha = pq != 0.0 ? rho / pq : 0.0;  // pq == 0 only when r == 0 (tol == 0)
-#pragma omp parallel for schedule(static) if (par)
-    for (int64_t v = 0; v < nv; ++v) {
+    for_vertices(nv, [&](int64_t v) {
       y[v] += alpha * p[v];
       r[v] -= alpha * q[v];
-    }
+    });
     rho_prev = rho;
   }
 
-#pragma omp parallel for schedule(static) if (pixels > kParallelPixels)
-  for (int64_t i = 0; i < pixels; ++i) out[i] = static_cast<float>(y[vertex_of_pixel[i]]);
+  at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[vertex_of_pixel[i]]);
+  });
 }
 
 at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target, const at::Tensor& confidence,
