@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -80,74 +79,48 @@ def refine(photos: list, **params) -> list:
     return [o > 0.5 for o in outs]
 
 
-def cpu_seconds(fn, repeat: int = 5) -> float:
-    """Median CPU time of fn() summed over the process's threads: the cost of the work itself,
-    which wall time overstates on a machine shared with other jobs."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.process_time()
-        fn()
-        times.append(time.process_time() - t0)
-    return statistics.median(times)
-
-
 def speed_rows(photos: list) -> list[Row]:
-    shape = f"{len(photos)} photos {SIZE[0]}x{SIZE[1]}"
-    per = lambda total: total / len(photos)  # noqa: E731
-    few = photos[:4]
+    """Every method on the same photos (those whose coarse mask is not constant: a constant
+    target is returned as is, which would flatter the op); the C++ batch form on all of them."""
+    timed = [p for p in photos if float(p[2].min()) != float(p[2].max())][:8]
+    shape = f"{len(timed)} photos {SIZE[0]}x{SIZE[1]}"
 
-    def each(fn, items):
-        return lambda: [fn(*p[1:3]) for p in items]
+    def per_image(fn, repeat=3, items=timed, **kw):
+        return timeit(lambda: [fn(*p[1:3]) for p in items], repeat=repeat, **kw) / len(items)
 
-    t_torch = timeit(each(lambda x, t: ops.bilateral_solve(x, t, backend="torch"), few), repeat=1) / len(few)
+    t_torch = per_image(lambda x, t: ops.bilateral_solve(x, t, backend="torch"), repeat=1)
+    t_scipy = per_image(lambda x, t: scipy_bilateral_solve(x.numpy(), t.numpy(), np.full(t.shape, 0.999), 16, 16, 8,
+                                                           256.0, published_hash=True), repeat=1)
     rows = [Row("bilateral_solve", "torch", shape, t_torch, 1.0)]
-    scipy_few = each(lambda x, t: scipy_bilateral_solve(x.numpy(), t.numpy(), np.full(t.shape, 0.999), 16, 16, 8,
-                                                        256.0, published_hash=True), few)
-    t_scipy = timeit(scipy_few, repeat=1) / len(few)
-    cpu_scipy = cpu_seconds(scipy_few, repeat=1) / len(few)
-    cpu = ops.available_backends("bilateral_solve", "cpu")
-    if "cpp" in cpu:
-        # Agreement with the reference on these photos, then time.
-        for _, x, t, _ in few:
+    if "cpp" in ops.available_backends("bilateral_solve", "cpu"):
+        for _, x, t, _ in timed:  # agreement with the reference on these photos, then time
             diff = (ops.bilateral_solve(x, t, backend="cpp") - ops.bilateral_solve(x, t, backend="torch")).abs().max()
             assert float(diff) <= 1e-3, f"cpp disagrees with the reference by {float(diff)}"
-        solve_all = each(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), photos)
-        t_cpp = per(timeit(solve_all, repeat=5))
-        cpu_cpp = per(cpu_seconds(solve_all))
-        per_image = sorted(cpu_seconds(each(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), [p]), repeat=3)
-                           for p in photos)
-        t_batch = per(timeit(lambda: ops.bilateral_solve_batch([p[1] for p in photos], [p[2] for p in photos],
-                                                               backend="cpp"), repeat=5))
-        threads = torch.get_num_threads()
+        t_cpp = per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=7)
+        each = sorted(per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=5, items=[p])
+                      for p in timed)
         rows.append(Row("bilateral_solve", "cpp", shape, t_cpp, t_torch / t_cpp, None,
-                        {"vs published scipy": f"{t_scipy / t_cpp:.1f}x", "threads": threads,
-                         "CPU time per image (all threads)": f"mean {cpu_cpp * 1e3:.2f} ms, median "
-                         f"{per_image[len(per_image) // 2] * 1e3:.2f} ms, max {per_image[-1] * 1e3:.2f} ms"}))
-        rows.append(Row("bilateral_solve", "cpp batch", shape, t_batch, t_torch / t_batch, None,
-                        {"vs published scipy": f"{t_scipy / t_batch:.1f}x"}))
+                        {"vs published scipy": f"{t_scipy / t_cpp:.1f}x",
+                         "per photo": f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"}))
+        t_batch = timeit(lambda: ops.bilateral_solve_batch([p[1] for p in photos], [p[2] for p in photos],
+                                                           backend="cpp"), repeat=5) / len(photos)
+        rows.append(Row("bilateral_solve", "cpp batch", f"all {len(photos)} photos {SIZE[0]}x{SIZE[1]}", t_batch,
+                        None, None, {"note": "includes the photos with a constant (all-background) coarse mask"}))
     if torch.cuda.is_available():
-        gpu = [(s, x.cuda(), t.cuda(), g) for s, x, t, g in photos]
-        t_ref = per(timeit(lambda: ops.bilateral_solve_batch([p[1] for p in gpu], [p[2] for p in gpu],
-                                                             backend="torch"), repeat=1, sync_cuda=True))
+        gpu = [(s, x.cuda(), t.cuda(), g) for s, x, t, g in timed]
+        solve = lambda backend: ops.bilateral_solve_batch([p[1] for p in gpu], [p[2] for p in gpu],  # noqa: E731
+                                                          backend=backend)
+        t_ref = timeit(lambda: solve("torch"), repeat=1, sync_cuda=True) / len(gpu)
         for backend in ops.available_backends("bilateral_solve", "cuda"):
-            t = per(timeit(lambda: ops.bilateral_solve_batch([p[1] for p in gpu], [p[2] for p in gpu],
-                                                             backend=backend), repeat=5, sync_cuda=True))
+            t = timeit(lambda: solve(backend), repeat=5, sync_cuda=True) / len(gpu)
             rows.append(Row("bilateral_solve", f"{backend} (gpu batch)", shape, t, t_ref / t))
     rows.append(Row("bilateral_solve", "scipy published", shape, t_scipy, t_torch / t_scipy, None,
-                    {"formulation": "TokenCut's bilateral_solver.py (base-255 hash, csr, scipy cg)",
-                     "CPU time per image (all threads)": f"{cpu_scipy * 1e3:.1f} ms"}))
-    crf_times = []
-    for _, x, t, _ in few:
-        t0 = time.perf_counter()
-        if dense_crf(x.numpy(), t.numpy() > 0.5) is None:
-            break
-        crf_times.append(time.perf_counter() - t0)
-    if crf_times:
-        t_crf = statistics.median(crf_times)
-        rows.append(Row("dense CRF peer", "pydensecrf2", shape, t_crf, t_torch / t_crf, None, {"iterations": 5}))
-    else:
+                    {"formulation": "TokenCut's bilateral_solver.py (base-255 hash, csr, scipy cg)"}))
+    if dense_crf(timed[0][1].numpy(), timed[0][2].numpy() > 0.5) is None:
         rows.append(Row("dense CRF peer", "pydensecrf2", "not installed (pip install pydensecrf2)", float("nan")))
+    else:
+        t_crf = per_image(lambda x, t: dense_crf(x.numpy(), t.numpy() > 0.5), repeat=1)
+        rows.append(Row("dense CRF peer", "pydensecrf2", shape, t_crf, t_torch / t_crf, None, {"iterations": 5}))
     return rows
 
 
