@@ -200,7 +200,7 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   // Bistochastization.
   std::vector<double> n(nv, 1.0), scratch(nv);
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
-  for (int it = 0; it < 10; ++it) {
+  for (int it = 0; it < kBistochasticSteps; ++it) {
     for_vertices(nv, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
     std::swap(n, scratch);
   }
@@ -221,13 +221,15 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   const double atol = tol * b_norm;
   const double *pm = m.data(), *pn = n.data(), *pw = wsplat.data(), *pnp = np.data();
   for_vertices(nv, [&](int64_t v) { r[v] = b[v] - apply_a_at(neighbours, pm, pn, pw, y.data(), pnp, lam, v); });
-  double rho_prev = 0.0;
+  // z = M r with r.r and r.z, fused into the update of y and r after the first time.
+  auto precondition = [&](int64_t v, std::array<double, 2>& acc) {
+    z[v] = r[v] * inv_diag[v];
+    acc[0] += r[v] * r[v];
+    acc[1] += r[v] * z[v];
+  };
+  std::array<double, 2> sums = sum_vertices<2>(nv, precondition);
+  double rr = sums[0], rho = sums[1], rho_prev = 0.0;
   for (int64_t it = 0; it < max_iter; ++it) {
-    const auto [rr, rho] = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
-      z[v] = r[v] * inv_diag[v];
-      acc[0] += r[v] * r[v];
-      acc[1] += r[v] * z[v];
-    });
     if (std::sqrt(rr) < atol) break;  // scipy's test, before every iteration
     const double beta = it == 0 ? 0.0 : rho / rho_prev;
     for_vertices(nv, [&](int64_t v) {
@@ -239,11 +241,13 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
       acc[0] += p[v] * q[v];
     })[0];
     const double alpha = pq != 0.0 ? rho / pq : 0.0;  // pq == 0 only when r == 0 (tol == 0)
-    for_vertices(nv, [&](int64_t v) {
+    rho_prev = rho;
+    sums = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
       y[v] += alpha * p[v];
       r[v] -= alpha * q[v];
+      precondition(v, acc);
     });
-    rho_prev = rho;
+    rr = sums[0], rho = sums[1];
   }
 
   at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {

@@ -309,7 +309,7 @@ cudaError_t launch_bilateral_solve(int64_t num_vertices, int64_t batch, int64_t 
   if (num_vertices == 0) return cudaSuccess;
   const int vblocks = blocks_for(num_vertices);
   fill_kernel<<<vblocks, kThreads, 0, stream>>>(n, 1.0, num_vertices);
-  for (int it = 0; it < 10; ++it) {
+  for (int it = 0; it < kBistochasticSteps; ++it) {
     bistochastic_kernel<<<vblocks, kThreads, 0, stream>>>(num_vertices, nbr, n, m, scratch, false);
     std::swap(n, scratch);
   }

@@ -26,6 +26,7 @@ constexpr int kNeighbours = 2 * kDims;       // -1 and +1 along each dimension
 constexpr double kCenterWeight = 2.0 * kDims;  // [1 2 1] per dimension: 2 per dimension on the centre
 constexpr double kNeighbourWeight = 1.0;
 constexpr double kDiagMin = 1e-5;            // floor of the Jacobi preconditioner's diagonal (as published)
+constexpr int kBistochasticSteps = 10;       // as published
 
 // YUV (BT.601, offsets 0/128/128) of an RGB pixel, times 1e6, exact in int64.
 NM_HD void yuv_e6(int64_t r, int64_t g, int64_t b, int64_t out[3]) {
