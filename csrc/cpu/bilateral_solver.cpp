@@ -264,13 +264,18 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
   const auto c = confidence.contiguous();
   auto out = at::empty({batch.pixels()}, target.options());
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
-  for (int64_t i = 0; i < batch.size(); ++i) {
-    const int64_t start = batch.pixel_start[i];
-    if (batch.height[i] * batch.width[i] > 0)
-      solve_image(layout, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
-                  c.data_ptr<float>() + start, batch.height[i], batch.width[i], lam, max_iter, tol,
-                  out.data_ptr<float>() + start);
-  }
+  // Several ordinary-sized images: one image per thread (one fork/join for the whole batch).
+  // Large images: one at a time, each parallel inside.
+  const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < kPixelGrain;
+  at::parallel_for(0, batch.size(), across_images ? 1 : batch.size(), [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      const int64_t start = batch.pixel_start[i];
+      if (batch.height[i] * batch.width[i] > 0)
+        solve_image(layout, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
+                    c.data_ptr<float>() + start, batch.height[i], batch.width[i], lam, max_iter, tol,
+                    out.data_ptr<float>() + start);
+    }
+  });
   return out;
 }
 
