@@ -97,6 +97,7 @@ setup(
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
+        "bench": ["pydensecrf2"],  # the dense-CRF peer of bench/bench_bilateral.py
         "test": ["pytest", "pytest-timeout", "scipy", "torchmetrics", "opencv-python-headless"],
     },
     entry_points={"console_scripts": ["namedmask=namedmask.cli:main"]},

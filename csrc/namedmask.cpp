@@ -23,6 +23,11 @@ TORCH_LIBRARY(namedmask, m) {
         "int ignore_index) -> (Tensor, Tensor)");
 
   // --- bilateral solver (issue 9) ---
+  // Fast bilateral solver (Barron & Poole 2016) on a batch flattened into one pixel list:
+  // image uint8 [P, 3] RGB, target / confidence float32 [P], sizes int64 [B, 2] = (H, W) per
+  // image in order. Grid, bistochastization, PCG and slice per image; returns float32 [P].
+  m.def("bilateral_solve(Tensor image, Tensor target, Tensor confidence, Tensor sizes, float sigma_spatial, "
+        "float sigma_luma, float sigma_chroma, float lam, int max_iter, float tol) -> Tensor");
 }
 
 // _C is a plain extension module: importing it runs the static registrations above.

@@ -323,6 +323,42 @@ def bench(args) -> None:
     sys.exit(subprocess.call([sys.executable, "-m", "bench", *args]))
 
 
+@cli.command()
+@click.option("--method", type=click.Choice(["bilateral-solver"]), default="bilateral-solver",
+              help="Refinement method.")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of images (the guides).")
+@click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder of mask PNGs (non-zero = foreground), matched to --images by relative path and stem.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: <stem>.png, 0 = background, 1 = foreground.")
+@click.option("--preset", type=click.Choice(["namedmask", "tokencut", "tuned"]), default="namedmask",
+              help="Solver parameters: namedmask 16/16/8 lam 256, tokencut 24/4/4 lam 256, tuned (see README).")
+@click.option("--sigma-spatial", type=float, default=None, help="Override the preset's spatial sigma (pixels).")
+@click.option("--sigma-luma", type=float, default=None, help="Override the preset's luma sigma.")
+@click.option("--sigma-chroma", type=float, default=None, help="Override the preset's chroma sigma.")
+@click.option("--lam", type=float, default=None, help="Override the preset's smoothness weight lambda.")
+@click.option("--threshold", type=float, default=0.5, help="Foreground where the soft output exceeds this.")
+@click.option("--device", default="cpu", help="cpu or cuda.")
+@click.option("--backend", default="auto", help="Kernel backend of the solver.")
+@click.option("--overwrite", is_flag=True, help="Redo masks already in --out.")
+@click.option("--skip-bad", is_flag=True, help="Log and skip bad or missing pairs instead of failing at the end.")
+def refine(method, images_dir, masks_dir, out_dir, preset, sigma_spatial, sigma_luma, sigma_chroma, lam, threshold,
+           device, backend, overwrite, skip_bad) -> None:
+    """Refine a folder of masks along image edges (resumable: finished masks are skipped)."""
+    from namedmask.stages.refine import RefineError, refine_folder
+
+    try:
+        report = refine_folder(images_dir, masks_dir, out_dir, method=method, preset=preset,
+                               sigma_spatial=sigma_spatial, sigma_luma=sigma_luma, sigma_chroma=sigma_chroma,
+                               lam=lam, threshold=threshold, backend=backend, device=device, overwrite=overwrite,
+                               skip_bad=skip_bad)
+    except (RefineError, FileNotFoundError, ValueError) as exc:
+        raise _Error(str(exc))
+    click.echo(f"refined {report.refined}, already done {report.skipped_done}, skipped {len(report.failed)} "
+               f"-> {out_dir}")
+
+
 def main() -> None:
     cli(prog_name="namedmask")
 

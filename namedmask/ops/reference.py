@@ -71,3 +71,122 @@ def copy_paste(images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, 
         dst_labels.copy_(torch.where(fg, cut_labels, dst_labels))
         dst_images.copy_(torch.where(fg, cut_images, dst_images))
     return out_images, out_labels
+
+
+# --- bilateral solver (issue 9) ---------------------------------------------------------------
+# The fast bilateral solver of Barron & Poole (2016) as NamedMask/TokenCut use it, on a batch of
+# images flattened into one pixel list (sizes[b] = (H_b, W_b), pixels of image b row-major after
+# those of images < b). Per image: RGB -> YUV; vertex (x/σs, y/σs, Y/σl, U/σc, V/σc) floored;
+# unique occupied vertices; splat S; blur B = [1 2 1] per dimension over existing neighbours;
+# bistochastize (10 steps) to get Dn, Dm; solve (λ(Dm − Dn B Dn) + diag(S c)) y = S(c·t) by
+# Jacobi-preconditioned CG exactly as scipy.sparse.linalg.cg (start at y0 = S(c·t) / S(c), stop
+# before an iteration when ||r|| < tol·||b||, at most max_iter iterations); slice x = Sᵀ y.
+# All vertex-space math in float64. YUV is computed exactly (integer coefficients x 1e6, see
+# csrc/include/namedmask/bilateral.h) so that every backend puts boundary pixels in the same vertex.
+
+BILATERAL_DIMS = 5
+BILATERAL_BISTOCHASTIC_STEPS = 10
+BILATERAL_DIAG_MIN = 1e-5
+_RGB_TO_YUV_E6 = torch.tensor([[299000, 587000, 114000],
+                               [-168736, -331264, 500000],
+                               [500000, -418688, -81312]], dtype=torch.int64)
+_YUV_OFFSET_E6 = torch.tensor([0, 128000000, 128000000], dtype=torch.int64)
+
+
+def bilateral_vertex_coordinates(image: torch.Tensor, sigma_spatial: float, sigma_luma: float,
+                                 sigma_chroma: float) -> torch.Tensor:
+    """int64 [H*W, 5]: the grid cell (x, y, Y, U, V) of every pixel of a uint8 [H, W, 3] image."""
+    h, w, _ = image.shape
+    rgb = image.reshape(-1, 1, 3).long().cpu()
+    yuv = ((rgb * _RGB_TO_YUV_E6).sum(-1) + _YUV_OFFSET_E6).double() / 1e6
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    cells = [xs.reshape(-1) / sigma_spatial, ys.reshape(-1) / sigma_spatial,
+             yuv[:, 0] / sigma_luma, yuv[:, 1] / sigma_chroma, yuv[:, 2] / sigma_chroma]
+    return torch.stack(cells, 1).floor().long()
+
+
+class _BilateralGrid:
+    """Occupied vertices of one image, its splat (pixel -> vertex) and blur neighbours."""
+
+    def __init__(self, coords: torch.Tensor):
+        # One integer key per vertex; radix = extent + 2 so that key ± stride is the ±1
+        # neighbour and never another vertex.
+        radix = coords.amax(0) + 3
+        self.strides = [int(torch.prod(radix[d + 1:])) for d in range(BILATERAL_DIMS)]
+        keys = ((coords + 1) * torch.tensor(self.strides)).sum(1)
+        self.keys, self.vertex_of_pixel = torch.unique(keys, return_inverse=True)
+        self.num_vertices = self.keys.numel()
+        self.neighbours = []  # (vertex indices that have the neighbour, the neighbour's index)
+        for stride in self.strides:
+            for offset in (-stride, stride):
+                wanted = self.keys + offset
+                pos = torch.searchsorted(self.keys, wanted).clamp(max=self.num_vertices - 1)
+                found = self.keys[pos] == wanted
+                self.neighbours.append((found.nonzero().squeeze(1), pos[found]))
+
+    def splat(self, values: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(self.num_vertices, dtype=torch.float64)
+        return out.index_add_(0, self.vertex_of_pixel, values.double())
+
+    def slice(self, y: torch.Tensor) -> torch.Tensor:
+        return y[self.vertex_of_pixel]
+
+    def blur(self, x: torch.Tensor) -> torch.Tensor:
+        out = 2.0 * BILATERAL_DIMS * x
+        for vertices, nbr in self.neighbours:
+            out = out.index_add(0, vertices, x[nbr])
+        return out
+
+
+def _bilateral_solve_one(image, target, confidence, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol):
+    grid = _BilateralGrid(bilateral_vertex_coordinates(image, sigma_spatial, sigma_luma, sigma_chroma))
+    # Bistochastization: n such that n * B n ≈ m (pixels per vertex); then m made exact.
+    m = grid.splat(torch.ones(target.numel()))
+    n = torch.ones_like(m)
+    for _ in range(BILATERAL_BISTOCHASTIC_STEPS):
+        n = torch.sqrt(n * m / grid.blur(n))
+    m = n * grid.blur(n)
+    w = grid.splat(confidence)
+    b = grid.splat(confidence.double() * target.double())
+
+    def apply_a(p):
+        return lam * (m * p - n * grid.blur(n * p)) + w * p
+
+    inv_diag = 1.0 / torch.clamp(lam * (m - 2.0 * BILATERAL_DIMS * n * n) + w, min=BILATERAL_DIAG_MIN)
+    # scipy.sparse.linalg.cg with x0 = b / w (0 where a vertex has no confidence).
+    y = torch.where(w > 0, b / torch.where(w > 0, w, 1.0), 0.0)
+    b_norm = float(torch.linalg.vector_norm(b))
+    if b_norm == 0.0:
+        return torch.zeros(target.numel(), dtype=torch.float32)  # scipy returns b itself
+    r = b - apply_a(y)
+    p, rho_prev = None, None
+    for _ in range(max_iter):
+        if float(torch.linalg.vector_norm(r)) < tol * b_norm:
+            break
+        z = r * inv_diag
+        rho = float(r @ z)
+        p = z if p is None else z + (rho / rho_prev) * p
+        q = apply_a(p)
+        pq = float(p @ q)
+        alpha = rho / pq if pq != 0.0 else 0.0  # pq == 0 only when r == 0 (tol == 0)
+        y = y + alpha * p
+        r = r - alpha * q
+        rho_prev = rho
+    return grid.slice(y).float()
+
+
+def bilateral_solve(image: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, sizes: torch.Tensor,
+                    sigma_spatial: float, sigma_luma: float, sigma_chroma: float, lam: float, max_iter: int,
+                    tol: float) -> torch.Tensor:
+    """float32 [P]: the solver's soft output for every pixel of a flattened batch.
+
+    image uint8 [P, 3] RGB, target and confidence float32 [P], sizes int64 [B, 2] (H, W) with
+    sum(H * W) == P. Images are solved independently."""
+    out, start = [], 0
+    for h, w in sizes.tolist():
+        end = start + h * w
+        out.append(_bilateral_solve_one(image[start:end].reshape(h, w, 3).cpu(), target[start:end].cpu(),
+                                        confidence[start:end].cpu(), sigma_spatial, sigma_luma, sigma_chroma,
+                                        lam, max_iter, tol))
+        start = end
+    return torch.cat(out).to(target.device) if out else torch.zeros(0, dtype=torch.float32, device=target.device)

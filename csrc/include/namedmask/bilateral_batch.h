@@ -1,0 +1,47 @@
+#pragma once
+// Torch-side input checks of namedmask::bilateral_solve shared by the CPU and CUDA glue
+// (.cpp only; the .cu files stay torch-free).
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace namedmask {
+
+// The images of a flattened batch: pixel_start[i] = first pixel of image i (batch + 1 entries).
+struct BilateralBatch {
+  std::vector<int64_t> height, width, pixel_start;
+  int64_t max_h = 1, max_w = 1;
+  int64_t size() const { return static_cast<int64_t>(height.size()); }
+  int64_t pixels() const { return pixel_start.back(); }
+};
+
+inline BilateralBatch check_bilateral_inputs(const at::Tensor& image, const at::Tensor& target,
+                                             const at::Tensor& confidence, const at::Tensor& sizes) {
+  TORCH_CHECK(image.scalar_type() == at::kByte && image.dim() == 2 && image.size(1) == 3,
+              "bilateral_solve: image must be uint8 [P, 3]");
+  TORCH_CHECK(target.scalar_type() == at::kFloat && confidence.scalar_type() == at::kFloat,
+              "bilateral_solve: target and confidence must be float32");
+  TORCH_CHECK(target.numel() == image.size(0) && confidence.numel() == image.size(0),
+              "bilateral_solve: image, target and confidence must have the same pixel count");
+  TORCH_CHECK(image.device() == target.device() && image.device() == confidence.device(),
+              "bilateral_solve: image, target and confidence must be on the same device");
+  TORCH_CHECK(sizes.scalar_type() == at::kLong && sizes.dim() == 2 && sizes.size(1) == 2,
+              "bilateral_solve: sizes must be int64 [B, 2]");
+  const auto hw = sizes.cpu().contiguous();
+  const int64_t* s = hw.data_ptr<int64_t>();
+  BilateralBatch batch;
+  batch.pixel_start.push_back(0);
+  for (int64_t i = 0; i < hw.size(0); ++i) {
+    TORCH_CHECK(s[2 * i] >= 0 && s[2 * i + 1] >= 0, "bilateral_solve: negative image size");
+    batch.height.push_back(s[2 * i]), batch.width.push_back(s[2 * i + 1]);
+    batch.max_h = std::max(batch.max_h, s[2 * i]), batch.max_w = std::max(batch.max_w, s[2 * i + 1]);
+    batch.pixel_start.push_back(batch.pixel_start.back() + s[2 * i] * s[2 * i + 1]);
+  }
+  TORCH_CHECK(batch.pixels() == image.size(0), "bilateral_solve: sizes describe ", batch.pixels(),
+              " pixels, image has ", image.size(0));
+  return batch;
+}
+
+}  // namespace namedmask

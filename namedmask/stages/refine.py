@@ -1,0 +1,136 @@
+"""Stage (B) refinement: refine a folder of (image, mask) pairs, e.g. saliency masks.
+
+`refine_folder(images, masks, out)` pairs files by their path relative to each folder minus
+the suffix, refines each mask and writes `out/<same relative path>.png`: uint8, 0 = background,
+1 = foreground (the pseudo-mask contract, namedmask/data/pseudo_masks.py). A mask pixel is
+foreground when it is non-zero (0/1, 0/255 and palette masks all work). Resumable: finished
+outputs are skipped, every write is atomic, and `out/refine.json` records the settings so a
+resumed run cannot mix two settings in one folder.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from namedmask import io
+from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
+from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
+from namedmask.ops.bilateral import bilateral_solve_batch, resolve_params
+
+log = logging.getLogger(__name__)
+
+METHODS = ("bilateral-solver",)
+CONFIG_NAME = "refine.json"
+
+
+class RefineError(RuntimeError):
+    """Bad or missing inputs, or an output folder made with other settings; the message names them."""
+
+
+@dataclass
+class RefineReport:
+    refined: int = 0
+    skipped_done: int = 0           # outputs already present (resumed run)
+    failed: list = field(default_factory=list)  # (name, reason)
+    config: dict = field(default_factory=dict)
+
+
+def index_images(folder: str | Path) -> dict:
+    """{relative path without suffix: image path} of the images under `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    return {p.relative_to(folder).with_suffix("").as_posix(): p for p in sorted(folder.rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")}
+
+
+def _check_config(out_dir: Path, config: dict, overwrite: bool) -> None:
+    path = out_dir / CONFIG_NAME
+    if path.exists() and not overwrite:
+        previous = json.loads(path.read_text())
+        if previous != config:
+            raise RefineError(f"{out_dir} holds masks refined with other settings ({path}: {previous}); "
+                              f"use a new --out folder, or --overwrite to redo every mask with {config}")
+    io.write_json(path, config)
+
+
+def _load_pair(image_path: Path, mask_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    image = load_image(image_path)
+    mask = read_label_map(mask_path)
+    if mask.shape != tuple(image.shape[:2]):
+        raise LabelMapError(f"{mask_path}: size {mask.shape[1]}x{mask.shape[0]} differs from image {image_path} "
+                            f"{image.shape[1]}x{image.shape[0]} (width x height); resize the mask (nearest) to the image")
+    return image, torch.from_numpy(mask != 0).float()
+
+
+def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | Path, *,
+                  method: str = "bilateral-solver", preset: str = "namedmask", sigma_spatial: float | None = None,
+                  sigma_luma: float | None = None, sigma_chroma: float | None = None, lam: float | None = None,
+                  threshold: float = 0.5, backend: str = "auto", device: str = "cpu", batch_size: int = 8,
+                  overwrite: bool = False, skip_bad: bool = False, progress: bool = True) -> RefineReport:
+    """Refines every mask in `masks_dir` along the edges of its image in `images_dir`.
+
+    Pairs that cannot be used (no image, undecodable image, unreadable mask, size mismatch) do
+    not stop the others; at the end they raise RefineError listing each one, unless skip_bad,
+    which logs them and returns them in the report."""
+    if method not in METHODS:
+        raise ValueError(f"unknown refinement method {method!r}; expected one of {METHODS}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    params = resolve_params(preset, sigma_spatial, sigma_luma, sigma_chroma, lam)
+    config = {"method": method, "preset": preset, **asdict(params), "threshold": threshold}
+    images, masks = index_images(images_dir), index_label_maps(masks_dir)
+    if not masks:
+        raise RefineError(f"{masks_dir}: no PNG masks found")
+    out_dir = Path(out_dir)
+    _check_config(out_dir, config, overwrite)
+    report = RefineReport(config=config)
+    report.failed = [(stem, f"no image {Path(images_dir) / stem}.* for mask {masks[stem]}")
+                     for stem in masks if stem not in images]
+    todo = []
+    for stem in masks:
+        if stem not in images:
+            continue
+        if (out_dir / f"{stem}.png").exists() and not overwrite:
+            report.skipped_done += 1
+        else:
+            todo.append(stem)
+    if report.skipped_done:
+        log.info("resuming: %d of %d masks already refined in %s", report.skipped_done, len(masks), out_dir)
+    bar = tqdm(total=len(todo), desc=f"refine ({method})", unit="img", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        batch = []
+        for stem in todo[start:start + batch_size]:
+            try:
+                image, target = _load_pair(images[stem], masks[stem])
+                batch.append((stem, image.to(device), target.to(device)))
+            except (ImageDecodeError, LabelMapError, FileNotFoundError) as exc:
+                report.failed.append((stem, str(exc)))
+                bar.update(1)
+        if not batch:
+            continue
+        outputs = bilateral_solve_batch([b[1] for b in batch], [b[2] for b in batch], preset=preset,
+                                        sigma_spatial=params.sigma_spatial, sigma_luma=params.sigma_luma,
+                                        sigma_chroma=params.sigma_chroma, lam=params.lam, backend=backend)
+        for (stem, _, _), soft in zip(batch, outputs):
+            io.save_png(out_dir / f"{stem}.png", (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
+            report.refined += 1
+            bar.update(1)
+    bar.close()
+    if report.failed and not skip_bad:
+        listing = "\n  ".join(reason for _, reason in report.failed[:20])
+        more = f"\n  ... and {len(report.failed) - 20} more" if len(report.failed) > 20 else ""
+        raise RefineError(f"{len(report.failed)} bad or missing pair(s) (the other {report.refined} were refined):"
+                          f"\n  {listing}{more}\nFix them and rerun (finished masks are skipped), or pass --skip-bad.")
+    for stem, reason in report.failed:
+        log.warning("skipped %s: %s", stem, reason)
+    extra = [s for s in images if s not in masks]
+    if extra:
+        log.info("%d image(s) have no mask and were not refined (first: %s)", len(extra), images[extra[0]])
+    return report
