@@ -77,6 +77,25 @@ def test_edge_cases(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_piecewise_constant_maps(backend):
+    """Long runs of equal (target, pred) pairs, as in real label maps (the C++ uint8 path
+    counts aligned uniform 8-pixel blocks as runs): runs crossing block edges, ignored runs,
+    runs of a bad prediction, odd lengths."""
+    g = torch.Generator().manual_seed(4)
+    lengths = torch.randint(1, 40, (400,), generator=g)
+    target = torch.repeat_interleave(torch.randint(0, 23, (400,), generator=g, dtype=torch.uint8), lengths)
+    pred = torch.repeat_interleave(torch.randint(0, 21, (400,), generator=g, dtype=torch.uint8), lengths)
+    target[target >= 21] = 255
+    for size in (target.numel(), target.numel() - 3, 8, 13):
+        p, t = pred[:size], target[:size]
+        assert torch.equal(ops.confusion_matrix(p, t, 21, backend=backend), expected(p, t, 21))
+    bad = pred.clone()
+    bad[(target < 21).nonzero()[5:30, 0]] = 77  # a run of an out-of-range prediction
+    with pytest.raises(ValueError, match=r"\[77\]"):
+        ops.confusion_matrix(bad, target, 21, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_views(backend):
     pred, target = random_pair((2, 64, 96), 21, seed=7)
     pv, tv = pred.transpose(1, 2)[:, ::3], target.transpose(1, 2)[:, ::3]

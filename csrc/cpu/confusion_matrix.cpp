@@ -7,6 +7,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "namedmask/confusion_matrix.h"
@@ -66,8 +67,27 @@ void histogram_u8(const uint8_t* pred, const uint8_t* target, int64_t n, int64_t
     for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
       const int64_t c1 = std::min(end, c0 + kChunk);
       int64_t i = c0;
-      for (; i + kLanes <= c1; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) ++h[l * stride + lut[(uint32_t(target[i + l]) << 8) | pred[i + l]]];
+      // Label maps are piecewise constant: 8 pixels whose target bytes are all equal and
+      // whose prediction bytes are all equal extend a run counted in a register.
+      uint32_t run_bin = static_cast<uint32_t>(bins), run = 0;
+      constexpr uint64_t kOnes = 0x0101010101010101ULL;
+      for (; i + kLanes <= c1; i += kLanes) {
+        uint64_t t8, p8;
+        std::memcpy(&t8, target + i, 8);
+        std::memcpy(&p8, pred + i, 8);
+        if (t8 == (t8 & 0xff) * kOnes && p8 == (p8 & 0xff) * kOnes) {
+          const uint32_t b = lut[((t8 & 0xff) << 8) | (p8 & 0xff)];
+          if (b != run_bin) {
+            h[run_bin] += run;
+            run_bin = b;
+            run = 0;
+          }
+          run += kLanes;
+        } else {
+          for (int l = 0; l < kLanes; ++l) ++h[l * stride + lut[(uint32_t(target[i + l]) << 8) | pred[i + l]]];
+        }
+      }
+      h[run_bin] += run;
       for (; i < c1; ++i) ++h[lut[(uint32_t(target[i]) << 8) | pred[i]]];
       for (int l = 0; l < kLanes; ++l)
         for (int64_t b = 0; b < bins; ++b) total[b] += h[l * stride + b];
