@@ -4,15 +4,8 @@
 #include <cstdio>
 
 #include "namedmask/bilateral.h"
+#include "expect.h"
 
-static int failures = 0;
-static void expect(bool ok, const char* what, int line) {
-  if (!ok) {
-    std::fprintf(stderr, "%s:%d: failed: %s\n", __FILE__, line, what);
-    ++failures;
-  }
-}
-#define EXPECT(cond) expect((cond), #cond, __LINE__)
 
 int main() {
   using namespace namedmask::bilateral;
@@ -65,6 +58,5 @@ int main() {
   EXPECT(apply_a_at(compact, m, n, w, x, np, 2.0, 1) == apply_a_at(nbr, m, n, w, x, np, 2.0, 1));
   EXPECT(inverse_diagonal(1.0, 1.0, 0.0, 1.0) == 1.0 / kDiagMin);  // clamped like the published code
   EXPECT(std::fabs(bistochastic_step(1.0, 4.0, 16.0) - 0.5) < 1e-15);
-  std::puts(failures ? "bilateral: FAILED" : "bilateral: ok");
-  return failures ? 1 : 0;
+  return finish("bilateral");
 }

@@ -3,15 +3,8 @@
 #include <cstdlib>
 
 #include "namedmask/confusion_matrix.h"
+#include "expect.h"
 
-static int failures = 0;
-static void expect_eq(long long got, long long want, int line) {
-  if (got != want) {
-    std::fprintf(stderr, "%s:%d: got %lld, expected %lld\n", __FILE__, line, got, want);
-    ++failures;
-  }
-}
-#define EXPECT_EQ(...) expect_eq(__VA_ARGS__, __LINE__)
 
 int main() {
   using namedmask::confusion_bin;
@@ -23,6 +16,5 @@ int main() {
   EXPECT_EQ(confusion_bin<uint8_t, uint8_t>(30, 1, 21, 255), 1 * 22 + 21);  // bad prediction -> last column
   EXPECT_EQ(confusion_bin<int32_t, uint8_t>(-3, 0, 21, 255), 21);
   EXPECT_EQ(confusion_bin<int64_t, int32_t>(999, 999, 1000, 255), 999 * 1001 + 999);
-  std::puts(failures ? "confusion_bin: FAILED" : "confusion_bin: ok");
-  return failures ? 1 : 0;
+  return finish("confusion_bin");
 }

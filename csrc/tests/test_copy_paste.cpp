@@ -7,15 +7,8 @@
 #include <vector>
 
 #include "namedmask/copy_paste.h"
+#include "expect.h"
 
-static int failures = 0;
-static void expect_eq(long long got, long long want, int line) {
-  if (got != want) {
-    std::fprintf(stderr, "%s:%d: got %lld, expected %lld\n", __FILE__, line, got, want);
-    ++failures;
-  }
-}
-#define EXPECT_EQ(...) expect_eq(__VA_ARGS__, __LINE__)
 
 using namespace namedmask;
 
@@ -114,6 +107,5 @@ int main() {
           EXPECT_EQ(got, want[(b * H + y) * W + x]);
         }
   }
-  std::puts(failures ? "copy_paste: FAILED" : "copy_paste: ok");
-  return failures ? 1 : 0;
+  return finish("copy_paste");
 }
