@@ -276,7 +276,12 @@ def predict(images, run_dir, out, device, no_overlays) -> None:
 @click.option("--embeddings", default=None, help="File {category: text embedding} for --groups.")
 @_config_options
 def refine_experts(archive, masks, out, groups, embeddings, config_path, overrides) -> None:
-    """Stage (C): train binary experts per category (group) and re-predict their archives."""
+    """Stage (C): train binary experts per category (group) and re-predict their archives
+    (same as `namedmask refine --method experts`)."""
+    _refine_with_experts(archive, masks, out, groups, embeddings, config_path, overrides)
+
+
+def _refine_with_experts(archive, masks, out, groups, embeddings, config_path, overrides) -> None:
     from namedmask.config import ConfigError, ExpertsConfig, load_config
     from namedmask.data.archive import ArchiveError
     from namedmask.data.pseudo_masks import PseudoMaskError
@@ -324,10 +329,15 @@ def bench(args) -> None:
 
 
 @cli.command()
-@click.option("--method", type=click.Choice(["bilateral-solver"]), default="bilateral-solver",
-              help="Refinement method.")
-@click.option("--images", "images_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder of images (the guides).")
+@click.option("--method", type=click.Choice(["bilateral-solver", "experts"]), default="bilateral-solver",
+              help="bilateral-solver: edge-aware smoothing of a folder of masks; experts: stage (C), "
+                   "per-category segmenters re-predict an archive's pseudo-masks.")
+@click.option("--images", "images_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="bilateral-solver: folder of images (the guides).")
+@click.option("--archive", default=None, help="experts: archive.json (or its folder).")
+@click.option("--groups", type=int, default=None, help="experts: number of experts (k-means over text "
+                                                        "embeddings); default one per category.")
+@click.option("--embeddings", default=None, help="experts: file {category: text embedding} for --groups.")
 @click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder of mask PNGs (non-zero = foreground), matched to --images by relative path and stem.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
@@ -343,10 +353,19 @@ def bench(args) -> None:
 @click.option("--backend", default="auto", help="Kernel backend of the solver.")
 @click.option("--overwrite", is_flag=True, help="Redo masks already in --out.")
 @click.option("--skip-bad", is_flag=True, help="Log and skip bad or missing pairs instead of failing at the end.")
-def refine(method, images_dir, masks_dir, out_dir, preset, sigma_spatial, sigma_luma, sigma_chroma, lam, threshold,
-           device, backend, overwrite, skip_bad) -> None:
-    """Refine a folder of masks along image edges (resumable: finished masks are skipped)."""
+@_config_options
+def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, preset, sigma_spatial, sigma_luma,
+           sigma_chroma, lam, threshold, device, backend, overwrite, skip_bad, config_path, overrides) -> None:
+    """Refine masks: along image edges (bilateral solver) or with category experts (stage C).
+    Resumable: finished masks (experts) are skipped."""
     from namedmask.stages.refine import RefineError, refine_folder
+
+    if method == "experts":
+        if archive is None:
+            raise click.UsageError("--method experts needs --archive (and --masks: the saliency folder)")
+        return _refine_with_experts(archive, masks_dir, out_dir, groups, embeddings, config_path, overrides)
+    if images_dir is None:
+        raise click.UsageError("--method bilateral-solver needs --images (the guide images)")
 
     try:
         report = refine_folder(images_dir, masks_dir, out_dir, method=method, preset=preset,

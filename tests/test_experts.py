@@ -83,3 +83,22 @@ def test_experts_improve_noisy_masks(tmp_path):
                              + [a for o in tiny_train_overrides(ITERS) for a in ("--set", f"train.{o}")])
     assert res.exit_code == 0, res.output
     assert {k: p.stat().st_mtime_ns for k, p in mask_paths(out).items()} == stamp
+
+
+def test_refine_method_experts_routes_to_the_experts(monkeypatch, tmp_path):
+    """`namedmask refine --method experts` is the same stage as `refine-experts`."""
+    from click.testing import CliRunner
+
+    import namedmask.stages.experts as experts_stage
+    from namedmask.cli import cli
+
+    calls = []
+    monkeypatch.setattr(experts_stage, "refine_with_experts",
+                        lambda archive, masks, out, cfg: calls.append((archive, str(masks), str(out), cfg.groups)) or out)
+    (tmp_path / "m").mkdir()
+    res = CliRunner().invoke(cli, ["refine", "--method", "experts", "--archive", "a.json", "--masks",
+                                   str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--groups", "3"])
+    assert res.exit_code == 0, res.output
+    assert calls == [("a.json", str(tmp_path / "m"), str(tmp_path / "o"), 3)]
+    res = CliRunner().invoke(cli, ["refine", "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+    assert res.exit_code != 0 and "--images" in res.output
