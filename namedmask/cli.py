@@ -337,7 +337,8 @@ def bench(args) -> None:
 @click.option("--archive", default=None, help="experts: archive.json (or its folder).")
 @click.option("--groups", type=int, default=None, help="experts: number of experts (k-means over text "
                                                         "embeddings); default one per category.")
-@click.option("--embeddings", default=None, help="experts: file {category: text embedding} for --groups.")
+@click.option("--embeddings", default=None, help="experts: file {category: text embedding} for --groups "
+              "[default: the archive folder's text_embeddings.safetensors].")
 @click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder of mask PNGs (non-zero = foreground), matched to --images by relative path and stem.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,

@@ -102,3 +102,22 @@ def test_refine_method_experts_routes_to_the_experts(monkeypatch, tmp_path):
     assert calls == [("a.json", str(tmp_path / "m"), str(tmp_path / "o"), 3)]
     res = CliRunner().invoke(cli, ["refine", "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0 and "--images" in res.output
+
+
+def test_grouping_reads_build_archive_text_embeddings(tmp_path):
+    """build-archive caches [C, D] text embeddings with the names in the metadata; grouped
+    experts read them directly (k-means puts the two similar categories together)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from namedmask.stages.experts import category_groups, load_embeddings
+
+    names = ["cat", "dog", "bus"]
+    text = torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0]])
+    path = tmp_path / "text_embeddings.safetensors"
+    save_file({"embeddings": text}, str(path), metadata={"names": json.dumps(names)})
+    assert torch.equal(load_embeddings(path, ["bus", "cat"]), text[[2, 0]])
+    groups = category_groups(names, 2, path)
+    assert sorted(sorted(g) for g in groups) == [["bus"], ["cat", "dog"]]

@@ -54,12 +54,19 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 100, seed: int = 0) -> tor
 
 
 def load_embeddings(path: str | Path, names: list) -> torch.Tensor:
-    """[C, D] text embeddings in the order of `names` from a safetensors or torch file {name: vector}."""
+    """[C, D] text embeddings in the order of `names` from a safetensors or torch file
+    {name: vector}, or from build-archive's cache (text_embeddings.safetensors: one
+    [C, D] tensor, category names in its metadata)."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         table = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            listed = json.loads((f.metadata() or {}).get("names", "null"))
+        if listed and set(table) == {"embeddings"}:
+            table = dict(zip(listed, table["embeddings"]))
     else:
         table = torch.load(path, map_location="cpu", weights_only=True)
     missing = [n for n in names if n not in table]
@@ -95,7 +102,10 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
     source = load_manifest(masks_dir)
     saliency = mask_paths(masks_dir)
     out = Path(out_dir)
-    groups = category_groups(list(archive.categories), cfg.groups, cfg.embeddings)
+    embeddings = cfg.embeddings
+    if cfg.groups is not None and embeddings is None and (archive_file.parent / "text_embeddings.safetensors").is_file():
+        embeddings = archive_file.parent / "text_embeddings.safetensors"  # build-archive's CLIP text embeddings
+    groups = category_groups(list(archive.categories), cfg.groups, embeddings)
     device = resolve_device(cfg.train.device)
     entries = {}
     for g, cats in enumerate(groups):
