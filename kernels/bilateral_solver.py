@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from namedmask.kernels._device import on_input_device
+
 from namedmask.ops.reference import BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS
 
 NEIGHBOURS = 2 * BILATERAL_DIMS
@@ -227,6 +229,7 @@ def _grid_keys(image, sizes, sigma_spatial, sigma_luma, sigma_chroma):
     return keys, strides, image_stride
 
 
+@on_input_device
 def bilateral_solve(image, target, confidence, sizes, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol):
     device = target.device
     pixels = image.shape[0]

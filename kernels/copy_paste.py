@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from namedmask.kernels._device import on_input_device
+
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -80,6 +82,7 @@ def _block(t: torch.Tensor, plane: int) -> int:
     return min(65536, triton.next_power_of_2(max(plane, 16)))  # the CPU interpreter wants big tiles
 
 
+@on_input_device
 def fg_boxes(labels: torch.Tensor, background: int, ignore_index: int) -> torch.Tensor:
     labels = labels.contiguous()
     B, H, W = labels.shape
@@ -89,6 +92,7 @@ def fg_boxes(labels: torch.Tensor, background: int, ignore_index: int) -> torch.
     return boxes
 
 
+@on_input_device
 def copy_paste(images, labels, boxes, sources, offsets, background: int, ignore_index: int):
     images, labels = images.contiguous(), labels.contiguous()
     boxes, sources, offsets = boxes.contiguous(), sources.contiguous(), offsets.contiguous()

@@ -145,6 +145,9 @@ def random_copy_paste(images: torch.Tensor, labels: torch.Tensor, *, p: float = 
         raise ValueError(f"random_copy_paste: max_objects must be >= 1, got {max_objects}")
     if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1]):
         raise ValueError(f"random_copy_paste: scale must be a range (lo, hi) with 0 < lo <= hi, got {scale}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"random_copy_paste: the generator must be a CPU torch.Generator (got one on "
+                         f"{generator.device}); images and labels may be on any device")
     B, _, H, W = images.shape
     P = int(max_objects)
     boxes = fg_boxes(labels, ignore_index=ignore_index, background=background, backend=backend).cpu()

@@ -319,7 +319,8 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     for it, (images, labels, indices) in enumerate(loader, start=start):
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
-        cp_gen = torch.Generator(device=images.device).manual_seed(_seed(cfg.seed, it, ctx.rank, 2))
+        # random_copy_paste draws on a CPU generator whatever the images' device
+        cp_gen = torch.Generator().manual_seed(_seed(cfg.seed, it, ctx.rank, 2))
         images, labels = apply_copy_paste(images, labels, cfg.copy_paste, cp_gen)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
             logits = net(images)
