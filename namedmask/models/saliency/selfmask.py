@@ -87,7 +87,12 @@ class SelfMask(nn.Module):
     def forward(self, images: torch.Tensor):
         """Normalised [B, 3, H, W], H and W multiples of the patch size -> (mask
         probabilities [B, Q, sH/p, sW/p], objectness logits [B, Q])."""
-        tokens, (h, w) = forward_tokens(self.encoder, images)
+        tokens, hw = forward_tokens(self.encoder, images)
+        return self.head(tokens, hw)
+
+    def head(self, tokens: torch.Tensor, hw: tuple):
+        """Decoder, mask and objectness heads on the encoder's tokens [B, 1 + h*w, C]."""
+        h, w = hw
         patches = tokens[:, self.encoder.num_prefix_tokens:]                       # B, hw, C
         b = patches.shape[0]
         queries = self.decoder(patches.transpose(0, 1), self.query_embed[:, None].expand(-1, b, -1))
