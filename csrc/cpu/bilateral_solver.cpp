@@ -133,6 +133,18 @@ class VertexTable {
   int64_t count_ = 0;
 };
 
+// Neighbour slots of the CPU: kNeighbours per vertex like PaddedNeighbours, but a missing
+// neighbour points at a sentinel entry (index V) that every gathered vector holds as 0, so the
+// blur is a fixed 10-term sum without branches (a variable-length list costs a mispredicted
+// branch per vertex).
+struct SentinelNeighbours {
+  const int32_t* index;  // [V * kNeighbours]
+  template <typename F>
+  void for_each(int64_t i, F&& f) const {
+    for (int k = 0; k < kNeighbours; ++k) f(index[i * kNeighbours + k]);
+  }
+};
+
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
 void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence, int64_t h,
                  int64_t w, double lam, int64_t max_iter, double tol, float* out) {
@@ -181,24 +193,18 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
 
   // Neighbours are symmetric: look up only +1 along each dimension (odd k) and fill in the
   // -1 entry (k - 1) of the vertex found. Each entry has exactly one writer.
-  std::vector<int32_t> nbr(nv * kNeighbours, -1);
+  std::vector<int32_t> nbr(nv * kNeighbours, static_cast<int32_t>(nv));
   for_vertices(nv, [&](int64_t v) {
     for (int k = 1; k < kNeighbours; k += 2) {
       const int32_t u = table.find(neighbour_key(layout, vertex_key_of[v], k));
       if (u >= 0) nbr[v * kNeighbours + k] = u, nbr[int64_t(u) * kNeighbours + k - 1] = static_cast<int32_t>(v);
     }
   });
-  std::vector<int32_t> nbr_offsets(nv + 1, 0), nbr_index;
-  nbr_index.reserve(nv * 5);
-  for (int64_t v = 0; v < nv; ++v) {
-    for (int k = 0; k < kNeighbours; ++k)
-      if (nbr[v * kNeighbours + k] >= 0) nbr_index.push_back(nbr[v * kNeighbours + k]);
-    nbr_offsets[v + 1] = static_cast<int32_t>(nbr_index.size());
-  }
-  const CompactNeighbours neighbours{nbr_offsets.data(), nbr_index.data()};
+  const SentinelNeighbours neighbours{nbr.data()};
 
   // Bistochastization.
-  std::vector<double> n(nv, 1.0), scratch(nv);
+  std::vector<double> n(nv + 1, 1.0), scratch(nv + 1, 0.0);  // [nv]: the sentinel
+  n[nv] = 0.0;
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < kBistochasticSteps; ++it) {
     for_vertices(nv, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
@@ -207,7 +213,7 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   for_vertices(nv, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
 
   // scipy.sparse.linalg.cg from y0 = b / w; np holds n * (the vector A is applied to).
-  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv), inv_diag(nv);
+  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv + 1, 0.0), inv_diag(nv);  // np[nv]: the sentinel
   const double b_norm = std::sqrt(sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
     np[v] = n[v] * y[v];
