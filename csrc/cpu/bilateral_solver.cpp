@@ -150,18 +150,27 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
                  int64_t w, double lam, int64_t max_iter, double tol, float* out) {
   const int64_t pixels = h * w;
   const CellTable luma(layout.sigma_luma, 255000000), chroma(layout.sigma_chroma, 255500000);
-  std::vector<int64_t> column_cell(w);
-  for (int64_t x = 0; x < w; ++x) column_cell[x] = spatial_cell(x, layout.sigma_spatial);
+  // pack_key is linear in the cells: key = row part + column part + colour part, with the
+  // strides in locals (stores to pixel_key could otherwise alias them and force reloads).
+  const int64_t luma_stride = layout.stride[2], u_stride = layout.stride[3], v_stride = layout.stride[4];
+  std::vector<int64_t> column_part(w);
+  for (int64_t x = 0; x < w; ++x) {
+    const int64_t cell[kDims] = {spatial_cell(x, layout.sigma_spatial), -1, -1, -1, -1};
+    column_part[x] = pack_key(layout, 0, cell);
+  }
   std::vector<int64_t> pixel_key(pixels);
   at::parallel_for(0, h, std::max<int64_t>(1, kPixelGrain / w), [&](int64_t row_begin, int64_t row_end) {
+    const int64_t* columns = column_part.data();
     for (int64_t y = row_begin; y < row_end; ++y) {
-      int64_t cell[kDims] = {0, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
-      for (int64_t x = 0; x < w; ++x) {
-        const uint8_t* c = rgb + 3 * (y * w + x);
+      const int64_t row_cell[kDims] = {-1, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
+      const int64_t row_part = pack_key(layout, 0, row_cell);
+      const uint8_t* c = rgb + 3 * y * w;
+      int64_t* __restrict keys = pixel_key.data() + y * w;
+      for (int64_t x = 0; x < w; ++x, c += 3) {
         int64_t yuv[3];
         yuv_e6(c[0], c[1], c[2], yuv);
-        cell[0] = column_cell[x], cell[2] = luma(yuv[0]), cell[3] = chroma(yuv[1]), cell[4] = chroma(yuv[2]);
-        pixel_key[y * w + x] = pack_key(layout, 0, cell);
+        keys[x] = row_part + columns[x] + luma(yuv[0]) * luma_stride + chroma(yuv[1]) * u_stride +
+                  chroma(yuv[2]) * v_stride;
       }
     }
   });
