@@ -1,8 +1,9 @@
 // CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image:
 // grid keys per pixel (parallel over rows), unique vertices through an open-addressing hash table (with a
 // last-key cache: neighbouring pixels mostly share a vertex) that also splats as it goes,
-// neighbour indices by key lookup, bistochastization, Jacobi-preconditioned CG (scipy's
-// iteration, all buffers allocated once per image), slice.
+// neighbour indices by key lookup (SentinelNeighbours: a missing one points at a zero entry),
+// bistochastization, Jacobi-preconditioned CG (scipy's iteration, all buffers allocated once per
+// image), slice.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -131,18 +132,6 @@ class VertexTable {
   size_t mask_ = 0;
   int shift_ = 64;
   int64_t count_ = 0;
-};
-
-// Neighbour slots of the CPU: kNeighbours per vertex like PaddedNeighbours, but a missing
-// neighbour points at a sentinel entry (index V) that every gathered vector holds as 0, so the
-// blur is a fixed 10-term sum without branches (a variable-length list costs a mispredicted
-// branch per vertex).
-struct SentinelNeighbours {
-  const int32_t* index;  // [V * kNeighbours]
-  template <typename F>
-  void for_each(int64_t i, F&& f) const {
-    for (int k = 0; k < kNeighbours; ++k) f(index[i * kNeighbours + k]);
-  }
 };
 
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
