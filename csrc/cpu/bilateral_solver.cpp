@@ -1,8 +1,9 @@
 // CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image:
 // grid keys per pixel (parallel over rows), unique vertices through an open-addressing hash table (with a
 // last-key cache: neighbouring pixels mostly share a vertex) that also splats as it goes,
-// neighbour indices by key lookup, bistochastization, Jacobi-preconditioned CG (scipy's
-// iteration, all buffers allocated once per image), slice.
+// neighbour indices by key lookup (SentinelNeighbours: a missing one points at a zero entry),
+// bistochastization, Jacobi-preconditioned CG (scipy's iteration, all buffers allocated once per
+// image), slice.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -138,18 +139,27 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
                  int64_t w, double lam, int64_t max_iter, double tol, float* out) {
   const int64_t pixels = h * w;
   const CellTable luma(layout.sigma_luma, 255000000), chroma(layout.sigma_chroma, 255500000);
-  std::vector<int64_t> column_cell(w);
-  for (int64_t x = 0; x < w; ++x) column_cell[x] = spatial_cell(x, layout.sigma_spatial);
+  // pack_key is linear in the cells: key = row part + column part + colour part, with the
+  // strides in locals (stores to pixel_key could otherwise alias them and force reloads).
+  const int64_t luma_stride = layout.stride[2], u_stride = layout.stride[3], v_stride = layout.stride[4];
+  std::vector<int64_t> column_part(w);
+  for (int64_t x = 0; x < w; ++x) {
+    const int64_t cell[kDims] = {spatial_cell(x, layout.sigma_spatial), -1, -1, -1, -1};
+    column_part[x] = pack_key(layout, 0, cell);
+  }
   std::vector<int64_t> pixel_key(pixels);
   at::parallel_for(0, h, std::max<int64_t>(1, kPixelGrain / w), [&](int64_t row_begin, int64_t row_end) {
+    const int64_t* columns = column_part.data();
     for (int64_t y = row_begin; y < row_end; ++y) {
-      int64_t cell[kDims] = {0, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
-      for (int64_t x = 0; x < w; ++x) {
-        const uint8_t* c = rgb + 3 * (y * w + x);
+      const int64_t row_cell[kDims] = {-1, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
+      const int64_t row_part = pack_key(layout, 0, row_cell);
+      const uint8_t* c = rgb + 3 * y * w;
+      int64_t* __restrict keys = pixel_key.data() + y * w;
+      for (int64_t x = 0; x < w; ++x, c += 3) {
         int64_t yuv[3];
         yuv_e6(c[0], c[1], c[2], yuv);
-        cell[0] = column_cell[x], cell[2] = luma(yuv[0]), cell[3] = chroma(yuv[1]), cell[4] = chroma(yuv[2]);
-        pixel_key[y * w + x] = pack_key(layout, 0, cell);
+        keys[x] = row_part + columns[x] + luma(yuv[0]) * luma_stride + chroma(yuv[1]) * u_stride +
+                  chroma(yuv[2]) * v_stride;
       }
     }
   });
@@ -181,24 +191,18 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
 
   // Neighbours are symmetric: look up only +1 along each dimension (odd k) and fill in the
   // -1 entry (k - 1) of the vertex found. Each entry has exactly one writer.
-  std::vector<int32_t> nbr(nv * kNeighbours, -1);
+  std::vector<int32_t> nbr(nv * kNeighbours, static_cast<int32_t>(nv));
   for_vertices(nv, [&](int64_t v) {
     for (int k = 1; k < kNeighbours; k += 2) {
       const int32_t u = table.find(neighbour_key(layout, vertex_key_of[v], k));
       if (u >= 0) nbr[v * kNeighbours + k] = u, nbr[int64_t(u) * kNeighbours + k - 1] = static_cast<int32_t>(v);
     }
   });
-  std::vector<int32_t> nbr_offsets(nv + 1, 0), nbr_index;
-  nbr_index.reserve(nv * 5);
-  for (int64_t v = 0; v < nv; ++v) {
-    for (int k = 0; k < kNeighbours; ++k)
-      if (nbr[v * kNeighbours + k] >= 0) nbr_index.push_back(nbr[v * kNeighbours + k]);
-    nbr_offsets[v + 1] = static_cast<int32_t>(nbr_index.size());
-  }
-  const CompactNeighbours neighbours{nbr_offsets.data(), nbr_index.data()};
+  const SentinelNeighbours neighbours{nbr.data()};
 
   // Bistochastization.
-  std::vector<double> n(nv, 1.0), scratch(nv);
+  std::vector<double> n(nv + 1, 1.0), scratch(nv + 1, 0.0);  // [nv]: the sentinel
+  n[nv] = 0.0;
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < kBistochasticSteps; ++it) {
     for_vertices(nv, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
@@ -207,7 +211,7 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   for_vertices(nv, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
 
   // scipy.sparse.linalg.cg from y0 = b / w; np holds n * (the vector A is applied to).
-  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv), inv_diag(nv);
+  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv + 1, 0.0), inv_diag(nv);  // np[nv]: the sentinel
   const double b_norm = std::sqrt(sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
     np[v] = n[v] * y[v];

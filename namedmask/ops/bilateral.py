@@ -68,7 +68,8 @@ def resolve_params(preset: str = "namedmask", sigma_spatial: float | None = None
     return params
 
 
-def _check_pair(i: int, image, target, confidence) -> None:
+def _check_pair(i: int, image, target, confidence) -> bool:
+    """Validates one (image, target, confidence); returns whether the target is constant."""
     where = f"bilateral_solve: image {i}" if i >= 0 else "bilateral_solve"
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[2] != 3:
         got = f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor) else type(image).__name__
@@ -82,12 +83,22 @@ def _check_pair(i: int, image, target, confidence) -> None:
                              f"matching the image, got {got}")
         if t.device != image.device:
             raise ValueError(f"{where}: {name} is on {t.device} but the image is on {image.device}")
-    if target.numel() and not (bool(torch.isfinite(target).all()) and float(target.min()) >= 0
-                               and float(target.max()) <= 1):
+    if not target.numel():
+        return True
+    # One pass per tensor: aminmax propagates NaN, which fails every comparison below.
+    lo, hi = (float(v) for v in torch.aminmax(target))
+    if not (lo >= 0 and hi <= 1):
         raise ValueError(f"{where}: target values must be finite and in [0, 1]")
-    if confidence is not None and confidence.numel() and not (bool(torch.isfinite(confidence).all())
-                                                              and float(confidence.min()) >= 0):
-        raise ValueError(f"{where}: confidence values must be finite and >= 0")
+    if confidence is not None and confidence.numel():
+        c_lo, c_hi = (float(v) for v in torch.aminmax(confidence))
+        if not (c_lo >= 0 and c_hi < float("inf")):
+            raise ValueError(f"{where}: confidence values must be finite and >= 0")
+    return lo == hi
+
+
+def _flat_cat(tensors: list) -> torch.Tensor:
+    """The tensors flattened and concatenated (no copy for one contiguous tensor)."""
+    return tensors[0].reshape(-1).contiguous() if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
 
 
 def bilateral_solve_batch(images: list, targets: list, confidences: list | None = None, *, preset: str = "namedmask",
@@ -103,8 +114,8 @@ def bilateral_solve_batch(images: list, targets: list, confidences: list | None 
     if int(max_iter) < 0 or not tol >= 0:
         raise ValueError(f"bilateral_solve: max_iter must be >= 0 and tol >= 0, got {max_iter} and {tol}")
     confidences = confidences if confidences is not None else [None] * len(images)
-    for i, (img, t, c) in enumerate(zip(images, targets, confidences)):
-        _check_pair(i if len(images) > 1 else -1, img, t, c)
+    constant = [_check_pair(i if len(images) > 1 else -1, img, t, c)
+                for i, (img, t, c) in enumerate(zip(images, targets, confidences))]
     if not images:
         return []
     device = images[0].device
@@ -114,18 +125,18 @@ def bilateral_solve_batch(images: list, targets: list, confidences: list | None 
     todo = []
     for i, t in enumerate(targets):
         # A constant target (all background, all foreground) is its own solution.
-        if t.numel() == 0 or float(t.min()) == float(t.max()):
+        if constant[i]:
             outputs[i] = t.float().clone()
         else:
             todo.append(i)
     if todo:
         sizes = torch.tensor([list(images[i].shape[:2]) for i in todo], dtype=torch.int64)
         _check_key_range(sizes, params)
-        flat_image = torch.cat([images[i].reshape(-1, 3) for i in todo]).contiguous()
-        flat_target = torch.cat([targets[i].reshape(-1).float() for i in todo]).contiguous()
-        flat_conf = torch.cat([confidences[i].reshape(-1).float() if confidences[i] is not None
-                               else torch.full((targets[i].numel(),), DEFAULT_CONFIDENCE, device=device)
-                               for i in todo]).contiguous()
+        flat_image = _flat_cat([images[i] for i in todo]).view(-1, 3)
+        flat_target = _flat_cat([targets[i].float() for i in todo])
+        flat_conf = _flat_cat([confidences[i].float() if confidences[i] is not None
+                               else torch.full(targets[i].shape, DEFAULT_CONFIDENCE, device=device)
+                               for i in todo])
         _, impl = select("bilateral_solve", backend, device)
         flat = impl(flat_image, flat_target, flat_conf, sizes.to(device), params.sigma_spatial, params.sigma_luma,
                     params.sigma_chroma, params.lam, int(max_iter), float(tol))
