@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.common import Row, memory_bandwidth, print_table, timeit
+from bench.common import Row, gpu_rows, memory_bandwidth, memory_floor_row, print_table, timeit
 from namedmask import ops
 
 
@@ -76,12 +76,9 @@ def _measure(pred, target, n, shape, repeat) -> list[Row]:
     rows.append(Row("confusion_matrix", "numpy bincount", shape, t_numpy, t_torch / t_numpy, 100 * floor / t_numpy))
     if torch.cuda.is_available():
         pc, tc = pred.cuda(), target.cuda()
-        t_ref = timeit(lambda: ops.confusion_matrix(pc, tc, n, backend="torch"), repeat=repeat, sync_cuda=True)
-        for backend in ops.available_backends("confusion_matrix", "cuda"):
-            t = timeit(lambda: ops.confusion_matrix(pc, tc, n, backend=backend), repeat=repeat, sync_cuda=True)
-            rows.append(Row("confusion_matrix", f"{backend} (gpu)", shape, t, t_ref / t))
-    rows.append(Row("memory floor", "-", f"{bytes_read / 1e6:.0f} MB read", floor, None, 100.0,
-                    {"bandwidth": f"{memory_bandwidth() / 1e9:.1f} GB/s"}))
+        rows += gpu_rows("confusion_matrix", shape, lambda backend: ops.confusion_matrix(pc, tc, n, backend=backend),
+                         repeat)
+    rows.append(memory_floor_row(bytes_read))
     return rows
 
 

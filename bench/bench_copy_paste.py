@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import Row, memory_bandwidth, print_table, timeit
+from bench.common import Row, gpu_rows, memory_bandwidth, memory_floor_row, print_table, timeit
 from namedmask import ops
 
 SHARED_DATA = Path(os.environ.get("NAMEDMASK_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -132,12 +132,8 @@ def run(batch: int = 16, size: int = 384, per_sample: int = 2, repeat: int = 20)
                      "masks": f"{kind}, foreground {100 * fg:.0f}% of pixels"}))
     if torch.cuda.is_available():
         dev = [t.cuda() for t in (images, labels, sources, offsets)]
-        t_ref = timeit(lambda: ops.copy_paste(*dev, backend="torch"), repeat=repeat, sync_cuda=True)
-        for backend in ops.available_backends("copy_paste", "cuda"):
-            t = timeit(lambda: ops.copy_paste(*dev, backend=backend), repeat=repeat, sync_cuda=True)
-            rows.append(Row("copy_paste", f"{backend} (gpu)", shape, t, t_ref / t))
-    rows.append(Row("memory floor", "-", f"{moved / 1e6:.0f} MB moved", floor, None, 100.0,
-                    {"bandwidth": f"{memory_bandwidth() / 1e9:.1f} GB/s"}))
+        rows += gpu_rows("copy_paste", shape, lambda backend: ops.copy_paste(*dev, backend=backend), repeat)
+    rows.append(memory_floor_row(moved, "moved"))
     return rows
 
 

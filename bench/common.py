@@ -54,6 +54,27 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
+def gpu_rows(op: str, shape: str, call, repeat: int = 5) -> list:
+    """On a GPU machine, one row per live CUDA-device backend of `op` (call(backend) runs it
+    on GPU tensors), with its ratio to the torch reference on the same GPU; else none."""
+    if not torch.cuda.is_available():
+        return []
+    from namedmask import ops
+
+    t_ref = timeit(lambda: call("torch"), repeat=repeat, sync_cuda=True)
+    rows = []
+    for backend in ops.available_backends(op, "cuda"):
+        t = timeit(lambda: call(backend), repeat=repeat, sync_cuda=True)
+        rows.append(Row(op, f"{backend} (gpu)", shape, t, t_ref / t))
+    return rows
+
+
+def memory_floor_row(nbytes: int, verb: str = "read") -> Row:
+    """The time to move `nbytes` once at this machine's measured bandwidth."""
+    return Row("memory floor", "-", f"{nbytes / 1e6:.0f} MB {verb}", nbytes / memory_bandwidth(), None, 100.0,
+               {"bandwidth": f"{memory_bandwidth() / 1e9:.1f} GB/s"})
+
+
 def print_table(rows: list[Row], title: str) -> None:
     print(f"\n== {title}")
     print(f"{'op':<22}{'backend':<16}{'shape':<30}{'time':>12}{'vs torch':>10}{'% mem bw':>10}")

@@ -3,6 +3,7 @@ A crash or kill leaves either the old file or the new one, never half of one."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
@@ -46,6 +47,23 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     write_text(path, json.dumps(obj, indent=indent, sort_keys=False, allow_nan=True) + "\n")
+
+
+def fingerprint(obj: Any) -> str:
+    """sha256 of obj's canonical JSON: equal settings, equal fingerprint, across runs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def read_json(path: str | os.PathLike, error: type, missing: str) -> Any:
+    """JSON from `path`; a missing or malformed file raises `error` naming the file
+    (`missing` tells the user what to do when it does not exist)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{path}: not found; {missing}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from exc
 
 
 def save_png(path: str | os.PathLike, image, palette: list[int] | None = None) -> None:

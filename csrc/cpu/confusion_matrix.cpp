@@ -16,13 +16,18 @@
 namespace namedmask {
 namespace {
 
+// torch's thread count, but no more threads than 64K-pixel slices: small inputs stay serial.
+int worker_threads(int64_t n) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1)));
+}
+
 // Generic path: any label types, any class count.
 template <typename P, typename T>
 void histogram(const P* pred, const T* target, int64_t n, int64_t num_classes, int64_t ignore_index,
                int64_t* out) {
   const int64_t bins = num_classes * (num_classes + 1);
   const int lanes = bins <= 8192 ? 4 : 1;
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1)));
+  const int threads = worker_threads(n);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<int64_t> local(static_cast<size_t>(bins * lanes), 0);
@@ -56,7 +61,7 @@ void histogram_u8(const uint8_t* pred, const uint8_t* target, int64_t n, int64_t
       table[(t << 8) | p] = static_cast<uint32_t>(b < 0 ? bins : b);
     }
   const uint32_t* lut = table.data();
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1)));
+  const int threads = worker_threads(n);
 #pragma omp parallel num_threads(threads)
   {
     std::vector<uint32_t> local(static_cast<size_t>(stride * kLanes), 0);

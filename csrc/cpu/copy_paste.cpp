@@ -122,14 +122,12 @@ std::tuple<at::Tensor, at::Tensor> copy_paste_cpu(const at::Tensor& images_in, c
     placements[i] = place(s[i], o[2 * i], o[2 * i + 1], boxes.data_ptr<int64_t>(), B, H, W);
   auto out_images = at::empty_like(images);
   auto out_labels = at::empty_like(labels);
-  dispatch_element_bits(images.scalar_type(), "copy_paste: images", [&](auto pixel_bits) {
+  dispatch_copy_paste_types(images, labels, [&](auto pixel_bits, auto label_type) {
     using I = decltype(pixel_bits);
-    dispatch_label_type(labels.scalar_type(), "copy_paste: labels", [&](auto label_type) {
-      using L = decltype(label_type);
-      composite(static_cast<const I*>(images.const_data_ptr()), labels.const_data_ptr<L>(), placements, B, C, H, W,
-                P, foreground_range<L>(background, ignore_index), static_cast<I*>(out_images.mutable_data_ptr()),
-                out_labels.mutable_data_ptr<L>());
-    });
+    using L = decltype(label_type);
+    composite(static_cast<const I*>(images.const_data_ptr()), labels.const_data_ptr<L>(), placements, B, C, H, W, P,
+              foreground_range<L>(background, ignore_index), static_cast<I*>(out_images.mutable_data_ptr()),
+              out_labels.mutable_data_ptr<L>());
   });
   return {out_images, out_labels};
 }

@@ -39,17 +39,15 @@ std::tuple<at::Tensor, at::Tensor> copy_paste_cuda(const at::Tensor& images_in, 
   const auto offsets = offsets_in.contiguous();
   auto out_images = at::empty_like(images);
   auto out_labels = at::empty_like(labels);
-  dispatch_element_bits(images.scalar_type(), "copy_paste: images", [&](auto pixel_bits) {
+  dispatch_copy_paste_types(images, labels, [&](auto pixel_bits, auto label_type) {
     using I = decltype(pixel_bits);
-    dispatch_label_type(labels.scalar_type(), "copy_paste: labels", [&](auto label_type) {
-      using L = decltype(label_type);
-      C10_CUDA_CHECK(launch_copy_paste(
-          static_cast<const I*>(images.const_data_ptr()), labels.const_data_ptr<L>(), boxes.const_data_ptr<int64_t>(),
-          sources.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), images.size(0), images.size(1),
-          images.size(2), images.size(3), sources.size(1), background, ignore_index,
-          static_cast<I*>(out_images.mutable_data_ptr()), out_labels.mutable_data_ptr<L>(),
-          c10::cuda::getCurrentCUDAStream()));
-    });
+    using L = decltype(label_type);
+    C10_CUDA_CHECK(launch_copy_paste(
+        static_cast<const I*>(images.const_data_ptr()), labels.const_data_ptr<L>(), boxes.const_data_ptr<int64_t>(),
+        sources.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), images.size(0), images.size(1),
+        images.size(2), images.size(3), sources.size(1), background, ignore_index,
+        static_cast<I*>(out_images.mutable_data_ptr()), out_labels.mutable_data_ptr<L>(),
+        c10::cuda::getCurrentCUDAStream()));
   });
   return {out_images, out_labels};
 }

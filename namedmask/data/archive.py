@@ -14,9 +14,10 @@ by every later stage. This module is the schema; keep writer and readers on it.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from namedmask import io
 
 SCHEMA_VERSION = 1
 
@@ -59,12 +60,7 @@ def load_archive(path: str | Path) -> Archive:
     path = Path(path)
     if path.is_dir():
         path = path / "archive.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ArchiveError(f"{path}: not found; run `namedmask build-archive` first") from None
-    except json.JSONDecodeError as exc:
-        raise ArchiveError(f"{path}: not valid JSON ({exc})") from exc
+    data = io.read_json(path, ArchiveError, "run `namedmask build-archive` first")
     if data.get("schema_version") != SCHEMA_VERSION:
         raise ArchiveError(f"{path}: schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
     for key in ("pool_root", "categories", "archives"):

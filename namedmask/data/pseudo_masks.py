@@ -16,8 +16,9 @@
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from namedmask import io
 
 SCHEMA_VERSION = 1
 
@@ -33,12 +34,7 @@ def mask_relpath(image_relpath: str) -> str:
 def load_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / "manifest.json" if folder.is_dir() else folder
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PseudoMaskError(f"{path}: not found; run `namedmask saliency` first") from None
-    except json.JSONDecodeError as exc:
-        raise PseudoMaskError(f"{path}: not valid JSON ({exc})") from exc
+    data = io.read_json(path, PseudoMaskError, "run `namedmask saliency` first")
     if data.get("schema_version") != SCHEMA_VERSION or "masks" not in data:
         raise PseudoMaskError(f"{path}: not a pseudo-mask manifest of schema {SCHEMA_VERSION}")
     return data

@@ -11,8 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from namedmask.ops import reference
-from namedmask.ops.registry import native, register, select
+from namedmask.ops.registry import register_op, select
 
 DEFAULT_CONFIDENCE = 0.999  # NamedMask / TokenCut: uniform confidence
 _KEY_LIMIT = 2 ** 62        # grid keys are int64; keep a factor 2 of headroom
@@ -40,15 +39,7 @@ PRESETS = {
 }
 
 
-def _triton(*args):
-    from namedmask.kernels.bilateral_solver import bilateral_solve as kernel
-    return kernel(*args)
-
-
-register("bilateral_solve", "torch", reference.bilateral_solve)
-register("bilateral_solve", "cpp", native("bilateral_solve"), native_op="bilateral_solve")
-register("bilateral_solve", "cuda", native("bilateral_solve"), native_op="bilateral_solve")
-register("bilateral_solve", "triton", _triton)
+register_op("bilateral_solve", "bilateral_solver")
 
 
 def resolve_params(preset: str = "namedmask", sigma_spatial: float | None = None, sigma_luma: float | None = None,

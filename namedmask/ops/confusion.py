@@ -3,21 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from namedmask.ops import reference
-from namedmask.ops.registry import native, register, select
+from namedmask.ops.registry import register_op, select
 
 LABEL_DTYPES = (torch.uint8, torch.int32, torch.int64)
 
 
-def _triton(*args):
-    from namedmask.kernels.confusion_matrix import confusion_matrix as kernel
-    return kernel(*args)
-
-
-register("confusion_matrix", "torch", reference.confusion_matrix)
-register("confusion_matrix", "cpp", native("confusion_matrix"), native_op="confusion_matrix")
-register("confusion_matrix", "cuda", native("confusion_matrix"), native_op="confusion_matrix")
-register("confusion_matrix", "triton", _triton)
+register_op("confusion_matrix", "confusion_matrix")
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255,

@@ -10,25 +10,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from namedmask.ops import reference
-from namedmask.ops.registry import native, register, select
+from namedmask.ops.registry import register_op, select
 
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LABEL_DTYPES = (torch.uint8, torch.int32, torch.int64)
 
 
-def _triton(name):
-    def call(*args):
-        from namedmask.kernels import copy_paste as kernels
-        return getattr(kernels, name)(*args)
-    return call
-
-
-for _op in ("fg_boxes", "copy_paste"):
-    register(_op, "torch", getattr(reference, _op))
-    register(_op, "cpp", native(_op), native_op=_op)
-    register(_op, "cuda", native(_op), native_op=_op)
-    register(_op, "triton", _triton(_op))
+register_op("fg_boxes", "copy_paste")
+register_op("copy_paste", "copy_paste")
 
 
 def _check_labels(labels: torch.Tensor, fn: str) -> None:

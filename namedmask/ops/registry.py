@@ -12,6 +12,7 @@ NAMEDMASK_BACKEND=<name> forces one everywhere (e.g. `torch` to rule out the ker
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import logging
 import os
@@ -45,6 +46,20 @@ def register(op: str, backend: str, fn: Callable, native_op: str | None = None) 
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _OPS.setdefault(op, {})[backend] = _Impl(fn, native_op)
+
+
+def register_op(op: str, triton_module: str) -> None:
+    """The four standard backends of an op: reference.<op> (torch), torch.ops.namedmask.<op>
+    (cpp, cuda) and namedmask.kernels.<triton_module>.<op> (triton, imported on first use)."""
+    from namedmask.ops import reference
+
+    def triton_kernel(*args):
+        return getattr(importlib.import_module(f"namedmask.kernels.{triton_module}"), op)(*args)
+
+    register(op, "torch", getattr(reference, op))
+    register(op, "cpp", native(op), native_op=op)
+    register(op, "cuda", native(op), native_op=op)
+    register(op, "triton", triton_kernel)
 
 
 def ops() -> list[str]:

@@ -131,10 +131,6 @@ def _list_pool_images(pool: str | Path) -> tuple[Path, list]:
 
 # ---------------------------------------------------------------- image side
 
-def _fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
 def _prepare_embeddings_dir(embed_dir: Path, clip: Clip, root: Path, paths: list, shard_size: int,
                             write: bool) -> str:
     """Checks that existing shards were made by the same model on the same pool (or there are
@@ -154,7 +150,7 @@ def _prepare_embeddings_dir(embed_dir: Path, clip: Clip, root: Path, paths: list
                                     f"use another --out, or delete {embed_dir} to recompute")
     elif write:
         io.write_json(index, {"fingerprint": fingerprint, "pool_root": str(root), "paths": paths}, indent=None)
-    return _fingerprint(fingerprint)
+    return io.fingerprint(fingerprint)
 
 
 def _shard_is_complete(path: Path, key: str) -> bool:
@@ -209,7 +205,7 @@ def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cach
     encoded, L2-normalised, averaged and L2-normalised again. Cached in `cache`."""
     names = list(categories.names[1:])
     prompts = {n: [t.format(s) for s in (n, *categories.synonyms.get(n, ())) for t in templates] for n in names}
-    key = _fingerprint({"model": clip.describe(), "prompts": prompts})
+    key = io.fingerprint({"model": clip.describe(), "prompts": prompts})
     if cache.exists():
         with safe_open(str(cache), "pt") as f:
             if (f.metadata() or {}).get("fingerprint") == key:

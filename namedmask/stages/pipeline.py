@@ -107,10 +107,6 @@ def _expand_env(value, where: str):
     return value
 
 
-def _fingerprint(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 class _Stages:
     """Runs a stage unless it finished before with the same settings."""
 
@@ -122,7 +118,7 @@ class _Stages:
     def run(self, name: str, settings: dict, fn, output: Path):
         """`output` is the stage's main product; if it is gone the stage runs again."""
         marker = self.folder / f"{name}.json"
-        key = _fingerprint(settings)
+        key = io.fingerprint(settings)
         if output.exists() and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
             log.info("[%s] already done with these settings; skipping", name)
             self.skipped.append(name)

@@ -3,6 +3,8 @@
 // (.cpp only). They guard memory safety; the Python wrapper gives the friendly errors.
 #include <ATen/ATen.h>
 
+#include "namedmask/dispatch.h"
+
 namespace namedmask {
 
 inline void check_fg_boxes_args(const at::Tensor& labels) {
@@ -29,6 +31,15 @@ inline void check_copy_paste_args(const at::Tensor& images, const at::Tensor& la
     TORCH_CHECK(t->scalar_type() == at::kLong, "copy_paste: boxes, sources and offsets must be int64");
   for (const auto* t : {&labels, &boxes, &sources, &offsets})
     TORCH_CHECK(t->device() == images.device(), "copy_paste: all tensors must be on ", images.device());
+}
+
+// Calls f(I{}, L{}) with I the same-width integer type images are moved as (bit-exact for
+// any dtype) and L the label type.
+template <typename F>
+void dispatch_copy_paste_types(const at::Tensor& images, const at::Tensor& labels, F&& f) {
+  dispatch_element_bits(images.scalar_type(), "copy_paste: images", [&](auto pixel_bits) {
+    dispatch_label_type(labels.scalar_type(), "copy_paste: labels", [&](auto label_type) { f(pixel_bits, label_type); });
+  });
 }
 
 }  // namespace namedmask
