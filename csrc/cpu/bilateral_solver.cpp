@@ -1,9 +1,11 @@
-// CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image:
-// grid keys per pixel (parallel over rows), unique vertices through an open-addressing hash table (with a
-// last-key cache: neighbouring pixels mostly share a vertex) that also splats as it goes,
-// neighbour indices by key lookup (SentinelNeighbours: a missing one points at a zero entry),
-// bistochastization, Jacobi-preconditioned CG (scipy's iteration, all buffers allocated once per
-// image), slice.
+// CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image: the
+// grid is built one spatial cell (a sigma_spatial x sigma_spatial block of pixels) at a time --
+// colour keys per pixel, unique vertices through a small per-cell table, splatting on the way,
+// neighbours by lookup in the tables of this cell and of its left and upper cells
+// (SentinelNeighbours: a missing one points at a zero entry) -- then bistochastization,
+// Jacobi-preconditioned CG (scipy's iteration, all buffers allocated once per image), slice.
+// A per-cell table is small and stays in L1; the global 64-bit key hash it replaced did not
+// (measured: 3-6 ms -> see bench/bench_bilateral.py for the current numbers).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,6 +39,18 @@ void for_vertices(int64_t nv, F&& f) {
   });
 }
 
+// Sums of N values over the vertices, chunk(begin, end) returning those of [begin, end).
+template <int N, typename F>
+std::array<double, N> sum_chunks(int64_t nv, F&& chunk) {
+  using Sums = std::array<double, N>;
+  auto add = [](Sums a, const Sums& b) {
+    for (int k = 0; k < N; ++k) a[k] += b[k];
+    return a;
+  };
+  return at::parallel_reduce(0, nv, kVertexGrain, Sums{},
+                             [&](int64_t begin, int64_t end, Sums acc) { return add(acc, chunk(begin, end)); }, add);
+}
+
 // Sums of N per-vertex values, f(v, acc) adding vertex v's to acc.
 template <int N, typename F>
 std::array<double, N> sum_vertices(int64_t nv, F&& f) {
@@ -53,156 +67,198 @@ std::array<double, N> sum_vertices(int64_t nv, F&& f) {
       });
 }
 
-// scaled_cell(value_e6, sigma) without two divisions per pixel: a reciprocal guess corrected
-// against the exact first value of each cell, found once by bisection over scaled_cell itself,
-// so the answer is bit-identical to scaled_cell (and to the CUDA and torch backends).
-class CellTable {
+// Colour key -> vertex within one spatial cell: open addressing, sized once to stay at most half
+// full for the largest cell, and a stamp per slot that empties the table for the next cell without
+// touching it. Colour keys are the colour part of the grid key, so a colour neighbour is key + stride.
+class CellVertexTable {
  public:
-  CellTable(double sigma, int64_t max_e6) : sigma_(sigma), last_(scaled_cell(max_e6, sigma)) {
-    first_.resize(last_ + 2);
-    for (int64_t k = 0; k <= last_ + 1; ++k) {
-      int64_t lo = 0, hi = max_e6 + 1;  // first v in [lo, hi] with cell(v) >= k; hi = none
-      while (lo < hi) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        if (scaled_cell(mid, sigma) >= k) hi = mid; else lo = mid + 1;
-      }
-      first_[k] = lo;
-    }
-    inverse_ = 1.0 / (sigma * 1e6);
-  }
+  explicit CellVertexTable(int64_t max_cell_pixels)
+      : slots_(std::bit_ceil(static_cast<uint64_t>(std::max<int64_t>(64, 2 * max_cell_pixels)))),
+        mask_(slots_.size() - 1),
+        shift_(64 - std::countr_zero(slots_.size())) {}
 
-  int64_t operator()(int64_t value_e6) const {
-    int64_t k = std::clamp<int64_t>(static_cast<int64_t>(static_cast<double>(value_e6) * inverse_), 0, last_);
-    while (k < last_ && value_e6 >= first_[k + 1]) ++k;
-    while (k > 0 && value_e6 < first_[k]) --k;
-    return k;
-  }
+  void next_cell() { ++stamp_; }
 
- private:
-  double sigma_, inverse_ = 0.0;
-  int64_t last_;
-  std::vector<int64_t> first_;
-};
-
-// key -> vertex index; keys are > 0 (coordinates are shifted by +1), 0 marks an empty slot.
-class VertexTable {
- public:
-  explicit VertexTable(int64_t expected) { rehash(std::max<int64_t>(1024, 2 * expected)); }
-
-  // Index of `key`, inserting it as vertex `size()` when new.
-  int32_t insert(int64_t key) {
-    if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
+  // The vertex of `key` in this cell; a new key gets `fresh` and sets *added (no branch on it: in
+  // a photo, whether a pixel opens a vertex is a coin toss the branch predictor loses).
+  int32_t find_or_add(int64_t key, int32_t fresh, bool* added) {
     Slot& slot = slots_[probe(key)];
-    if (slot.key == 0) slot = {key, static_cast<int32_t>(count_++)};
-    return slot.value;
+    *added = slot.stamp != stamp_;
+    const int32_t v = *added ? fresh : slot.vertex;
+    slot = {key, stamp_, v};
+    return v;
   }
 
   int32_t find(int64_t key) const {
     const Slot& slot = slots_[probe(key)];
-    return slot.key == key ? slot.value : -1;
+    return slot.stamp == stamp_ ? slot.vertex : -1;
   }
-
-  int64_t size() const { return count_; }
 
  private:
   struct Slot {
     int64_t key = 0;
-    int32_t value = -1;
+    int32_t stamp = -1;
+    int32_t vertex = -1;
   };
 
   size_t probe(int64_t key) const {
-    const uint64_t h = static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull;  // Fibonacci hashing: top bits
-    size_t slot = static_cast<size_t>(h >> shift_);
-    while (slots_[slot].key != 0 && slots_[slot].key != key) slot = (slot + 1) & mask_;
+    size_t slot = static_cast<size_t>((static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> shift_);
+    while (slots_[slot].stamp == stamp_ && slots_[slot].key != key) slot = (slot + 1) & mask_;
     return slot;
   }
 
-  void rehash(size_t capacity) {
-    size_t cap = 1;
-    while (cap < capacity) cap <<= 1;
-    std::vector<Slot> old = std::move(slots_);
-    slots_.assign(cap, Slot{});
-    mask_ = cap - 1;
-    shift_ = 64 - std::countr_zero(cap);
-    for (const Slot& s : old)
-      if (s.key != 0) slots_[probe(s.key)] = s;
-  }
-
   std::vector<Slot> slots_;
-  size_t mask_ = 0;
-  int shift_ = 64;
-  int64_t count_ = 0;
+  size_t mask_;
+  int shift_;
+  int32_t stamp_ = 0;
 };
+
+// First index of each run of equal spatial cells along an axis of `size` pixels, plus `size`.
+std::vector<int64_t> cell_starts(int64_t size, double sigma_spatial) {
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < size; ++i)
+    if (i == 0 || spatial_cell(i, sigma_spatial) != spatial_cell(i - 1, sigma_spatial)) starts.push_back(i);
+  starts.push_back(size);
+  return starts;
+}
+
+int64_t longest_run(const std::vector<int64_t>& starts) {
+  int64_t run = 0;
+  for (size_t i = 1; i < starts.size(); ++i) run = std::max(run, starts[i] - starts[i - 1]);
+  return run;
+}
+
+// Grows v to at least `size` elements, value-initialised, doubling so that growth is amortised.
+template <typename T>
+void grow(std::vector<T>& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(std::max<size_t>(size, 2 * v.size()));
+}
+
+// The bilateral grid of one image: each pixel's vertex, each vertex's neighbours, and the
+// splatted sums per vertex (of 1, of the confidence c and of c * target).
+struct Grid {
+  int64_t vertices = 0;
+  std::vector<int32_t> vertex_of_pixel;
+  std::vector<int32_t> neighbours;  // kNeighbours slots per vertex, -1 = none (while building)
+  std::vector<double> m, w, b;
+};
+
+// The grid's vertices renumbered by neighbour count, neighbours as CompressedNeighbours.
+struct SortedGrid {
+  std::vector<int32_t> renumber;  // old vertex -> new
+  std::vector<int32_t> offset, index;
+  std::vector<double> m, w, b;
+  CompressedNeighbours neighbours() const { return {offset.data(), index.data()}; }
+};
+
+SortedGrid sort_by_neighbour_count(const Grid& g) {
+  const int64_t nv = g.vertices;
+  SortedGrid s;
+  std::vector<int32_t> count(nv);
+  std::array<int32_t, kNeighbours + 2> next{};  // counting sort (stable: keeps the spatial order within a count)
+  for (int64_t v = 0; v < nv; ++v) {
+    const int32_t* row = g.neighbours.data() + v * kNeighbours;
+    int32_t c = 0;
+    for (int k = 0; k < kNeighbours; ++k) c += row[k] >= 0;
+    count[v] = c, ++next[c + 1];
+  }
+  for (int c = 1; c < kNeighbours + 2; ++c) next[c] += next[c - 1];
+  s.renumber.resize(nv);
+  for (int64_t v = 0; v < nv; ++v) s.renumber[v] = next[count[v]]++;
+  s.offset.assign(nv + 1, 0);
+  for (int64_t v = 0; v < nv; ++v) s.offset[s.renumber[v] + 1] = count[v];
+  for (int64_t v = 0; v < nv; ++v) s.offset[v + 1] += s.offset[v];
+  s.index.resize(s.offset[nv]);
+  s.m.resize(nv), s.w.resize(nv), s.b.resize(nv);
+  for (int64_t v = 0; v < nv; ++v) {
+    const int32_t u = s.renumber[v];
+    s.m[u] = g.m[v], s.w[u] = g.w[v], s.b[u] = g.b[v];
+    int32_t* out = s.index.data() + s.offset[u];
+    for (int k = 0; k < kNeighbours; ++k)
+      if (const int32_t j = g.neighbours[v * kNeighbours + k]; j >= 0) *out++ = s.renumber[j];
+  }
+  return s;
+}
+
+Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
+                int64_t h, int64_t w) {
+  const CellLookup luma(layout.sigma_luma, 255000000), chroma(layout.sigma_chroma, 255500000);
+  // The colour part of a grid key; the strides live in locals (stores could otherwise alias them).
+  const int64_t luma_stride = layout.stride[2], u_stride = layout.stride[3], v_stride = layout.stride[4];
+  const int64_t colour_base = luma_stride + u_stride + v_stride;  // coordinates are shifted by +1
+  const std::vector<int64_t> columns = cell_starts(w, layout.sigma_spatial), rows = cell_starts(h, layout.sigma_spatial);
+  const int64_t cells_x = static_cast<int64_t>(columns.size()) - 1, cells_y = static_cast<int64_t>(rows.size()) - 1;
+  const int64_t max_cell_pixels = longest_run(columns) * longest_run(rows);
+
+  Grid g;
+  g.vertex_of_pixel.resize(h * w);
+  // Per-vertex arrays stay zero beyond the vertex count, so a new vertex starts its sums at 0.
+  std::vector<int64_t> colour_of;
+  std::vector<int32_t> first_vertex(cells_x * cells_y + 1);  // vertices of cell c: [first_vertex[c], first_vertex[c + 1])
+  // Neighbour k of vertex u is vertex j: the -1 entry of j along the same dimension is u.
+  auto link = [&](int32_t u, int32_t j, int k) {
+    g.neighbours[int64_t(u) * kNeighbours + k] = j, g.neighbours[int64_t(j) * kNeighbours + k - 1] = u;
+  };
+  CellVertexTable table(max_cell_pixels);
+  int32_t nv = 0;
+  for (int64_t cy = 0; cy < cells_y; ++cy) {
+    for (int64_t cx = 0; cx < cells_x; ++cx) {
+      const int64_t cell = cy * cells_x + cx;
+      table.next_cell();
+      first_vertex[cell] = nv;
+      for (auto* v : {&g.m, &g.w, &g.b}) grow(*v, nv + max_cell_pixels);
+      grow(colour_of, nv + max_cell_pixels);
+      double *m = g.m.data(), *ws = g.w.data(), *b = g.b.data();
+      int64_t* colours = colour_of.data();
+      int32_t* vertex_of_pixel = g.vertex_of_pixel.data();
+      for (int64_t y = rows[cy]; y < rows[cy + 1]; ++y) {
+        const uint8_t* c = rgb + 3 * (y * w + columns[cx]);
+        for (int64_t i = y * w + columns[cx]; i < y * w + columns[cx + 1]; ++i, c += 3) {
+          int64_t yuv[3];
+          yuv_e6(c[0], c[1], c[2], yuv);
+          const int64_t colour =
+              colour_base + luma(yuv[0]) * luma_stride + chroma(yuv[1]) * u_stride + chroma(yuv[2]) * v_stride;
+          bool added;
+          const int32_t v = table.find_or_add(colour, nv, &added);
+          colours[nv] = colour;
+          nv += added;
+          vertex_of_pixel[i] = v;
+          const double ci = confidence[i];
+          m[v] += 1.0, ws[v] += ci, b[v] += ci * static_cast<double>(target[i]);
+        }
+      }
+      // +1 neighbours along luma, U, V lie in this cell; this cell's vertices are the +1 x
+      // neighbours of the left cell's and the +1 y neighbours of the upper cell's.
+      first_vertex[cell + 1] = nv;
+      g.neighbours.resize(int64_t(nv) * kNeighbours, -1);
+      for (int32_t u = first_vertex[cell]; u < nv; ++u)
+        for (int d = 2; d < kDims; ++d)
+          if (const int32_t j = table.find(colour_of[u] + layout.stride[d]); j >= 0) link(u, j, 2 * d + 1);
+      auto link_cell = [&](int64_t from, int k) {
+        for (int32_t u = first_vertex[from]; u < first_vertex[from + 1]; ++u)
+          if (const int32_t j = table.find(colour_of[u]); j >= 0) link(u, j, k);
+      };
+      if (cx > 0) link_cell(cell - 1, 1);
+      if (cy > 0) link_cell(cell - cells_x, 3);
+    }
+  }
+  g.vertices = nv;
+  for (auto* v : {&g.m, &g.w, &g.b}) v->resize(nv);
+  return g;
+}
 
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
 void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence, int64_t h,
                  int64_t w, double lam, int64_t max_iter, double tol, float* out) {
   const int64_t pixels = h * w;
-  const CellTable luma(layout.sigma_luma, 255000000), chroma(layout.sigma_chroma, 255500000);
-  // pack_key is linear in the cells: key = row part + column part + colour part, with the
-  // strides in locals (stores to pixel_key could otherwise alias them and force reloads).
-  const int64_t luma_stride = layout.stride[2], u_stride = layout.stride[3], v_stride = layout.stride[4];
-  std::vector<int64_t> column_part(w);
-  for (int64_t x = 0; x < w; ++x) {
-    const int64_t cell[kDims] = {spatial_cell(x, layout.sigma_spatial), -1, -1, -1, -1};
-    column_part[x] = pack_key(layout, 0, cell);
-  }
-  std::vector<int64_t> pixel_key(pixels);
-  at::parallel_for(0, h, std::max<int64_t>(1, kPixelGrain / w), [&](int64_t row_begin, int64_t row_end) {
-    const int64_t* columns = column_part.data();
-    for (int64_t y = row_begin; y < row_end; ++y) {
-      const int64_t row_cell[kDims] = {-1, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
-      const int64_t row_part = pack_key(layout, 0, row_cell);
-      const uint8_t* c = rgb + 3 * y * w;
-      int64_t* __restrict keys = pixel_key.data() + y * w;
-      for (int64_t x = 0; x < w; ++x, c += 3) {
-        int64_t yuv[3];
-        yuv_e6(c[0], c[1], c[2], yuv);
-        keys[x] = row_part + columns[x] + luma(yuv[0]) * luma_stride + chroma(yuv[1]) * u_stride +
-                  chroma(yuv[2]) * v_stride;
-      }
-    }
-  });
-
-  // Unique vertices in first-seen order, splatting 1, c and c*t on the way.
-  VertexTable table(pixels / 16);
-  std::vector<int32_t> vertex_of_pixel(pixels);
-  std::vector<int64_t> vertex_key_of;
-  std::vector<double> m, wsplat, b;
-  int64_t last_key = 0;
-  int32_t last_vertex = -1;
-  for (int64_t i = 0; i < pixels; ++i) {
-    int32_t v = last_vertex;
-    if (pixel_key[i] != last_key) {
-      // Most pixels share the vertex of the pixel to the left or above; only the rest probe.
-      v = (i >= w && pixel_key[i - w] == pixel_key[i]) ? vertex_of_pixel[i - w] : table.insert(pixel_key[i]);
-      if (v == static_cast<int32_t>(m.size())) {
-        vertex_key_of.push_back(pixel_key[i]);
-        m.push_back(0.0), wsplat.push_back(0.0), b.push_back(0.0);
-      }
-      last_key = pixel_key[i], last_vertex = v;
-    }
-    vertex_of_pixel[i] = v;
-    m[v] += 1.0;
-    wsplat[v] += static_cast<double>(confidence[i]);
-    b[v] += static_cast<double>(confidence[i]) * static_cast<double>(target[i]);
-  }
-  const int64_t nv = table.size();
-
-  // Neighbours are symmetric: look up only +1 along each dimension (odd k) and fill in the
-  // -1 entry (k - 1) of the vertex found. Each entry has exactly one writer.
-  std::vector<int32_t> nbr(nv * kNeighbours, static_cast<int32_t>(nv));
-  for_vertices(nv, [&](int64_t v) {
-    for (int k = 1; k < kNeighbours; k += 2) {
-      const int32_t u = table.find(neighbour_key(layout, vertex_key_of[v], k));
-      if (u >= 0) nbr[v * kNeighbours + k] = u, nbr[int64_t(u) * kNeighbours + k - 1] = static_cast<int32_t>(v);
-    }
-  });
-  const SentinelNeighbours neighbours{nbr.data()};
+  const Grid grid = build_grid(layout, rgb, target, confidence, h, w);
+  const int64_t nv = grid.vertices;
+  SortedGrid sorted = sort_by_neighbour_count(grid);
+  std::vector<double>&m = sorted.m, &wsplat = sorted.w, &b = sorted.b;
+  const CompressedNeighbours neighbours = sorted.neighbours();
 
   // Bistochastization.
-  std::vector<double> n(nv + 1, 1.0), scratch(nv + 1, 0.0);  // [nv]: the sentinel
-  n[nv] = 0.0;
+  std::vector<double> n(nv, 1.0), scratch(nv);
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < kBistochasticSteps; ++it) {
     for_vertices(nv, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
@@ -210,12 +266,18 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   }
   for_vertices(nv, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
 
-  // scipy.sparse.linalg.cg from y0 = b / w; np holds n * (the vector A is applied to).
-  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv + 1, 0.0), inv_diag(nv);  // np[nv]: the sentinel
+  // Preconditioned CG from y0 = b / w with scipy's stopping rule (before every iteration:
+  // stop when |r| < tol |b|; at most max_iter iterations), in the Chronopoulos-Gear arrangement:
+  // the same iterates in exact arithmetic, but one elementwise pass and one pass applying A per
+  // iteration instead of three passes (s = A p is kept by recurrence).
+  std::vector<double> diag(nv), lam_n(nv), inv_diag(nv), y(nv), r(nv), u(nv), nu(nv), s(nv, 0.0),
+      p(nv, 0.0), q(nv);  // nu = n * u, gathered by the blur
   const double b_norm = std::sqrt(sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
-    np[v] = n[v] * y[v];
-    inv_diag[v] = inverse_diagonal(m[v], n[v], wsplat[v], lam);
+    nu[v] = n[v] * y[v];
+    diag[v] = a_diagonal(m[v], n[v], wsplat[v], lam);
+    lam_n[v] = lam * n[v];
+    inv_diag[v] = 1.0 / std::max(diag[v], kDiagMin);
     acc[0] += b[v] * b[v];
   })[0]);
   if (b_norm == 0.0) {
@@ -223,39 +285,54 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
     return;
   }
   const double atol = tol * b_norm;
-  const double *pm = m.data(), *pn = n.data(), *pw = wsplat.data(), *pnp = np.data();
-  for_vertices(nv, [&](int64_t v) { r[v] = b[v] - apply_a_at(neighbours, pm, pn, pw, y.data(), pnp, lam, v); });
-  // z = M r with r.r and r.z, fused into the update of y and r after the first time.
-  auto precondition = [&](int64_t v, std::array<double, 2>& acc) {
-    z[v] = r[v] * inv_diag[v];
-    acc[0] += r[v] * r[v];
-    acc[1] += r[v] * z[v];
+  auto apply_a = [&](const std::vector<double>& x, int64_t v) {
+    return apply_a_factored(neighbours, diag[v], lam_n[v], x[v], nu.data(), v);
   };
-  std::array<double, 2> sums = sum_vertices<2>(nv, precondition);
-  double rr = sums[0], rho = sums[1], rho_prev = 0.0;
+  // u = M r, nu = n u, with r.r and r.u.
+  auto precondition = [&](int64_t v, std::array<double, 2>& acc) {
+    u[v] = r[v] * inv_diag[v];
+    acc[0] += r[v] * r[v];
+    acc[1] += r[v] * u[v];
+  };
+  auto sums = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
+    r[v] = b[v] - apply_a(y, v);
+    precondition(v, acc);
+  });
+  for_vertices(nv, [&](int64_t v) { nu[v] = n[v] * u[v]; });
+  double alpha = 0.0, gamma_prev = 0.0;
   for (int64_t it = 0; it < max_iter; ++it) {
-    if (std::sqrt(rr) < atol) break;  // scipy's test, before every iteration
-    const double beta = it == 0 ? 0.0 : rho / rho_prev;
-    for_vertices(nv, [&](int64_t v) {
-      p[v] = z[v] + beta * p[v];
-      np[v] = n[v] * p[v];
-    });
-    const double pq = sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
-      q[v] = apply_a_at(neighbours, pm, pn, pw, p.data(), pnp, lam, v);
-      acc[0] += p[v] * q[v];
+    if (std::sqrt(sums[0]) < atol) break;
+    const double gamma = sums[1];
+    const double delta = sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
+      q[v] = apply_a(u, v);  // q = A u
+      acc[0] += q[v] * u[v];
     })[0];
-    const double alpha = pq != 0.0 ? rho / pq : 0.0;  // pq == 0 only when r == 0 (tol == 0)
-    rho_prev = rho;
-    sums = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
-      y[v] += alpha * p[v];
-      r[v] -= alpha * q[v];
-      precondition(v, acc);
+    const double beta = it == 0 ? 0.0 : gamma / gamma_prev;
+    const double pap = it == 0 ? delta : delta - beta * gamma / alpha;  // p.Ap of the new direction
+    alpha = pap != 0.0 ? gamma / pap : 0.0;  // p.Ap == 0 only when r == 0 (tol == 0)
+    gamma_prev = gamma;
+    sums = sum_chunks<2>(nv, [&](int64_t begin, int64_t end) {
+      double rr = 0.0, ru = 0.0;
+      double *pp = p.data(), *ps = s.data(), *py = y.data(), *pr = r.data(), *pu = u.data(), *pnu = nu.data();
+      const double *pq = q.data(), *pinv = inv_diag.data(), *pn = n.data();
+#pragma omp simd reduction(+ : rr, ru)  // the hot elementwise pass: vectorised, partial sums per lane
+      for (int64_t v = begin; v < end; ++v) {
+        pp[v] = pu[v] + beta * pp[v];
+        ps[v] = pq[v] + beta * ps[v];
+        py[v] += alpha * pp[v];
+        pr[v] -= alpha * ps[v];
+        pu[v] = pr[v] * pinv[v];
+        pnu[v] = pn[v] * pu[v];
+        rr += pr[v] * pr[v];
+        ru += pr[v] * pu[v];
+      }
+      return std::array<double, 2>{rr, ru};
     });
-    rr = sums[0], rho = sums[1];
+    if (alpha == 0.0) break;
   }
 
   at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[vertex_of_pixel[i]]);
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[sorted.renumber[grid.vertex_of_pixel[i]]]);
   });
 }
 
