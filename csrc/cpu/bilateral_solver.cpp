@@ -1,11 +1,11 @@
-// CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image: the
-// grid is built one spatial cell (a sigma_spatial x sigma_spatial block of pixels) at a time --
-// colour keys per pixel, unique vertices through a small per-cell table, splatting on the way,
-// neighbours by lookup in the tables of this cell and of its left and upper cells
-// (SentinelNeighbours: a missing one points at a zero entry) -- then bistochastization,
-// Jacobi-preconditioned CG (scipy's iteration, all buffers allocated once per image), slice.
-// A per-cell table is small and stays in L1; the global 64-bit key hash it replaced did not
-// (measured: 3-6 ms -> see bench/bench_bilateral.py for the current numbers).
+// CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image:
+//  1. the grid, one spatial cell (a sigma_spatial x sigma_spatial block of pixels) at a time:
+//     colour key per pixel, its vertex from a small per-cell table (in L1, unlike one table of
+//     64-bit grid keys for the whole image), splatting on the way; then the neighbours of the
+//     cell's vertices by lookups in this cell's table (luma, U, V) and of the vertices of the
+//     left and upper cells (x, y). No branch depends on the pixel data in the hot loops: in a
+//     photo, whether a pixel opens a vertex or a vertex has a neighbour is a coin toss.
+//  2. bistochastization, 3. preconditioned CG (all buffers allocated once per image), 4. slice.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -139,49 +139,13 @@ void grow(std::vector<T>& v, int64_t size) {
 struct Grid {
   int64_t vertices = 0;
   std::vector<int32_t> vertex_of_pixel;
-  std::vector<int32_t> neighbours;  // kNeighbours slots per vertex, -1 = none (while building)
+  std::vector<int32_t> neighbours;  // SentinelNeighbours: a missing one is `vertices`
   std::vector<double> m, w, b;
 };
 
-// The grid's vertices renumbered by neighbour count, neighbours as CompressedNeighbours.
-struct SortedGrid {
-  std::vector<int32_t> renumber;  // old vertex -> new
-  std::vector<int32_t> offset, index;
-  std::vector<double> m, w, b;
-  CompressedNeighbours neighbours() const { return {offset.data(), index.data()}; }
-};
-
-SortedGrid sort_by_neighbour_count(const Grid& g) {
-  const int64_t nv = g.vertices;
-  SortedGrid s;
-  std::vector<int32_t> count(nv);
-  std::array<int32_t, kNeighbours + 2> next{};  // counting sort (stable: keeps the spatial order within a count)
-  for (int64_t v = 0; v < nv; ++v) {
-    const int32_t* row = g.neighbours.data() + v * kNeighbours;
-    int32_t c = 0;
-    for (int k = 0; k < kNeighbours; ++k) c += row[k] >= 0;
-    count[v] = c, ++next[c + 1];
-  }
-  for (int c = 1; c < kNeighbours + 2; ++c) next[c] += next[c - 1];
-  s.renumber.resize(nv);
-  for (int64_t v = 0; v < nv; ++v) s.renumber[v] = next[count[v]]++;
-  s.offset.assign(nv + 1, 0);
-  for (int64_t v = 0; v < nv; ++v) s.offset[s.renumber[v] + 1] = count[v];
-  for (int64_t v = 0; v < nv; ++v) s.offset[v + 1] += s.offset[v];
-  s.index.resize(s.offset[nv]);
-  s.m.resize(nv), s.w.resize(nv), s.b.resize(nv);
-  for (int64_t v = 0; v < nv; ++v) {
-    const int32_t u = s.renumber[v];
-    s.m[u] = g.m[v], s.w[u] = g.w[v], s.b[u] = g.b[v];
-    int32_t* out = s.index.data() + s.offset[u];
-    for (int k = 0; k < kNeighbours; ++k)
-      if (const int32_t j = g.neighbours[v * kNeighbours + k]; j >= 0) *out++ = s.renumber[j];
-  }
-  return s;
-}
-
+// confidence[i * confidence_stride]: stride 0 for a uniform confidence.
 Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
-                int64_t h, int64_t w) {
+                int64_t confidence_stride, int64_t h, int64_t w) {
   const CellLookup luma(layout.sigma_luma, 255000000), chroma(layout.sigma_chroma, 255500000);
   // The colour part of a grid key; the strides live in locals (stores could otherwise alias them).
   const int64_t luma_stride = layout.stride[2], u_stride = layout.stride[3], v_stride = layout.stride[4];
@@ -195,9 +159,12 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
   // Per-vertex arrays stay zero beyond the vertex count, so a new vertex starts its sums at 0.
   std::vector<int64_t> colour_of;
   std::vector<int32_t> first_vertex(cells_x * cells_y + 1);  // vertices of cell c: [first_vertex[c], first_vertex[c + 1])
-  // Neighbour k of vertex u is vertex j: the -1 entry of j along the same dimension is u.
+  // Neighbour k (odd: +1 along a dimension) of vertex u is j, -1 for none; then the -1 entry of j
+  // along the same dimension is u (written to a spare row when there is no j).
+  int32_t spare[kNeighbours];
   auto link = [&](int32_t u, int32_t j, int k) {
-    g.neighbours[int64_t(u) * kNeighbours + k] = j, g.neighbours[int64_t(j) * kNeighbours + k - 1] = u;
+    g.neighbours[int64_t(u) * kNeighbours + k] = j;
+    (j >= 0 ? g.neighbours.data() + int64_t(j) * kNeighbours : spare)[k - 1] = u;
   };
   CellVertexTable table(max_cell_pixels);
   int32_t nv = 0;
@@ -223,7 +190,7 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
           colours[nv] = colour;
           nv += added;
           vertex_of_pixel[i] = v;
-          const double ci = confidence[i];
+          const double ci = confidence[i * confidence_stride];
           m[v] += 1.0, ws[v] += ci, b[v] += ci * static_cast<double>(target[i]);
         }
       }
@@ -232,11 +199,9 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
       first_vertex[cell + 1] = nv;
       g.neighbours.resize(int64_t(nv) * kNeighbours, -1);
       for (int32_t u = first_vertex[cell]; u < nv; ++u)
-        for (int d = 2; d < kDims; ++d)
-          if (const int32_t j = table.find(colour_of[u] + layout.stride[d]); j >= 0) link(u, j, 2 * d + 1);
+        for (int d = 2; d < kDims; ++d) link(u, table.find(colour_of[u] + layout.stride[d]), 2 * d + 1);
       auto link_cell = [&](int64_t from, int k) {
-        for (int32_t u = first_vertex[from]; u < first_vertex[from + 1]; ++u)
-          if (const int32_t j = table.find(colour_of[u]); j >= 0) link(u, j, k);
+        for (int32_t u = first_vertex[from]; u < first_vertex[from + 1]; ++u) link(u, table.find(colour_of[u]), k);
       };
       if (cx > 0) link_cell(cell - 1, 1);
       if (cy > 0) link_cell(cell - cells_x, 3);
@@ -244,21 +209,22 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
   }
   g.vertices = nv;
   for (auto* v : {&g.m, &g.w, &g.b}) v->resize(nv);
+  for (int32_t& j : g.neighbours) j = j < 0 ? nv : j;
   return g;
 }
 
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
-void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence, int64_t h,
-                 int64_t w, double lam, int64_t max_iter, double tol, float* out) {
+void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
+                 int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter, double tol, float* out) {
   const int64_t pixels = h * w;
-  const Grid grid = build_grid(layout, rgb, target, confidence, h, w);
+  Grid grid = build_grid(layout, rgb, target, confidence, confidence_stride, h, w);
   const int64_t nv = grid.vertices;
-  SortedGrid sorted = sort_by_neighbour_count(grid);
-  std::vector<double>&m = sorted.m, &wsplat = sorted.w, &b = sorted.b;
-  const CompressedNeighbours neighbours = sorted.neighbours();
+  std::vector<double>&m = grid.m, &wsplat = grid.w, &b = grid.b;
+  const SentinelNeighbours neighbours{grid.neighbours.data()};
 
-  // Bistochastization.
-  std::vector<double> n(nv, 1.0), scratch(nv);
+  // Bistochastization. Every vector the blur gathers from has a zero entry [nv] (the sentinel).
+  std::vector<double> n(nv + 1, 1.0), scratch(nv + 1, 0.0);
+  n[nv] = 0.0;
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < kBistochasticSteps; ++it) {
     for_vertices(nv, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
@@ -270,7 +236,7 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   // stop when |r| < tol |b|; at most max_iter iterations), in the Chronopoulos-Gear arrangement:
   // the same iterates in exact arithmetic, but one elementwise pass and one pass applying A per
   // iteration instead of three passes (s = A p is kept by recurrence).
-  std::vector<double> diag(nv), lam_n(nv), inv_diag(nv), y(nv), r(nv), u(nv), nu(nv), s(nv, 0.0),
+  std::vector<double> diag(nv), lam_n(nv), inv_diag(nv), y(nv), r(nv), u(nv), nu(nv + 1, 0.0), s(nv, 0.0),
       p(nv, 0.0), q(nv);  // nu = n * u, gathered by the blur
   const double b_norm = std::sqrt(sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
@@ -332,7 +298,7 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   }
 
   at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[sorted.renumber[grid.vertex_of_pixel[i]]]);
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[grid.vertex_of_pixel[i]]);
   });
 }
 
@@ -342,7 +308,9 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
   const BilateralBatch batch = check_bilateral_inputs(image, target, confidence, sizes);
   const auto img = image.contiguous();
   const auto t = target.contiguous();
-  const auto c = confidence.contiguous();
+  // A uniform confidence may come as one value expanded (stride 0): read it in place.
+  const int64_t confidence_stride = confidence.numel() > 1 && confidence.stride(0) == 0 ? 0 : 1;
+  const auto c = confidence_stride ? confidence.contiguous() : confidence;
   auto out = at::empty({batch.pixels()}, target.options());
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
   // Several ordinary-sized images: one image per thread (one fork/join for the whole batch).
@@ -353,7 +321,8 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
       const int64_t start = batch.pixel_start[i];
       if (batch.height[i] * batch.width[i] > 0)
         solve_image(layout, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
-                    c.data_ptr<float>() + start, batch.height[i], batch.width[i], lam, max_iter, tol,
+                    c.data_ptr<float>() + start * confidence_stride, confidence_stride, batch.height[i],
+                    batch.width[i], lam, max_iter, tol,
                     out.data_ptr<float>() + start);
     }
   });

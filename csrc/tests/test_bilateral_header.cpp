@@ -44,15 +44,16 @@ int main() {
   // Two vertices, neighbours along x: B = [[10, 1], [1, 10]].
   const int32_t padded[2 * kNeighbours] = {-1, 1, -1, -1, -1, -1, -1, -1, -1, -1,
                                            0, -1, -1, -1, -1, -1, -1, -1, -1, -1};
-  const int32_t offset[3] = {0, 1, 2}, index[2] = {1, 0};
+  const int32_t sentinel[2 * kNeighbours] = {2, 1, 2, 2, 2, 2, 2, 2, 2, 2,
+                                             0, 2, 2, 2, 2, 2, 2, 2, 2, 2};  // 2 = V: no neighbour
   const PaddedNeighbours nbr{padded};
-  const CompressedNeighbours compact{offset, index};
-  const double x[2] = {1.0, 2.0};
+  const SentinelNeighbours compact{sentinel};
+  const double x[3] = {1.0, 2.0, 0.0};  // x[V] = 0
   EXPECT(blur_at(nbr, 0, [&](int64_t j) { return x[j]; }) == 12.0);
   EXPECT(blur_at(nbr, 1, [&](int64_t j) { return x[j]; }) == 21.0);
   EXPECT(blur_at(compact, 0, [&](int64_t j) { return x[j]; }) == 12.0);
   EXPECT(blur_at(compact, 1, [&](int64_t j) { return x[j]; }) == 21.0);
-  const double m[2] = {3.0, 4.0}, n[2] = {0.5, 0.25}, w[2] = {1.0, 0.0}, np[2] = {0.5, 0.5};
+  const double m[2] = {3.0, 4.0}, n[2] = {0.5, 0.25}, w[2] = {1.0, 0.0}, np[3] = {0.5, 0.5, 0.0};
   // row 0 of lam (Dm - Dn B Dn) + W applied to p = x: 2 (3 - 0.5 (10 * 0.5 + 0.5)) + 1
   EXPECT(std::fabs(apply_a_at(nbr, m, n, w, x, np, 2.0, 0) - (2.0 * (3.0 - 0.5 * 5.5) + 1.0)) < 1e-12);
   EXPECT(apply_a_at(compact, m, n, w, x, np, 2.0, 1) == apply_a_at(nbr, m, n, w, x, np, 2.0, 1));
