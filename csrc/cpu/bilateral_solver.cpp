@@ -25,16 +25,16 @@ namespace {
 using namespace bilateral;
 
 // Loops run on torch's intra-op pool (at::parallel_for), the pool torch's own ops use, so two
-// OpenMP runtimes never fight over the cores. Below these sizes a loop runs inline: a 500x375
-// image (187k pixels, 10k-80k vertices) takes a few ms on one core, and a fork/join costs more
-// than it saves there (measured: 9 ms on one thread vs 58 ms on two on a shared 2-core machine,
-// where every barrier waits for a descheduled thread). Multi-megapixel images do go parallel.
-constexpr int64_t kVertexGrain = 1 << 18;
-constexpr int64_t kPixelGrain = 1 << 20;
+// OpenMP runtimes never fight over the cores. Vertex loops split into chunks of kVertexChunk
+// (~10 us of work: a fork/join costs a few us on an idle machine, and much more when a core is
+// taken by something else); sums are added per chunk and then in chunk order, so the result does
+// not depend on the number of threads.
+constexpr int64_t kVertexChunk = 4096;
+constexpr int64_t kPixelGrain = 1 << 16;
 
 template <typename F>
 void for_vertices(int64_t nv, F&& f) {
-  at::parallel_for(0, nv, kVertexGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nv, kVertexChunk, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) f(v);
   });
 }
@@ -42,29 +42,25 @@ void for_vertices(int64_t nv, F&& f) {
 // Sums of N values over the vertices, chunk(begin, end) returning those of [begin, end).
 template <int N, typename F>
 std::array<double, N> sum_chunks(int64_t nv, F&& chunk) {
-  using Sums = std::array<double, N>;
-  auto add = [](Sums a, const Sums& b) {
-    for (int k = 0; k < N; ++k) a[k] += b[k];
-    return a;
-  };
-  return at::parallel_reduce(0, nv, kVertexGrain, Sums{},
-                             [&](int64_t begin, int64_t end, Sums acc) { return add(acc, chunk(begin, end)); }, add);
+  const int64_t chunks = (nv + kVertexChunk - 1) / kVertexChunk;
+  std::vector<std::array<double, N>> partial(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) partial[c] = chunk(c * kVertexChunk, std::min(nv, (c + 1) * kVertexChunk));
+  });
+  std::array<double, N> sum{};
+  for (const auto& p : partial)
+    for (int k = 0; k < N; ++k) sum[k] += p[k];
+  return sum;
 }
 
 // Sums of N per-vertex values, f(v, acc) adding vertex v's to acc.
 template <int N, typename F>
 std::array<double, N> sum_vertices(int64_t nv, F&& f) {
-  using Sums = std::array<double, N>;
-  return at::parallel_reduce(
-      0, nv, kVertexGrain, Sums{},
-      [&](int64_t begin, int64_t end, Sums acc) {
-        for (int64_t v = begin; v < end; ++v) f(v, acc);
-        return acc;
-      },
-      [](Sums a, const Sums& b) {
-        for (int k = 0; k < N; ++k) a[k] += b[k];
-        return a;
-      });
+  return sum_chunks<N>(nv, [&](int64_t begin, int64_t end) {
+    std::array<double, N> acc{};
+    for (int64_t v = begin; v < end; ++v) f(v, acc);
+    return acc;
+  });
 }
 
 // Colour key -> vertex within one spatial cell: open addressing, sized once to stay at most half
@@ -134,82 +130,144 @@ void grow(std::vector<T>& v, int64_t size) {
   if (static_cast<int64_t>(v.size()) < size) v.resize(std::max<size_t>(size, 2 * v.size()));
 }
 
-// The bilateral grid of one image: each pixel's vertex, each vertex's neighbours, and the
-// splatted sums per vertex (of 1, of the confidence c and of c * target).
+// The bilateral grid of one image (or of a band of its cell rows while building): each pixel's
+// vertex, each vertex's neighbours, the splatted sums per vertex (of 1, of the confidence c and of
+// c * target), and each vertex's colour key with the vertices of each cell.
 struct Grid {
   int64_t vertices = 0;
-  std::vector<int32_t> vertex_of_pixel;
-  std::vector<int32_t> neighbours;  // SentinelNeighbours: a missing one is `vertices`
+  std::vector<int32_t> neighbours;  // kNeighbours slots per vertex; -1 = none while building
   std::vector<double> m, w, b;
+  std::vector<int64_t> colour_of;
+  std::vector<int32_t> first_vertex;  // vertices of the band's cell c: [first_vertex[c], first_vertex[c + 1])
 };
 
-// confidence[i * confidence_stride]: stride 0 for a uniform confidence.
-Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
-                int64_t confidence_stride, int64_t h, int64_t w) {
-  const CellLookup luma(layout.sigma_luma, 255000000), chroma(layout.sigma_chroma, 255500000);
-  // The colour part of a grid key; the strides live in locals (stores could otherwise alias them).
-  const int64_t luma_stride = layout.stride[2], u_stride = layout.stride[3], v_stride = layout.stride[4];
-  const int64_t colour_base = luma_stride + u_stride + v_stride;  // coordinates are shifted by +1
-  const std::vector<int64_t> columns = cell_starts(w, layout.sigma_spatial), rows = cell_starts(h, layout.sigma_spatial);
-  const int64_t cells_x = static_cast<int64_t>(columns.size()) - 1, cells_y = static_cast<int64_t>(rows.size()) - 1;
-  const int64_t max_cell_pixels = longest_run(columns) * longest_run(rows);
+// What every band shares: the image, the colour tables and the cell layout.
+struct GridInput {
+  const GridLayout& layout;
+  const uint8_t* rgb;
+  const float *target, *confidence;
+  int64_t confidence_stride, width;  // confidence[i * confidence_stride]: stride 0 for a uniform value
+  CellLookup luma, chroma;
+  std::vector<int64_t> columns, rows;  // cell_starts of the columns and rows
+  int64_t cells_x, max_cell_pixels;
+};
 
-  Grid g;
-  g.vertex_of_pixel.resize(h * w);
-  // Per-vertex arrays stay zero beyond the vertex count, so a new vertex starts its sums at 0.
-  std::vector<int64_t> colour_of;
-  std::vector<int32_t> first_vertex(cells_x * cells_y + 1);  // vertices of cell c: [first_vertex[c], first_vertex[c + 1])
-  // Neighbour k (odd: +1 along a dimension) of vertex u is j, -1 for none; then the -1 entry of j
-  // along the same dimension is u (written to a spare row when there is no j).
+// Neighbour k (odd: +1 along a dimension) of vertex u is j, -1 for none; then the -1 entry of j
+// along the same dimension is u (written to a spare row when there is no j: no branch).
+void link(std::vector<int32_t>& neighbours, int32_t u, int32_t j, int k) {
   int32_t spare[kNeighbours];
-  auto link = [&](int32_t u, int32_t j, int k) {
-    g.neighbours[int64_t(u) * kNeighbours + k] = j;
-    (j >= 0 ? g.neighbours.data() + int64_t(j) * kNeighbours : spare)[k - 1] = u;
-  };
+  neighbours[int64_t(u) * kNeighbours + k] = j;
+  (j >= 0 ? neighbours.data() + int64_t(j) * kNeighbours : spare)[k - 1] = u;
+}
+
+// Cell rows [cy_begin, cy_end) in cell order, vertices numbered from 0 in first-seen order;
+// writes their pixels' vertices to vertex_of_pixel.
+Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* vertex_of_pixel) {
+  const int64_t luma_stride = in.layout.stride[2], u_stride = in.layout.stride[3], v_stride = in.layout.stride[4];
+  const int64_t colour_base = luma_stride + u_stride + v_stride;  // coordinates are shifted by +1
+  const int64_t cells_x = in.cells_x, max_cell_pixels = in.max_cell_pixels, w = in.width;
+  Grid g;
+  g.first_vertex.resize((cy_end - cy_begin) * cells_x + 1);
   CellVertexTable table(max_cell_pixels);
   int32_t nv = 0;
-  for (int64_t cy = 0; cy < cells_y; ++cy) {
+  for (int64_t cy = cy_begin; cy < cy_end; ++cy) {
     for (int64_t cx = 0; cx < cells_x; ++cx) {
-      const int64_t cell = cy * cells_x + cx;
+      const int64_t cell = (cy - cy_begin) * cells_x + cx;
       table.next_cell();
-      first_vertex[cell] = nv;
+      g.first_vertex[cell] = nv;
+      // Per-vertex arrays stay zero beyond the vertex count, so a new vertex starts its sums at 0.
       for (auto* v : {&g.m, &g.w, &g.b}) grow(*v, nv + max_cell_pixels);
-      grow(colour_of, nv + max_cell_pixels);
+      grow(g.colour_of, nv + max_cell_pixels);
       double *m = g.m.data(), *ws = g.w.data(), *b = g.b.data();
-      int64_t* colours = colour_of.data();
-      int32_t* vertex_of_pixel = g.vertex_of_pixel.data();
-      for (int64_t y = rows[cy]; y < rows[cy + 1]; ++y) {
-        const uint8_t* c = rgb + 3 * (y * w + columns[cx]);
-        for (int64_t i = y * w + columns[cx]; i < y * w + columns[cx + 1]; ++i, c += 3) {
+      int64_t* colours = g.colour_of.data();
+      for (int64_t y = in.rows[cy]; y < in.rows[cy + 1]; ++y) {
+        const uint8_t* c = in.rgb + 3 * (y * w + in.columns[cx]);
+        for (int64_t i = y * w + in.columns[cx]; i < y * w + in.columns[cx + 1]; ++i, c += 3) {
           int64_t yuv[3];
           yuv_e6(c[0], c[1], c[2], yuv);
-          const int64_t colour =
-              colour_base + luma(yuv[0]) * luma_stride + chroma(yuv[1]) * u_stride + chroma(yuv[2]) * v_stride;
+          const int64_t colour = colour_base + in.luma(yuv[0]) * luma_stride + in.chroma(yuv[1]) * u_stride +
+                                 in.chroma(yuv[2]) * v_stride;
           bool added;
           const int32_t v = table.find_or_add(colour, nv, &added);
           colours[nv] = colour;
           nv += added;
           vertex_of_pixel[i] = v;
-          const double ci = confidence[i * confidence_stride];
-          m[v] += 1.0, ws[v] += ci, b[v] += ci * static_cast<double>(target[i]);
+          const double ci = in.confidence[i * in.confidence_stride];
+          m[v] += 1.0, ws[v] += ci, b[v] += ci * static_cast<double>(in.target[i]);
         }
       }
       // +1 neighbours along luma, U, V lie in this cell; this cell's vertices are the +1 x
       // neighbours of the left cell's and the +1 y neighbours of the upper cell's.
-      first_vertex[cell + 1] = nv;
+      g.first_vertex[cell + 1] = nv;
       g.neighbours.resize(int64_t(nv) * kNeighbours, -1);
-      for (int32_t u = first_vertex[cell]; u < nv; ++u)
-        for (int d = 2; d < kDims; ++d) link(u, table.find(colour_of[u] + layout.stride[d]), 2 * d + 1);
+      for (int32_t u = g.first_vertex[cell]; u < nv; ++u)
+        for (int d = 2; d < kDims; ++d) link(g.neighbours, u, table.find(colours[u] + in.layout.stride[d]), 2 * d + 1);
       auto link_cell = [&](int64_t from, int k) {
-        for (int32_t u = first_vertex[from]; u < first_vertex[from + 1]; ++u) link(u, table.find(colour_of[u]), k);
+        for (int32_t u = g.first_vertex[from]; u < g.first_vertex[from + 1]; ++u)
+          link(g.neighbours, u, table.find(colours[u]), k);
       };
       if (cx > 0) link_cell(cell - 1, 1);
-      if (cy > 0) link_cell(cell - cells_x, 3);
+      if (cy > cy_begin) link_cell(cell - cells_x, 3);
     }
   }
   g.vertices = nv;
   for (auto* v : {&g.m, &g.w, &g.b}) v->resize(nv);
-  for (int32_t& j : g.neighbours) j = j < 0 ? nv : j;
+  g.colour_of.resize(nv);
+  return g;
+}
+
+// The whole image's grid: bands of cell rows built in parallel (one per thread when the image is
+// large enough), renumbered into one vertex list in cell order (the numbering, and so the result,
+// does not depend on the number of bands), then linked across band boundaries along y.
+Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
+                int64_t confidence_stride, int64_t h, int64_t w, int32_t* vertex_of_pixel) {
+  GridInput in{layout, rgb, target, confidence, confidence_stride, w,
+               CellLookup(layout.sigma_luma, 255000000), CellLookup(layout.sigma_chroma, 255500000),
+               cell_starts(w, layout.sigma_spatial), cell_starts(h, layout.sigma_spatial), 0, 0};
+  in.cells_x = static_cast<int64_t>(in.columns.size()) - 1;
+  in.max_cell_pixels = longest_run(in.columns) * longest_run(in.rows);
+  const int64_t cells_y = static_cast<int64_t>(in.rows.size()) - 1;
+  const int64_t bands = std::clamp<int64_t>(h * w / kPixelGrain, 1, std::min<int64_t>(at::get_num_threads(), cells_y));
+  std::vector<Grid> band(bands);
+  auto band_rows = [&](int64_t k) { return k * cells_y / bands; };  // first cell row of band k
+  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) band[k] = build_band(in, band_rows(k), band_rows(k + 1), vertex_of_pixel);
+  });
+  if (bands == 1) return std::move(band[0]);
+
+  std::vector<int32_t> offset(bands + 1, 0);
+  for (int64_t k = 0; k < bands; ++k) offset[k + 1] = offset[k] + static_cast<int32_t>(band[k].vertices);
+  Grid g;
+  g.vertices = offset[bands];
+  g.neighbours.resize(g.vertices * kNeighbours);
+  for (auto* v : {&g.m, &g.w, &g.b}) v->resize(g.vertices);
+  g.colour_of.resize(g.vertices);
+  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Grid& b = band[k];
+      const int32_t o = offset[k];
+      std::copy_n(b.m.begin(), b.vertices, g.m.begin() + o), std::copy_n(b.w.begin(), b.vertices, g.w.begin() + o);
+      std::copy_n(b.b.begin(), b.vertices, g.b.begin() + o);
+      std::copy_n(b.colour_of.begin(), b.vertices, g.colour_of.begin() + o);
+      for (int64_t e = 0; e < b.vertices * kNeighbours; ++e)
+        g.neighbours[o * int64_t(kNeighbours) + e] = b.neighbours[e] < 0 ? -1 : b.neighbours[e] + o;
+      for (int64_t i = in.rows[band_rows(k)] * w; i < in.rows[band_rows(k + 1)] * w; ++i) vertex_of_pixel[i] += o;
+    }
+  });
+  // Band k's first cell row is the +1 y neighbour of band k - 1's last: one table per cell.
+  CellVertexTable table(in.max_cell_pixels);
+  for (int64_t k = 1; k < bands; ++k) {
+    const Grid &upper = band[k - 1], &lower = band[k];
+    const int64_t upper_row = (band_rows(k) - 1 - band_rows(k - 1)) * in.cells_x;
+    for (int64_t cx = 0; cx < in.cells_x; ++cx) {
+      table.next_cell();
+      bool added;
+      for (int32_t v = lower.first_vertex[cx]; v < lower.first_vertex[cx + 1]; ++v)
+        table.find_or_add(lower.colour_of[v], v + offset[k], &added);
+      for (int32_t u = upper.first_vertex[upper_row + cx]; u < upper.first_vertex[upper_row + cx + 1]; ++u)
+        link(g.neighbours, u + offset[k - 1], table.find(upper.colour_of[u]), 3);
+    }
+  }
   return g;
 }
 
@@ -217,8 +275,10 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
 void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
                  int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter, double tol, float* out) {
   const int64_t pixels = h * w;
-  Grid grid = build_grid(layout, rgb, target, confidence, confidence_stride, h, w);
+  std::vector<int32_t> vertex_of_pixel(pixels);
+  Grid grid = build_grid(layout, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.data());
   const int64_t nv = grid.vertices;
+  for (int32_t& j : grid.neighbours) j = j < 0 ? static_cast<int32_t>(nv) : j;  // the sentinel
   std::vector<double>&m = grid.m, &wsplat = grid.w, &b = grid.b;
   const SentinelNeighbours neighbours{grid.neighbours.data()};
 
@@ -298,7 +358,7 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   }
 
   at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[grid.vertex_of_pixel[i]]);
+    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[vertex_of_pixel[i]]);
   });
 }
 
@@ -315,7 +375,7 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
   // Several ordinary-sized images: one image per thread (one fork/join for the whole batch).
   // Large images: one at a time, each parallel inside.
-  const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < kPixelGrain;
+  const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < (1 << 20);
   at::parallel_for(0, batch.size(), across_images ? 1 : batch.size(), [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const int64_t start = batch.pixel_start[i];
