@@ -366,6 +366,7 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
                                const at::Tensor& sizes, double sigma_spatial, double sigma_luma, double sigma_chroma,
                                double lam, int64_t max_iter, double tol) {
   const BilateralBatch batch = check_bilateral_inputs(image, target, confidence, sizes);
+  check_bilateral_grid(batch, sigma_spatial, sigma_luma, sigma_chroma);
   const auto img = image.contiguous();
   const auto t = target.contiguous();
   // A uniform confidence may come as one value expanded (stride 0): read it in place.
