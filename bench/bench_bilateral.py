@@ -90,18 +90,24 @@ def speed_rows(photos: list) -> list[Row]:
 
     t_torch = per_image(lambda x, t: ops.bilateral_solve(x, t, backend="torch"), repeat=1)
     t_scipy = per_image(lambda x, t: scipy_bilateral_solve(x.numpy(), t.numpy(), np.full(t.shape, 0.999), 16, 16, 8,
-                                                           256.0, published_hash=True), repeat=1)
+                                                           256.0, published_hash=True), repeat=3)
     rows = [Row("bilateral_solve", "torch", shape, t_torch, 1.0)]
     if "cpp" in ops.available_backends("bilateral_solve", "cpu"):
         for _, x, t, _ in timed:  # agreement with the reference on these photos, then time
             diff = (ops.bilateral_solve(x, t, backend="cpp") - ops.bilateral_solve(x, t, backend="torch")).abs().max()
             assert float(diff) <= 1e-3, f"cpp disagrees with the reference by {float(diff)}"
-        t_cpp = per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=7)
-        each = sorted(per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=5, items=[p])
-                      for p in timed)
-        rows.append(Row("bilateral_solve", "cpp", shape, t_cpp, t_torch / t_cpp, None,
-                        {"vs published scipy": f"{t_scipy / t_cpp:.1f}x",
-                         "per photo": f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"}))
+        threads = torch.get_num_threads()
+        for n in sorted({threads, 1}, reverse=True):  # all threads (one photo split into bands), then one
+            torch.set_num_threads(n)
+            try:
+                t_cpp = per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=7)
+                each = sorted(per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=5, items=[p])
+                              for p in timed)
+            finally:
+                torch.set_num_threads(threads)
+            rows.append(Row("bilateral_solve", f"cpp {n} thread{'s' * (n > 1)}", shape, t_cpp, t_torch / t_cpp, None,
+                            {"vs published scipy": f"{t_scipy / t_cpp:.1f}x",
+                             "per photo": f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"}))
         t_batch = timeit(lambda: ops.bilateral_solve_batch([p[1] for p in timed], [p[2] for p in timed],
                                                            backend="cpp"), repeat=7) / len(timed)
         rows.append(Row("bilateral_solve", "cpp batch", shape, t_batch, t_torch / t_batch, None,

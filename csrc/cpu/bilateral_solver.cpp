@@ -4,8 +4,10 @@
 //     64-bit grid keys for the whole image), splatting on the way; then the neighbours of the
 //     cell's vertices by lookups in this cell's table (luma, U, V) and of the vertices of the
 //     left and upper cells (x, y). No branch depends on the pixel data in the hot loops: in a
-//     photo, whether a pixel opens a vertex or a vertex has a neighbour is a coin toss.
-//  2. bistochastization, 3. preconditioned CG (all buffers allocated once per image), 4. slice.
+//     photo, whether a pixel opens a vertex or a vertex has a neighbour is a coin toss. With
+//     several threads, bands of cell rows are built in parallel and renumbered in cell order.
+//  2. bistochastization, 3. preconditioned CG (all buffers allocated once per image), 4. slice;
+//     their loops run in fixed chunks, so the output has the same bits for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
