@@ -331,9 +331,14 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   for (int64_t it = 0; it < max_iter; ++it) {
     if (std::sqrt(sums[0]) < atol) break;
     const double gamma = sums[1];
-    const double delta = sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
-      q[v] = apply_a(u, v);  // q = A u
-      acc[0] += q[v] * u[v];
+    const double delta = sum_chunks<1>(nv, [&](int64_t begin, int64_t end) {
+      double qu = 0.0;
+#pragma omp simd reduction(+ : qu)  // partial sums per lane: no serial chain of adds
+      for (int64_t v = begin; v < end; ++v) {
+        q[v] = apply_a(u, v);  // q = A u
+        qu += q[v] * u[v];
+      }
+      return std::array<double, 1>{qu};
     })[0];
     const double beta = it == 0 ? 0.0 : gamma / gamma_prev;
     const double pap = it == 0 ? delta : delta - beta * gamma / alpha;  // p.Ap of the new direction
