@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -89,24 +90,52 @@ def speed_rows(photos: list) -> list[Row]:
         return timeit(lambda: [fn(*p[1:3]) for p in items], repeat=repeat, **kw) / len(items)
 
     t_torch = per_image(lambda x, t: ops.bilateral_solve(x, t, backend="torch"), repeat=1)
-    t_scipy = per_image(lambda x, t: scipy_bilateral_solve(x.numpy(), t.numpy(), np.full(t.shape, 0.999), 16, 16, 8,
-                                                           256.0, published_hash=True), repeat=1)
+    scipy = lambda x, t: scipy_bilateral_solve(x.numpy(), t.numpy(), np.full(t.shape, 0.999), 16, 16, 8,  # noqa: E731
+                                               256.0, published_hash=True)
     rows = [Row("bilateral_solve", "torch", shape, t_torch, 1.0)]
-    if "cpp" in ops.available_backends("bilateral_solve", "cpu"):
+    if "cpp" not in ops.available_backends("bilateral_solve", "cpu"):
+        t_scipy = per_image(scipy, repeat=3)
+    else:
         for _, x, t, _ in timed:  # agreement with the reference on these photos, then time
             diff = (ops.bilateral_solve(x, t, backend="cpp") - ops.bilateral_solve(x, t, backend="torch")).abs().max()
             assert float(diff) <= 1e-3, f"cpp disagrees with the reference by {float(diff)}"
-        t_cpp = per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=7)
-        each = sorted(per_image(lambda x, t: ops.bilateral_solve(x, t, backend="cpp"), repeat=5, items=[p])
-                      for p in timed)
-        rows.append(Row("bilateral_solve", "cpp", shape, t_cpp, t_torch / t_cpp, None,
-                        {"vs published scipy": f"{t_scipy / t_cpp:.1f}x",
-                         "per photo": f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"}))
-        t_batch = timeit(lambda: ops.bilateral_solve_batch([p[1] for p in timed], [p[2] for p in timed],
-                                                           backend="cpp"), repeat=7) / len(timed)
-        rows.append(Row("bilateral_solve", "cpp batch", shape, t_batch, t_torch / t_batch, None,
-                        {"vs published scipy": f"{t_scipy / t_batch:.1f}x",
-                         "note": "one call for the 8 photos: one image per thread"}))
+        threads = torch.get_num_threads()
+
+        def with_threads(n, fn):  # fn() with n torch threads
+            torch.set_num_threads(n)
+            try:
+                return fn()
+            finally:
+                torch.set_num_threads(threads)
+
+        cpp = lambda x, t: ops.bilateral_solve(x, t, backend="cpp")  # noqa: E731
+        batch = lambda: ops.bilateral_solve_batch([p[1] for p in timed], [p[2] for p in timed], backend="cpp")  # noqa
+        methods = {  # name -> per-image seconds of one measurement
+            f"cpp {threads} thread{'s' * (threads > 1)}": lambda: per_image(cpp, repeat=3),
+            "cpp 1 thread": lambda: with_threads(1, lambda: per_image(cpp, repeat=3)),
+            "cpp batch": lambda: timeit(batch, repeat=3) / len(timed),
+            "scipy": lambda: per_image(scipy, repeat=1),
+        }
+        # Rounds of every method in turn, so that a drift in machine speed (this machine is shared)
+        # hits them alike; ratios to scipy are taken per round, then the median.
+        times = {name: [] for name in methods}
+        for _ in range(5):
+            for name, measure in methods.items():
+                times[name].append(measure())
+        t_scipy = statistics.median(times["scipy"])
+        for name in methods:
+            if name == "scipy":
+                continue
+            t_cpp = statistics.median(times[name])
+            ratio = statistics.median(s / c for s, c in zip(times["scipy"], times[name]))
+            extra = {"vs published scipy": f"{ratio:.1f}x (median of 5 interleaved rounds)"}
+            if name == "cpp batch":
+                extra["note"] = f"one call for the {len(timed)} photos: one image per thread"
+            elif threads > 1 and name != "cpp 1 thread":
+                extra["note"] = "one photo split into bands of cell rows, one per thread"
+            rows.append(Row("bilateral_solve", name, shape, t_cpp, t_torch / t_cpp, None, extra))
+        each = sorted(with_threads(1, lambda: per_image(cpp, repeat=5, items=[p])) for p in timed)
+        rows[-2].extra["per photo, 1 thread"] = f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"
     if torch.cuda.is_available():
         gpu = [(s, x.cuda(), t.cuda(), g) for s, x, t, g in timed]
         solve = lambda backend: ops.bilateral_solve_batch([p[1] for p in gpu], [p[2] for p in gpu],  # noqa: E731

@@ -233,6 +233,7 @@ def _grid_keys(image, sizes, sigma_spatial, sigma_luma, sigma_chroma):
 def bilateral_solve(image, target, confidence, sizes, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol):
     device = target.device
     pixels = image.shape[0]
+    image, target, confidence = image.contiguous(), target.contiguous(), confidence.contiguous()  # may be expanded
     out = torch.empty(pixels, dtype=torch.float32, device=device)
     if pixels == 0:
         return out

@@ -178,6 +178,52 @@ def test_4k_image():
     assert iou(out > 0.5, target > 0.5) > 0.9
 
 
+def _cpp_or_skip():
+    if "cpp" not in ops.available_backends("bilateral_solve", "cpu"):
+        pytest.skip("native extension not built")
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cpp_same_bits_for_any_thread_count(voc_mini, restore_threads):
+    """One image is split into bands of cell rows (one per thread) and the CG sums are added in
+    fixed chunks: the output must not depend on the number of threads, to the bit."""
+    _cpp_or_skip()
+    stem, img, target, _ = next(p for p in voc_pairs(voc_mini) if float(p[2].min()) != float(p[2].max()))
+    big_img, big_target = synthetic(700, 900, seed=5)  # 9 bands' worth of pixels
+    for x, t in ((img, target), (big_img, big_target)):
+        outs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(ops.bilateral_solve(x, t, backend="cpp"))
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), stem
+        assert_close_to_reference(outs[0], ops.bilateral_solve(x, t, backend="torch"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_confidence_equals_explicit(backend):
+    """No confidence is one value expanded (never a [P] buffer); the result is that of 0.999 everywhere."""
+    img, target = synthetic(40, 57, seed=6)
+    implicit = ops.bilateral_solve(img, target, max_iter=6, backend=backend)
+    explicit = ops.bilateral_solve(img, target, torch.full(target.shape, 0.999), max_iter=6, backend=backend)
+    assert torch.equal(implicit, explicit)
+
+
+def test_raw_op_refuses_grids_beyond_64_bit_keys():
+    _cpp_or_skip()
+    img, target = synthetic(10, 12)
+    args = (img.reshape(-1, 3), target.reshape(-1), torch.full((120,), 0.999), torch.tensor([[10, 12]]))
+    with pytest.raises(RuntimeError, match="too many cells for 64-bit keys"):
+        torch.ops.namedmask.bilateral_solve(*args, 1e-6, 1e-6, 1e-6, 256.0, 25, 1e-5)
+    with pytest.raises(RuntimeError, match="positive and finite"):
+        torch.ops.namedmask.bilateral_solve(*args, 16.0, 0.0, 8.0, 256.0, 25, 1e-5)
+
+
 # --- presets, inputs ------------------------------------------------------------------------------
 
 def test_presets_and_overrides():

@@ -1,9 +1,13 @@
 // CPU backend of namedmask::bilateral_solve (spec: namedmask/ops/reference.py). Per image:
-// grid keys per pixel (parallel over rows), unique vertices through an open-addressing hash table (with a
-// last-key cache: neighbouring pixels mostly share a vertex) that also splats as it goes,
-// neighbour indices by key lookup (SentinelNeighbours: a missing one points at a zero entry),
-// bistochastization, Jacobi-preconditioned CG (scipy's iteration, all buffers allocated once per
-// image), slice.
+//  1. the grid, one spatial cell (a sigma_spatial x sigma_spatial block of pixels) at a time:
+//     colour key per pixel, its vertex from a small per-cell table (in L1, unlike one table of
+//     64-bit grid keys for the whole image), splatting on the way; then the neighbours of the
+//     cell's vertices by lookups in this cell's table (luma, U, V) and of the vertices of the
+//     left and upper cells (x, y). No branch depends on the pixel data in the hot loops: in a
+//     photo, whether a pixel opens a vertex or a vertex has a neighbour is a coin toss. With
+//     several threads, bands of cell rows are built in parallel and renumbered in cell order.
+//  2. bistochastization, 3. preconditioned CG (all buffers allocated once per image), 4. slice;
+//     their loops run in fixed chunks, so the output has the same bits for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,185 +27,265 @@ namespace {
 using namespace bilateral;
 
 // Loops run on torch's intra-op pool (at::parallel_for), the pool torch's own ops use, so two
-// OpenMP runtimes never fight over the cores. Below these sizes a loop runs inline: a 500x375
-// image (187k pixels, 10k-80k vertices) takes a few ms on one core, and a fork/join costs more
-// than it saves there (measured: 9 ms on one thread vs 58 ms on two on a shared 2-core machine,
-// where every barrier waits for a descheduled thread). Multi-megapixel images do go parallel.
-constexpr int64_t kVertexGrain = 1 << 18;
-constexpr int64_t kPixelGrain = 1 << 20;
+// OpenMP runtimes never fight over the cores. Vertex loops split into chunks of kVertexChunk
+// (~10 us of work: a fork/join costs a few us on an idle machine, and much more when a core is
+// taken by something else); sums are added per chunk and then in chunk order, so the result does
+// not depend on the number of threads.
+constexpr int64_t kVertexChunk = 4096;
+constexpr int64_t kPixelGrain = 1 << 16;
 
 template <typename F>
 void for_vertices(int64_t nv, F&& f) {
-  at::parallel_for(0, nv, kVertexGrain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nv, kVertexChunk, [&](int64_t begin, int64_t end) {
     for (int64_t v = begin; v < end; ++v) f(v);
   });
+}
+
+// Sums of N values over the vertices, chunk(begin, end) returning those of [begin, end).
+template <int N, typename F>
+std::array<double, N> sum_chunks(int64_t nv, F&& chunk) {
+  const int64_t chunks = (nv + kVertexChunk - 1) / kVertexChunk;
+  std::vector<std::array<double, N>> partial(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    for (int64_t c = first; c < last; ++c) partial[c] = chunk(c * kVertexChunk, std::min(nv, (c + 1) * kVertexChunk));
+  });
+  std::array<double, N> sum{};
+  for (const auto& p : partial)
+    for (int k = 0; k < N; ++k) sum[k] += p[k];
+  return sum;
 }
 
 // Sums of N per-vertex values, f(v, acc) adding vertex v's to acc.
 template <int N, typename F>
 std::array<double, N> sum_vertices(int64_t nv, F&& f) {
-  using Sums = std::array<double, N>;
-  return at::parallel_reduce(
-      0, nv, kVertexGrain, Sums{},
-      [&](int64_t begin, int64_t end, Sums acc) {
-        for (int64_t v = begin; v < end; ++v) f(v, acc);
-        return acc;
-      },
-      [](Sums a, const Sums& b) {
-        for (int k = 0; k < N; ++k) a[k] += b[k];
-        return a;
-      });
+  return sum_chunks<N>(nv, [&](int64_t begin, int64_t end) {
+    std::array<double, N> acc{};
+    for (int64_t v = begin; v < end; ++v) f(v, acc);
+    return acc;
+  });
 }
 
-// scaled_cell(value_e6, sigma) without two divisions per pixel: a reciprocal guess corrected
-// against the exact first value of each cell, found once by bisection over scaled_cell itself,
-// so the answer is bit-identical to scaled_cell (and to the CUDA and torch backends).
-class CellTable {
+// Colour key -> vertex within one spatial cell: open addressing, sized once to stay at most half
+// full for the largest cell, and a stamp per slot that empties the table for the next cell without
+// touching it. Colour keys are the colour part of the grid key, so a colour neighbour is key + stride.
+class CellVertexTable {
  public:
-  CellTable(double sigma, int64_t max_e6) : sigma_(sigma), last_(scaled_cell(max_e6, sigma)) {
-    first_.resize(last_ + 2);
-    for (int64_t k = 0; k <= last_ + 1; ++k) {
-      int64_t lo = 0, hi = max_e6 + 1;  // first v in [lo, hi] with cell(v) >= k; hi = none
-      while (lo < hi) {
-        const int64_t mid = lo + (hi - lo) / 2;
-        if (scaled_cell(mid, sigma) >= k) hi = mid; else lo = mid + 1;
-      }
-      first_[k] = lo;
-    }
-    inverse_ = 1.0 / (sigma * 1e6);
-  }
+  explicit CellVertexTable(int64_t max_cell_pixels)
+      : slots_(std::bit_ceil(static_cast<uint64_t>(std::max<int64_t>(64, 2 * max_cell_pixels)))),
+        mask_(slots_.size() - 1),
+        shift_(64 - std::countr_zero(slots_.size())) {}
 
-  int64_t operator()(int64_t value_e6) const {
-    int64_t k = std::clamp<int64_t>(static_cast<int64_t>(static_cast<double>(value_e6) * inverse_), 0, last_);
-    while (k < last_ && value_e6 >= first_[k + 1]) ++k;
-    while (k > 0 && value_e6 < first_[k]) --k;
-    return k;
-  }
+  void next_cell() { ++stamp_; }
 
- private:
-  double sigma_, inverse_ = 0.0;
-  int64_t last_;
-  std::vector<int64_t> first_;
-};
-
-// key -> vertex index; keys are > 0 (coordinates are shifted by +1), 0 marks an empty slot.
-class VertexTable {
- public:
-  explicit VertexTable(int64_t expected) { rehash(std::max<int64_t>(1024, 2 * expected)); }
-
-  // Index of `key`, inserting it as vertex `size()` when new.
-  int32_t insert(int64_t key) {
-    if (2 * (count_ + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * slots_.size());
+  // The vertex of `key` in this cell; a new key gets `fresh` and sets *added (no branch on it: in
+  // a photo, whether a pixel opens a vertex is a coin toss the branch predictor loses).
+  int32_t find_or_add(int64_t key, int32_t fresh, bool* added) {
     Slot& slot = slots_[probe(key)];
-    if (slot.key == 0) slot = {key, static_cast<int32_t>(count_++)};
-    return slot.value;
+    *added = slot.stamp != stamp_;
+    const int32_t v = *added ? fresh : slot.vertex;
+    slot = {key, stamp_, v};
+    return v;
   }
 
   int32_t find(int64_t key) const {
     const Slot& slot = slots_[probe(key)];
-    return slot.key == key ? slot.value : -1;
+    return slot.stamp == stamp_ ? slot.vertex : -1;
   }
-
-  int64_t size() const { return count_; }
 
  private:
   struct Slot {
     int64_t key = 0;
-    int32_t value = -1;
+    int32_t stamp = -1;
+    int32_t vertex = -1;
   };
 
   size_t probe(int64_t key) const {
-    const uint64_t h = static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull;  // Fibonacci hashing: top bits
-    size_t slot = static_cast<size_t>(h >> shift_);
-    while (slots_[slot].key != 0 && slots_[slot].key != key) slot = (slot + 1) & mask_;
+    size_t slot = static_cast<size_t>((static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> shift_);
+    while (slots_[slot].stamp == stamp_ && slots_[slot].key != key) slot = (slot + 1) & mask_;
     return slot;
   }
 
-  void rehash(size_t capacity) {
-    size_t cap = 1;
-    while (cap < capacity) cap <<= 1;
-    std::vector<Slot> old = std::move(slots_);
-    slots_.assign(cap, Slot{});
-    mask_ = cap - 1;
-    shift_ = 64 - std::countr_zero(cap);
-    for (const Slot& s : old)
-      if (s.key != 0) slots_[probe(s.key)] = s;
-  }
-
   std::vector<Slot> slots_;
-  size_t mask_ = 0;
-  int shift_ = 64;
-  int64_t count_ = 0;
+  size_t mask_;
+  int shift_;
+  int32_t stamp_ = 0;
 };
 
+// First index of each run of equal spatial cells along an axis of `size` pixels, plus `size`.
+std::vector<int64_t> cell_starts(int64_t size, double sigma_spatial) {
+  std::vector<int64_t> starts;
+  for (int64_t i = 0; i < size; ++i)
+    if (i == 0 || spatial_cell(i, sigma_spatial) != spatial_cell(i - 1, sigma_spatial)) starts.push_back(i);
+  starts.push_back(size);
+  return starts;
+}
+
+int64_t longest_run(const std::vector<int64_t>& starts) {
+  int64_t run = 0;
+  for (size_t i = 1; i < starts.size(); ++i) run = std::max(run, starts[i] - starts[i - 1]);
+  return run;
+}
+
+// Grows v to at least `size` elements, value-initialised, doubling so that growth is amortised.
+template <typename T>
+void grow(std::vector<T>& v, int64_t size) {
+  if (static_cast<int64_t>(v.size()) < size) v.resize(std::max<size_t>(size, 2 * v.size()));
+}
+
+// The bilateral grid of one image (or of a band of its cell rows while building): each pixel's
+// vertex, each vertex's neighbours, the splatted sums per vertex (of 1, of the confidence c and of
+// c * target), and each vertex's colour key with the vertices of each cell.
+struct Grid {
+  int64_t vertices = 0;
+  std::vector<int32_t> neighbours;  // kNeighbours slots per vertex; -1 = none while building
+  std::vector<double> m, w, b;
+  std::vector<int64_t> colour_of;
+  std::vector<int32_t> first_vertex;  // vertices of the band's cell c: [first_vertex[c], first_vertex[c + 1])
+};
+
+// What every band shares: the image, the colour tables and the cell layout.
+struct GridInput {
+  const GridLayout& layout;
+  const uint8_t* rgb;
+  const float *target, *confidence;
+  int64_t confidence_stride, width;  // confidence[i * confidence_stride]: stride 0 for a uniform value
+  CellLookup luma, chroma;
+  std::vector<int64_t> columns, rows;  // cell_starts of the columns and rows
+  int64_t cells_x, max_cell_pixels;
+};
+
+// Neighbour k (odd: +1 along a dimension) of vertex u is j, -1 for none; then the -1 entry of j
+// along the same dimension is u (written to a spare row when there is no j: no branch).
+void link(std::vector<int32_t>& neighbours, int32_t u, int32_t j, int k) {
+  int32_t spare[kNeighbours];
+  neighbours[int64_t(u) * kNeighbours + k] = j;
+  (j >= 0 ? neighbours.data() + int64_t(j) * kNeighbours : spare)[k - 1] = u;
+}
+
+// Cell rows [cy_begin, cy_end) in cell order, vertices numbered from 0 in first-seen order;
+// writes their pixels' vertices to vertex_of_pixel.
+Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* vertex_of_pixel) {
+  const int64_t luma_stride = in.layout.stride[2], u_stride = in.layout.stride[3], v_stride = in.layout.stride[4];
+  const int64_t colour_base = luma_stride + u_stride + v_stride;  // coordinates are shifted by +1
+  const int64_t cells_x = in.cells_x, max_cell_pixels = in.max_cell_pixels, w = in.width;
+  Grid g;
+  g.first_vertex.resize((cy_end - cy_begin) * cells_x + 1);
+  CellVertexTable table(max_cell_pixels);
+  int32_t nv = 0;
+  for (int64_t cy = cy_begin; cy < cy_end; ++cy) {
+    for (int64_t cx = 0; cx < cells_x; ++cx) {
+      const int64_t cell = (cy - cy_begin) * cells_x + cx;
+      table.next_cell();
+      g.first_vertex[cell] = nv;
+      // Per-vertex arrays stay zero beyond the vertex count, so a new vertex starts its sums at 0.
+      for (auto* v : {&g.m, &g.w, &g.b}) grow(*v, nv + max_cell_pixels);
+      grow(g.colour_of, nv + max_cell_pixels);
+      double *m = g.m.data(), *ws = g.w.data(), *b = g.b.data();
+      int64_t* colours = g.colour_of.data();
+      for (int64_t y = in.rows[cy]; y < in.rows[cy + 1]; ++y) {
+        const uint8_t* c = in.rgb + 3 * (y * w + in.columns[cx]);
+        for (int64_t i = y * w + in.columns[cx]; i < y * w + in.columns[cx + 1]; ++i, c += 3) {
+          int64_t yuv[3];
+          yuv_e6(c[0], c[1], c[2], yuv);
+          const int64_t colour = colour_base + in.luma(yuv[0]) * luma_stride + in.chroma(yuv[1]) * u_stride +
+                                 in.chroma(yuv[2]) * v_stride;
+          bool added;
+          const int32_t v = table.find_or_add(colour, nv, &added);
+          colours[nv] = colour;
+          nv += added;
+          vertex_of_pixel[i] = v;
+          const double ci = in.confidence[i * in.confidence_stride];
+          m[v] += 1.0, ws[v] += ci, b[v] += ci * static_cast<double>(in.target[i]);
+        }
+      }
+      // +1 neighbours along luma, U, V lie in this cell; this cell's vertices are the +1 x
+      // neighbours of the left cell's and the +1 y neighbours of the upper cell's.
+      g.first_vertex[cell + 1] = nv;
+      g.neighbours.resize(int64_t(nv) * kNeighbours, -1);
+      for (int32_t u = g.first_vertex[cell]; u < nv; ++u)
+        for (int d = 2; d < kDims; ++d) link(g.neighbours, u, table.find(colours[u] + in.layout.stride[d]), 2 * d + 1);
+      auto link_cell = [&](int64_t from, int k) {
+        for (int32_t u = g.first_vertex[from]; u < g.first_vertex[from + 1]; ++u)
+          link(g.neighbours, u, table.find(colours[u]), k);
+      };
+      if (cx > 0) link_cell(cell - 1, 1);
+      if (cy > cy_begin) link_cell(cell - cells_x, 3);
+    }
+  }
+  g.vertices = nv;
+  for (auto* v : {&g.m, &g.w, &g.b}) v->resize(nv);
+  g.colour_of.resize(nv);
+  return g;
+}
+
+// The whole image's grid: bands of cell rows built in parallel (one per thread when the image is
+// large enough), renumbered into one vertex list in cell order (the numbering, and so the result,
+// does not depend on the number of bands), then linked across band boundaries along y.
+Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
+                int64_t confidence_stride, int64_t h, int64_t w, int32_t* vertex_of_pixel) {
+  GridInput in{layout, rgb, target, confidence, confidence_stride, w,
+               CellLookup(layout.sigma_luma, 255000000), CellLookup(layout.sigma_chroma, 255500000),
+               cell_starts(w, layout.sigma_spatial), cell_starts(h, layout.sigma_spatial), 0, 0};
+  in.cells_x = static_cast<int64_t>(in.columns.size()) - 1;
+  in.max_cell_pixels = longest_run(in.columns) * longest_run(in.rows);
+  const int64_t cells_y = static_cast<int64_t>(in.rows.size()) - 1;
+  const int64_t bands = std::clamp<int64_t>(h * w / kPixelGrain, 1, std::min<int64_t>(at::get_num_threads(), cells_y));
+  std::vector<Grid> band(bands);
+  auto band_rows = [&](int64_t k) { return k * cells_y / bands; };  // first cell row of band k
+  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) band[k] = build_band(in, band_rows(k), band_rows(k + 1), vertex_of_pixel);
+  });
+  if (bands == 1) return std::move(band[0]);
+
+  std::vector<int32_t> offset(bands + 1, 0);
+  for (int64_t k = 0; k < bands; ++k) offset[k + 1] = offset[k] + static_cast<int32_t>(band[k].vertices);
+  Grid g;
+  g.vertices = offset[bands];
+  g.neighbours.resize(g.vertices * kNeighbours);
+  for (auto* v : {&g.m, &g.w, &g.b}) v->resize(g.vertices);
+  g.colour_of.resize(g.vertices);
+  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Grid& b = band[k];
+      const int32_t o = offset[k];
+      std::copy_n(b.m.begin(), b.vertices, g.m.begin() + o), std::copy_n(b.w.begin(), b.vertices, g.w.begin() + o);
+      std::copy_n(b.b.begin(), b.vertices, g.b.begin() + o);
+      std::copy_n(b.colour_of.begin(), b.vertices, g.colour_of.begin() + o);
+      for (int64_t e = 0; e < b.vertices * kNeighbours; ++e)
+        g.neighbours[o * int64_t(kNeighbours) + e] = b.neighbours[e] < 0 ? -1 : b.neighbours[e] + o;
+      for (int64_t i = in.rows[band_rows(k)] * w; i < in.rows[band_rows(k + 1)] * w; ++i) vertex_of_pixel[i] += o;
+    }
+  });
+  // Band k's first cell row is the +1 y neighbour of band k - 1's last: one table per cell.
+  CellVertexTable table(in.max_cell_pixels);
+  for (int64_t k = 1; k < bands; ++k) {
+    const Grid &upper = band[k - 1], &lower = band[k];
+    const int64_t upper_row = (band_rows(k) - 1 - band_rows(k - 1)) * in.cells_x;
+    for (int64_t cx = 0; cx < in.cells_x; ++cx) {
+      table.next_cell();
+      bool added;
+      for (int32_t v = lower.first_vertex[cx]; v < lower.first_vertex[cx + 1]; ++v)
+        table.find_or_add(lower.colour_of[v], v + offset[k], &added);
+      for (int32_t u = upper.first_vertex[upper_row + cx]; u < upper.first_vertex[upper_row + cx + 1]; ++u)
+        link(g.neighbours, u + offset[k - 1], table.find(upper.colour_of[u]), 3);
+    }
+  }
+  return g;
+}
+
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
-void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence, int64_t h,
-                 int64_t w, double lam, int64_t max_iter, double tol, float* out) {
+void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
+                 int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter, double tol, float* out) {
   const int64_t pixels = h * w;
-  const CellTable luma(layout.sigma_luma, 255000000), chroma(layout.sigma_chroma, 255500000);
-  // pack_key is linear in the cells: key = row part + column part + colour part, with the
-  // strides in locals (stores to pixel_key could otherwise alias them and force reloads).
-  const int64_t luma_stride = layout.stride[2], u_stride = layout.stride[3], v_stride = layout.stride[4];
-  std::vector<int64_t> column_part(w);
-  for (int64_t x = 0; x < w; ++x) {
-    const int64_t cell[kDims] = {spatial_cell(x, layout.sigma_spatial), -1, -1, -1, -1};
-    column_part[x] = pack_key(layout, 0, cell);
-  }
-  std::vector<int64_t> pixel_key(pixels);
-  at::parallel_for(0, h, std::max<int64_t>(1, kPixelGrain / w), [&](int64_t row_begin, int64_t row_end) {
-    const int64_t* columns = column_part.data();
-    for (int64_t y = row_begin; y < row_end; ++y) {
-      const int64_t row_cell[kDims] = {-1, spatial_cell(y, layout.sigma_spatial), 0, 0, 0};
-      const int64_t row_part = pack_key(layout, 0, row_cell);
-      const uint8_t* c = rgb + 3 * y * w;
-      int64_t* __restrict keys = pixel_key.data() + y * w;
-      for (int64_t x = 0; x < w; ++x, c += 3) {
-        int64_t yuv[3];
-        yuv_e6(c[0], c[1], c[2], yuv);
-        keys[x] = row_part + columns[x] + luma(yuv[0]) * luma_stride + chroma(yuv[1]) * u_stride +
-                  chroma(yuv[2]) * v_stride;
-      }
-    }
-  });
-
-  // Unique vertices in first-seen order, splatting 1, c and c*t on the way.
-  VertexTable table(pixels / 16);
   std::vector<int32_t> vertex_of_pixel(pixels);
-  std::vector<int64_t> vertex_key_of;
-  std::vector<double> m, wsplat, b;
-  int64_t last_key = 0;
-  int32_t last_vertex = -1;
-  for (int64_t i = 0; i < pixels; ++i) {
-    int32_t v = last_vertex;
-    if (pixel_key[i] != last_key) {
-      // Most pixels share the vertex of the pixel to the left or above; only the rest probe.
-      v = (i >= w && pixel_key[i - w] == pixel_key[i]) ? vertex_of_pixel[i - w] : table.insert(pixel_key[i]);
-      if (v == static_cast<int32_t>(m.size())) {
-        vertex_key_of.push_back(pixel_key[i]);
-        m.push_back(0.0), wsplat.push_back(0.0), b.push_back(0.0);
-      }
-      last_key = pixel_key[i], last_vertex = v;
-    }
-    vertex_of_pixel[i] = v;
-    m[v] += 1.0;
-    wsplat[v] += static_cast<double>(confidence[i]);
-    b[v] += static_cast<double>(confidence[i]) * static_cast<double>(target[i]);
-  }
-  const int64_t nv = table.size();
+  Grid grid = build_grid(layout, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.data());
+  const int64_t nv = grid.vertices;
+  for (int32_t& j : grid.neighbours) j = j < 0 ? static_cast<int32_t>(nv) : j;  // the sentinel
+  std::vector<double>&m = grid.m, &wsplat = grid.w, &b = grid.b;
+  const SentinelNeighbours neighbours{grid.neighbours.data()};
 
-  // Neighbours are symmetric: look up only +1 along each dimension (odd k) and fill in the
-  // -1 entry (k - 1) of the vertex found. Each entry has exactly one writer.
-  std::vector<int32_t> nbr(nv * kNeighbours, static_cast<int32_t>(nv));
-  for_vertices(nv, [&](int64_t v) {
-    for (int k = 1; k < kNeighbours; k += 2) {
-      const int32_t u = table.find(neighbour_key(layout, vertex_key_of[v], k));
-      if (u >= 0) nbr[v * kNeighbours + k] = u, nbr[int64_t(u) * kNeighbours + k - 1] = static_cast<int32_t>(v);
-    }
-  });
-  const SentinelNeighbours neighbours{nbr.data()};
-
-  // Bistochastization.
-  std::vector<double> n(nv + 1, 1.0), scratch(nv + 1, 0.0);  // [nv]: the sentinel
+  // Bistochastization. Every vector the blur gathers from has a zero entry [nv] (the sentinel).
+  std::vector<double> n(nv + 1, 1.0), scratch(nv + 1, 0.0);
   n[nv] = 0.0;
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < kBistochasticSteps; ++it) {
@@ -210,12 +294,18 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
   }
   for_vertices(nv, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
 
-  // scipy.sparse.linalg.cg from y0 = b / w; np holds n * (the vector A is applied to).
-  std::vector<double> y(nv), r(nv), z(nv), p(nv), q(nv), np(nv + 1, 0.0), inv_diag(nv);  // np[nv]: the sentinel
+  // Preconditioned CG from y0 = b / w with scipy's stopping rule (before every iteration:
+  // stop when |r| < tol |b|; at most max_iter iterations), in the Chronopoulos-Gear arrangement:
+  // the same iterates in exact arithmetic, but one elementwise pass and one pass applying A per
+  // iteration instead of three passes (s = A p is kept by recurrence).
+  std::vector<double> diag(nv), lam_n(nv), inv_diag(nv), y(nv), r(nv), u(nv), nu(nv + 1, 0.0), s(nv, 0.0),
+      p(nv, 0.0), q(nv);  // nu = n * u, gathered by the blur
   const double b_norm = std::sqrt(sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
-    np[v] = n[v] * y[v];
-    inv_diag[v] = inverse_diagonal(m[v], n[v], wsplat[v], lam);
+    nu[v] = n[v] * y[v];
+    diag[v] = a_diagonal(m[v], n[v], wsplat[v], lam);
+    lam_n[v] = lam * n[v];
+    inv_diag[v] = 1.0 / std::max(diag[v], kDiagMin);
     acc[0] += b[v] * b[v];
   })[0]);
   if (b_norm == 0.0) {
@@ -223,35 +313,55 @@ void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* targ
     return;
   }
   const double atol = tol * b_norm;
-  const double *pm = m.data(), *pn = n.data(), *pw = wsplat.data(), *pnp = np.data();
-  for_vertices(nv, [&](int64_t v) { r[v] = b[v] - apply_a_at(neighbours, pm, pn, pw, y.data(), pnp, lam, v); });
-  // z = M r with r.r and r.z, fused into the update of y and r after the first time.
-  auto precondition = [&](int64_t v, std::array<double, 2>& acc) {
-    z[v] = r[v] * inv_diag[v];
-    acc[0] += r[v] * r[v];
-    acc[1] += r[v] * z[v];
+  auto apply_a = [&](const std::vector<double>& x, int64_t v) {
+    return apply_a_factored(neighbours, diag[v], lam_n[v], x[v], nu.data(), v);
   };
-  std::array<double, 2> sums = sum_vertices<2>(nv, precondition);
-  double rr = sums[0], rho = sums[1], rho_prev = 0.0;
+  // u = M r, nu = n u, with r.r and r.u.
+  auto precondition = [&](int64_t v, std::array<double, 2>& acc) {
+    u[v] = r[v] * inv_diag[v];
+    acc[0] += r[v] * r[v];
+    acc[1] += r[v] * u[v];
+  };
+  auto sums = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
+    r[v] = b[v] - apply_a(y, v);
+    precondition(v, acc);
+  });
+  for_vertices(nv, [&](int64_t v) { nu[v] = n[v] * u[v]; });
+  double alpha = 0.0, gamma_prev = 0.0;
   for (int64_t it = 0; it < max_iter; ++it) {
-    if (std::sqrt(rr) < atol) break;  // scipy's test, before every iteration
-    const double beta = it == 0 ? 0.0 : rho / rho_prev;
-    for_vertices(nv, [&](int64_t v) {
-      p[v] = z[v] + beta * p[v];
-      np[v] = n[v] * p[v];
-    });
-    const double pq = sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
-      q[v] = apply_a_at(neighbours, pm, pn, pw, p.data(), pnp, lam, v);
-      acc[0] += p[v] * q[v];
+    if (std::sqrt(sums[0]) < atol) break;
+    const double gamma = sums[1];
+    const double delta = sum_chunks<1>(nv, [&](int64_t begin, int64_t end) {
+      double qu = 0.0;
+#pragma omp simd reduction(+ : qu)  // partial sums per lane: no serial chain of adds
+      for (int64_t v = begin; v < end; ++v) {
+        q[v] = apply_a(u, v);  // q = A u
+        qu += q[v] * u[v];
+      }
+      return std::array<double, 1>{qu};
     })[0];
-    const double alpha = pq != 0.0 ? rho / pq : 0.0;  // pq == 0 only when r == 0 (tol == 0)
-    rho_prev = rho;
-    sums = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
-      y[v] += alpha * p[v];
-      r[v] -= alpha * q[v];
-      precondition(v, acc);
+    const double beta = it == 0 ? 0.0 : gamma / gamma_prev;
+    const double pap = it == 0 ? delta : delta - beta * gamma / alpha;  // p.Ap of the new direction
+    alpha = pap != 0.0 ? gamma / pap : 0.0;  // p.Ap == 0 only when r == 0 (tol == 0)
+    gamma_prev = gamma;
+    sums = sum_chunks<2>(nv, [&](int64_t begin, int64_t end) {
+      double rr = 0.0, ru = 0.0;
+      double *pp = p.data(), *ps = s.data(), *py = y.data(), *pr = r.data(), *pu = u.data(), *pnu = nu.data();
+      const double *pq = q.data(), *pinv = inv_diag.data(), *pn = n.data();
+#pragma omp simd reduction(+ : rr, ru)  // the hot elementwise pass: vectorised, partial sums per lane
+      for (int64_t v = begin; v < end; ++v) {
+        pp[v] = pu[v] + beta * pp[v];
+        ps[v] = pq[v] + beta * ps[v];
+        py[v] += alpha * pp[v];
+        pr[v] -= alpha * ps[v];
+        pu[v] = pr[v] * pinv[v];
+        pnu[v] = pn[v] * pu[v];
+        rr += pr[v] * pr[v];
+        ru += pr[v] * pu[v];
+      }
+      return std::array<double, 2>{rr, ru};
     });
-    rr = sums[0], rho = sums[1];
+    if (alpha == 0.0) break;
   }
 
   at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
@@ -263,20 +373,24 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
                                const at::Tensor& sizes, double sigma_spatial, double sigma_luma, double sigma_chroma,
                                double lam, int64_t max_iter, double tol) {
   const BilateralBatch batch = check_bilateral_inputs(image, target, confidence, sizes);
+  check_bilateral_grid(batch, sigma_spatial, sigma_luma, sigma_chroma);
   const auto img = image.contiguous();
   const auto t = target.contiguous();
-  const auto c = confidence.contiguous();
+  // A uniform confidence may come as one value expanded (stride 0): read it in place.
+  const int64_t confidence_stride = confidence.numel() > 1 && confidence.stride(0) == 0 ? 0 : 1;
+  const auto c = confidence_stride ? confidence.contiguous() : confidence;
   auto out = at::empty({batch.pixels()}, target.options());
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
   // Several ordinary-sized images: one image per thread (one fork/join for the whole batch).
   // Large images: one at a time, each parallel inside.
-  const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < kPixelGrain;
+  const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < (1 << 20);
   at::parallel_for(0, batch.size(), across_images ? 1 : batch.size(), [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i) {
       const int64_t start = batch.pixel_start[i];
       if (batch.height[i] * batch.width[i] > 0)
         solve_image(layout, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
-                    c.data_ptr<float>() + start, batch.height[i], batch.width[i], lam, max_iter, tol,
+                    c.data_ptr<float>() + start * confidence_stride, confidence_stride, batch.height[i],
+                    batch.width[i], lam, max_iter, tol,
                     out.data_ptr<float>() + start);
     }
   });

@@ -25,6 +25,7 @@ at::Tensor bilateral_solve_cuda(const at::Tensor& image, const at::Tensor& targe
                                 const at::Tensor& sizes, double sigma_spatial, double sigma_luma, double sigma_chroma,
                                 double lam, int64_t max_iter, double tol) {
   const BilateralBatch shape = check_bilateral_inputs(image, target, confidence, sizes);
+  check_bilateral_grid(shape, sigma_spatial, sigma_luma, sigma_chroma);
   c10::cuda::CUDAGuard guard(image.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto dev = image.options();

@@ -57,7 +57,33 @@ int main() {
   // row 0 of lam (Dm - Dn B Dn) + W applied to p = x: 2 (3 - 0.5 (10 * 0.5 + 0.5)) + 1
   EXPECT(std::fabs(apply_a_at(nbr, m, n, w, x, np, 2.0, 0) - (2.0 * (3.0 - 0.5 * 5.5) + 1.0)) < 1e-12);
   EXPECT(apply_a_at(compact, m, n, w, x, np, 2.0, 1) == apply_a_at(nbr, m, n, w, x, np, 2.0, 1));
+  // The factored row (CPU) is the same row: diag p_i - lam n_i (sum of np_j over the neighbours).
+  for (int i = 0; i < 2; ++i)
+    EXPECT(std::fabs(apply_a_factored(compact, a_diagonal(m[i], n[i], w[i], 2.0), 2.0 * n[i], x[i], np, i) -
+                     apply_a_at(nbr, m, n, w, x, np, 2.0, i)) < 1e-12);
   EXPECT(inverse_diagonal(1.0, 1.0, 0.0, 1.0) == 1.0 / kDiagMin);  // clamped like the published code
   EXPECT(std::fabs(bistochastic_step(1.0, 4.0, 16.0) - 0.5) < 1e-15);
+
+  // CellLookup == scaled_cell: every value near each cell boundary and each bucket start, the
+  // first 2M values, and a strided sweep of the whole range, for sigmas from 0.05 to 64.
+  for (double sigma : {16.0, 8.0, 4.0, 24.0, 3.0, 0.7, 1.3, 0.05, 64.0, 6.0}) {
+    for (int64_t max_e6 : {int64_t{255000000}, int64_t{255500000}}) {
+      const CellLookup cell(sigma, max_e6);
+      int64_t mismatches = 0;
+      auto check = [&](int64_t v) {
+        if (v >= 0 && v <= max_e6 && cell(v) != scaled_cell(v, sigma)) ++mismatches;
+      };
+      for (int64_t k = 0; k <= scaled_cell(max_e6, sigma) + 1; ++k) {
+        const auto boundary = static_cast<int64_t>(k * sigma * 1e6);
+        for (int64_t d = -3; d <= 3; ++d) check(boundary + d);
+      }
+      for (int64_t v = 0; v < 2000000; ++v) check(v);
+      for (int64_t v = 0; v <= max_e6; v += 997) check(v);
+      for (int64_t s = 1; s < 40; ++s)
+        for (int64_t b = 0; (b << s) <= max_e6 && b < 4096; ++b) check(b << s), check((b << s) - 1);
+      check(max_e6);
+      EXPECT(mismatches == 0);
+    }
+  }
   return finish("bilateral");
 }

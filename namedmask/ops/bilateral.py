@@ -125,9 +125,12 @@ def bilateral_solve_batch(images: list, targets: list, confidences: list | None 
         _check_key_range(sizes, params)
         flat_image = _flat_cat([images[i] for i in todo]).view(-1, 3)
         flat_target = _flat_cat([targets[i].float() for i in todo])
-        flat_conf = _flat_cat([confidences[i].float() if confidences[i] is not None
-                               else torch.full(targets[i].shape, DEFAULT_CONFIDENCE, device=device)
-                               for i in todo])
+        if all(confidences[i] is None for i in todo):  # one value expanded: no [P] buffer to write and read
+            flat_conf = torch.full((1,), DEFAULT_CONFIDENCE, device=device).expand(flat_target.numel())
+        else:
+            flat_conf = _flat_cat([confidences[i].float() if confidences[i] is not None
+                                   else torch.full(targets[i].shape, DEFAULT_CONFIDENCE, device=device)
+                                   for i in todo])
         _, impl = select("bilateral_solve", backend, device)
         flat = impl(flat_image, flat_target, flat_conf, sizes.to(device), params.sigma_spatial, params.sigma_luma,
                     params.sigma_chroma, params.lam, int(max_iter), float(tol))

@@ -15,6 +15,7 @@
 // key -/+ stride[d] and never aliases another vertex (the base-255 hash of the published code
 // breaks for images wider than 255 σs). The Python wrapper checks that the batch fits in 63 bits.
 #include <cmath>
+#include <vector>
 
 #include "namedmask/common.h"
 
@@ -44,6 +45,45 @@ NM_HD int64_t scaled_cell(int64_t value_e6, double sigma) {
 NM_HD int64_t spatial_cell(int64_t pos, double sigma_spatial) {
   return static_cast<int64_t>(static_cast<double>(pos) / sigma_spatial);
 }
+
+#if !defined(__CUDA_ARCH__)
+// Host fast path of scaled_cell(value_e6, sigma) for 0 <= value_e6 <= max_e6, for the per-pixel
+// loop of the CPU backend: the range is cut into buckets of 2^shift values, fewer than a cell
+// holds, so a bucket contains at most one cell boundary; each bucket stores its first cell and
+// where that boundary falls. Built by bisection over scaled_cell itself, so bit-identical to it.
+class CellLookup {
+ public:
+  CellLookup(double sigma, int64_t max_e6) {
+    // Cells span sigma * 1e6 values, give or take one from rounding.
+    while (shift_ < 40 && static_cast<double>(int64_t{2} << shift_) <= sigma * 1e6 - 2.0) ++shift_;
+    const int64_t size = int64_t{1} << shift_;
+    buckets_.resize((max_e6 >> shift_) + 1);
+    for (size_t j = 0; j < buckets_.size(); ++j) {
+      const int64_t lo = static_cast<int64_t>(j) << shift_;
+      const int64_t first = scaled_cell(lo, sigma);
+      int64_t a = lo, b = lo + size;  // the first value of the next cell lies in (a, b]; b = none
+      while (b - a > 1) {
+        const int64_t mid = a + (b - a) / 2;
+        if (scaled_cell(mid, sigma) > first) b = mid; else a = mid;
+      }
+      buckets_[j] = {first, b - lo};
+    }
+  }
+
+  int64_t operator()(int64_t value_e6) const {
+    const Bucket& k = buckets_[value_e6 >> shift_];
+    return k.first + ((value_e6 & ((int64_t{1} << shift_) - 1)) >= k.boundary);
+  }
+
+ private:
+  struct Bucket {
+    int64_t first;     // cell of the bucket's first value
+    int64_t boundary;  // offset in the bucket of the next cell's first value (2^shift: none)
+  };
+  int shift_ = 0;
+  std::vector<Bucket> buckets_;
+};
+#endif
 
 // The grid layout of one batch: strides of the mixed-radix key (image is the most significant
 // digit, so sorted keys group vertices by image).
@@ -102,8 +142,9 @@ NM_HD int64_t neighbour_key(const GridLayout& g, int64_t key, int k) {
 // Neighbour lists in two layouts with the same meaning, both kNeighbours slots per vertex, slot k
 // = neighbour k. Padded: a missing neighbour is -1 (coalesced on the GPU, no scan to build).
 // Sentinel (CPU): a missing neighbour is V, an extra entry that every gathered vector holds as 0,
-// so the blur is a fixed 10-term sum without branches (a variable-length list, or a -1 test per
-// slot, costs mispredicted branches: measured 2x slower blur on photos).
+// so the blur is a fixed 10-term sum without branches (a variable-length list costs mispredicted
+// branches: measured 2x slower blur on photos; a compressed list sorted by length, predictable,
+// measured no faster than the sentinel's 10 loads).
 struct PaddedNeighbours {
   const int32_t* index;  // [V * kNeighbours]
   template <typename F>
@@ -140,9 +181,22 @@ NM_HD double apply_a_at(const Neighbours& nbr, const double* m, const double* n,
   return lam * (m[i] * p[i] - n[i] * bnp) + w[i] * p[i];
 }
 
-// Jacobi preconditioner: 1 / max(diag(A), kDiagMin); B has kCenterWeight on its diagonal.
+// diag(A) at vertex i: B has kCenterWeight on its diagonal.
+NM_HD double a_diagonal(double m, double n, double w, double lam) { return lam * (m - kCenterWeight * n * n) + w; }
+
+// The same row factored for a CPU loop that keeps two coefficients per vertex instead of
+// m, n, w: (A p)_i = diag_i p_i - (lam n_i) * (sum of np_j over the neighbours).
+template <typename Neighbours>
+NM_HD double apply_a_factored(const Neighbours& nbr, double diag, double lam_n, double p_i, const double* np,
+                              int64_t i) {
+  double acc = 0.0;
+  nbr.for_each(i, [&](int32_t j) { acc += np[j]; });
+  return diag * p_i - lam_n * (kNeighbourWeight * acc);
+}
+
+// Jacobi preconditioner: 1 / max(diag(A), kDiagMin).
 NM_HD double inverse_diagonal(double m, double n, double w, double lam) {
-  const double d = lam * (m - kCenterWeight * n * n) + w;
+  const double d = a_diagonal(m, n, w, lam);
   return 1.0 / (d > kDiagMin ? d : kDiagMin);
 }
 

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -42,6 +43,21 @@ inline BilateralBatch check_bilateral_inputs(const at::Tensor& image, const at::
   TORCH_CHECK(batch.pixels() == image.size(0), "bilateral_solve: sizes describe ", batch.pixels(),
               " pixels, image has ", image.size(0));
   return batch;
+}
+
+// Grid keys are mixed-radix int64 over (image, y, x, Y, U, V) (namedmask/bilateral.h): the
+// radices (extents + 2, as grid_radices, here in double so tiny sigmas cannot overflow) times the
+// batch size must stay below 2^62. namedmask.ops checks this too, with advice; the raw op must not
+// trust its caller.
+inline void check_bilateral_grid(const BilateralBatch& batch, double sigma_spatial, double sigma_luma,
+                                 double sigma_chroma) {
+  for (double sigma : {sigma_spatial, sigma_luma, sigma_chroma})
+    TORCH_CHECK(sigma > 0 && std::isfinite(sigma), "bilateral_solve: sigmas must be positive and finite, got ", sigma);
+  const double span = static_cast<double>(batch.size()) * (std::floor((batch.max_w - 1) / sigma_spatial) + 3) *
+                      (std::floor((batch.max_h - 1) / sigma_spatial) + 3) * (std::floor(255.0 / sigma_luma) + 3) *
+                      std::pow(std::floor(255.5 / sigma_chroma) + 3, 2);
+  TORCH_CHECK(span < 4.6e18, "bilateral_solve: the bilateral grid of ", batch.size(), " image(s) up to ", batch.max_h,
+              "x", batch.max_w, " has too many cells for 64-bit keys; use larger sigmas or fewer images per call");
 }
 
 }  // namespace namedmask
