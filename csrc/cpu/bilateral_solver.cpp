@@ -28,11 +28,11 @@ namespace {
 using namespace bilateral;
 
 // Loops run on torch's intra-op pool (at::parallel_for), the pool torch's own ops use, so two
-// OpenMP runtimes never fight over the cores. Vertex loops split into chunks of kVertexChunk
-// (~10 us of work: a fork/join costs a few us on an idle machine, and much more when a core is
-// taken by something else); sums are added per chunk and then in chunk order, so the result does
-// not depend on the number of threads.
-constexpr int64_t kVertexChunk = 4096;
+// OpenMP runtimes never fight over the cores. A vertex loop forks once (into one task per thread)
+// only when it has more than one chunk of kVertexChunk vertices (a few us of work: a fork/join
+// costs about that on an idle machine); sums are taken per chunk and added in chunk order, so the
+// result does not depend on the number of threads. Chunks are small for an even split.
+constexpr int64_t kVertexChunk = 1024;
 constexpr int64_t kPixelGrain = 1 << 16;
 
 template <typename F>
