@@ -16,6 +16,7 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <memory>
 #include <vector>
 
 #include "namedmask/bilateral.h"
@@ -27,11 +28,11 @@ namespace {
 using namespace bilateral;
 
 // Loops run on torch's intra-op pool (at::parallel_for), the pool torch's own ops use, so two
-// OpenMP runtimes never fight over the cores. Vertex loops split into chunks of kVertexChunk
-// (~10 us of work: a fork/join costs a few us on an idle machine, and much more when a core is
-// taken by something else); sums are added per chunk and then in chunk order, so the result does
-// not depend on the number of threads.
-constexpr int64_t kVertexChunk = 4096;
+// OpenMP runtimes never fight over the cores. A vertex loop forks once (into one task per thread)
+// only when it has more than one chunk of kVertexChunk vertices (a few us of work: a fork/join
+// costs about that on an idle machine); sums are taken per chunk and added in chunk order, so the
+// result does not depend on the number of threads. Chunks are small for an even split.
+constexpr int64_t kVertexChunk = 1024;
 constexpr int64_t kPixelGrain = 1 << 16;
 
 template <typename F>
@@ -69,45 +70,55 @@ std::array<double, N> sum_vertices(int64_t nv, F&& f) {
 // full for the largest cell, and a stamp per slot that empties the table for the next cell without
 // touching it. Colour keys are the colour part of the grid key, so a colour neighbour is key + stride.
 class CellVertexTable {
- public:
-  explicit CellVertexTable(int64_t max_cell_pixels)
-      : slots_(std::bit_ceil(static_cast<uint64_t>(std::max<int64_t>(64, 2 * max_cell_pixels)))),
-        mask_(slots_.size() - 1),
-        shift_(64 - std::countr_zero(slots_.size())) {}
-
-  void next_cell() { ++stamp_; }
-
-  // The vertex of `key` in this cell; a new key gets `fresh` and sets *added (no branch on it: in
-  // a photo, whether a pixel opens a vertex is a coin toss the branch predictor loses).
-  int32_t find_or_add(int64_t key, int32_t fresh, bool* added) {
-    Slot& slot = slots_[probe(key)];
-    *added = slot.stamp != stamp_;
-    const int32_t v = *added ? fresh : slot.vertex;
-    slot = {key, stamp_, v};
-    return v;
-  }
-
-  int32_t find(int64_t key) const {
-    const Slot& slot = slots_[probe(key)];
-    return slot.stamp == stamp_ ? slot.vertex : -1;
-  }
-
- private:
   struct Slot {
     int64_t key = 0;
     int32_t stamp = -1;
     int32_t vertex = -1;
   };
 
-  size_t probe(int64_t key) const {
-    size_t slot = static_cast<size_t>((static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> shift_);
-    while (slots_[slot].stamp == stamp_ && slots_[slot].key != key) slot = (slot + 1) & mask_;
-    return slot;
-  }
+ public:
+  explicit CellVertexTable(int64_t max_cell_pixels)
+      : slots_(std::bit_ceil(static_cast<uint64_t>(std::max<int64_t>(64, 2 * max_cell_pixels)))) {}
 
+  // The (empty) table of the next cell, as a small value for the pixel loop to keep in registers.
+  class Cell {
+   public:
+    // The vertex of `key` in this cell; a new key gets `fresh` and sets *added (no branch on it:
+    // in a photo, whether a pixel opens a vertex is a coin toss the branch predictor loses).
+    int32_t find_or_add(int64_t key, int32_t fresh, bool* added) const {
+      Slot& slot = slots_[probe(key)];
+      *added = slot.stamp != stamp_;
+      const int32_t v = *added ? fresh : slot.vertex;
+      slot = {key, stamp_, v};
+      return v;
+    }
+
+    int32_t find(int64_t key) const {
+      const Slot& slot = slots_[probe(key)];
+      return slot.stamp == stamp_ ? slot.vertex : -1;
+    }
+
+   private:
+    friend class CellVertexTable;
+    Cell(Slot* slots, size_t size, int32_t stamp)
+        : slots_(slots), mask_(size - 1), shift_(64 - std::countr_zero(size)), stamp_(stamp) {}
+
+    size_t probe(int64_t key) const {
+      size_t slot = static_cast<size_t>((static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull) >> shift_);
+      while (slots_[slot].stamp == stamp_ && slots_[slot].key != key) slot = (slot + 1) & mask_;
+      return slot;
+    }
+
+    Slot* slots_;
+    size_t mask_;
+    int shift_;
+    int32_t stamp_;
+  };
+
+  Cell next_cell() { return Cell(slots_.data(), slots_.size(), ++stamp_); }
+
+ private:
   std::vector<Slot> slots_;
-  size_t mask_;
-  int shift_;
   int32_t stamp_ = 0;
 };
 
@@ -170,32 +181,42 @@ Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* 
   const int64_t cells_x = in.cells_x, max_cell_pixels = in.max_cell_pixels, w = in.width;
   Grid g;
   g.first_vertex.resize((cy_end - cy_begin) * cells_x + 1);
-  CellVertexTable table(max_cell_pixels);
+  // Photos have a vertex per 10-30 pixels: room for one per 8 (address space only until used)
+  // spares the copies of repeated growth.
+  const int64_t expected = (in.rows[cy_end] - in.rows[cy_begin]) * w / 8 + max_cell_pixels;
+  for (auto* v : {&g.m, &g.w, &g.b}) v->reserve(expected);
+  g.colour_of.reserve(expected), g.neighbours.reserve(expected * kNeighbours);
+  CellVertexTable tables(max_cell_pixels);
+  const CellLookup::View luma = in.luma.view(), chroma = in.chroma.view();
   int32_t nv = 0;
   for (int64_t cy = cy_begin; cy < cy_end; ++cy) {
     for (int64_t cx = 0; cx < cells_x; ++cx) {
       const int64_t cell = (cy - cy_begin) * cells_x + cx;
-      table.next_cell();
+      const CellVertexTable::Cell table = tables.next_cell();
       g.first_vertex[cell] = nv;
       // Per-vertex arrays stay zero beyond the vertex count, so a new vertex starts its sums at 0.
       for (auto* v : {&g.m, &g.w, &g.b}) grow(*v, nv + max_cell_pixels);
       grow(g.colour_of, nv + max_cell_pixels);
       double *m = g.m.data(), *ws = g.w.data(), *b = g.b.data();
       int64_t* colours = g.colour_of.data();
-      for (int64_t y = in.rows[cy]; y < in.rows[cy + 1]; ++y) {
-        const uint8_t* c = in.rgb + 3 * (y * w + in.columns[cx]);
-        for (int64_t i = y * w + in.columns[cx]; i < y * w + in.columns[cx + 1]; ++i, c += 3) {
+      // Everything the pixel loop reads is in locals: stores into the arrays could alias members.
+      const int64_t x_begin = in.columns[cx], x_end = in.columns[cx + 1], y_end = in.rows[cy + 1];
+      const float *target = in.target, *confidence = in.confidence;
+      const int64_t confidence_stride = in.confidence_stride;
+      for (int64_t y = in.rows[cy]; y < y_end; ++y) {
+        const uint8_t* c = in.rgb + 3 * (y * w + x_begin);
+        for (int64_t i = y * w + x_begin, end = y * w + x_end; i < end; ++i, c += 3) {
           int64_t yuv[3];
           yuv_e6(c[0], c[1], c[2], yuv);
-          const int64_t colour = colour_base + in.luma(yuv[0]) * luma_stride + in.chroma(yuv[1]) * u_stride +
-                                 in.chroma(yuv[2]) * v_stride;
+          const int64_t colour =
+              colour_base + luma(yuv[0]) * luma_stride + chroma(yuv[1]) * u_stride + chroma(yuv[2]) * v_stride;
           bool added;
           const int32_t v = table.find_or_add(colour, nv, &added);
           colours[nv] = colour;
           nv += added;
           vertex_of_pixel[i] = v;
-          const double ci = in.confidence[i * in.confidence_stride];
-          m[v] += 1.0, ws[v] += ci, b[v] += ci * static_cast<double>(in.target[i]);
+          const double ci = confidence[i * confidence_stride];
+          m[v] += 1.0, ws[v] += ci, b[v] += ci * static_cast<double>(target[i]);
         }
       }
       // +1 neighbours along luma, U, V lie in this cell; this cell's vertices are the +1 x
@@ -257,12 +278,12 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
     }
   });
   // Band k's first cell row is the +1 y neighbour of band k - 1's last: one table per cell.
-  CellVertexTable table(in.max_cell_pixels);
+  CellVertexTable tables(in.max_cell_pixels);
   for (int64_t k = 1; k < bands; ++k) {
     const Grid &upper = band[k - 1], &lower = band[k];
     const int64_t upper_row = (band_rows(k) - 1 - band_rows(k - 1)) * in.cells_x;
     for (int64_t cx = 0; cx < in.cells_x; ++cx) {
-      table.next_cell();
+      const CellVertexTable::Cell table = tables.next_cell();
       bool added;
       for (int32_t v = lower.first_vertex[cx]; v < lower.first_vertex[cx + 1]; ++v)
         table.find_or_add(lower.colour_of[v], v + offset[k], &added);
@@ -277,8 +298,8 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
 void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
                  int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter, double tol, float* out) {
   const int64_t pixels = h * w;
-  std::vector<int32_t> vertex_of_pixel(pixels);
-  Grid grid = build_grid(layout, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.data());
+  const std::unique_ptr<int32_t[]> vertex_of_pixel(new int32_t[pixels]);  // every entry is written: no zeroing
+  Grid grid = build_grid(layout, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get());
   const int64_t nv = grid.vertices;
   for (int32_t& j : grid.neighbours) j = j < 0 ? static_cast<int32_t>(nv) : j;  // the sentinel
   std::vector<double>&m = grid.m, &wsplat = grid.w, &b = grid.b;

@@ -53,6 +53,23 @@ NM_HD int64_t spatial_cell(int64_t pos, double sigma_spatial) {
 // where that boundary falls. Built by bisection over scaled_cell itself, so bit-identical to it.
 class CellLookup {
  public:
+  struct Bucket {
+    int64_t first;     // cell of the bucket's first value
+    int64_t boundary;  // offset in the bucket of the next cell's first value (2^shift: none)
+  };
+
+  // The lookup as a small value for a hot loop to keep in registers (members are reloaded after
+  // every store that might alias them).
+  struct View {
+    const Bucket* buckets;
+    int shift;
+    int64_t mask;
+    int64_t operator()(int64_t value_e6) const {
+      const Bucket& k = buckets[value_e6 >> shift];
+      return k.first + ((value_e6 & mask) >= k.boundary);
+    }
+  };
+
   CellLookup(double sigma, int64_t max_e6) {
     // Cells span sigma * 1e6 values, give or take one from rounding.
     while (shift_ < 40 && static_cast<double>(int64_t{2} << shift_) <= sigma * 1e6 - 2.0) ++shift_;
@@ -70,16 +87,10 @@ class CellLookup {
     }
   }
 
-  int64_t operator()(int64_t value_e6) const {
-    const Bucket& k = buckets_[value_e6 >> shift_];
-    return k.first + ((value_e6 & ((int64_t{1} << shift_) - 1)) >= k.boundary);
-  }
+  View view() const { return {buckets_.data(), shift_, (int64_t{1} << shift_) - 1}; }
+  int64_t operator()(int64_t value_e6) const { return view()(value_e6); }
 
  private:
-  struct Bucket {
-    int64_t first;     // cell of the bucket's first value
-    int64_t boundary;  // offset in the bucket of the next cell's first value (2^shift: none)
-  };
   int shift_ = 0;
   std::vector<Bucket> buckets_;
 };
