@@ -143,15 +143,15 @@ void grow(std::vector<T>& v, int64_t size) {
   if (static_cast<int64_t>(v.size()) < size) v.resize(std::max<size_t>(size, 2 * v.size()));
 }
 
-// The bilateral grid of one image (or of a band of its cell rows while building): each pixel's
-// vertex, each vertex's neighbours, the splatted sums per vertex (of 1, of the confidence c and of
-// c * target), and each vertex's colour key with the vertices of each cell.
+// The bilateral grid of one image, or of a band of its cell rows while building: each vertex's
+// neighbours, splatted sums (of 1, of the confidence c and of c * target) and colour key. (Each
+// pixel's vertex goes to a separate array.)
 struct Grid {
   int64_t vertices = 0;
   std::vector<int32_t> neighbours;  // kNeighbours slots per vertex; -1 = none while building
   std::vector<double> m, w, b;
   std::vector<int64_t> colour_of;
-  std::vector<int32_t> first_vertex;  // vertices of the band's cell c: [first_vertex[c], first_vertex[c + 1])
+  std::vector<int32_t> first_vertex;  // bands: vertices of cell c are [first_vertex[c], first_vertex[c + 1])
 };
 
 // What every band shares: the image, the colour tables and the cell layout.
