@@ -157,6 +157,16 @@ def test_exact_cell_boundaries(backend):
                                                       backend=backend), want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_spatial_sigmas(backend):
+    """sigma_spatial 0.3: every pixel is its own cell; 5.5: cells of uneven width; 1000: one cell
+    for the whole image (the CPU backend sizes its per-cell tables by the colour keys there are)."""
+    img, target = synthetic(30, 41, seed=7)
+    for ss in (0.3, 5.5, 1000.0):
+        want = ops.bilateral_solve(img, target, sigma_spatial=ss, max_iter=8, backend="torch")
+        assert_close_to_reference(ops.bilateral_solve(img, target, sigma_spatial=ss, max_iter=8, backend=backend), want)
+
+
 def test_grid_wider_than_base_255_hash():
     """A 4100-pixel-wide image has 257 spatial cells at sigma 16, beyond the published base-255
     hash; keys are 64-bit mixed radix here."""
@@ -196,13 +206,14 @@ def test_cpp_same_bits_for_any_thread_count(voc_mini, restore_threads):
     _cpp_or_skip()
     stem, img, target, _ = next(p for p in voc_pairs(voc_mini) if float(p[2].min()) != float(p[2].max()))
     big_img, big_target = synthetic(700, 900, seed=5)  # 9 bands' worth of pixels
-    for x, t in ((img, target), (big_img, big_target)):
+    small_img, small_target = synthetic(384, 360, seed=8)  # 2 bands; sigma 0.7: rows 191|192 (the band edge) skip a cell
+    for x, t, ss in ((img, target, 16.0), (big_img, big_target, 16.0), (small_img, small_target, 0.7)):
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            outs.append(ops.bilateral_solve(x, t, backend="cpp"))
+            outs.append(ops.bilateral_solve(x, t, sigma_spatial=ss, max_iter=10, backend="cpp"))
         assert all(torch.equal(outs[0], o) for o in outs[1:]), stem
-        assert_close_to_reference(outs[0], ops.bilateral_solve(x, t, backend="torch"))
+        assert_close_to_reference(outs[0], ops.bilateral_solve(x, t, sigma_spatial=ss, max_iter=10, backend="torch"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -77,8 +77,8 @@ class CellVertexTable {
   };
 
  public:
-  explicit CellVertexTable(int64_t max_cell_pixels)
-      : slots_(std::bit_ceil(static_cast<uint64_t>(std::max<int64_t>(64, 2 * max_cell_pixels)))) {}
+  explicit CellVertexTable(int64_t max_cell_vertices)
+      : slots_(std::bit_ceil(static_cast<uint64_t>(std::max<int64_t>(64, 2 * max_cell_vertices)))) {}
 
   // The (empty) table of the next cell, as a small value for the pixel loop to keep in registers.
   class Cell {
@@ -131,6 +131,12 @@ std::vector<int64_t> cell_starts(int64_t size, double sigma_spatial) {
   return starts;
 }
 
+// Whether run k's cell is the +1 neighbour of run k - 1's: always for sigma_spatial >= 1; below 1
+// a step of one pixel skips cells.
+bool adjacent_runs(const std::vector<int64_t>& starts, int64_t k, double sigma_spatial) {
+  return spatial_cell(starts[k], sigma_spatial) == spatial_cell(starts[k - 1], sigma_spatial) + 1;
+}
+
 int64_t longest_run(const std::vector<int64_t>& starts) {
   int64_t run = 0;
   for (size_t i = 1; i < starts.size(); ++i) run = std::max(run, starts[i] - starts[i - 1]);
@@ -143,15 +149,15 @@ void grow(std::vector<T>& v, int64_t size) {
   if (static_cast<int64_t>(v.size()) < size) v.resize(std::max<size_t>(size, 2 * v.size()));
 }
 
-// The bilateral grid of one image (or of a band of its cell rows while building): each pixel's
-// vertex, each vertex's neighbours, the splatted sums per vertex (of 1, of the confidence c and of
-// c * target), and each vertex's colour key with the vertices of each cell.
+// The bilateral grid of one image, or of a band of its cell rows while building: each vertex's
+// neighbours, splatted sums (of 1, of the confidence c and of c * target) and colour key. (Each
+// pixel's vertex goes to a separate array.)
 struct Grid {
   int64_t vertices = 0;
   std::vector<int32_t> neighbours;  // kNeighbours slots per vertex; -1 = none while building
   std::vector<double> m, w, b;
   std::vector<int64_t> colour_of;
-  std::vector<int32_t> first_vertex;  // vertices of the band's cell c: [first_vertex[c], first_vertex[c + 1])
+  std::vector<int32_t> first_vertex;  // bands: vertices of cell c are [first_vertex[c], first_vertex[c + 1])
 };
 
 // What every band shares: the image, the colour tables and the cell layout.
@@ -162,7 +168,8 @@ struct GridInput {
   int64_t confidence_stride, width;  // confidence[i * confidence_stride]: stride 0 for a uniform value
   CellLookup luma, chroma;
   std::vector<int64_t> columns, rows;  // cell_starts of the columns and rows
-  int64_t cells_x, max_cell_pixels;
+  int64_t cells_x;
+  int64_t max_cell_vertices;  // at most a cell's pixels, and at most the colour keys there are
 };
 
 // Neighbour k (odd: +1 along a dimension) of vertex u is j, -1 for none; then the -1 entry of j
@@ -178,15 +185,15 @@ void link(std::vector<int32_t>& neighbours, int32_t u, int32_t j, int k) {
 Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* vertex_of_pixel) {
   const int64_t luma_stride = in.layout.stride[2], u_stride = in.layout.stride[3], v_stride = in.layout.stride[4];
   const int64_t colour_base = luma_stride + u_stride + v_stride;  // coordinates are shifted by +1
-  const int64_t cells_x = in.cells_x, max_cell_pixels = in.max_cell_pixels, w = in.width;
+  const int64_t cells_x = in.cells_x, max_cell_vertices = in.max_cell_vertices, w = in.width;
   Grid g;
   g.first_vertex.resize((cy_end - cy_begin) * cells_x + 1);
   // Photos have a vertex per 10-30 pixels: room for one per 8 (address space only until used)
   // spares the copies of repeated growth.
-  const int64_t expected = (in.rows[cy_end] - in.rows[cy_begin]) * w / 8 + max_cell_pixels;
+  const int64_t expected = (in.rows[cy_end] - in.rows[cy_begin]) * w / 8 + max_cell_vertices;
   for (auto* v : {&g.m, &g.w, &g.b}) v->reserve(expected);
   g.colour_of.reserve(expected), g.neighbours.reserve(expected * kNeighbours);
-  CellVertexTable tables(max_cell_pixels);
+  CellVertexTable tables(max_cell_vertices);
   const CellLookup::View luma = in.luma.view(), chroma = in.chroma.view();
   int32_t nv = 0;
   for (int64_t cy = cy_begin; cy < cy_end; ++cy) {
@@ -195,8 +202,8 @@ Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* 
       const CellVertexTable::Cell table = tables.next_cell();
       g.first_vertex[cell] = nv;
       // Per-vertex arrays stay zero beyond the vertex count, so a new vertex starts its sums at 0.
-      for (auto* v : {&g.m, &g.w, &g.b}) grow(*v, nv + max_cell_pixels);
-      grow(g.colour_of, nv + max_cell_pixels);
+      for (auto* v : {&g.m, &g.w, &g.b}) grow(*v, nv + max_cell_vertices);
+      grow(g.colour_of, nv + max_cell_vertices);
       double *m = g.m.data(), *ws = g.w.data(), *b = g.b.data();
       int64_t* colours = g.colour_of.data();
       // Everything the pixel loop reads is in locals: stores into the arrays could alias members.
@@ -229,8 +236,9 @@ Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* 
         for (int32_t u = g.first_vertex[from]; u < g.first_vertex[from + 1]; ++u)
           link(g.neighbours, u, table.find(colours[u]), k);
       };
-      if (cx > 0) link_cell(cell - 1, 1);
-      if (cy > cy_begin) link_cell(cell - cells_x, 3);
+      const double ss = in.layout.sigma_spatial;
+      if (cx > 0 && adjacent_runs(in.columns, cx, ss)) link_cell(cell - 1, 1);
+      if (cy > cy_begin && adjacent_runs(in.rows, cy, ss)) link_cell(cell - cells_x, 3);
     }
   }
   g.vertices = nv;
@@ -248,7 +256,8 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
                CellLookup(layout.sigma_luma, 255000000), CellLookup(layout.sigma_chroma, 255500000),
                cell_starts(w, layout.sigma_spatial), cell_starts(h, layout.sigma_spatial), 0, 0};
   in.cells_x = static_cast<int64_t>(in.columns.size()) - 1;
-  in.max_cell_pixels = longest_run(in.columns) * longest_run(in.rows);
+  // (stride[0], the x stride, is the number of colour keys; a huge sigma_spatial makes huge cells)
+  in.max_cell_vertices = std::min(longest_run(in.columns) * longest_run(in.rows), layout.stride[0]);
   const int64_t cells_y = static_cast<int64_t>(in.rows.size()) - 1;
   const int64_t bands = std::clamp<int64_t>(h * w / kPixelGrain, 1, std::min<int64_t>(at::get_num_threads(), cells_y));
   std::vector<Grid> band(bands);
@@ -278,8 +287,9 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
     }
   });
   // Band k's first cell row is the +1 y neighbour of band k - 1's last: one table per cell.
-  CellVertexTable tables(in.max_cell_pixels);
+  CellVertexTable tables(in.max_cell_vertices);
   for (int64_t k = 1; k < bands; ++k) {
+    if (!adjacent_runs(in.rows, band_rows(k), layout.sigma_spatial)) continue;
     const Grid &upper = band[k - 1], &lower = band[k];
     const int64_t upper_row = (band_rows(k) - 1 - band_rows(k - 1)) * in.cells_x;
     for (int64_t cx = 0; cx < in.cells_x; ++cx) {
