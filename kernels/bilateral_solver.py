@@ -87,7 +87,7 @@ def _chunk(begin_ptr, end_ptr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _cg_init_kernel(begin_ptr, end_ptr, m_ptr, n_ptr, w_ptr, b_ptr, y_ptr, inv_diag_ptr, p_ptr, partial_ptr, lam,
+def _cg_init_kernel(begin_ptr, end_ptr, m_ptr, n_ptr, w_ptr, b_ptr, y_ptr, inv_diag_ptr, p_ptr, partial_ptr, params_ptr,
                     DIAG_MIN: tl.constexpr, BLOCK: tl.constexpr):
     c, offs, inside = _chunk(begin_ptr, end_ptr, BLOCK)
     m = tl.load(m_ptr + offs, mask=inside, other=0.0)
@@ -95,7 +95,7 @@ def _cg_init_kernel(begin_ptr, end_ptr, m_ptr, n_ptr, w_ptr, b_ptr, y_ptr, inv_d
     w = tl.load(w_ptr + offs, mask=inside, other=0.0)
     b = tl.load(b_ptr + offs, mask=inside, other=0.0)
     tl.store(y_ptr + offs, tl.where(w > 0, b / tl.where(w > 0, w, 1.0), 0.0), mask=inside)
-    d = lam * (m - 2.0 * 5 * n * n) + w
+    d = tl.load(params_ptr) * (m - 2.0 * 5 * n * n) + w  # params: lam, tol
     tl.store(inv_diag_ptr + offs, 1.0 / tl.maximum(d, DIAG_MIN), mask=inside)
     tl.store(p_ptr + offs, tl.zeros([BLOCK], tl.float64), mask=inside)
     tl.store(partial_ptr + 2 * c, tl.sum(b * b, 0))
@@ -103,10 +103,11 @@ def _cg_init_kernel(begin_ptr, end_ptr, m_ptr, n_ptr, w_ptr, b_ptr, y_ptr, inv_d
 
 
 @triton.jit
-def _cg_residual_kernel(begin_ptr, end_ptr, nbr_ptr, m_ptr, n_ptr, w_ptr, b_ptr, y_ptr, r_ptr, lam,
+def _cg_residual_kernel(begin_ptr, end_ptr, nbr_ptr, m_ptr, n_ptr, w_ptr, b_ptr, y_ptr, r_ptr, params_ptr,
                         BLOCK: tl.constexpr):
     c, offs, inside = _chunk(begin_ptr, end_ptr, BLOCK)
     b = tl.load(b_ptr + offs, mask=inside, other=0.0)
+    lam = tl.load(params_ptr)
     tl.store(r_ptr + offs, b - _apply_a(nbr_ptr, m_ptr, n_ptr, w_ptr, y_ptr, lam, offs, inside), mask=inside)
 
 
@@ -135,10 +136,10 @@ def _cg_direction_kernel(begin_ptr, end_ptr, image_ptr, state_ptr, z_ptr, p_ptr,
 
 
 @triton.jit
-def _cg_apply_kernel(begin_ptr, end_ptr, nbr_ptr, m_ptr, n_ptr, w_ptr, p_ptr, q_ptr, partial_ptr, lam,
+def _cg_apply_kernel(begin_ptr, end_ptr, nbr_ptr, m_ptr, n_ptr, w_ptr, p_ptr, q_ptr, partial_ptr, params_ptr,
                      BLOCK: tl.constexpr):
     c, offs, inside = _chunk(begin_ptr, end_ptr, BLOCK)
-    q = _apply_a(nbr_ptr, m_ptr, n_ptr, w_ptr, p_ptr, lam, offs, inside)
+    q = _apply_a(nbr_ptr, m_ptr, n_ptr, w_ptr, p_ptr, tl.load(params_ptr), offs, inside)
     tl.store(q_ptr + offs, q, mask=inside)
     p = tl.load(p_ptr + offs, mask=inside, other=0.0)
     tl.store(partial_ptr + 2 * c, tl.sum(p * q, 0))
@@ -156,7 +157,7 @@ def _cg_step_kernel(begin_ptr, end_ptr, image_ptr, state_ptr, p_ptr, q_ptr, y_pt
 
 
 @triton.jit
-def _cg_scalars_kernel(image_chunks_ptr, partial_ptr, state_ptr, tol, PHASE: tl.constexpr, FIRST: tl.constexpr):
+def _cg_scalars_kernel(image_chunks_ptr, partial_ptr, state_ptr, params_ptr, PHASE: tl.constexpr, FIRST: tl.constexpr):
     """One program per image: sums its chunks' partials in order, updates its CG scalars.
     PHASE 0: init (b.b); 1: before an iteration (r.r, r.z); 2: after A p (p.q)."""
     i = tl.program_id(0)
@@ -169,7 +170,7 @@ def _cg_scalars_kernel(image_chunks_ptr, partial_ptr, state_ptr, tol, PHASE: tl.
     if PHASE == 0:
         b_norm = tl.sqrt(sum0)
         tl.store(s + 0, b_norm)
-        tl.store(s + 1, tol * b_norm)
+        tl.store(s + 1, tl.load(params_ptr + 1) * b_norm)  # atol = tol |b|
         tl.store(s + 6, tl.where(b_norm == 0.0, 1.0, 0.0))  # y0 = 0 is the answer (scipy returns b)
         for k in tl.static_range(2, 6):
             tl.store(s + k, 0.0)
@@ -270,17 +271,17 @@ def bilateral_solve(image, target, confidence, sizes, sigma_spatial, sigma_luma,
     y, r, z, p, q, inv_diag = (torch.empty(nv, **f64) for _ in range(6))
     partial = torch.zeros(max(chunks[0], 1), 2, **f64)
     state = torch.zeros(batch, STATE, **f64)
-    lam, tol = float(lam), float(tol)
-    _cg_init_kernel[chunks](begin, end, m, n, w, b, y, inv_diag, p, partial, lam, DIAG_MIN=BILATERAL_DIAG_MIN,
+    params = torch.tensor([lam, tol], **f64)  # a Python float argument would reach the kernels as fp32
+    _cg_init_kernel[chunks](begin, end, m, n, w, b, y, inv_diag, p, partial, params, DIAG_MIN=BILATERAL_DIAG_MIN,
                             BLOCK=block)
-    _cg_scalars_kernel[(batch,)](image_chunks, partial, state, tol, PHASE=0, FIRST=True)
-    _cg_residual_kernel[chunks](begin, end, nbr, m, n, w, b, y, r, lam, BLOCK=block)
+    _cg_scalars_kernel[(batch,)](image_chunks, partial, state, params, PHASE=0, FIRST=True)
+    _cg_residual_kernel[chunks](begin, end, nbr, m, n, w, b, y, r, params, BLOCK=block)
     for it in range(max_iter):
         _cg_precondition_kernel[chunks](begin, end, r, inv_diag, z, partial, BLOCK=block)
-        _cg_scalars_kernel[(batch,)](image_chunks, partial, state, tol, PHASE=1, FIRST=it == 0)
+        _cg_scalars_kernel[(batch,)](image_chunks, partial, state, params, PHASE=1, FIRST=it == 0)
         _cg_direction_kernel[chunks](begin, end, image_of_chunk, state, z, p, FIRST=it == 0, BLOCK=block)
-        _cg_apply_kernel[chunks](begin, end, nbr, m, n, w, p, q, partial, lam, BLOCK=block)
-        _cg_scalars_kernel[(batch,)](image_chunks, partial, state, tol, PHASE=2, FIRST=it == 0)
+        _cg_apply_kernel[chunks](begin, end, nbr, m, n, w, p, q, partial, params, BLOCK=block)
+        _cg_scalars_kernel[(batch,)](image_chunks, partial, state, params, PHASE=2, FIRST=it == 0)
         _cg_step_kernel[chunks](begin, end, image_of_chunk, state, p, q, y, r, BLOCK=block)
     _slice_kernel[(triton.cdiv(pixels, block),)](vertex_of_pixel, y, out, pixels, BLOCK=block)
     return out
