@@ -191,6 +191,7 @@ def _cg_scalars_kernel(image_chunks_ptr, partial_ptr, state_ptr, params_ptr, PHA
         tl.store(s + 5, tl.where(done == 0.0, alpha, 0.0))
         if done == 0.0:
             tl.store(s + 3, rho)
+            tl.store(s + 6, tl.where(sum0 == 0.0, 1.0, 0.0))  # r == 0 exactly: converged (next beta would be 0/0)
 
 
 @triton.jit

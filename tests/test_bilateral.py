@@ -167,6 +167,32 @@ def test_extreme_spatial_sigmas(backend):
         assert_close_to_reference(ops.bilateral_solve(img, target, sigma_spatial=ss, max_iter=8, backend=backend), want)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_colour_sigma_and_exact_convergence(backend):
+    """A colour sigma of 1e-5 (a cell per few RGB values) must not build gigabyte tables; tol = 0
+    with many iterations reaches r == 0 exactly and must stop there (no 0 / 0)."""
+    img, target = synthetic(6, 7, seed=9)
+    want = ops.bilateral_solve(img, target, sigma_luma=1e-5, lam=1.0, max_iter=6, backend="torch")
+    assert_close_to_reference(ops.bilateral_solve(img, target, sigma_luma=1e-5, lam=1.0, max_iter=6, backend=backend),
+                              want)
+    img, target = synthetic(4, 4, seed=10)  # r == 0 exactly within 20 iterations
+    kw = dict(sigma_spatial=4.0, sigma_luma=8.0, sigma_chroma=8.0, lam=16.0, tol=0.0, max_iter=40)
+    want = ops.bilateral_solve(img, target, backend="torch", **kw)
+    assert_close_to_reference(ops.bilateral_solve(img, target, backend=backend, **kw), want)
+
+
+def test_raw_op_two_dimensional_expanded_confidence():
+    """Only a 1-D stride-0 confidence is one value; a 2-D one with stride (0, 1) varies."""
+    _cpp_or_skip()
+    h, w = 20, 30
+    img, target = synthetic(h, w, seed=11)
+    conf = torch.linspace(0, 1, w).expand(h, w)
+    args = (img.reshape(-1, 3), target.reshape(-1))
+    rest = (torch.tensor([[h, w]]), 4.0, 8.0, 8.0, 16.0, 25, 1e-5)
+    got = torch.ops.namedmask.bilateral_solve(*args, conf, *rest)
+    assert torch.equal(got, torch.ops.namedmask.bilateral_solve(*args, conf.reshape(-1).contiguous(), *rest))
+
+
 def test_grid_wider_than_base_255_hash():
     """A 4100-pixel-wide image has 257 spatial cells at sigma 16, beyond the published base-255
     hash; keys are 64-bit mixed radix here."""

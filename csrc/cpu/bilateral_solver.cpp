@@ -408,7 +408,7 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
   const auto img = image.contiguous();
   const auto t = target.contiguous();
   // A uniform confidence may come as one value expanded (stride 0): read it in place.
-  const int64_t confidence_stride = confidence.numel() > 1 && confidence.stride(0) == 0 ? 0 : 1;
+  const int64_t confidence_stride = confidence.dim() == 1 && confidence.numel() > 1 && confidence.stride(0) == 0 ? 0 : 1;
   const auto c = confidence_stride ? confidence.contiguous() : confidence;
   auto out = at::empty({batch.pixels()}, target.options());
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);

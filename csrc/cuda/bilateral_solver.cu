@@ -235,6 +235,7 @@ __global__ void cg_scalars_kernel(int64_t batch, const int32_t* __restrict__ ima
     if (s[kDone] == 0.0) {
       s[kAlpha] = sum0 != 0.0 ? s[kRho] / sum0 : 0.0;  // p.q == 0 only when r == 0 (tol == 0)
       s[kRhoPrev] = s[kRho];
+      if (sum0 == 0.0) s[kDone] = 1.0;  // converged exactly: the next beta would be 0 / 0
     } else {
       s[kAlpha] = 0.0;
     }

@@ -66,7 +66,7 @@ int main() {
 
   // CellLookup == scaled_cell: every value near each cell boundary and each bucket start, the
   // first 2M values, and a strided sweep of the whole range, for sigmas from 0.05 to 64.
-  for (double sigma : {16.0, 8.0, 4.0, 24.0, 3.0, 0.7, 1.3, 0.05, 64.0, 6.0}) {
+  for (double sigma : {16.0, 8.0, 4.0, 24.0, 3.0, 0.7, 1.3, 0.2, 0.05, 1e-5, 64.0, 6.0}) {  // 0.05, 1e-5: no table
     for (int64_t max_e6 : {int64_t{255000000}, int64_t{255500000}}) {
       const CellLookup cell(sigma, max_e6);
       int64_t mismatches = 0;

@@ -168,7 +168,9 @@ def _bilateral_solve_one(image, target, confidence, sigma_spatial, sigma_luma, s
         p = z if p is None else z + (rho / rho_prev) * p
         q = apply_a(p)
         pq = float(p @ q)
-        alpha = rho / pq if pq != 0.0 else 0.0  # pq == 0 only when r == 0 (tol == 0)
+        if pq == 0.0:  # only when r == 0 exactly (tol == 0): converged; the next beta would be 0 / 0
+            break
+        alpha = rho / pq
         y = y + alpha * p
         r = r - alpha * q
         rho_prev = rho

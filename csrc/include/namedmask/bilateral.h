@@ -61,18 +61,23 @@ class CellLookup {
   // The lookup as a small value for a hot loop to keep in registers (members are reloaded after
   // every store that might alias them).
   struct View {
-    const Bucket* buckets;
+    const Bucket* buckets;  // null: sigma is too small for a table, divide
     int shift;
     int64_t mask;
+    double sigma;
     int64_t operator()(int64_t value_e6) const {
+      if (!buckets) return scaled_cell(value_e6, sigma);
       const Bucket& k = buckets[value_e6 >> shift];
       return k.first + ((value_e6 & mask) >= k.boundary);
     }
   };
 
-  CellLookup(double sigma, int64_t max_e6) {
+  static constexpr int64_t kMaxBuckets = 4096;  // sigma >= ~0.13 (colour sigmas are 4-16 in practice)
+
+  CellLookup(double sigma, int64_t max_e6) : sigma_(sigma) {
     // Cells span sigma * 1e6 values, give or take one from rounding.
     while (shift_ < 40 && static_cast<double>(int64_t{2} << shift_) <= sigma * 1e6 - 2.0) ++shift_;
+    if ((max_e6 >> shift_) + 1 > kMaxBuckets) return;  // a table would be large and slow to build
     const int64_t size = int64_t{1} << shift_;
     buckets_.resize((max_e6 >> shift_) + 1);
     for (size_t j = 0; j < buckets_.size(); ++j) {
@@ -87,10 +92,13 @@ class CellLookup {
     }
   }
 
-  View view() const { return {buckets_.data(), shift_, (int64_t{1} << shift_) - 1}; }
+  View view() const {
+    return {buckets_.empty() ? nullptr : buckets_.data(), shift_, (int64_t{1} << shift_) - 1, sigma_};
+  }
   int64_t operator()(int64_t value_e6) const { return view()(value_e6); }
 
  private:
+  double sigma_;
   int shift_ = 0;
   std::vector<Bucket> buckets_;
 };
