@@ -131,11 +131,12 @@ def speed_rows(photos: list) -> list[Row]:
             extra = {"vs published scipy": f"{ratio:.1f}x (median of 5 interleaved rounds)"}
             if name == "cpp batch":
                 extra["note"] = f"one call for the {len(timed)} photos: one image per thread"
-            elif threads > 1 and name != "cpp 1 thread":
+            elif name == "cpp 1 thread":
+                each = sorted(with_threads(1, lambda: per_image(cpp, repeat=5, items=[p])) for p in timed)
+                extra["per photo"] = f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"
+            else:
                 extra["note"] = "one photo split into bands of cell rows, one per thread"
             rows.append(Row("bilateral_solve", name, shape, t_cpp, t_torch / t_cpp, None, extra))
-        each = sorted(with_threads(1, lambda: per_image(cpp, repeat=5, items=[p])) for p in timed)
-        rows[-2].extra["per photo, 1 thread"] = f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"
     if torch.cuda.is_available():
         gpu = [(s, x.cuda(), t.cuda(), g) for s, x, t, g in timed]
         solve = lambda backend: ops.bilateral_solve_batch([p[1] for p in gpu], [p[2] for p in gpu],  # noqa: E731

@@ -160,13 +160,18 @@ struct Grid {
   std::vector<int32_t> first_vertex;  // bands: vertices of cell c are [first_vertex[c], first_vertex[c + 1])
 };
 
+// The colour cells of luma and chroma values, built once per call (the sigmas are the batch's).
+struct ColourCells {
+  CellLookup luma, chroma;
+};
+
 // What every band shares: the image, the colour tables and the cell layout.
 struct GridInput {
   const GridLayout& layout;
   const uint8_t* rgb;
   const float *target, *confidence;
   int64_t confidence_stride, width;  // confidence[i * confidence_stride]: stride 0 for a uniform value
-  CellLookup luma, chroma;
+  const CellLookup &luma, &chroma;
   std::vector<int64_t> columns, rows;  // cell_starts of the columns and rows
   int64_t cells_x;
   int64_t max_cell_vertices;  // at most a cell's pixels, and at most the colour keys there are
@@ -250,10 +255,9 @@ Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* 
 // The whole image's grid: bands of cell rows built in parallel (one per thread when the image is
 // large enough), renumbered into one vertex list in cell order (the numbering, and so the result,
 // does not depend on the number of bands), then linked across band boundaries along y.
-Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
-                int64_t confidence_stride, int64_t h, int64_t w, int32_t* vertex_of_pixel) {
-  GridInput in{layout, rgb, target, confidence, confidence_stride, w,
-               CellLookup(layout.sigma_luma, 255000000), CellLookup(layout.sigma_chroma, 255500000),
+Grid build_grid(const GridLayout& layout, const ColourCells& colours, const uint8_t* rgb, const float* target,
+                const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, int32_t* vertex_of_pixel) {
+  GridInput in{layout, rgb, target, confidence, confidence_stride, w, colours.luma, colours.chroma,
                cell_starts(w, layout.sigma_spatial), cell_starts(h, layout.sigma_spatial), 0, 0};
   in.cells_x = static_cast<int64_t>(in.columns.size()) - 1;
   // (stride[0], the x stride, is the number of colour keys; a huge sigma_spatial makes huge cells)
@@ -305,11 +309,12 @@ Grid build_grid(const GridLayout& layout, const uint8_t* rgb, const float* targe
 }
 
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
-void solve_image(const GridLayout& layout, const uint8_t* rgb, const float* target, const float* confidence,
-                 int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter, double tol, float* out) {
+void solve_image(const GridLayout& layout, const ColourCells& colours, const uint8_t* rgb, const float* target,
+                 const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter,
+                 double tol, float* out) {
   const int64_t pixels = h * w;
   const std::unique_ptr<int32_t[]> vertex_of_pixel(new int32_t[pixels]);  // every entry is written: no zeroing
-  Grid grid = build_grid(layout, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get());
+  Grid grid = build_grid(layout, colours, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get());
   const int64_t nv = grid.vertices;
   for (int32_t& j : grid.neighbours) j = j < 0 ? static_cast<int32_t>(nv) : j;  // the sentinel
   std::vector<double>&m = grid.m, &wsplat = grid.w, &b = grid.b;
@@ -412,6 +417,7 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
   const auto c = confidence_stride ? confidence.contiguous() : confidence;
   auto out = at::empty({batch.pixels()}, target.options());
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
+  const ColourCells colours{CellLookup(sigma_luma, kMaxLumaE6), CellLookup(sigma_chroma, kMaxChromaE6)};
   // Several ordinary-sized images: one image per thread (one fork/join for the whole batch).
   // Large images: one at a time, each parallel inside.
   const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < (1 << 20);
@@ -419,10 +425,9 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
     for (int64_t i = first; i < last; ++i) {
       const int64_t start = batch.pixel_start[i];
       if (batch.height[i] * batch.width[i] > 0)
-        solve_image(layout, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
+        solve_image(layout, colours, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
                     c.data_ptr<float>() + start * confidence_stride, confidence_stride, batch.height[i],
-                    batch.width[i], lam, max_iter, tol,
-                    out.data_ptr<float>() + start);
+                    batch.width[i], lam, max_iter, tol, out.data_ptr<float>() + start);
     }
   });
   return out;

@@ -161,7 +161,7 @@ __global__ void cg_residual_kernel(Chunks chunks, const int32_t* __restrict__ nb
                                    const double* __restrict__ b, const double* __restrict__ y,
                                    const double* __restrict__ np, double lam, double* __restrict__ r) {
   for (int32_t v = chunks.begin[blockIdx.x] + threadIdx.x; v < chunks.end[blockIdx.x]; v += kThreads)
-    r[v] = b[v] - apply_a_at(PaddedNeighbours{nbr}, m, n, w, y, np, lam, v);
+    r[v] = b[v] - apply_a_factored(PaddedNeighbours{nbr}, a_diagonal(m[v], n[v], w[v], lam), lam * n[v], y[v], np, v);
 }
 
 __global__ void cg_precondition_kernel(Chunks chunks, const double* __restrict__ r,
@@ -193,7 +193,7 @@ __global__ void cg_apply_kernel(Chunks chunks, const int32_t* __restrict__ nbr, 
                                 double* __restrict__ q, double* __restrict__ partial) {
   double acc[2] = {0.0, 0.0};  // p.q
   for (int32_t v = chunks.begin[blockIdx.x] + threadIdx.x; v < chunks.end[blockIdx.x]; v += kThreads) {
-    q[v] = apply_a_at(PaddedNeighbours{nbr}, m, n, w, p, np, lam, v);
+    q[v] = apply_a_factored(PaddedNeighbours{nbr}, a_diagonal(m[v], n[v], w[v], lam), lam * n[v], p[v], np, v);
     acc[0] += p[v] * q[v];
   }
   block_sum(acc, partial + 2 * blockIdx.x);

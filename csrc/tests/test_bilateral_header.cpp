@@ -54,13 +54,18 @@ int main() {
   EXPECT(blur_at(compact, 0, [&](int64_t j) { return x[j]; }) == 12.0);
   EXPECT(blur_at(compact, 1, [&](int64_t j) { return x[j]; }) == 21.0);
   const double m[2] = {3.0, 4.0}, n[2] = {0.5, 0.25}, w[2] = {1.0, 0.0}, np[3] = {0.5, 0.5, 0.0};
-  // row 0 of lam (Dm - Dn B Dn) + W applied to p = x: 2 (3 - 0.5 (10 * 0.5 + 0.5)) + 1
-  EXPECT(std::fabs(apply_a_at(nbr, m, n, w, x, np, 2.0, 0) - (2.0 * (3.0 - 0.5 * 5.5) + 1.0)) < 1e-12);
-  EXPECT(apply_a_at(compact, m, n, w, x, np, 2.0, 1) == apply_a_at(nbr, m, n, w, x, np, 2.0, 1));
-  // The factored row (CPU) is the same row: diag p_i - lam n_i (sum of np_j over the neighbours).
-  for (int i = 0; i < 2; ++i)
-    EXPECT(std::fabs(apply_a_factored(compact, a_diagonal(m[i], n[i], w[i], 2.0), 2.0 * n[i], x[i], np, i) -
-                     apply_a_at(nbr, m, n, w, x, np, 2.0, i)) < 1e-12);
+  // Row i of A = lam (Dm - Dn B Dn) + W applied to p = x, with lam = 2.
+  auto row = [&](const auto& nbrs, int i) {
+    return apply_a_factored(nbrs, a_diagonal(m[i], n[i], w[i], 2.0), 2.0 * n[i], x[i], np, i);
+  };
+  // row 0: 2 (3 - 0.5 (10 * 0.5 + 0.5)) + 1
+  EXPECT(std::fabs(row(nbr, 0) - (2.0 * (3.0 - 0.5 * 5.5) + 1.0)) < 1e-12);
+  EXPECT(row(compact, 1) == row(nbr, 1));
+  // The factored row equals the unfactored lam (m p - n B(np)) + w p.
+  for (int i = 0; i < 2; ++i) {
+    const double bnp = blur_at(nbr, i, [&](int64_t j) { return np[j]; });
+    EXPECT(std::fabs(row(nbr, i) - (2.0 * (m[i] * x[i] - n[i] * bnp) + w[i] * x[i])) < 1e-12);
+  }
   EXPECT(inverse_diagonal(1.0, 1.0, 0.0, 1.0) == 1.0 / kDiagMin);  // clamped like the published code
   EXPECT(std::fabs(bistochastic_step(1.0, 4.0, 16.0) - 0.5) < 1e-15);
 

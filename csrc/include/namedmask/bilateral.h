@@ -26,6 +26,8 @@ constexpr int kDims = 5;                     // x, y, luma, chroma U, chroma V
 constexpr int kNeighbours = 2 * kDims;       // -1 and +1 along each dimension
 constexpr double kCenterWeight = 2.0 * kDims;  // [1 2 1] per dimension: 2 per dimension on the centre
 constexpr double kNeighbourWeight = 1.0;
+constexpr int64_t kMaxLumaE6 = 255000000;    // the largest Y, times 1e6 (white)
+constexpr int64_t kMaxChromaE6 = 255500000;  // the largest U or V, times 1e6 (pure blue / red)
 constexpr double kDiagMin = 1e-5;            // floor of the Jacobi preconditioner's diagonal (as published)
 constexpr int kBistochasticSteps = 10;       // as published
 
@@ -116,8 +118,8 @@ struct GridLayout {
 NM_HD void grid_radices(int64_t max_h, int64_t max_w, double ss, double sl, double sc, int64_t radix[kDims]) {
   radix[0] = spatial_cell(max_w - 1, ss) + 3;
   radix[1] = spatial_cell(max_h - 1, ss) + 3;
-  radix[2] = scaled_cell(255000000, sl) + 3;   // Y <= 255
-  radix[3] = scaled_cell(255500000, sc) + 3;   // U, V <= 255.5
+  radix[2] = scaled_cell(kMaxLumaE6, sl) + 3;
+  radix[3] = scaled_cell(kMaxChromaE6, sc) + 3;
   radix[4] = radix[3];
 }
 
@@ -191,20 +193,12 @@ NM_HD double blur_at(const Neighbours& nbr, int64_t i, F&& x) {
   return kCenterWeight * x(i) + kNeighbourWeight * acc;
 }
 
-// Row i of A p with A = lam (Dm - Dn B Dn) + diag(w), given np = n * p (precomputed once per
-// CG step so the blur gathers one value per neighbour).
-template <typename Neighbours>
-NM_HD double apply_a_at(const Neighbours& nbr, const double* m, const double* n, const double* w, const double* p,
-                        const double* np, double lam, int64_t i) {
-  const double bnp = blur_at(nbr, i, [&](int64_t j) { return np[j]; });
-  return lam * (m[i] * p[i] - n[i] * bnp) + w[i] * p[i];
-}
-
-// diag(A) at vertex i: B has kCenterWeight on its diagonal.
+// diag(A) at vertex i, A = lam (Dm - Dn B Dn) + diag(w): B has kCenterWeight on its diagonal.
 NM_HD double a_diagonal(double m, double n, double w, double lam) { return lam * (m - kCenterWeight * n * n) + w; }
 
-// The same row factored for a CPU loop that keeps two coefficients per vertex instead of
-// m, n, w: (A p)_i = diag_i p_i - (lam n_i) * (sum of np_j over the neighbours).
+// Row i of A p, given np = n * p (precomputed once per CG step so the blur gathers one value per
+// neighbour): (A p)_i = diag_i p_i - (lam n_i) * (sum of np_j over the neighbours), with
+// diag_i = a_diagonal(...). The CPU keeps diag and lam n per vertex; CUDA computes them in place.
 template <typename Neighbours>
 NM_HD double apply_a_factored(const Neighbours& nbr, double diag, double lam_n, double p_i, const double* np,
                               int64_t i) {
