@@ -253,6 +253,7 @@ def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, 
     dev = resolve_device(device)
     model, meta = load_segmenter(run_dir, dev)
     labeled_set = open_eval_set(dataset, root, split)
-    return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=dev.type == "cuda",
+    # fp32 as the official evaluation: bf16 logits can flip the argmax of near-ties
+    return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=False,
                           max_images=max_images, progress=progress, backend=backend,
                           overlays_dir=overlays_dir, num_overlays=num_overlays, ignore_unmapped=ignore_unmapped)
