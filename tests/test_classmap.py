@@ -18,7 +18,6 @@ from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.stages.evaluate import predict_label
 from synthetic import one_thread, tiny_model_overrides
 
-VOC_IDS = {n: i for i, n in enumerate(VOC)}
 
 
 def write_png(path, arr, palette=True):

@@ -39,7 +39,8 @@ def test_r50_os8_parameter_count(r50):
     assert sum(p.numel() for p in r50.backbone.parameters()) == backbone_want
     head = sum(p.numel() for p in r50.head_parameters())
     assert head == head_parameter_count(21)
-    assert sum(p.numel() for p in r50.parameters()) == 23_508_032 + head_parameter_count(21) == 26_614_373  # 26_682_725 before, less one separable 256->256 conv + BN (68_352)
+    # 26_682_725 with the former two-conv decoder, less one separable 256->256 conv + BN (68_352)
+    assert sum(p.numel() for p in r50.parameters()) == 23_508_032 + head_parameter_count(21) == 26_614_373
     wider = DeepLabV3Plus(21, ModelConfig(decoder_convs=2))  # the explicit extra-capacity option
     assert sum(p.numel() for p in wider.head_parameters()) == head_parameter_count(21, decoder_convs=2)
 

@@ -96,7 +96,8 @@ def get_category_set(name_or_path: str) -> CategorySet:
     """A built-in set by name, or a text file: one class per line, synonyms after '|'
     separated by commas. The file lists foreground classes; background gets id 0."""
     if name_or_path in BUILTIN:
-        return CategorySet(name_or_path, tuple(BUILTIN[name_or_path]), prompts=dict(BUILTIN_PROMPTS.get(name_or_path, {})))
+        return CategorySet(name_or_path, tuple(BUILTIN[name_or_path]),
+                           prompts=dict(BUILTIN_PROMPTS.get(name_or_path, {})))
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"unknown category set {name_or_path!r}: not one of {sorted(BUILTIN)} and not a file")

@@ -180,7 +180,8 @@ def forward_tokens(vit, images: torch.Tensor, pos_embed_rule: str = "dino"):
     x = vit.patch_embed.proj(images)
     b, _, h, w = x.shape
     x = vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
-    x = torch.cat([vit.cls_token.expand(b, -1, -1), x], dim=1) + resample_pos_embed(vit.pos_embed, (h, w), pos_embed_rule)
+    pos = resample_pos_embed(vit.pos_embed, (h, w), pos_embed_rule)
+    x = torch.cat([vit.cls_token.expand(b, -1, -1), x], dim=1) + pos
     x = vit.norm(vit.blocks(vit.norm_pre(vit.pos_drop(x))))
     return x, (h, w)
 

@@ -86,8 +86,8 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
         from namedmask.data.classmap import ClassMap
 
         target_set = get_category_set(classes)
-        cmap = ClassMap(names, target_set.names, dataset_words={n: target_set.prompt_words(n) for n in target_set.names},
-                        ignore_unmapped=ignore_unmapped)
+        cmap = ClassMap(names, target_set.names, ignore_unmapped=ignore_unmapped,
+                        dataset_words={n: target_set.prompt_words(n) for n in target_set.names})
         names = list(target_set.names)
         log.info("label ids of %s: %s", classes, cmap.describe()["model_to_dataset"])
     out_dir = Path(out_dir)
