@@ -28,6 +28,8 @@ from typing import Mapping, Sequence
 
 import torch
 
+from namedmask.data.categories import BUILTIN, get_category_set
+
 
 class ClassMapError(ValueError):
     """Class lists that cannot be paired, or a label id the map cannot place."""
@@ -142,8 +144,6 @@ class ClassMap:
 
 def category_words(name: str | None) -> dict:
     """{class name: its words (prompt name, synonyms)} of a built-in category set, else {}."""
-    from namedmask.data.categories import BUILTIN, get_category_set
-
     if name not in BUILTIN:
         return {}
     cs = get_category_set(name)
