@@ -52,12 +52,18 @@ def info(as_json: bool) -> None:
               help="With --checkpoint: write colour overlays of a few images here.")
 @click.option("--num-classes", type=int, help="Number of classes including background.")
 @click.option("--ignore-index", type=int, default=255, help="Ground-truth value that is not scored.")
-@click.option("--class-names", default=None, help="Category set (e.g. voc) or names file, to label the table.")
+@click.option("--class-names", default=None, help="Category set (e.g. voc) or names file: the classes of --pred.")
+@click.option("--gt-classes", default=None,
+              help="Category set or names file of the --gt ids when they differ from --class-names; "
+                   "classes are paired by name (synonyms count).")
+@click.option("--ignore-unmapped", is_flag=True,
+              help="Leave ground-truth ids no predicted class maps to unscored (counted in the report) "
+                   "instead of failing; model classes the dataset lacks score as background.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write metrics JSON here.")
 @click.option("--skip-bad", is_flag=True, help="Log, count and skip bad or missing pairs instead of failing.")
 @click.option("--backend", default="auto", help="Kernel backend for the confusion matrix.")
 def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images, overlays_dir, num_classes,
-             ignore_index, class_names, out, skip_bad, backend) -> None:
+             ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend) -> None:
     """mIoU of prediction label maps against ground truth (--pred/--gt), or of a trained model
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
     from namedmask.data.categories import get_category_set
@@ -71,7 +77,7 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
             raise click.UsageError("--checkpoint needs --dataset and --root")
         try:
             report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
-                                         overlays_dir=overlays_dir, backend=backend)
+                                         overlays_dir=overlays_dir, backend=backend, ignore_unmapped=ignore_unmapped)
         except (EvaluationError, ModelError, FileNotFoundError, ValueError) as exc:
             raise _Error(str(exc))
         click.echo(report.table())
@@ -81,18 +87,23 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
         return
     if pred_dir is None or gt_dir is None:
         raise click.UsageError("give --pred and --gt folders of index PNGs, or --checkpoint with --dataset/--root")
-    names = None
-    if class_names:
-        try:
+    names, gt_set = None, None
+    try:
+        if class_names:
             names = list(get_category_set(class_names).names)
-        except ValueError as exc:
-            raise _Error(str(exc))
-        if num_classes is None:
-            num_classes = len(names)
+        if gt_classes:
+            gt_set = get_category_set(gt_classes)
+    except ValueError as exc:
+        raise _Error(str(exc))
+    if names and num_classes is None:
+        num_classes = len(names)
     if num_classes is None:
         raise click.UsageError("give --num-classes (or --class-names to infer it)")
     try:
-        report = evaluate_label_maps(pred_dir, gt_dir, num_classes, ignore_index, skip_bad, names, backend)
+        report = evaluate_label_maps(pred_dir, gt_dir, num_classes, ignore_index, skip_bad, names, backend,
+                                     gt_class_names=gt_set and list(gt_set.names),
+                                     gt_words=gt_set and {n: gt_set.prompt_words(n) for n in gt_set.names},
+                                     ignore_unmapped=ignore_unmapped)
     except (EvaluationError, FileNotFoundError, ValueError) as exc:
         raise _Error(str(exc))
     click.echo(report.table())
@@ -255,14 +266,18 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--device", default="auto")
 @click.option("--no-overlays", is_flag=True, help="Only label PNGs.")
-def predict(images, run_dir, out, device, no_overlays) -> None:
+@click.option("--classes", default=None,
+              help="Write label ids of this category set (e.g. voc) or names file, classes paired by name.")
+@click.option("--ignore-unmapped", is_flag=True, help="With --classes: model classes the set lacks become background.")
+def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.models.deeplab import ModelError
     from namedmask.stages.predict import PredictError, predict as run
 
     try:
-        written = run(run_dir, images, out, device=device, overlays=not no_overlays)
-    except (ModelError, PredictError) as exc:
+        written = run(run_dir, images, out, device=device, overlays=not no_overlays, classes=classes,
+                      ignore_unmapped=ignore_unmapped)
+    except (ModelError, PredictError, ValueError) as exc:
         raise _Error(str(exc))
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 

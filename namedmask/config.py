@@ -23,8 +23,9 @@ class ModelConfig:
     aspp_rates: tuple = (12, 24, 36)
     aspp_channels: int = 256
     low_level_channels: int = 48
-    bn_momentum: float = 0.01
+    bn_momentum: float = 0.01           # backbone BNs only; the head's keep 0.1 (as the official code)
     dropout: float = 0.1                # after the ASPP projection
+    decoder_convs: int = 1              # separable 3x3 convs after the concat: 1 = official, 2 = extra capacity
 
 
 @dataclass

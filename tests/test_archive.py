@@ -194,6 +194,12 @@ def test_synonyms_average_all_names(small_pool, tmp_path):
     dog = clip.encode_texts(["a photo of a dog."])[0]
     torch.testing.assert_close(text[11], dog, rtol=0, atol=1e-6)
     assert load_archive(out).meta["synonyms"] == {"aeroplane": ["airplane", "plane"]}
+    # VOC's display name "diningtable" is prompted as the official "dining table", and recorded
+    table = clip.encode_texts(["a photo of a dining table."])[0]
+    torch.testing.assert_close(text[10], table, rtol=0, atol=1e-6)
+    words = load_archive(out).meta["prompt_words"]
+    assert words["diningtable"] == ["dining table"] and words["tvmonitor"] == ["tv/monitor"]
+    assert words["aeroplane"] == ["aeroplane", "airplane", "plane"] and words["dog"] == ["dog"]
 
     bad = tmp_path / "bad_synonyms.txt"
     bad.write_text("aeroplan | plane\n")

@@ -268,11 +268,11 @@ def test_presets_and_overrides():
     assert (PRESETS["namedmask"].sigma_spatial, PRESETS["namedmask"].sigma_luma, PRESETS["namedmask"].sigma_chroma,
             PRESETS["namedmask"].lam) == (16, 16, 8, 256)
     assert (PRESETS["tokencut"].sigma_spatial, PRESETS["tokencut"].sigma_luma, PRESETS["tokencut"].sigma_chroma,
-            PRESETS["tokencut"].lam) == (24, 4, 4, 256)
+            PRESETS["tokencut"].lam) == (16, 16, 8, 256)  # TokenCut's README / get_saliency.py
     p = resolve_params("tokencut", sigma_luma=9, lam=3)
-    assert (p.sigma_spatial, p.sigma_luma, p.sigma_chroma, p.lam) == (24, 9, 4, 3)
+    assert (p.sigma_spatial, p.sigma_luma, p.sigma_chroma, p.lam) == (16, 9, 8, 3)
     img, target = synthetic(30, 40)
-    explicit = ops.bilateral_solve(img, target, sigma_spatial=24, sigma_luma=4, sigma_chroma=4, lam=256,
+    explicit = ops.bilateral_solve(img, target, sigma_spatial=16, sigma_luma=16, sigma_chroma=8, lam=256,
                                    backend="torch")
     assert torch.equal(explicit, ops.bilateral_solve(img, target, preset="tokencut", backend="torch"))
 

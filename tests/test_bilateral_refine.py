@@ -48,7 +48,7 @@ def test_refines_folder_like_the_op(folders):
         want = ops.bilateral_solve(img, target, preset="tokencut", sigma_luma=6) > 0.5
         assert np.array_equal(got, want.numpy().astype(np.uint8))
     config = json.loads((root / "out" / "refine.json").read_text())
-    assert config["sigma_luma"] == 6 and config["sigma_spatial"] == 24 and config["threshold"] == 0.5
+    assert config["sigma_luma"] == 6 and config["sigma_spatial"] == 16 and config["threshold"] == 0.5
     assert not list((root / "out").rglob("*.tmp*"))  # atomic writes leave no temporaries
 
 

@@ -1,12 +1,15 @@
 """DeepLabv3+ R50-OS8: architecture (parameter count from the layer formulas, output shapes,
-dilations, BN momentum), strict DINO-ResNet-50 loading, safetensors round trip."""
+dilations, BN momentum), the official NamedMask layout (strict load, same logits), strict
+DINO-ResNet-50 loading, safetensors round trip."""
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
+from torch import nn
 
 from namedmask.config import ModelConfig, from_dict, parse_overrides
 from namedmask.models.deeplab import (DeepLabV3Plus, ModelError, build_model, load_backbone_weights,
-                                      load_segmenter, save_segmenter)
+                                      load_official_state_dict, load_segmenter, save_segmenter)
 from synthetic import tiny_model_overrides
 
 
@@ -14,12 +17,12 @@ def tiny_cfg() -> ModelConfig:
     return from_dict(ModelConfig, parse_overrides([o.removeprefix("model.") for o in tiny_model_overrides()]))
 
 
-def head_parameter_count(num_classes, high=2048, low=256, c=256, low_c=48, rates=3):
+def head_parameter_count(num_classes, high=2048, low=256, c=256, low_c=48, rates=3, decoder_convs=1):
     """The head of DeepLabv3+ as specified, counted by hand (convs without bias, BN = 2 per channel)."""
     conv_bn = lambda cin, cout: cin * cout + 2 * cout  # noqa: E731
     separable = lambda cin, cout: 9 * cin + cin * cout + 2 * cout  # noqa: E731
     aspp = conv_bn(high, c) + rates * separable(high, c) + conv_bn(high, c) + conv_bn(5 * c, c)
-    decoder = conv_bn(low, low_c) + separable(c + low_c, c) + separable(c, c)
+    decoder = conv_bn(low, low_c) + separable(c + low_c, c) + (decoder_convs - 1) * separable(c, c)
     return aspp + decoder + c * num_classes + num_classes
 
 
@@ -36,7 +39,10 @@ def test_r50_os8_parameter_count(r50):
     assert sum(p.numel() for p in r50.backbone.parameters()) == backbone_want
     head = sum(p.numel() for p in r50.head_parameters())
     assert head == head_parameter_count(21)
-    assert sum(p.numel() for p in r50.parameters()) == 23_508_032 + head_parameter_count(21) == 26_682_725
+    # 26_682_725 with the former two-conv decoder, less one separable 256->256 conv + BN (68_352)
+    assert sum(p.numel() for p in r50.parameters()) == 23_508_032 + head_parameter_count(21) == 26_614_373
+    wider = DeepLabV3Plus(21, ModelConfig(decoder_convs=2))  # the explicit extra-capacity option
+    assert sum(p.numel() for p in wider.head_parameters()) == head_parameter_count(21, decoder_convs=2)
 
 
 def test_r50_os8_shapes_dilations_bn(r50):
@@ -52,10 +58,16 @@ def test_r50_os8_shapes_dilations_bn(r50):
     assert r50.backbone.layer2[0].conv2.stride == (2, 2)
     assert r50.backbone.layer3[0].conv2.stride == (1, 1) and r50.backbone.layer3[1].conv2.dilation == (2, 2)
     assert r50.backbone.layer4[0].conv2.stride == (1, 1) and r50.backbone.layer4[1].conv2.dilation == (4, 4)
-    assert [b[0].dilation for b in r50.aspp.branches[1:4]] == [(12, 12), (24, 24), (36, 36)]
-    assert r50.low_level[0].out_channels == 48
-    assert all(m.groups == m.in_channels for b in r50.aspp.branches[1:4] for m in b[:1])  # depthwise
-    assert {m.momentum for m in r50.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}
+    aspp = r50.classifier.aspp
+    assert [b[0].body[0].dilation for b in aspp.convs[1:4]] == [(12, 12), (24, 24), (36, 36)]
+    assert all(b[0].body[0].groups == b[0].body[0].in_channels for b in aspp.convs[1:4])  # depthwise
+    assert r50.classifier.project[0].out_channels == 48
+    decoder = r50.classifier.classifier  # one separable conv 304 -> 256 + BN + ReLU, then the classifier
+    assert decoder[0].body[0].in_channels == 304 and decoder[0].body[1].out_channels == 256
+    assert len(decoder) == 4 and decoder[3].kernel_size == (1, 1) and decoder[3].out_channels == 21
+    # BN momentum 0.01 in the backbone only; the head keeps 0.1 (official set_bn_momentum(network.backbone))
+    assert {m.momentum for m in r50.backbone.modules() if isinstance(m, nn.BatchNorm2d)} == {0.01}
+    assert {m.momentum for m in r50.classifier.modules() if isinstance(m, nn.BatchNorm2d)} == {0.1}
 
 
 def dino_rn50_state(seed=1) -> dict:
@@ -112,3 +124,110 @@ def test_small_config_round_trip(tmp_path):
     assert meta["model"]["backbone"] == "resnet10t"
     with pytest.raises(ModelError, match="no trained segmenter"):
         load_segmenter(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- the official layout
+
+class _OfficialSeparable(nn.Module):
+    """As the official AtrousSeparableConvolution after convert_to_separable_conv (no bias)."""
+
+    def __init__(self, cin, cout, padding, dilation):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=padding, dilation=dilation, groups=cin, bias=False),
+                                  nn.Conv2d(cin, cout, 1, bias=False))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+class _OfficialPooling(nn.Sequential):
+    def forward(self, x):
+        return F.interpolate(super().forward(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+class _OfficialHead(nn.Module):
+    """DeepLabHeadV3Plus of NoelShin/namedmask networks/deeplab/_deeplab.py, separable."""
+
+    def __init__(self, num_classes, rates=(12, 24, 36)):
+        super().__init__()
+        self.project = nn.Sequential(nn.Conv2d(256, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU())
+        aspp = nn.Module()
+        aspp.convs = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(2048, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU())]
+            + [nn.Sequential(_OfficialSeparable(2048, 256, r, r), nn.BatchNorm2d(256), nn.ReLU()) for r in rates]
+            + [_OfficialPooling(nn.AdaptiveAvgPool2d(1), nn.Conv2d(2048, 256, 1, bias=False), nn.BatchNorm2d(256),
+                                nn.ReLU())])
+        aspp.project = nn.Sequential(nn.Conv2d(1280, 256, 1, bias=False), nn.BatchNorm2d(256), nn.ReLU(),
+                                     nn.Dropout(0.1))
+        self.aspp = aspp
+        self.classifier = nn.Sequential(_OfficialSeparable(304, 256, 1, 1), nn.BatchNorm2d(256), nn.ReLU(),
+                                        nn.Conv2d(256, num_classes, 1))
+
+    def forward(self, low, high):
+        a = self.aspp.project(torch.cat([conv(high) for conv in self.aspp.convs], dim=1))
+        low = self.project(low)
+        a = F.interpolate(a, size=low.shape[2:], mode="bilinear", align_corners=False)
+        return self.classifier(torch.cat([low, a], dim=1))
+
+
+class _OfficialDeepLab(nn.Module):
+    """deeplabv3plus_resnet50(output_stride=8): backbone = an IntermediateLayerGetter over
+    torchvision's ResNet-50 (children up to layer4), classifier = the head."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        net = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+        self.backbone = nn.ModuleDict({k: getattr(net, k) for k in
+                                       ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")})
+        self.classifier = _OfficialHead(num_classes)
+
+    def forward(self, x):
+        y = x
+        for name, m in self.backbone.items():
+            y = m(y)
+            if name == "layer1":
+                low = y
+        return F.interpolate(self.classifier(low, y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def _randomise(module: nn.Module, seed: int) -> None:
+    """Random weights and BN statistics (running stats too, so eval mode is not an identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=g) + 0.5 if "running_var" in name
+                        else torch.randn(t.shape, generator=g) * (0.05 if t.dim() > 1 else 0.1))
+
+
+def test_official_layout_loads_strictly_with_the_same_logits(tmp_path):
+    official = _OfficialDeepLab(5).eval()
+    _randomise(official, 3)
+    path = tmp_path / "final_model.pt"
+    torch.save(official.state_dict(), path)  # as the official trainer saves it
+    ours = DeepLabV3Plus(5, ModelConfig()).eval()
+    assert set(ours.state_dict()) == set(official.state_dict())  # same key names, no extra, none missing
+    load_official_state_dict(ours, path)
+    x = torch.randn(1, 3, 61, 77, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = official(x), ours(x)
+    # same ops in the same order; only float summation order may differ between the two modules
+    assert got.shape == want.shape == (1, 5, 61, 77)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    # a DataParallel prefix is unwrapped; another head layout is a clear error
+    load_official_state_dict(ours, {f"module.{k}": v for k, v in official.state_dict().items()})
+    with pytest.raises(ModelError, match="decoder_convs 2"):
+        load_official_state_dict(DeepLabV3Plus(5, ModelConfig(decoder_convs=2)), path)
+
+
+def test_segmenter_of_the_old_head_layout_is_a_clear_error(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg(), 4)
+    save_segmenter(tmp_path, model, ["background", "a", "b", "c"])
+    state = {("decoder.0.0.weight" if k.startswith("classifier.classifier.0") else k): v
+             for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ModelError, match="older namedmask"):
+        load_segmenter(tmp_path)

@@ -116,7 +116,7 @@ def test_key_hook_equals_manual_qkv_of_the_last_block():
 
     with torch.no_grad():  # the same forward written out by hand
         x = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
-        x = torch.cat([vit.cls_token.expand(2, -1, -1), x], 1) + resample_pos_embed(vit.pos_embed, grid)
+        x = torch.cat([vit.cls_token.expand(2, -1, -1), x], 1) + resample_pos_embed(vit.pos_embed, grid, rule="dino")
         for block in vit.blocks[:-1]:
             x = block(x)
         last = vit.blocks[-1]

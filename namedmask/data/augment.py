@@ -2,9 +2,14 @@
 torch.Generator so a sample is a pure function of (seed, sample number): resumed and
 multi-process runs see exactly the same data.
 
-random scale U(lo, hi) of the original size (image bilinear, label nearest) -> pad to the crop
-with the image's mean colour / label 255 -> random crop -> hflip -> colour jitter / grayscale /
-Gaussian blur -> ImageNet normalisation."""
+random scale U(lo, hi) of the original size (sizes truncated as the official int(w * s);
+image bilinear, label nearest) -> pad to the crop with the scaled image's uint8 mean colour /
+label 255, on a random side (one of the four corners keeps the image, uniformly) -> random crop
+-> hflip -> colour jitter / grayscale / Gaussian blur -> ImageNet normalisation.
+
+The official random_crop draws a fresh random() in each elif, so its four padding corners
+come out 0.25 / 0.19 / 0.14 / 0.42 instead of the uniform quarter it evidently intends; we
+draw the corner once, uniformly (README, "What differs from the official code")."""
 from __future__ import annotations
 
 import torch
@@ -59,22 +64,32 @@ def color_jitter(image: torch.Tensor, strength: tuple, g: torch.Generator) -> to
     return image
 
 
+def pad_offsets(corner: int, pad_h: int, pad_w: int) -> tuple[int, int]:
+    """Where the image sits on its padded canvas, (top, left), for corner 0..3: the padding goes
+    to the top+left, bottom+left, top+right or bottom+right (the official four cases)."""
+    return (pad_h if corner in (0, 2) else 0), (pad_w if corner in (0, 1) else 0)
+
+
 def train_transform(image: torch.Tensor, label: torch.Tensor, cfg: AugmentConfig,
                     g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 image [3, H, W] + uint8 label [H, W] -> normalised float32 [3, c, c] + uint8 [c, c]."""
     c = cfg.crop_size
     h, w = label.shape
     s = _uniform(g, *cfg.scale)
-    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    nh, nw = max(1, int(h * s)), max(1, int(w * s))  # truncation, as the official int(w * scale)
     img = F.interpolate(image[None].float() / 255.0, size=(nh, nw), mode="bilinear", align_corners=False,
                         antialias=True)[0].clamp_(0, 1)
     lab = F.interpolate(label[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].to(torch.uint8)
     ph, pw = max(c, nh), max(c, nw)
+    corner = int(torch.randint(0, 4, (), generator=g))  # drawn always: the stream does not depend on sizes
     if (ph, pw) != (nh, nw):
-        canvas = img.mean(dim=(1, 2), keepdim=True).expand(3, ph, pw).clone()
-        canvas[:, :nh, :nw] = img
+        y0, x0 = pad_offsets(corner, ph - nh, pw - nw)
+        # the mean colour of the scaled image as uint8 (the official np.mean(...).astype(np.uint8))
+        fill = (img * 255).round().mean(dim=(1, 2)).floor().div(255).view(3, 1, 1)
+        canvas = fill.expand(3, ph, pw).clone()
+        canvas[:, y0:y0 + nh, x0:x0 + nw] = img
         lab_canvas = torch.full((ph, pw), IGNORE, dtype=torch.uint8)
-        lab_canvas[:nh, :nw] = lab
+        lab_canvas[y0:y0 + nh, x0:x0 + nw] = lab
         img, lab = canvas, lab_canvas
     top = int(torch.randint(0, ph - c + 1, (), generator=g))
     left = int(torch.randint(0, pw - c + 1, (), generator=g))

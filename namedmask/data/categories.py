@@ -4,7 +4,13 @@ Built in: `voc` (20 + background, official order), `coco-object` (80 COCO things
 category order, contiguous ids 1..80; COCO_ID_TO_CONTIGUOUS maps COCO's category ids 1..90),
 `cityscapes-object` (the 14 human/vehicle/object classes NamedMask evaluates, ids 1..14 in
 Cityscapes label-id order; CITYSCAPES_LABEL_ID_TO_OBJECT maps gtFine labelIds), `coca` (its 80
-categories as named by the dataset's folders, sorted, ids 1..80 as in the official code)."""
+categories as named by the dataset's folders, sorted, ids 1..80 as in the official code).
+
+Display names (`names`: the dataset's own spellings, used in tables, archives and model files)
+and prompt names (`prompt_names`: the words sent to CLIP) are kept apart: VOC's file-system
+spellings "diningtable", "pottedplant", "tvmonitor" are prompted as the official NamedMask
+strings "dining table", "potted plant", "tv/monitor". The other built-in sets are prompted with
+their display names, as in the official configs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,13 +18,25 @@ from pathlib import Path
 
 VOC = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
        "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+# The official NamedMask prompt strings where they differ from the display names
+# (configs/voc_val_n500_cp2_ex.yaml, datasets/voc2012.py of NoelShin/namedmask).
+VOC_PROMPT_NAMES = {"diningtable": "dining table", "pottedplant": "potted plant", "tvmonitor": "tv/monitor"}
 
 
 @dataclass(frozen=True)
 class CategorySet:
     name: str
     names: tuple            # names[i] is the class with id i; names[0] = "background"
-    synonyms: dict = field(default_factory=dict)  # class name -> tuple of alternative names
+    synonyms: dict = field(default_factory=dict)  # class name -> tuple of alternative names (also prompted)
+    prompts: dict = field(default_factory=dict)   # class name -> the word sent to CLIP, where it differs
+
+    def prompt_name(self, name: str) -> str:
+        """The word CLIP is prompted with for class `name` (its display name unless set)."""
+        return self.prompts.get(name, name)
+
+    def prompt_words(self, name: str) -> tuple:
+        """Every word a class is embedded with: its prompt name, then its synonyms."""
+        return (self.prompt_name(name), *self.synonyms.get(name, ()))
 
     @property
     def num_classes(self) -> int:
@@ -71,13 +89,15 @@ COCA = ("background",
         "toy car", "typewriter", "violin", "waffles", "watering can", "watermelon", "wheelchair", "whisk")
 
 BUILTIN = {"voc": VOC, "coco-object": COCO_OBJECT, "cityscapes-object": CITYSCAPES_OBJECT, "coca": COCA}
+BUILTIN_PROMPTS = {"voc": VOC_PROMPT_NAMES}
 
 
 def get_category_set(name_or_path: str) -> CategorySet:
     """A built-in set by name, or a text file: one class per line, synonyms after '|'
     separated by commas. The file lists foreground classes; background gets id 0."""
     if name_or_path in BUILTIN:
-        return CategorySet(name_or_path, tuple(BUILTIN[name_or_path]))
+        return CategorySet(name_or_path, tuple(BUILTIN[name_or_path]),
+                           prompts=dict(BUILTIN_PROMPTS.get(name_or_path, {})))
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"unknown category set {name_or_path!r}: not one of {sorted(BUILTIN)} and not a file")
@@ -88,6 +108,9 @@ def get_category_set(name_or_path: str) -> CategorySet:
             continue
         name, _, alts = line.partition("|")
         name = name.strip()
+        if not name:
+            raise ValueError(f"{path}:{lineno}: empty category name before '|' in {line!r}; "
+                             f"write 'name | synonym, ...'")
         if name in names:
             raise ValueError(f"{path}:{lineno}: duplicate category {name!r}")
         names.append(name)

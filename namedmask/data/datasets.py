@@ -9,7 +9,9 @@ path) in a stable sorted order, the class names in id order (0 = background) and
   coco-object        <root>/<split>2017/*.jpg + the masks `namedmask prepare coco-object` builds
                      (namedmask/data/coco.py: crowd -> 255, overlaps -> the smaller instance).
   coca               <root>/image/<category>/*.jpg + <root>/binary/<category>/*.png (0/255 masks):
-                     foreground (> 127) gets the category's id; binary=True (per-image fg IoU).
+                     foreground (> 127) gets the category's id 1..80; scored like every set, as
+                     an 81-class mIoU (the official protocol); binary=True adds the mean
+                     per-image foreground IoU beside it.
   cityscapes-object  <root>/leftImg8bit/<split>/<city>/*_leftImg8bit.png + gtFine/..._gtFine_labelIds.png;
                      the 14 object classes, every other labelId is background (official protocol).
   imagenet-s         <root>/validation/<wnid>/*.JPEG + validation-segmentation/<wnid>/*.png, root =
@@ -61,7 +63,7 @@ class LabeledSet:
     items: list
     label_reader: Callable = field(repr=False)   # (label path, item) -> H×W class ids
     ignore_index: int = 255
-    binary: bool = False    # CoCA-style: score mean per-image foreground IoU
+    binary: bool = False    # CoCA-style (one object per image): also report mean per-image foreground IoU
 
     @property
     def num_classes(self) -> int:

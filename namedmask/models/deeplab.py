@@ -1,7 +1,15 @@
-"""DeepLabv3+ (Chen et al. 2018) as NamedMask trains it: ResNet backbone at output stride 8
-(layer3 dilation 2, layer4 dilation 4), ASPP with rates 12/24/36 + image pooling, a 48-channel
-projection of layer1 features, depthwise-separable 3x3 convs in ASPP and decoder, logits
-upsampled to the input size, BN momentum 0.01.
+"""DeepLabv3+ (Chen et al. 2018) exactly as NamedMask trains it: ResNet backbone at output
+stride 8 (layer3 dilation 2, layer4 dilation 4), ASPP with rates 12/24/36 + image pooling, a
+48-channel projection of layer1 features, decoder = concat [low-level 48, ASPP 256] -> one
+depthwise-separable 3x3 conv 304->256 + BN + ReLU -> 1x1 classifier, logits upsampled to the
+input size. BN momentum 0.01 in the backbone only (the head's BNs keep PyTorch's 0.1), head
+convs Kaiming-normal initialised: the official code's set_bn_momentum(network.backbone) and
+_init_weight.
+
+Module and key names are the official ones (NoelShin/namedmask networks/deeplab: backbone.*,
+classifier.project/aspp/classifier), so an official `final_model.pt` state dict loads strictly
+(`load_official_state_dict`). `decoder_convs: 2` (ModelConfig) adds a second separable conv
+to the decoder: extra capacity, off by default.
 
 Backbones: torchvision ResNet-50/101/152 (the key layout of DINO's `dino_resnet50_pretrain.pth`,
 loaded strictly) or any timm ResNet (e.g. resnet18, whose BasicBlocks torchvision cannot
@@ -92,32 +100,71 @@ def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-def separable_conv(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
-    """Depthwise 3x3 (dilated) + pointwise 1x1, then BN + ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
-        nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+class SeparableConv(nn.Module):
+    """Depthwise 3x3 (dilated) + pointwise 1x1, no bias; `body.0` / `body.1` as the official
+    AtrousSeparableConvolution."""
 
-
-class ImagePooling(nn.Module):
-    def __init__(self, cin: int, cout: int):
+    def __init__(self, cin: int, cout: int, dilation: int = 1):
         super().__init__()
-        self.project = conv_bn_relu(cin, cout)
+        self.body = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=dilation, dilation=dilation, groups=cin, bias=False),
+                                  nn.Conv2d(cin, cout, 1, bias=False))
 
     def forward(self, x):
-        y = self.project(F.adaptive_avg_pool2d(x, 1))
-        return y.expand(-1, -1, x.shape[-2], x.shape[-1])
+        return self.body(x)
+
+
+def separable_conv_bn_relu(cin: int, cout: int, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(SeparableConv(cin, cout, dilation), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ImagePooling(nn.Sequential):
+    """Global average pool -> 1x1 conv + BN + ReLU, broadcast back to the input size (the
+    official bilinear upsampling of a 1x1 map is this same constant)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+    def forward(self, x):
+        return super().forward(x).expand(-1, -1, x.shape[-2], x.shape[-1])
 
 
 class ASPP(nn.Module):
     def __init__(self, cin: int, cout: int, rates, dropout: float):
         super().__init__()
-        self.branches = nn.ModuleList([conv_bn_relu(cin, cout)] + [separable_conv(cin, cout, r) for r in rates]
-                                      + [ImagePooling(cin, cout)])
-        self.project = nn.Sequential(conv_bn_relu(cout * len(self.branches), cout), nn.Dropout(dropout))
+        self.convs = nn.ModuleList([conv_bn_relu(cin, cout)] + [separable_conv_bn_relu(cin, cout, r) for r in rates]
+                                   + [ImagePooling(cin, cout)])
+        self.project = nn.Sequential(nn.Conv2d(cout * len(self.convs), cout, 1, bias=False), nn.BatchNorm2d(cout),
+                                     nn.ReLU(inplace=True), nn.Dropout(dropout))
 
     def forward(self, x):
-        return self.project(torch.cat([b(x) for b in self.branches], dim=1))
+        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+class DeepLabHeadV3Plus(nn.Module):
+    """project (low level) + aspp (high level) -> classifier: [separable conv + BN + ReLU] x
+    decoder_convs, then the 1x1 classifier conv (the last module of `classifier`)."""
+
+    def __init__(self, high_ch: int, low_ch: int, num_classes: int, cfg: ModelConfig):
+        super().__init__()
+        c, low_c = cfg.aspp_channels, cfg.low_level_channels
+        if cfg.decoder_convs < 1:
+            raise ModelError(f"model.decoder_convs must be >= 1, got {cfg.decoder_convs}")
+        self.project = conv_bn_relu(low_ch, low_c)
+        self.aspp = ASPP(high_ch, c, cfg.aspp_rates, cfg.dropout)
+        decoder = [m for i in range(cfg.decoder_convs) for m in separable_conv_bn_relu(low_c + c if i == 0 else c, c)]
+        self.classifier = nn.Sequential(*decoder, nn.Conv2d(c, num_classes, 1))
+        for m in self.modules():  # as the official _init_weight (the last conv's bias keeps PyTorch's init)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        low = self.project(low)
+        y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(torch.cat([low, y], dim=1))
 
 
 class DeepLabV3Plus(nn.Module):
@@ -127,24 +174,45 @@ class DeepLabV3Plus(nn.Module):
         self.cfg, self.num_classes = cfg, num_classes
         self.backbone = build_backbone(cfg.backbone, cfg.output_stride, cfg.backbone_args)
         low_ch, high_ch = self.backbone.channels
-        c = cfg.aspp_channels
-        self.aspp = ASPP(high_ch, c, cfg.aspp_rates, cfg.dropout)
-        self.low_level = conv_bn_relu(low_ch, cfg.low_level_channels)
-        self.decoder = nn.Sequential(separable_conv(c + cfg.low_level_channels, c), separable_conv(c, c))
-        self.classifier = nn.Conv2d(c, num_classes, 1)
-        for m in self.modules():
+        self.classifier = DeepLabHeadV3Plus(high_ch, low_ch, num_classes, cfg)
+        for m in self.backbone.modules():  # the head's BNs keep 0.1, as the official code
             if isinstance(m, nn.BatchNorm2d):
                 m.momentum = cfg.bn_momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] normalised images -> [B, num_classes, H, W] logits."""
         low, high = self.backbone(x)
-        y = F.interpolate(self.aspp(high), size=low.shape[-2:], mode="bilinear", align_corners=False)
-        y = self.decoder(torch.cat([y, self.low_level(low)], dim=1))
-        return F.interpolate(self.classifier(y), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(self.classifier(low, high), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def head_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
+
+
+def load_official_state_dict(model: DeepLabV3Plus, path_or_state) -> None:
+    """Strict load of an official NamedMask segmenter (`final_model.pt`: the state dict of
+    deeplabv3plus_resnet50 after convert_to_separable_conv) or of any state dict in this
+    module's layout; a `module.` prefix (DataParallel) is unwrapped."""
+    state = path_or_state
+    if not isinstance(state, dict):
+        try:
+            state = torch.load(Path(state), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelError(f"{path_or_state}: cannot read segmenter weights ({exc})") from exc
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    _load_strict(model, state, "state dict" if isinstance(path_or_state, dict) else str(path_or_state))
+
+
+def _load_strict(model: DeepLabV3Plus, state: dict, where: str) -> None:
+    if any(k.startswith(("aspp.branches.", "decoder.")) for k in state):
+        raise ModelError(f"{where}: written by an older namedmask (head layout before the official one: "
+                         f"aspp.branches/decoder/low_level keys); retrain it with this version")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise ModelError(f"{where}: does not match DeepLabV3Plus({model.num_classes} classes, "
+                         f"{model.cfg.backbone}, decoder_convs {model.cfg.decoder_convs}): "
+                         f"{detail[:400]}{'...' if len(detail) > 400 else ''}") from None
 
 
 def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
@@ -214,5 +282,5 @@ def load_segmenter(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     meta = json.loads(meta_path.read_text())
     cfg = from_dict(ModelConfig, {**meta["model"], "pretrained": None})
     model = DeepLabV3Plus(meta["num_classes"], cfg)
-    model.load_state_dict(load_file(str(weights_path)), strict=True)
+    _load_strict(model, load_file(str(weights_path)), str(weights_path))
     return model.to(device).eval(), meta

@@ -10,8 +10,10 @@ Weights come from one of three places, chosen explicitly:
 Offline without a file is an error that says what to do, never a silent random model.
 
 `forward_tokens` runs the ViT at any input size that is a multiple of the patch size,
-interpolating the position embedding bicubically like DINO/SelfMask (timm's own dynamic
-resize antialiases, which changes the numbers); `last_layer_keys` hooks the last block's
+interpolating the position embedding bicubically by each model's own rule: DINO (and TokenCut,
+which runs DINO's code) passes scale_factor=((n + 0.1) / sqrt(N)) per side, SelfMask passes
+size=(h, w) - the two differ by up to ~0.02 on real embeddings (timm's own dynamic resize
+antialiases, which changes the numbers again); `last_layer_keys` hooks the last block's
 qkv projection for TokenCut's key features (timm does not return attention internals).
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -132,9 +135,17 @@ def load_dino_weights(model, path: str | Path) -> None:
     log.info("loaded DINO weights from %s", path)
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple) -> torch.Tensor:
+POS_EMBED_RULES = ("dino", "size")
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple, rule: str = "size") -> torch.Tensor:
     """[1, 1 + g*g, C] -> [1, 1 + h*w, C]: class embedding kept, the square grid resized
-    bicubically (align_corners=False, no antialias) as DINO and SelfMask do."""
+    bicubically (align_corners=False, no antialias). rule "size": to size=(h, w) (SelfMask,
+    and checkpoint conversion); "dino": scale_factor=((h + 0.1) / g, (w + 0.1) / g) as DINO's
+    interpolate_pos_encoding (the +0.1 only guards the output size; the factor itself sets
+    where the bicubic kernel samples, so the values differ from size=)."""
+    if rule not in POS_EMBED_RULES:
+        raise ValueError(f"position-embedding rule must be one of {POS_EMBED_RULES}, got {rule!r}")
     n = pos_embed.shape[1] - 1
     g = int(round(n ** 0.5))
     if g * g != n:
@@ -144,7 +155,14 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple) -> torch.Tensor:
         return pos_embed
     cls, patches = pos_embed[:, :1], pos_embed[:, 1:]
     patches = patches.reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    patches = F.interpolate(patches.float(), size=(h, w), mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    if rule == "dino":
+        scale = ((h + 0.1) / math.sqrt(n), (w + 0.1) / math.sqrt(n))
+        patches = F.interpolate(patches.float(), scale_factor=scale, mode="bicubic", align_corners=False)
+        if tuple(patches.shape[-2:]) != (h, w):
+            raise ValueError(f"DINO position-embedding interpolation gave {tuple(patches.shape[-2:])}, not {(h, w)}")
+    else:
+        patches = F.interpolate(patches.float(), size=(h, w), mode="bicubic", align_corners=False)
+    patches = patches.to(pos_embed.dtype)
     return torch.cat([cls, patches.permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
 
@@ -152,16 +170,18 @@ def patch_size(vit) -> int:
     return int(vit.patch_embed.patch_size[0])
 
 
-def forward_tokens(vit, images: torch.Tensor):
+def forward_tokens(vit, images: torch.Tensor, pos_embed_rule: str = "dino"):
     """Normalised images [B, 3, H, W] (H, W multiples of the patch size) -> (last-layer
-    tokens after the final norm [B, 1 + h*w, C], (h, w))."""
+    tokens after the final norm [B, 1 + h*w, C], (h, w)). pos_embed_rule: "dino" (DINO,
+    TokenCut) or "size" (SelfMask), see resample_pos_embed."""
     p = patch_size(vit)
     if images.shape[-2] % p or images.shape[-1] % p:
         raise ValueError(f"input {tuple(images.shape[-2:])} is not a multiple of the patch size {p}")
     x = vit.patch_embed.proj(images)
     b, _, h, w = x.shape
     x = vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
-    x = torch.cat([vit.cls_token.expand(b, -1, -1), x], dim=1) + resample_pos_embed(vit.pos_embed, (h, w))
+    pos = resample_pos_embed(vit.pos_embed, (h, w), pos_embed_rule)
+    x = torch.cat([vit.cls_token.expand(b, -1, -1), x], dim=1) + pos
     x = vit.norm(vit.blocks(vit.norm_pre(vit.pos_drop(x))))
     return x, (h, w)
 

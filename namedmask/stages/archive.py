@@ -201,10 +201,10 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
 # ---------------------------------------------------------------- text side
 
 def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cache: Path) -> torch.Tensor:
-    """float32 [C, D]: per category every template x every name (the name and its synonyms)
+    """float32 [C, D]: per category every template x every word (its prompt name and synonyms)
     encoded, L2-normalised, averaged and L2-normalised again. Cached in `cache`."""
     names = list(categories.names[1:])
-    prompts = {n: [t.format(s) for s in (n, *categories.synonyms.get(n, ())) for t in templates] for n in names}
+    prompts = {n: [t.format(s) for s in categories.prompt_words(n) for t in templates] for n in names}
     key = io.fingerprint({"model": clip.describe(), "prompts": prompts})
     if cache.exists():
         with safe_open(str(cache), "pt") as f:
@@ -282,6 +282,7 @@ def _make_archive(categories: CategorySet, paths: list, root: Path, scores: torc
     meta = {"model": clip.describe(),
             "templates": {"source": config.templates, "count": len(templates), "templates": list(templates)},
             "synonyms": {n: list(s) for n, s in categories.synonyms.items()},
+            "prompt_words": {n: list(categories.prompt_words(n)) for n in ids},  # what each was embedded with
             "k": config.k, "num_images": len(paths),
             "skipped": [{"path": paths[i], "reason": reason} for i, reason in sorted(skipped)],
             "config": resolved}

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from namedmask import io, ops
+from namedmask.data.classmap import ClassMap, category_words
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ class EvalReport:
     class_names: list | None = None
     bad: list = field(default_factory=list)  # (name, reason) of skipped pairs
     extra: dict = field(default_factory=dict)  # additional top-level keys (e.g. mean_fg_iou of binary sets)
+    class_map: ClassMap | None = None  # model -> dataset classes: what was scored, what was left out
 
     def to_dict(self) -> dict:
         m = self.metrics
@@ -38,6 +40,8 @@ class EvalReport:
         out["skipped"] = [{"name": n, "reason": r} for n, r in self.bad]
         out["confusion_matrix"] = self.confusion.tolist()
         out.update(self.extra)
+        if self.class_map is not None:
+            out.update(self.class_map.describe())
         return out
 
     def table(self) -> str:
@@ -56,18 +60,28 @@ class EvalReport:
             lines.append(f"{'skipped':<{width}}{len(self.bad):8d}")
         for key, value in self.extra.items():
             lines.append(f"{key:<{width}}{100 * value:8.2f}")
+        if self.class_map is not None and not (self.class_map.is_identity and not self.class_map.ignored_pixels):
+            lines.append(self.class_map.summary())
         return "\n".join(lines)
 
 
 def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, ignore_index: int = 255,
                         skip_bad: bool = False, class_names: list | None = None, backend: str = "auto",
-                        progress: bool = True) -> EvalReport:
+                        progress: bool = True, gt_class_names: list | None = None, gt_words: dict | None = None,
+                        ignore_unmapped: bool = False) -> EvalReport:
     """Pairs prediction and ground-truth index PNGs by file stem and accumulates one
-    confusion matrix over all of them. Problems (missing pair, size mismatch, unreadable
-    file, prediction id >= num_classes) raise EvaluationError listing every bad file,
-    unless skip_bad, which logs, counts and skips them."""
+    confusion matrix over all of them. Predictions hold ids of `class_names` (num_classes of
+    them); ground truth holds ids of `gt_class_names` (default: the same classes); the two are
+    paired by name (namedmask.data.classmap). Problems (missing pair, size mismatch, unreadable
+    file, a prediction id >= num_classes, a ground-truth id no class maps to) raise
+    EvaluationError listing every bad file, unless skip_bad, which logs, counts and skips them."""
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
+    model_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    cmap = ClassMap(model_names, list(gt_class_names) if gt_class_names else model_names, dataset_words=gt_words,
+                    ignore_index=ignore_index, ignore_unmapped=ignore_unmapped)
+    num_classes, class_names = len(cmap.dataset_names), (cmap.dataset_names if class_names or gt_class_names
+                                                          else None)
     preds, gts = index_label_maps(pred_dir), index_label_maps(gt_dir)
     if not gts:
         raise EvaluationError(f"{gt_dir}: no ground-truth PNG label maps found")
@@ -87,8 +101,9 @@ def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: i
             if gt.shape != pred.shape:
                 raise LabelMapError(f"{preds[stem]}: size {pred.shape[1]}x{pred.shape[0]} differs from ground "
                                     f"truth {gts[stem]} {gt.shape[1]}x{gt.shape[0]} (width x height)")
-            confusion += ops.confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), num_classes,
-                                              ignore_index, backend=backend)
+            gt_t = cmap.map_ground_truth(torch.from_numpy(gt), str(gts[stem]))
+            pred_t = cmap.map_prediction(torch.from_numpy(pred), str(preds[stem]))
+            confusion += ops.confusion_matrix(pred_t, gt_t, num_classes, ignore_index, backend=backend)
             scored += 1
         except (LabelMapError, ValueError) as exc:
             bad.append((stem, str(exc) if str(preds[stem]) in str(exc) or str(gts[stem]) in str(exc)
@@ -102,7 +117,7 @@ def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: i
         log.warning("skipped %s: %s", stem, reason)
     if scored == 0:
         raise EvaluationError("no valid prediction/ground-truth pairs to score")
-    return EvalReport(ops.miou(confusion), confusion, scored, class_names, bad)
+    return EvalReport(ops.miou(confusion), confusion, scored, class_names, bad, class_map=cmap)
 
 
 def write_report(report: EvalReport, path: str | Path) -> None:
@@ -161,18 +176,6 @@ def open_eval_set(name: str, root: str | Path, split: str = "val"):
     return open_dataset(name, root, split=split)
 
 
-def class_lookup(model_names: list, dataset_names: list | None) -> torch.Tensor:
-    """Model class id -> dataset class id, matched by name (identity when the lists agree)."""
-    if dataset_names is None or list(dataset_names) == list(model_names):
-        return torch.arange(len(model_names))
-    index = {n: i for i, n in enumerate(dataset_names)}
-    absent = [n for n in model_names if n not in index]
-    if absent:
-        raise EvaluationError(f"model classes {absent[:10]} are not classes of the dataset "
-                              f"({list(dataset_names)[:10]}...); train on the dataset's category set")
-    return torch.tensor([index[n] for n in model_names])
-
-
 @torch.no_grad()
 def predict_label(model, image: torch.Tensor, device, amp: bool = False) -> torch.Tensor:
     """uint8 [H, W, 3] image -> int64 [H, W] argmax class ids at native resolution, single scale."""
@@ -188,20 +191,22 @@ def predict_label(model, image: torch.Tensor, device, amp: bool = False) -> torc
 def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu", amp: bool = False,
                    max_images: int | None = None, rank: int = 0, world: int = 1, progress: bool = True,
                    backend: str = "auto", overlays_dir: str | Path | None = None,
-                   num_overlays: int = 4) -> EvalReport:
-    """Native resolution, single scale, argmax; one confusion matrix over the split (each rank
-    scores items[rank::world], matrices are all-reduced). Binary sets (CoCA-style) score
-    foreground = any non-background class and also report the mean per-image foreground IoU."""
+                   num_overlays: int = 4, ignore_unmapped: bool = False) -> EvalReport:
+    """Native resolution, single scale, argmax; one confusion matrix over the split in the
+    dataset's class ids (each rank scores items[rank::world], matrices are all-reduced). Model
+    classes are paired with the dataset's by name (namedmask.data.classmap; the report says
+    which were scored). Binary sets (CoCA: one object per image) are scored the same way, as
+    a (1 + C)-class mIoU, and also report the mean per-image foreground IoU."""
     from namedmask.data.decode import load_image
 
     was_training = model.training
     model.eval()
     binary = bool(getattr(labeled_set, "binary", False))
-    dataset_names = None if binary else getattr(labeled_set, "class_names", None)
-    lookup = class_lookup(model_class_names, dataset_names)
-    n = 2 if binary else (len(dataset_names) if dataset_names else len(model_class_names))
-    names = ["background", "foreground"] if binary else list(dataset_names or model_class_names)
     ignore = getattr(labeled_set, "ignore_index", 255)
+    names = list(getattr(labeled_set, "class_names", None) or model_class_names)
+    cmap = ClassMap(model_class_names, names, dataset_words=category_words(getattr(labeled_set, "name", None)),
+                    ignore_index=ignore, ignore_unmapped=ignore_unmapped)
+    n = len(names)
     items = [it for it in labeled_set if it.label is not None][:max_images]
     confusion = torch.zeros(n, n, dtype=torch.int64)
     fg_iou = torch.zeros(2, dtype=torch.float64)  # sum of per-image fg IoU, images
@@ -211,12 +216,12 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
         if gt.shape != image.shape[:2]:
             raise EvaluationError(f"{item.label}: label size {tuple(gt.shape)[::-1]} differs from image "
                                   f"{item.image} {tuple(image.shape[:2])[::-1]} (width x height)")
-        pred = lookup[predict_label(model, image, device, amp)]
-        if binary:
-            pred = (pred > 0).long()
+        gt = cmap.map_ground_truth(gt, str(item.label))
+        pred = cmap.map_prediction(predict_label(model, image, device, amp))
+        if binary:  # beside the mIoU: foreground (any class) vs background, per image
             valid = gt != ignore
-            inter = ((pred == 1) & (gt == 1) & valid).sum()
-            union = (((pred == 1) | (gt == 1)) & valid).sum()
+            inter = ((pred > 0) & (gt > 0) & valid).sum()
+            union = (((pred > 0) | (gt > 0)) & valid).sum()
             fg_iou += torch.tensor([float(inter) / float(union) if union > 0 else 1.0, 1.0], dtype=torch.float64)
         confusion += ops.confusion_matrix(pred, gt, n, ignore, backend=backend)
         if overlays_dir is not None and rank == 0 and i < num_overlays:
@@ -231,7 +236,7 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
     model.train(was_training)
     if not items:
         raise EvaluationError("no labelled images to evaluate")
-    report = EvalReport(ops.miou(confusion), confusion, len(items), names)
+    report = EvalReport(ops.miou(confusion), confusion, len(items), names, class_map=cmap)
     if binary:
         report.extra["mean_fg_iou"] = float(fg_iou[0] / fg_iou[1])
     return report
@@ -239,7 +244,8 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
 
 def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, split: str = "val",
                         device: str = "auto", max_images: int | None = None, overlays_dir=None,
-                        num_overlays: int = 4, backend: str = "auto", progress: bool = True) -> EvalReport:
+                        num_overlays: int = 4, backend: str = "auto", progress: bool = True,
+                        ignore_unmapped: bool = False) -> EvalReport:
     """`namedmask eval --checkpoint RUN --dataset NAME --root DIR`."""
     from namedmask.models.deeplab import load_segmenter
     from namedmask.stages.train import resolve_device
@@ -247,6 +253,7 @@ def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, 
     dev = resolve_device(device)
     model, meta = load_segmenter(run_dir, dev)
     labeled_set = open_eval_set(dataset, root, split)
-    return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=dev.type == "cuda",
+    # fp32 as the official evaluation: bf16 logits can flip the argmax of near-ties
+    return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=False,
                           max_images=max_images, progress=progress, backend=backend,
-                          overlays_dir=overlays_dir, num_overlays=num_overlays)
+                          overlays_dir=overlays_dir, num_overlays=num_overlays, ignore_unmapped=ignore_unmapped)

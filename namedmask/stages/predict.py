@@ -68,9 +68,11 @@ def collect_images(inputs) -> list:
 
 
 def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = True,
-            progress: bool = True) -> list:
+            progress: bool = True, classes: str | None = None, ignore_unmapped: bool = False) -> list:
     """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
-    Names are the input stems; a stem seen twice gets the parent folder prefixed."""
+    Names are the input stems; a stem seen twice gets the parent folder prefixed. Label ids
+    are the model's, or with `classes` (a category set or names file) that set's ids, the
+    model's classes paired with them by name (namedmask.data.classmap)."""
     from namedmask.models.deeplab import load_segmenter
     from namedmask.stages.evaluate import predict_label
     from namedmask.stages.train import resolve_device
@@ -78,6 +80,16 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
     dev = resolve_device(device)
     model, meta = load_segmenter(run_dir, dev)
     names = meta["class_names"]
+    cmap = None
+    if classes:
+        from namedmask.data.categories import get_category_set
+        from namedmask.data.classmap import ClassMap
+
+        target_set = get_category_set(classes)
+        cmap = ClassMap(names, target_set.names, ignore_unmapped=ignore_unmapped,
+                        dataset_words={n: target_set.prompt_words(n) for n in target_set.names})
+        names = list(target_set.names)
+        log.info("label ids of %s: %s", classes, cmap.describe()["model_to_dataset"])
     out_dir = Path(out_dir)
     written, seen = [], set()
     for path in tqdm(collect_images(inputs), desc="predict", unit="img", disable=not progress):
@@ -88,6 +100,8 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
         except ImageDecodeError as exc:
             raise PredictError(str(exc)) from exc
         label = predict_label(model, image, dev, amp=dev.type == "cuda")
+        if cmap is not None:
+            label = cmap.map_prediction(label)
         target = out_dir / "labels" / f"{stem}.png"
         if len(names) <= 256:
             io.save_png(target, label.to(torch.uint8).numpy(), palette=voc_palette())

@@ -87,7 +87,7 @@ class SelfMask(nn.Module):
     def forward(self, images: torch.Tensor):
         """Normalised [B, 3, H, W], H and W multiples of the patch size -> (mask
         probabilities [B, Q, sH/p, sW/p], objectness logits [B, Q])."""
-        tokens, hw = forward_tokens(self.encoder, images)
+        tokens, hw = forward_tokens(self.encoder, images, pos_embed_rule="size")  # SelfMask's own rule: size=
         return self.head(tokens, hw)
 
     def head(self, tokens: torch.Tensor, hw: tuple):
