@@ -98,3 +98,30 @@ def test_atomic_writes_get_the_usual_mode_even_when_recreated(tmp_path):
     expected = 0o666 & ~umask
     assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == expected
     assert (tmp_path / "t.txt").stat().st_mode & 0o777 == expected
+
+
+def test_pool_list_refuses_paths_escaping_its_folder(tmp_path):
+    from namedmask.data.datasets import DatasetError, list_pool_images
+
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "a.jpg").write_bytes(b"")
+    listing = tmp_path / "pool" / "list.txt"
+    listing.write_text("a.jpg\n./b/../a.jpg\n../../elsewhere/photo.jpg\n")
+    with pytest.raises(DatasetError, match=r"list.txt:3: \.\./\.\./elsewhere/photo.jpg leads outside"):
+        list_pool_images(listing)
+    listing.write_text("a.jpg\n./b/../a.jpg\n")
+    pool = list_pool_images(listing)
+    assert list(pool) == ["a.jpg"]  # normalised, duplicate dropped
+
+
+def test_pool_given_an_image_or_binary_file_names_it(tmp_path):
+    from namedmask.data.datasets import DatasetError, list_pool_images
+
+    jpg = tmp_path / "photo.jpg"
+    jpg.write_bytes(b"\xff\xd8\xff\xe0 not really")
+    with pytest.raises(DatasetError, match="photo.jpg: an image, not a pool"):
+        list_pool_images(jpg)
+    binary = tmp_path / "list.txt"
+    binary.write_bytes(b"a.jpg\n\xff\xfe\n")
+    with pytest.raises(DatasetError, match="list.txt: not a UTF-8"):
+        list_pool_images(binary)
