@@ -10,6 +10,15 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+# The name pattern of atomic_path's temporaries: ".<name>.<random>.tmp<suffix>".
+_TEMPORARY_GLOB = ".*.tmp*"
+_LOCK_FILE = ".namedmask.lock"
+
+
+class OutputFolderError(RuntimeError):
+    """An output folder that a stage may not write into (not ours, locked, unwritable),
+    or an output path that escapes its folder. The message names the path."""
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -24,11 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        # mkstemp makes 0600, and writers that recreate the file (safetensors) do too:
+        # give the finished file the usual mode just before it takes its name.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -77,3 +88,94 @@ def save_png(path: str | os.PathLike, image, palette: list[int] | None = None) -
         img.putpalette(palette)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
+    """root / relative, proven to stay inside root (no '..' escape, no absolute path,
+    no symlinked folder leading out); raises OutputFolderError naming the path otherwise."""
+    root = Path(root)
+    candidate = root / relative
+    if Path(relative).is_absolute() or not _is_within(candidate, root):
+        raise OutputFolderError(f"{relative}: leads outside {root}; input paths must stay inside their root")
+    return candidate
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    root_real = os.path.realpath(root)
+    real = os.path.realpath(path)
+    return real == root_real or real.startswith(root_real.rstrip(os.sep) + os.sep)
+
+
+def check_writable_dir(folder: str | os.PathLike) -> Path:
+    """Creates `folder` if needed and proves it is a writable folder before any work
+    starts (not after: a stage must not compute for an hour, then fail to save)."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"{folder}: exists and is not a folder; choose another --out")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputFolderError(f"{folder}: not writable ({exc.strerror}); choose another --out") from None
+    return folder
+
+
+def claim_output_dir(folder: str | os.PathLike, marker: str) -> Path:
+    """A stage writes only into a folder it owns: one that is empty (or new), or one that
+    already holds the stage's own `marker` file (its manifest, from an earlier run).
+    Anything else — a dataset root, a folder of the user's files — is refused."""
+    folder = check_writable_dir(folder)
+    if (folder / marker).is_file():
+        return folder
+    foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != marker)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
+        raise OutputFolderError(
+            f"{folder}: holds files this stage did not make ({shown}); use an empty or new --out folder")
+    return folder
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Deletes atomic_path temporaries left under `folder` by a killed run. Call it only
+    while holding the folder's OutputLock: then no live writer owns any of them."""
+    removed = []
+    for tmp in Path(folder).rglob(_TEMPORARY_GLOB):
+        if tmp.is_file() and not tmp.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
+
+
+class OutputLock:
+    """One writer per output folder: an exclusive, non-blocking flock on FOLDER/.namedmask.lock.
+    The kernel releases it when the process dies (kill -9 included), so a stale lock file
+    never blocks a rerun. A second writer gets an error naming the process that holds it."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = Path(folder) / _LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise OutputFolderError(
+                f"{self.path.parent}: in use by pid {holder}; wait for it or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the flock; the file stays (harmless, reused)
+            self._fd = None

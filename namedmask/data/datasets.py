@@ -339,9 +339,15 @@ def list_pool_images(path: str | Path) -> ImagePool:
     ImageNet root (only train/<wnid>/*.JPEG, as 'train/<wnid>/<file>'). Sorted, relative."""
     path = Path(path).expanduser().resolve()
     if path.is_file():
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            raise DatasetError(f"{path}: an image, not a pool; give the folder of images or a list file")
         root = path.parent
         rel = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(f"{path}: not a UTF-8 text list of image paths ({exc.reason} at byte {exc.start})") from None
+        for lineno, line in enumerate(text.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
@@ -352,7 +358,13 @@ def list_pool_images(path: str | Path) -> ImagePool:
                 except ValueError:
                     raise DatasetError(f"{path}:{lineno}: {line} is not inside {root}, the list file's folder; "
                                        f"list paths relative to it") from None
-            rel.append(p.as_posix())
+            normal = Path(os.path.normpath(p))
+            if normal.parts[:1] == ("..",) or normal == Path("."):
+                # outputs are named after these paths (masks/<path>.png): an escape here
+                # would write outside the stage's folder, over the user's files
+                raise DatasetError(f"{path}:{lineno}: {line} leads outside {root}, the list file's folder; "
+                                   f"list only images below it")
+            rel.append(normal.as_posix())
         if not rel:
             raise DatasetError(f"{path}: the list file names no images")
         unique = sorted(set(rel))
