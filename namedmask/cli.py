@@ -1,22 +1,40 @@
 """The `namedmask` command: one subcommand per pipeline stage. Each command parses its
-options and calls one library function; errors become one clear line and exit code != 0."""
+options, calls one library function and echoes the result; errors are caught once, in the
+group (_Group), and become one clear line and exit code != 0."""
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 import click
 
+from namedmask.errors import NamedMaskError
+
 log = logging.getLogger("namedmask")
 
 
-class _Error(click.ClickException):
-    """An error the user can act on: printed without a traceback."""
+# Errors a user can act on. ValueError and OSError stay here while a few lower modules
+# (category sets, prompt templates, CLIP model names) still raise them for bad input.
+USER_ERRORS = (NamedMaskError, ValueError, OSError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """The one place errors become output: a NamedMaskError (or a bad value / missing file)
+    prints as `Error: <message>` with exit code 1; its traceback only with -vv."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            if ctx.params.get("verbose", 0) > 1:
+                traceback.print_exc()
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="More logging (-v info is default, -vv debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def cli(verbose: int, quiet: bool) -> None:
@@ -61,19 +79,15 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
     """mIoU of prediction label maps against ground truth (--pred/--gt), or of a trained model
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
     from namedmask.data.categories import get_category_set
-    from namedmask.stages.evaluate import EvaluationError, evaluate_label_maps, write_report
+    from namedmask.stages.evaluate import evaluate_label_maps, write_report
 
     if run_dir is not None:
-        from namedmask.models.deeplab import ModelError
         from namedmask.stages.evaluate import evaluate_checkpoint
 
         if dataset is None or root is None:
             raise click.UsageError("--checkpoint needs --dataset and --root")
-        try:
-            report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
-                                         overlays_dir=overlays_dir, backend=backend)
-        except (EvaluationError, ModelError, FileNotFoundError, ValueError) as exc:
-            raise _Error(str(exc))
+        report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
+                                     overlays_dir=overlays_dir, backend=backend)
         click.echo(report.table())
         if out:
             write_report(report, out)
@@ -83,18 +97,12 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
         raise click.UsageError("give --pred and --gt folders of index PNGs, or --checkpoint with --dataset/--root")
     names = None
     if class_names:
-        try:
-            names = list(get_category_set(class_names).names)
-        except ValueError as exc:
-            raise _Error(str(exc))
+        names = list(get_category_set(class_names).names)
         if num_classes is None:
             num_classes = len(names)
     if num_classes is None:
         raise click.UsageError("give --num-classes (or --class-names to infer it)")
-    try:
-        report = evaluate_label_maps(pred_dir, gt_dir, num_classes, ignore_index, skip_bad, names, backend)
-    except (EvaluationError, FileNotFoundError, ValueError) as exc:
-        raise _Error(str(exc))
+    report = evaluate_label_maps(pred_dir, gt_dir, num_classes, ignore_index, skip_bad, names, backend)
     click.echo(report.table())
     if out:
         write_report(report, out)
@@ -118,10 +126,7 @@ def prepare_coco_object_cmd(root, split, out_dir, overwrite) -> None:
     overlapping instances: the smaller wins). Resumable."""
     from namedmask.data.coco import prepare_coco_object
 
-    try:
-        counts = prepare_coco_object(root, split, out_dir, overwrite)
-    except (FileNotFoundError, ValueError) as exc:
-        raise _Error(str(exc))
+    counts = prepare_coco_object(root, split, out_dir, overwrite)
     click.echo(f"{counts['images']} images: {counts['written']} masks written, {counts['kept']} already there "
                f"-> {counts['out_dir']}")
 
@@ -134,10 +139,7 @@ def prepare_check_cmd(dataset, root, split) -> None:
     """Print what of a dataset's expected layout is found under --root and what is missing."""
     from namedmask.data.datasets import check_dataset
 
-    try:
-        report = check_dataset(dataset, root, split)
-    except ValueError as exc:
-        raise _Error(str(exc))
+    report = check_dataset(dataset, root, split)
     click.echo(report.text())
     if not report.ok:
         sys.exit(1)
@@ -164,15 +166,11 @@ def build_archive_cmd(pool, categories, out, model, pretrained, k, batch_size, t
                       shard_size, report) -> None:
     """Stage (A): CLIP retrieves the top-K pool images per category -> OUT/archive.json.
     Distributed: torchrun --nproc-per-node N -m namedmask build-archive ..."""
-    from namedmask.models.clip import WeightsUnavailableError
-    from namedmask.stages.archive import ArchiveBuildError, ArchiveConfig, build_archive
+    from namedmask.stages.archive import ArchiveConfig, build_archive
 
     config = ArchiveConfig(str(pool), categories, str(out), model, pretrained, k, batch_size, templates, synonyms,
                            device, shard_size, report)
-    try:
-        archive = build_archive(config)
-    except (ArchiveBuildError, WeightsUnavailableError, ValueError) as exc:
-        raise _Error(str(exc))
+    archive = build_archive(config)
     if archive is not None:
         click.echo(f"{len(archive.categories)} archives of up to {k} images -> {out / 'archive.json'}")
 
@@ -199,18 +197,12 @@ def build_archive_cmd(pool, categories, out, model, pretrained, k, batch_size, t
 def saliency(archive, out, method, checkpoint, dino, dino_weights, refine, short_side, batch_size, tau, device,
              random_weights, report) -> None:
     """Class-agnostic pseudo-masks (0/1 PNG, native size) for every archive image."""
-    from namedmask.data.archive import ArchiveError
-    from namedmask.data.pseudo_masks import PseudoMaskError
-    from namedmask.models.dino import DinoWeightsError
-    from namedmask.stages.saliency import SaliencyConfig, SaliencyError, run_saliency
+    from namedmask.stages.saliency import SaliencyConfig, run_saliency
 
     config = SaliencyConfig(str(archive), str(out), method, refine, short_side, batch_size, dino,
                             str(dino_weights) if dino_weights else None, str(checkpoint) if checkpoint else None,
                             random_weights, tau, device=device, report=report)
-    try:
-        result = run_saliency(config)
-    except (SaliencyError, DinoWeightsError, ArchiveError, PseudoMaskError) as exc:
-        raise _Error(str(exc))
+    result = run_saliency(config)
     click.echo(result.summary())
     for item in result.failed:
         click.echo(f"failed: {item['path']}: {item['reason']}")
@@ -233,18 +225,12 @@ def _config_options(fn):
 @_config_options
 def train(archive, masks, out, iterations, batch_size, config_path, overrides) -> None:
     """Train the DeepLabv3+ segmenter on archives + pseudo-masks (torchrun for DDP)."""
-    from namedmask.config import ConfigError, TrainConfig, load_config
-    from namedmask.data.archive import ArchiveError
-    from namedmask.data.pseudo_masks import PseudoMaskError
-    from namedmask.models.deeplab import ModelError
-    from namedmask.stages.train import TrainError, train as run
+    from namedmask.config import TrainConfig, load_config
+    from namedmask.stages.train import train as run
 
-    try:
-        cfg = load_config(TrainConfig, config_path, overrides, archive=archive, masks=masks, out=out,
-                          iterations=iterations, batch_size=batch_size)
-        run_dir = run(cfg)
-    except (ConfigError, ArchiveError, PseudoMaskError, ModelError, TrainError) as exc:
-        raise _Error(str(exc))
+    cfg = load_config(TrainConfig, config_path, overrides, archive=archive, masks=masks, out=out,
+                      iterations=iterations, batch_size=batch_size)
+    run_dir = run(cfg)
     click.echo(f"trained model in {run_dir}")
 
 
@@ -257,13 +243,9 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 @click.option("--no-overlays", is_flag=True, help="Only label PNGs.")
 def predict(images, run_dir, out, device, no_overlays) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
-    from namedmask.models.deeplab import ModelError
-    from namedmask.stages.predict import PredictError, predict as run
+    from namedmask.stages.predict import predict as run
 
-    try:
-        written = run(run_dir, images, out, device=device, overlays=not no_overlays)
-    except (ModelError, PredictError) as exc:
-        raise _Error(str(exc))
+    written = run(run_dir, images, out, device=device, overlays=not no_overlays)
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 
@@ -282,18 +264,11 @@ def refine_experts(archive, masks, out, groups, embeddings, config_path, overrid
 
 
 def _refine_with_experts(archive, masks, out, groups, embeddings, config_path, overrides) -> None:
-    from namedmask.config import ConfigError, ExpertsConfig, load_config
-    from namedmask.data.archive import ArchiveError
-    from namedmask.data.pseudo_masks import PseudoMaskError
-    from namedmask.models.deeplab import ModelError
+    from namedmask.config import ExpertsConfig, load_config
     from namedmask.stages.experts import refine_with_experts
-    from namedmask.stages.train import TrainError
 
-    try:
-        cfg = load_config(ExpertsConfig, config_path, overrides, groups=groups, embeddings=embeddings)
-        folder = refine_with_experts(archive, masks, out, cfg)
-    except (ConfigError, ArchiveError, PseudoMaskError, ModelError, TrainError, ValueError) as exc:
-        raise _Error(str(exc))
+    cfg = load_config(ExpertsConfig, config_path, overrides, groups=groups, embeddings=embeddings)
+    folder = refine_with_experts(archive, masks, out, cfg)
     click.echo(f"refined masks written to {folder}")
 
 
@@ -305,17 +280,14 @@ def _refine_with_experts(archive, masks, out, groups, embeddings, config_path, o
 @click.option("--stages", default=None, help="Comma-separated subset of: archive,saliency,refine,train,eval,predict.")
 def run(config, out, stages) -> None:
     """The whole pipeline into one run directory, each stage resumable; writes index.html."""
-    from namedmask.stages.pipeline import PipelineError, load_run_config, run_pipeline
+    from namedmask.stages.pipeline import load_run_config, run_pipeline
 
     overrides = {}
     if out:
         overrides["out"] = out
     if stages:
         overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
-    try:
-        report = run_pipeline(load_run_config(config, overrides))
-    except PipelineError as exc:
-        raise _Error(str(exc))
+    report = run_pipeline(load_run_config(config, overrides))
     click.echo(f"report: {report}")
 
 
@@ -359,7 +331,7 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
            sigma_chroma, lam, threshold, device, backend, overwrite, skip_bad, config_path, overrides) -> None:
     """Refine masks: along image edges (bilateral solver) or with category experts (stage C).
     Resumable: finished masks (experts) are skipped."""
-    from namedmask.stages.refine import RefineError, refine_folder
+    from namedmask.stages.refine import refine_folder
 
     if method == "experts":
         if archive is None:
@@ -368,13 +340,10 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
     if images_dir is None:
         raise click.UsageError("--method bilateral-solver needs --images (the guide images)")
 
-    try:
-        report = refine_folder(images_dir, masks_dir, out_dir, method=method, preset=preset,
-                               sigma_spatial=sigma_spatial, sigma_luma=sigma_luma, sigma_chroma=sigma_chroma,
-                               lam=lam, threshold=threshold, backend=backend, device=device, overwrite=overwrite,
-                               skip_bad=skip_bad)
-    except (RefineError, FileNotFoundError, ValueError) as exc:
-        raise _Error(str(exc))
+    report = refine_folder(images_dir, masks_dir, out_dir, method=method, preset=preset,
+                           sigma_spatial=sigma_spatial, sigma_luma=sigma_luma, sigma_chroma=sigma_chroma,
+                           lam=lam, threshold=threshold, backend=backend, device=device, overwrite=overwrite,
+                           skip_bad=skip_bad)
     click.echo(f"refined {report.refined}, already done {report.skipped_done}, skipped {len(report.failed)} "
                f"-> {out_dir}")
 

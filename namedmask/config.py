@@ -9,8 +9,10 @@ from pathlib import Path
 
 import yaml
 
+from namedmask.errors import NamedMaskError
 
-class ConfigError(ValueError):
+
+class ConfigError(NamedMaskError, ValueError):
     """An unknown key, a value of the wrong type or an unreadable config file."""
 
 

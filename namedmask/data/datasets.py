@@ -35,6 +35,7 @@ from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_categor
 from namedmask.data.coco import coco_paths
 from namedmask.data.decode import IMAGE_SUFFIXES
 from namedmask.data.labelmaps import LabelMapError, read_label_map
+from namedmask.errors import NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s")
 _WNID = re.compile(r"^n\d{8}$")
 
 
-class DatasetError(FileNotFoundError):
+class DatasetError(NamedMaskError, FileNotFoundError):
     """A dataset folder that does not have the expected layout; the message says what is missing."""
 
 

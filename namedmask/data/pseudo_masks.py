@@ -19,11 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from namedmask import io
+from namedmask.errors import NamedMaskError
 
 SCHEMA_VERSION = 1
 
 
-class PseudoMaskError(ValueError):
+class PseudoMaskError(NamedMaskError, ValueError):
     """A pseudo-mask folder that is missing or malformed."""
 
 

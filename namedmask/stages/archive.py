@@ -42,6 +42,7 @@ from namedmask.data.archive import Archive
 from namedmask.data.datasets import DatasetError, list_pool_images
 from namedmask.data.categories import CategorySet, get_category_set
 from namedmask.data.decode import Resize, iter_image_batches
+from namedmask.errors import NamedMaskError
 from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
 from namedmask.models.prompts import get_templates
 
@@ -51,7 +52,7 @@ REPORT_IMAGES = 40          # images per contact sheet
 _SHARD = "shard-{:06d}.safetensors"
 
 
-class ArchiveBuildError(RuntimeError):
+class ArchiveBuildError(NamedMaskError, RuntimeError):
     """The pool or the out directory cannot be used; the message says why and what to do."""
 
 

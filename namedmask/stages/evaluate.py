@@ -11,11 +11,12 @@ from tqdm.auto import tqdm
 
 from namedmask import io, ops
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
+from namedmask.errors import NamedMaskError
 
 log = logging.getLogger(__name__)
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(NamedMaskError, RuntimeError):
     """Bad or missing input files; the message lists them by name."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import yaml
 
 from namedmask import io
+from namedmask.errors import NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run uses untrained CLIP/DINO mod
                           "(see the configs in namedmask/configs/) for meaningful archives, masks and mIoU.")
 
 
-class PipelineError(RuntimeError):
+class PipelineError(NamedMaskError, RuntimeError):
     """A run configuration that cannot work; the message says which key to fix."""
 
 

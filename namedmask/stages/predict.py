@@ -13,11 +13,12 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.data.categories import voc_palette
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
+from namedmask.errors import NamedMaskError
 
 log = logging.getLogger(__name__)
 
 
-class PredictError(ValueError):
+class PredictError(NamedMaskError, ValueError):
     """No images to predict, or an input that cannot be read; the message names it."""
 
 

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
+from namedmask.errors import NamedMaskError
 from namedmask.ops.bilateral import bilateral_solve_batch, resolve_params
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ METHODS = ("bilateral-solver",)
 CONFIG_NAME = "refine.json"
 
 
-class RefineError(RuntimeError):
+class RefineError(NamedMaskError, RuntimeError):
     """Bad or missing inputs, or an output folder made with other settings; the message names them."""
 
 

@@ -30,6 +30,7 @@ from namedmask import io
 from namedmask.data.archive import Archive, load_archive
 from namedmask.data.decode import iter_image_batches, load_image
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, mask_relpath
+from namedmask.errors import NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ RESULT_KEYS = ("method", "refine", "short_side", "dino", "dino_weights", "checkp
                "vit_kwargs")
 
 
-class SaliencyError(RuntimeError):
+class SaliencyError(NamedMaskError, RuntimeError):
     """A problem the user must fix (bad settings, missing weights or op); the message says how."""
 
 

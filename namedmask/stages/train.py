@@ -32,6 +32,7 @@ from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE, train_transform
 from namedmask.data.decode import load_image
 from namedmask.data.pseudo_masks import mask_paths
+from namedmask.errors import NamedMaskError
 from namedmask.models.deeplab import build_model, save_segmenter
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE = "checkpoint.pt", "config.yaml", "me
 RESUMABLE_CHANGES = ("out", "num_workers", "log_every", "checkpoint_every", "iterations", "device", "val")
 
 
-class TrainError(RuntimeError):
+class TrainError(NamedMaskError, RuntimeError):
     """Inputs or a run directory that training cannot use; the message says what to do."""
 
 
