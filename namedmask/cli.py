@@ -280,7 +280,7 @@ def _refine_with_experts(archive, masks, out, groups, embeddings, config_path, o
 @click.option("--stages", default=None, help="Comma-separated subset of: archive,saliency,refine,train,eval,predict.")
 def run(config, out, stages) -> None:
     """The whole pipeline into one run directory, each stage resumable; writes index.html."""
-    from namedmask.stages.pipeline import load_run_config, run_pipeline
+    from namedmask.pipeline import load_run_config, run_pipeline
 
     overrides = {}
     if out:

@@ -32,7 +32,7 @@ CASES = [
      "refine_with_experts", "namedmask.data.pseudo_masks:PseudoMaskError"),
     (["refine", "--images", "i", "--masks", "m", "--out", "o"], "namedmask.stages.refine", "refine_folder",
      "namedmask.stages.refine:RefineError"),
-    (["run", "--out", "o"], "namedmask.stages.pipeline", "run_pipeline", "namedmask.stages.train:TrainError"),
+    (["run", "--out", "o"], "namedmask.pipeline", "run_pipeline", "namedmask.stages.train:TrainError"),
 ]
 
 

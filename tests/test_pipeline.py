@@ -13,8 +13,8 @@ from namedmask.cli import cli
 from namedmask.data.archive import load_archive
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import CLASSES, write_dataset
-from namedmask.stages import pipeline
-from namedmask.stages.pipeline import PipelineError, load_run_config, run_pipeline
+from namedmask import pipeline
+from namedmask.pipeline import PipelineError, load_run_config, run_pipeline
 
 TINY_DEEPLAB = {"backbone": "resnet10t", "backbone_args": {"channels": [8, 16, 32, 64], "stem_width": 8},
                 "aspp_channels": 16, "low_level_channels": 8, "aspp_rates": [1, 2, 3]}
@@ -73,11 +73,8 @@ def test_every_artifact_exists_and_is_well_formed(tiny_config, first_run):
 def test_rerun_does_no_work_twice(tiny_config, first_run, monkeypatch):
     run = first_run.parent
     calls = []
-    import namedmask.stages.archive as archive_stage
-    import namedmask.stages.train as train_stage
-
-    monkeypatch.setattr(archive_stage, "build_archive", lambda *a, **k: calls.append("archive"))
-    monkeypatch.setattr(train_stage, "train", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(pipeline, "build_archive", lambda *a, **k: calls.append("archive"))
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: calls.append("train"))
     mtime = (run / "train" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(tiny_config, progress=False)
     assert calls == [] and (run / "train" / "model.safetensors").stat().st_mtime_ns == mtime

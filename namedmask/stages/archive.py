@@ -23,7 +23,6 @@ the number of processes.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ from namedmask.data.decode import Resize, iter_image_batches
 from namedmask.errors import NamedMaskError
 from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
 from namedmask.models.prompts import get_templates
+from namedmask.runtime import init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | Non
     out = Path(config.out)
     categories = _categories_with_synonyms(config.categories, config.synonyms)
     templates = get_templates(config.templates)
-    rank, world, own_group = _init_distributed()
+    rank, world, own_group = init_distributed()
     try:
         device = torch.device(config.device)
         if device.type == "cuda" and device.index is None:
@@ -316,19 +316,3 @@ def write_contact_sheets(archive: Archive, folder: Path, per_sheet: int = REPORT
         written.append(path)
     log.info("contact sheets: %d PNGs in %s", len(written), folder)
     return written
-
-
-# ---------------------------------------------------------------- distributed
-
-def _init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group). Under torchrun (WORLD_SIZE>1)
-    a gloo group is used for the barrier only, on CPU and GPU machines alike."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    # Ranks wait at the barrier until the slowest finishes embedding: allow a long time.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size(), True

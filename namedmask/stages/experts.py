@@ -21,7 +21,12 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.config import ExpertsConfig, to_dict
 from namedmask.data.archive import load_archive
+from namedmask.data.decode import load_image
 from namedmask.data.pseudo_masks import load_manifest, mask_paths, mask_relpath
+from namedmask.models.deeplab import load_segmenter
+from namedmask.models.inference import predict_label
+from namedmask.runtime import resolve_device
+from namedmask.stages.train import train
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +94,6 @@ def category_groups(categories: list, groups: int | None = None, embeddings: str
 def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | None = None,
                         progress: bool = True) -> Path:
     """Trains the experts and writes the refined pseudo-mask folder `out_dir`; returns it."""
-    from namedmask.data.decode import load_image
-    from namedmask.models.deeplab import load_segmenter
-    from namedmask.stages.evaluate import predict_label
-    from namedmask.stages.train import resolve_device, train
-
     cfg = cfg or ExpertsConfig()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("refine-experts runs in one process (each expert is a small run); start it without torchrun")

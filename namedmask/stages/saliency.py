@@ -26,11 +26,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from namedmask import io
+from namedmask import io, ops
 from namedmask.data.archive import Archive, load_archive
 from namedmask.data.decode import iter_image_batches, load_image
-from namedmask.data.pseudo_masks import SCHEMA_VERSION, mask_relpath
+from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest, mask_relpath
 from namedmask.errors import NamedMaskError
+from namedmask.models.dino import build_vit, create_dino
+from namedmask.models.saliency import SelfMask, SelfMaskPredictor, TokenCut, load_selfmask, normalize
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +103,6 @@ class SaliencyResult:
 
 def build_model(config: SaliencyConfig):
     """The saliency model of a resolved config, on its device."""
-    from namedmask.models.dino import build_vit, create_dino
-    from namedmask.models.saliency import SelfMask, SelfMaskPredictor, TokenCut, load_selfmask
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random-weight smoke runs resume with the same model
         if config.method == "tokencut":
@@ -126,8 +125,6 @@ def bilateral_refiner(kind: str):
     """None for "none"; else image uint8 [h, w, 3], bool mask [h, w] -> refined bool mask."""
     if kind == "none":
         return None
-    from namedmask import ops
-
     solve = getattr(ops, "bilateral_solve", None)
     if solve is None:
         raise SaliencyError("--refine bilateral-solver needs namedmask.ops.bilateral_solve, which this build does "
@@ -159,8 +156,6 @@ def _open_manifest(out: Path, config: SaliencyConfig) -> dict:
              "method": config.method, "refine": config.refine, "config": asdict(config), "masks": {}, "failed": []}
     if not path.is_file():
         return fresh
-    from namedmask.data.pseudo_masks import load_manifest
-
     old = load_manifest(path)
     before = old.get("config", {})
     changed = [f"{k}: {before.get(k)!r} -> {getattr(config, k)!r}" for k in RESULT_KEYS
@@ -251,8 +246,6 @@ def _failure(rel: str, reason: str) -> dict:
 
 def _predict_batch(model, refine, rels: list, images: list, device: str):
     """Yields (relpath, native-resolution uint8 0/1 mask or None, failure reason)."""
-    from namedmask.models.saliency import normalize
-
     prepared = [model.prepare(img) for img in images]
     groups = {}
     for i, p in enumerate(prepared):

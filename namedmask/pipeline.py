@@ -26,7 +26,19 @@ from pathlib import Path
 import yaml
 
 from namedmask import io
+from namedmask.config import ExpertsConfig, TrainConfig, from_dict, to_dict
+from namedmask.data.archive import load_archive
+from namedmask.data.pseudo_masks import load_manifest
+from namedmask.data.synthetic import write_dataset
 from namedmask.errors import NamedMaskError
+from namedmask.report import build_report, iou_bar_chart
+from namedmask.stages.archive import ArchiveConfig, build_archive
+from namedmask.stages.evaluate import evaluate_checkpoint, write_report
+from namedmask.stages.experts import refine_with_experts
+from namedmask.stages.predict import predict
+from namedmask.stages.saliency import SaliencyConfig, run_saliency
+from namedmask.stages.saliency import write_report as write_mask_report
+from namedmask.stages.train import train
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +155,9 @@ def _only_known(cls, values: dict, section: str) -> dict:
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
     """Runs the configured stages into cfg.out; returns the path of the report (index.html)."""
-    from namedmask.report import build_report
-
     run = Path(cfg.out).resolve()
     run.mkdir(parents=True, exist_ok=True)
     if cfg.demo:
-        from namedmask.data.synthetic import write_dataset
-
         data = write_dataset(run / "data")
         cfg = dataclasses.replace(
             cfg, pool=cfg.pool or str(data / "pool"), categories=str(data / "categories.txt"),
@@ -164,8 +172,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
     masks = run / "saliency"
 
     if "archive" in cfg.stages:
-        from namedmask.stages.archive import ArchiveConfig, build_archive
-
         if not cfg.pool:
             raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
         acfg = ArchiveConfig(pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"),
@@ -174,17 +180,12 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
                    archive_json)
 
     if "saliency" in cfg.stages:
-        from namedmask.stages.saliency import SaliencyConfig, run_saliency
-
         scfg = SaliencyConfig(archive=str(archive_json), out=str(masks),
                               **_only_known(SaliencyConfig, {"report": True, **cfg.saliency}, "saliency"))
         stages.run("saliency", dataclasses.asdict(scfg), lambda: run_saliency(scfg), masks / "manifest.json")
 
     method = cfg.refine.get("method", "none")
     if "refine" in cfg.stages and method == "experts":
-        from namedmask.config import ExpertsConfig, from_dict, to_dict
-        from namedmask.stages.experts import refine_with_experts
-
         ecfg = from_dict(ExpertsConfig, {k: v for k, v in cfg.refine.items() if k != "method"})
         refined = run / "refined"
 
@@ -199,17 +200,11 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
 
     train_dir = run / "train"
     if "train" in cfg.stages:
-        from namedmask.config import TrainConfig, from_dict, to_dict
-        from namedmask.stages.train import train
-
         tcfg = from_dict(TrainConfig, {**cfg.train, "archive": str(archive_json), "masks": str(masks),
                                        "out": str(train_dir)})
         stages.run("train", to_dict(tcfg), lambda: train(tcfg, progress=progress), train_dir / "model.safetensors")
 
     if "eval" in cfg.stages and cfg.eval_dataset:
-        from namedmask.report import iou_bar_chart
-        from namedmask.stages.evaluate import evaluate_checkpoint, write_report
-
         options = {"split": cfg.eval_split, **cfg.eval}
 
         def evaluate():
@@ -224,8 +219,6 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
                    run / "eval" / "metrics.json")
 
     if "predict" in cfg.stages and cfg.predict_images:
-        from namedmask.stages.predict import predict
-
         stages.run("predict", {"images": cfg.predict_images, **cfg.predict,
                                "model": _fingerprint_file(train_dir / "model.safetensors")},
                    lambda: predict(train_dir, cfg.predict_images, run / "predict", progress=progress, **cfg.predict),
@@ -251,11 +244,8 @@ def _fingerprint_file(path: Path) -> str | None:
 
 
 def _mask_report(archive_json: Path, folder: Path) -> None:
-    from namedmask.data.archive import load_archive
-    from namedmask.data.pseudo_masks import load_manifest
-    from namedmask.stages.saliency import write_report
 
-    write_report(folder, load_archive(archive_json), load_manifest(folder))
+    write_mask_report(folder, load_archive(archive_json), load_manifest(folder))
 
 
 def _weight_warnings(cfg: RunConfig) -> list:
