@@ -249,21 +249,41 @@ def predict(images, run_dir, out, device, no_overlays) -> None:
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 
-@cli.command("refine-experts")
-@click.option("--archive", required=True, help="archive.json (or its folder).")
-@click.option("--masks", required=True, help="Saliency pseudo-mask folder to refine.")
-@click.option("--out", required=True, help="Folder for the refined masks (same schema) and the experts.")
-@click.option("--groups", type=int, default=None, help="Number of experts (k-means over text embeddings); "
-                                                        "default one per category.")
-@click.option("--embeddings", default=None, help="File {category: text embedding} for --groups.")
-@_config_options
+def _experts_options(fn):
+    for opt in reversed([
+        click.option("--archive", required=True, help="archive.json (or its folder)."),
+        click.option("--masks", required=True, help="Saliency pseudo-mask folder to refine."),
+        click.option("--out", required=True, help="Folder for the refined masks (same schema) and the experts."),
+        click.option("--groups", type=int, default=None, help="Number of experts (k-means over text embeddings); "
+                                                               "default one per category."),
+        click.option("--embeddings", default=None, help="File {category: text embedding} for --groups "
+                     "[default: the archive folder's text_embeddings.safetensors]."),
+    ]):
+        fn = opt(fn)
+    return _config_options(fn)
+
+
+@cli.command()
+@_experts_options
+def experts(archive, masks, out, groups, embeddings, config_path, overrides) -> None:
+    """Stage (C): train a binary expert per category (or group of categories) on its archive
+    and saliency masks, re-predict the archive -> refined pseudo-mask folder. Resumable."""
+    _run_experts(archive, masks, out, groups, embeddings, config_path, overrides)
+
+
+@cli.command("refine-experts", hidden=True)
+@_experts_options
 def refine_experts(archive, masks, out, groups, embeddings, config_path, overrides) -> None:
-    """Stage (C): train binary experts per category (group) and re-predict their archives
-    (same as `namedmask refine --method experts`)."""
-    _refine_with_experts(archive, masks, out, groups, embeddings, config_path, overrides)
+    """Deprecated name of `namedmask experts`."""
+    _deprecated("refine-experts", "namedmask experts")
+    _run_experts(archive, masks, out, groups, embeddings, config_path, overrides)
 
 
-def _refine_with_experts(archive, masks, out, groups, embeddings, config_path, overrides) -> None:
+def _deprecated(old: str, new: str) -> None:
+    click.echo(f"Warning: `{old}` is deprecated and will be removed; use `{new}`.", err=True)
+
+
+def _run_experts(archive, masks, out, groups, embeddings, config_path, overrides) -> None:
     from namedmask.config import ExpertsConfig, load_config
     from namedmask.stages.experts import refine_with_experts
 
@@ -302,17 +322,16 @@ def bench(args) -> None:
 
 @cli.command()
 @click.option("--method", type=click.Choice(["bilateral-solver", "experts"]), default="bilateral-solver",
-              help="bilateral-solver: edge-aware smoothing of a folder of masks; experts: stage (C), "
-                   "per-category segmenters re-predict an archive's pseudo-masks.")
+              help="bilateral-solver: edge-aware smoothing of a folder of masks ('experts' is a deprecated "
+                   "spelling of `namedmask experts`).")
 @click.option("--images", "images_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="bilateral-solver: folder of images (the guides).")
-@click.option("--archive", default=None, help="experts: archive.json (or its folder).")
-@click.option("--groups", type=int, default=None, help="experts: number of experts (k-means over text "
-                                                        "embeddings); default one per category.")
-@click.option("--embeddings", default=None, help="experts: file {category: text embedding} for --groups "
-              "[default: the archive folder's text_embeddings.safetensors].")
+              help="Folder of images (the guides), e.g. the archive's pool root.")
+@click.option("--archive", default=None, hidden=True, help="Deprecated (--method experts).")
+@click.option("--groups", type=int, default=None, hidden=True, help="Deprecated (--method experts).")
+@click.option("--embeddings", default=None, hidden=True, help="Deprecated (--method experts).")
 @click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Folder of mask PNGs (non-zero = foreground), matched to --images by relative path and stem.")
+              help="Folder of mask PNGs (non-zero = foreground), matched to --images by relative path and stem; "
+                   "a pseudo-mask folder (or its masks/) makes --out one too (manifest.json, for train --masks).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: <stem>.png, 0 = background, 1 = foreground.")
 @click.option("--preset", type=click.Choice(["namedmask", "tokencut", "tuned"]), default="namedmask",
@@ -329,14 +348,15 @@ def bench(args) -> None:
 @_config_options
 def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, preset, sigma_spatial, sigma_luma,
            sigma_chroma, lam, threshold, device, backend, overwrite, skip_bad, config_path, overrides) -> None:
-    """Refine masks: along image edges (bilateral solver) or with category experts (stage C).
-    Resumable: finished masks (experts) are skipped."""
+    """Refine masks along image edges with the fast bilateral solver. Resumable: finished
+    masks are skipped."""
     from namedmask.stages.refine import refine_folder
 
     if method == "experts":
+        _deprecated("refine --method experts", "namedmask experts")
         if archive is None:
             raise click.UsageError("--method experts needs --archive (and --masks: the saliency folder)")
-        return _refine_with_experts(archive, masks_dir, out_dir, groups, embeddings, config_path, overrides)
+        return _run_experts(archive, masks_dir, out_dir, groups, embeddings, config_path, overrides)
     if images_dir is None:
         raise click.UsageError("--method bilateral-solver needs --images (the guide images)")
 

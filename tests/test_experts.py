@@ -85,8 +85,10 @@ def test_experts_improve_noisy_masks(tmp_path):
     assert {k: p.stat().st_mtime_ns for k, p in mask_paths(out).items()} == stamp
 
 
-def test_refine_method_experts_routes_to_the_experts(monkeypatch, tmp_path):
-    """`namedmask refine --method experts` is the same stage as `refine-experts`."""
+@pytest.mark.parametrize("command", [["experts"], ["refine-experts"], ["refine", "--method", "experts"]])
+def test_experts_command_and_its_deprecated_spellings(command, monkeypatch, tmp_path):
+    """Stage C is `namedmask experts`; `refine-experts` and `refine --method experts` still
+    run it (hidden from --help) after one deprecation warning."""
     from click.testing import CliRunner
 
     import namedmask.stages.experts as experts_stage
@@ -96,12 +98,19 @@ def test_refine_method_experts_routes_to_the_experts(monkeypatch, tmp_path):
     monkeypatch.setattr(experts_stage, "refine_with_experts",
                         lambda archive, masks, out, cfg: calls.append((archive, str(masks), str(out), cfg.groups)) or out)
     (tmp_path / "m").mkdir()
-    res = CliRunner().invoke(cli, ["refine", "--method", "experts", "--archive", "a.json", "--masks",
-                                   str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--groups", "3"])
+    res = CliRunner().invoke(cli, [*command, "--archive", "a.json", "--masks", str(tmp_path / "m"),
+                                   "--out", str(tmp_path / "o"), "--groups", "3"])
     assert res.exit_code == 0, res.output
     assert calls == [("a.json", str(tmp_path / "m"), str(tmp_path / "o"), 3)]
-    res = CliRunner().invoke(cli, ["refine", "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0 and "--images" in res.output
+    warnings = [line for line in res.stderr.splitlines() if "deprecated" in line]
+    assert len(warnings) == (0 if command == ["experts"] else 1)
+    assert all("namedmask experts" in w for w in warnings)
+    if command[0] == "refine":
+        res = CliRunner().invoke(cli, ["refine", "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+        assert res.exit_code != 0 and "--images" in res.output
+    helptext = CliRunner().invoke(cli, ["--help"]).output
+    assert " experts " in helptext and "refine-experts" not in helptext
+    assert "--archive" not in CliRunner().invoke(cli, ["refine", "--help"]).output
 
 
 def test_grouping_reads_build_archive_text_embeddings(tmp_path):
