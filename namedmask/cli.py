@@ -145,75 +145,104 @@ def prepare_check_cmd(dataset, root, split) -> None:
         sys.exit(1)
 
 
+def _config_options(fn):
+    """--config FILE and repeated --set key=value, shared by the training commands."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config value, e.g. --set optim.lr_head=1e-3 (repeatable).")(fn)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="YAML config file of this command's keys (`namedmask config show` lists them); "
+                             "options given on the command line win.")(fn)
+
+
+def _flag(value: bool):
+    """A flag given on the command line overrides the config; an absent one leaves it."""
+    return True if value else None
+
+
 @cli.command("build-archive")
-@click.option("--pool", required=True, type=click.Path(exists=True, path_type=Path),
+@click.option("--pool", type=click.Path(exists=True, path_type=Path),
               help="Image folder (searched recursively) or a list file of paths relative to its folder.")
-@click.option("--categories", required=True, help="Category set (voc) or names file ('name | synonym, ...' lines).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--categories", help="Category set (voc) or names file ('name | synonym, ...' lines).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: archive.json, embedding shards, caches; re-run with the same arguments to resume.")
-@click.option("--model", default="ViT-L-14-336", help="open_clip model name (nm-tiny: a tiny test model).")
+@click.option("--model", default=None, show_default="ViT-L-14-336",
+              help="open_clip model name (nm-tiny: a tiny test model).")
 @click.option("--pretrained", default=None,
               help="open_clip tag, local checkpoint file, or 'random'  [default: openai; random for nm-tiny]")
-@click.option("--k", type=int, default=500, help="Images per category archive.")
-@click.option("--batch-size", type=int, default=64, help="Images per forward pass.")
-@click.option("--templates", default="namedmask", help="Prompt templates: namedmask (85), simple, or a file.")
+@click.option("--k", type=int, default=None, show_default="500", help="Images per category archive.")
+@click.option("--batch-size", type=int, default=None, show_default="64", help="Images per forward pass.")
+@click.option("--templates", default=None, show_default="namedmask",
+              help="Prompt templates: namedmask (85), simple, or a file.")
 @click.option("--synonyms", default=None, type=click.Path(exists=True, dir_okay=False),
               help="File of 'name | synonym, synonym' lines; all names of a category are averaged.")
-@click.option("--device", default="cpu", help="cpu, cuda (cuda:LOCAL_RANK under torchrun), cuda:N.")
-@click.option("--shard-size", type=int, default=4096, help="Images per embedding shard (the unit of resumption).")
+@click.option("--device", default=None, show_default="auto",
+              help="auto, cpu, cuda (cuda:LOCAL_RANK under torchrun), cuda:N.")
+@click.option("--shard-size", type=int, default=None, show_default="4096",
+              help="Images per embedding shard (the unit of resumption).")
 @click.option("--report", is_flag=True, help="Also write a contact sheet PNG per category to OUT/report.")
+@_config_options
 def build_archive_cmd(pool, categories, out, model, pretrained, k, batch_size, templates, synonyms, device,
-                      shard_size, report) -> None:
+                      shard_size, report, config_path, overrides) -> None:
     """Stage (A): CLIP retrieves the top-K pool images per category -> OUT/archive.json.
     Distributed: torchrun --nproc-per-node N -m namedmask build-archive ..."""
-    from namedmask.stages.archive import ArchiveConfig, build_archive
+    from namedmask.config import ArchiveConfig, load_config
+    from namedmask.stages.archive import build_archive
 
-    config = ArchiveConfig(str(pool), categories, str(out), model, pretrained, k, batch_size, templates, synonyms,
-                           device, shard_size, report)
-    archive = build_archive(config)
+    cfg = load_config(ArchiveConfig, config_path, overrides, pool=pool and str(pool), categories=categories,
+                      out=out and str(out), model=model, pretrained=pretrained, k=k, batch_size=batch_size,
+                      templates=templates, synonyms=synonyms, device=device, shard_size=shard_size,
+                      report=_flag(report))
+    _require(cfg, "pool", "categories", "out")
+    archive = build_archive(cfg)
     if archive is not None:
-        click.echo(f"{len(archive.categories)} archives of up to {k} images -> {out / 'archive.json'}")
+        click.echo(f"{len(archive.categories)} archives of up to {cfg.k} images -> {Path(cfg.out) / 'archive.json'}")
+
+
+def _require(cfg, *keys) -> None:
+    missing = [k for k in keys if getattr(cfg, k) is None]
+    if missing:
+        raise click.UsageError("missing " + ", ".join(f"--{k.replace('_', '-')}" for k in missing)
+                               + " (or set them in --config)")
 
 
 @cli.command()
-@click.option("--archive", required=True, type=click.Path(path_type=Path), help="archive.json (or its folder).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--archive", type=click.Path(path_type=Path), help="archive.json (or its folder).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Pseudo-mask folder (manifest.json + masks/); rerunning resumes it.")
-@click.option("--method", type=click.Choice(["tokencut", "selfmask"]), default="tokencut",
+@click.option("--method", type=click.Choice(["tokencut", "selfmask"]), default=None, show_default="tokencut",
               help="tokencut: training-free, DINO only; selfmask: needs --checkpoint.")
 @click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="SelfMask checkpoint (official selfmask_nq20.pt layout).")
 @click.option("--dino", default=None, help="timm name of the DINO ViT [default: vit_small_patch16_224.dino for tokencut, vit_small_patch8_224.dino for a --random-weights selfmask].")
 @click.option("--dino-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Local DINO weights (official dino_deitsmall16_pretrain.pth layout or timm); else the timm hub.")
-@click.option("--refine", type=click.Choice(["bilateral-solver", "none"]), default="bilateral-solver",
+@click.option("--refine", type=click.Choice(["bilateral-solver", "none"]), default=None,
+              show_default="bilateral-solver",
               help="Refinement of each mask (NamedMask's bilateral-solver parameters, threshold 0.5).")
-@click.option("--short-side", type=int, default=512, help="Images are resized to this short side for the model.")
-@click.option("--batch-size", type=int, default=8, help="Images decoded per step; equal sizes share a forward pass.")
-@click.option("--tau", type=float, default=0.2, help="TokenCut affinity threshold.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--short-side", type=int, default=None, show_default="512",
+              help="Images are resized to this short side for the model.")
+@click.option("--batch-size", type=int, default=None, show_default="8",
+              help="Images decoded per step; equal sizes share a forward pass.")
+@click.option("--tau", type=float, default=None, show_default="0.2", help="TokenCut affinity threshold.")
+@click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--random-weights", is_flag=True, help="Random model weights: smoke runs only, masks are meaningless.")
 @click.option("--report", is_flag=True, help="Also write report/<id>_<category>.png overlays of a few masks each.")
+@_config_options
 def saliency(archive, out, method, checkpoint, dino, dino_weights, refine, short_side, batch_size, tau, device,
-             random_weights, report) -> None:
+             random_weights, report, config_path, overrides) -> None:
     """Class-agnostic pseudo-masks (0/1 PNG, native size) for every archive image."""
-    from namedmask.stages.saliency import SaliencyConfig, run_saliency
+    from namedmask.config import SaliencyConfig, load_config
+    from namedmask.stages.saliency import run_saliency
 
-    config = SaliencyConfig(str(archive), str(out), method, refine, short_side, batch_size, dino,
-                            str(dino_weights) if dino_weights else None, str(checkpoint) if checkpoint else None,
-                            random_weights, tau, device=device, report=report)
-    result = run_saliency(config)
+    cfg = load_config(SaliencyConfig, config_path, overrides, archive=archive and str(archive), out=out and str(out),
+                      method=method, refine=refine, short_side=short_side, batch_size=batch_size, dino=dino,
+                      dino_weights=dino_weights and str(dino_weights), checkpoint=checkpoint and str(checkpoint),
+                      random_weights=_flag(random_weights), tau=tau, device=device, report=_flag(report))
+    _require(cfg, "archive", "out")
+    result = run_saliency(cfg)
     click.echo(result.summary())
     for item in result.failed:
         click.echo(f"failed: {item['path']}: {item['reason']}")
-
-
-def _config_options(fn):
-    """--config FILE and repeated --set key=value, shared by the training commands."""
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a config value, e.g. --set optim.lr_head=1e-3 (repeatable).")(fn)
-    return click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                        help="YAML config file (defaults: NamedMask's recipe).")(fn)
 
 
 @cli.command()
@@ -297,18 +326,50 @@ def _run_experts(archive, masks, out, groups, embeddings, config_path, overrides
               help="Run config: a YAML file or a built-in name (demo, voc, coco-object, coca, cityscapes-object) "
                    "[default: demo, generated data and tiny random models, no download].")
 @click.option("--out", default=None, help="Run directory (overrides the config's 'out').")
-@click.option("--stages", default=None, help="Comma-separated subset of: archive,saliency,refine,train,eval,predict.")
-def run(config, out, stages) -> None:
+@click.option("--stages", default=None, help="Comma-separated subset of: archive,saliency,experts,train,eval,predict.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set train.iterations=100 (repeatable).")
+def run(config, out, stages, overrides) -> None:
     """The whole pipeline into one run directory, each stage resumable; writes index.html."""
+    from namedmask.config import parse_overrides
     from namedmask.pipeline import load_run_config, run_pipeline
 
-    overrides = {}
+    values = parse_overrides(overrides)
     if out:
-        overrides["out"] = out
+        values["out"] = out
     if stages:
-        overrides["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
-    report = run_pipeline(load_run_config(config, overrides))
+        values["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
+    report = run_pipeline(load_run_config(config, values))
     click.echo(f"report: {report}")
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Inspect configs."""
+
+
+CONFIG_KINDS = {"run": "RunConfig", "train": "TrainConfig", "experts": "ExpertsConfig",
+                "build-archive": "ArchiveConfig", "saliency": "SaliencyConfig"}
+
+
+@config_group.command("show")
+@click.option("--config", "config_path", default=None,
+              help="YAML file (or, for run, a built-in name) to resolve [default: the defaults; for run: demo].")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a value (repeatable).")
+@click.option("--for", "kind", type=click.Choice(sorted(CONFIG_KINDS)), default="run",
+              help="Which command's config.")
+def config_show(config_path, overrides, kind) -> None:
+    """Print the resolved config (defaults ⊕ --config ⊕ --set) as YAML."""
+    from namedmask import config as config_module
+    from namedmask.config import dump_yaml, load_config
+
+    if kind == "run":
+        from namedmask.pipeline import load_run_config
+
+        cfg = load_run_config(config_path, list(overrides))
+    else:
+        cfg = load_config(getattr(config_module, CONFIG_KINDS[kind]), config_path, overrides)
+    click.echo(dump_yaml(cfg), nl=False)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

@@ -2,7 +2,7 @@
 
     archive/   (A) CLIP category archives            build_archive
     saliency/  (B) DINO pseudo-masks + refinement    run_saliency
-    refined/   (C) category experts (optional)       refine_with_experts
+    refined/   (C) category experts (experts.enabled) refine_with_experts
     train/     (D) the final DeepLabv3+              train
     eval/      (E) mIoU on the evaluation set        evaluate_checkpoint
     predict/       overlays on a few images          predict
@@ -16,33 +16,26 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import re
 import time
-from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-import yaml
-
 from namedmask import io
-from namedmask.config import ExpertsConfig, TrainConfig, from_dict, to_dict
+from namedmask.config import STAGES, ConfigError, RunConfig, builtin_configs, dump_yaml, load_config, to_dict  # noqa: F401
 from namedmask.data.archive import load_archive
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import write_dataset
 from namedmask.errors import NamedMaskError
 from namedmask.report import build_report, iou_bar_chart
-from namedmask.stages.archive import ArchiveConfig, build_archive
+from namedmask.stages.archive import build_archive
 from namedmask.stages.evaluate import evaluate_checkpoint, write_report
 from namedmask.stages.experts import refine_with_experts
 from namedmask.stages.predict import predict
-from namedmask.stages.saliency import SaliencyConfig, run_saliency
+from namedmask.stages.saliency import run_saliency
 from namedmask.stages.saliency import write_report as write_mask_report
 from namedmask.stages.train import train
 
 log = logging.getLogger(__name__)
 
-STAGES = ("archive", "saliency", "refine", "train", "eval", "predict")
 RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run uses untrained CLIP/DINO models because no pretrained weights "
                           "were given. It proves the machinery, NOT segmentation quality. Pass real weights "
                           "(see the configs in namedmask/configs/) for meaningful archives, masks and mIoU.")
@@ -52,72 +45,15 @@ class PipelineError(NamedMaskError, RuntimeError):
     """A run configuration that cannot work; the message says which key to fix."""
 
 
-@dataclass
-class RunConfig:
-    out: str = "runs/demo"
-    demo: bool = False                 # generate the built-in textured-shapes dataset into <out>/data
-    pool: str | None = None            # unlabelled images to retrieve from (folder, list file, ImageNet root)
-    categories: str = "voc"            # category set name or names file
-    eval_dataset: str | None = None    # folder | voc | coco-object | coca | cityscapes-object | imagenet-s
-    eval_root: str | None = None
-    eval_split: str = "val"
-    predict_images: list = field(default_factory=list)  # files or folders
-    stages: list = field(default_factory=lambda: list(STAGES))
-    archive: dict = field(default_factory=dict)    # ArchiveConfig fields
-    saliency: dict = field(default_factory=dict)   # SaliencyConfig fields
-    refine: dict = field(default_factory=lambda: {"method": "none"})  # method: none | experts (+ ExpertsConfig)
-    train: dict = field(default_factory=dict)      # TrainConfig fields (nested)
-    eval: dict = field(default_factory=dict)       # evaluate_checkpoint options
-    predict: dict = field(default_factory=dict)    # predict options
-
-
-def builtin_configs() -> list:
-    return sorted(p.name[:-5] for p in resources.files("namedmask.configs").iterdir() if p.name.endswith(".yaml"))
-
-
-def load_run_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+def load_run_config(path: str | Path | None = None, overrides: dict | list | None = None) -> RunConfig:
     """A YAML file, or a built-in config by name (demo, voc, coco-object, coca,
-    cityscapes-object; None = demo); then `overrides`. `$VAR` in string values is taken
-    from the environment (an unset variable is an error naming it)."""
-    if path is None or (not Path(path).exists() and str(path) in builtin_configs()):
-        name = path or "demo"
-        text = resources.files("namedmask.configs").joinpath(f"{name}.yaml").read_text()
-        where = f"built-in config {name!r}"
-    else:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise PipelineError(f"{path}: cannot read the run config ({exc})") from exc
-        where = str(path)
+    cityscapes-object; None = demo); then `overrides` (a nested dict or key=value strings),
+    merged deeply. `$VAR` in string values is taken from the environment (an unset variable
+    is an error naming it)."""
     try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{where}: not valid YAML ({exc})") from exc
-    data.update(overrides or {})
-    data = _expand_env(data, where)
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise PipelineError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(names)}")
-    cfg = RunConfig(**data)
-    bad = [s for s in cfg.stages if s not in STAGES]
-    if bad:
-        raise PipelineError(f"{where}: unknown stage(s) {bad}; stages are {list(STAGES)}")
-    return cfg
-
-
-def _expand_env(value, where: str):
-    if isinstance(value, dict):
-        return {k: _expand_env(v, where) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_expand_env(v, where) for v in value]
-    if isinstance(value, str) and "$" in value:
-        expanded = os.path.expandvars(value)
-        missing = re.findall(r"\$\{?(\w+)", expanded)
-        if missing:
-            raise PipelineError(f"{where}: environment variable {missing[0]} is not set (used in {value!r})")
-        return expanded
-    return value
+        return load_config(RunConfig, path or "demo", overrides or ())
+    except ConfigError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 class _Stages:
@@ -145,14 +81,6 @@ class _Stages:
         self.ran.append(name)
 
 
-def _only_known(cls, values: dict, section: str) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise PipelineError(f"run config section {section!r}: unknown key(s) {unknown}; valid: {sorted(names)}")
-    return values
-
-
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
     """Runs the configured stages into cfg.out; returns the path of the report (index.html)."""
     run = Path(cfg.out).resolve()
@@ -163,7 +91,7 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
             cfg, pool=cfg.pool or str(data / "pool"), categories=str(data / "categories.txt"),
             eval_dataset=cfg.eval_dataset or "folder", eval_root=cfg.eval_root or str(data / "eval"),
             predict_images=cfg.predict_images or [str(p) for p in sorted((data / "eval" / "images").glob("*.jpg"))[:3]])
-    io.write_text(run / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    io.write_text(run / "config.yaml", dump_yaml(cfg))
     warnings = _weight_warnings(cfg)
     for w in warnings:
         log.warning("\n%s\n%s\n%s", "!" * 100, w, "!" * 100)
@@ -174,38 +102,32 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
     if "archive" in cfg.stages:
         if not cfg.pool:
             raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
-        acfg = ArchiveConfig(pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"),
-                             **_only_known(ArchiveConfig, {"report": True, **cfg.archive}, "archive"))
+        acfg = dataclasses.replace(cfg.archive, pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"))
         stages.run("archive", dataclasses.asdict(acfg), lambda: build_archive(acfg, progress=progress),
                    archive_json)
 
     if "saliency" in cfg.stages:
-        scfg = SaliencyConfig(archive=str(archive_json), out=str(masks),
-                              **_only_known(SaliencyConfig, {"report": True, **cfg.saliency}, "saliency"))
+        scfg = dataclasses.replace(cfg.saliency, archive=str(archive_json), out=str(masks))
         stages.run("saliency", dataclasses.asdict(scfg), lambda: run_saliency(scfg), masks / "manifest.json")
 
-    method = cfg.refine.get("method", "none")
-    if "refine" in cfg.stages and method == "experts":
-        ecfg = from_dict(ExpertsConfig, {k: v for k, v in cfg.refine.items() if k != "method"})
+    if "experts" in cfg.stages and cfg.experts.enabled:
+        ecfg = cfg.experts
         refined = run / "refined"
 
-        def refine():
+        def experts():
             refine_with_experts(archive_json, masks, refined, ecfg, progress=progress)
             _mask_report(archive_json, refined)
 
-        stages.run("refine", {"method": method, **to_dict(ecfg)}, refine, refined / "manifest.json")
+        stages.run("experts", to_dict(ecfg), experts, refined / "manifest.json")
         masks = refined
-    elif method not in ("none", "experts"):
-        raise PipelineError(f"refine.method must be 'none' or 'experts', got {method!r}")
 
     train_dir = run / "train"
     if "train" in cfg.stages:
-        tcfg = from_dict(TrainConfig, {**cfg.train, "archive": str(archive_json), "masks": str(masks),
-                                       "out": str(train_dir)})
+        tcfg = dataclasses.replace(cfg.train, archive=str(archive_json), masks=str(masks), out=str(train_dir))
         stages.run("train", to_dict(tcfg), lambda: train(tcfg, progress=progress), train_dir / "model.safetensors")
 
     if "eval" in cfg.stages and cfg.eval_dataset:
-        options = {"split": cfg.eval_split, **cfg.eval}
+        options = {"split": cfg.eval_split, **dataclasses.asdict(cfg.eval)}
 
         def evaluate():
             report = evaluate_checkpoint(train_dir, cfg.eval_dataset, cfg.eval_root, overlays_dir=run / "eval",
@@ -219,9 +141,10 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
                    run / "eval" / "metrics.json")
 
     if "predict" in cfg.stages and cfg.predict_images:
-        stages.run("predict", {"images": cfg.predict_images, **cfg.predict,
+        options = dataclasses.asdict(cfg.predict)
+        stages.run("predict", {"images": cfg.predict_images, **options,
                                "model": _fingerprint_file(train_dir / "model.safetensors")},
-                   lambda: predict(train_dir, cfg.predict_images, run / "predict", progress=progress, **cfg.predict),
+                   lambda: predict(train_dir, cfg.predict_images, run / "predict", progress=progress, **options),
                    run / "predict" / "labels")
 
     facts = {"run directory": run, "stages run now": ", ".join(stages.ran) or "none (all done before)",
@@ -249,7 +172,7 @@ def _mask_report(archive_json: Path, folder: Path) -> None:
 
 
 def _weight_warnings(cfg: RunConfig) -> list:
-    random_clip = str(cfg.archive.get("pretrained", "")) == "random" or (
-        cfg.archive.get("model") == "nm-tiny" and not cfg.archive.get("pretrained"))
-    random_dino = bool(cfg.saliency.get("random_weights"))
+    random_clip = str(cfg.archive.pretrained) == "random" or (
+        cfg.archive.model == "nm-tiny" and not cfg.archive.pretrained)
+    random_dino = cfg.saliency.random_weights
     return [RANDOM_WEIGHTS_WARNING] if (random_clip or random_dino) and {"archive", "saliency"} & set(cfg.stages) else []

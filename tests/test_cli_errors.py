@@ -35,6 +35,7 @@ CASES = [
     (["refine", "--images", "i", "--masks", "m", "--out", "o"], "namedmask.stages.refine", "refine_folder",
      "namedmask.stages.refine:RefineError"),
     (["run", "--out", "o"], "namedmask.pipeline", "run_pipeline", "namedmask.stages.train:TrainError"),
+    (["config", "show"], "namedmask.pipeline", "load_run_config", "namedmask.config:ConfigError"),
 ]
 
 
@@ -52,7 +53,7 @@ def _raiser(cls):
 
 
 def test_every_command_is_covered():
-    covered = {tuple(args[:2]) if args[0] == "prepare" else (args[0],) for args, *_ in CASES}
+    covered = {tuple(args[:2]) if args[0] in ("prepare", "config") else (args[0],) for args, *_ in CASES}
     commands = set()
     for name, cmd in cli.commands.items():
         if hasattr(cmd, "commands"):

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,12 +36,13 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from namedmask import io
+from namedmask.config import ArchiveConfig
 from namedmask.data.archive import Archive
 from namedmask.data.datasets import DatasetError, list_pool_images
 from namedmask.data.categories import CategorySet, get_category_set
 from namedmask.data.decode import Resize, iter_image_batches
 from namedmask.errors import NamedMaskError
-from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
+from namedmask.models.clip import Clip, load_clip
 from namedmask.models.prompts import get_templates
 from namedmask.runtime import init_distributed
 
@@ -54,22 +54,6 @@ _SHARD = "shard-{:06d}.safetensors"
 
 class ArchiveBuildError(NamedMaskError, RuntimeError):
     """The pool or the out directory cannot be used; the message says why and what to do."""
-
-
-@dataclass
-class ArchiveConfig:
-    pool: str                               # image folder (searched recursively) or a list file
-    categories: str                         # a category set name (voc) or file
-    out: str
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None           # tag, checkpoint file, "random"; None = the model's default
-    k: int = 500
-    batch_size: int = 64
-    templates: str = "namedmask"            # namedmask (85) | simple | FILE
-    synonyms: str | None = None             # file: "name | synonym, synonym" lines
-    device: str = "cpu"
-    shard_size: int = 4096
-    report: bool = False
 
 
 def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | None:

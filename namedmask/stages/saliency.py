@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from namedmask import io, ops
+from namedmask.config import SaliencyConfig
 from namedmask.data.archive import Archive, load_archive
 from namedmask.data.decode import iter_image_batches, load_image
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest, mask_relpath
@@ -48,40 +49,21 @@ class SaliencyError(NamedMaskError, RuntimeError):
     """A problem the user must fix (bad settings, missing weights or op); the message says how."""
 
 
-@dataclass
-class SaliencyConfig:
-    archive: str
-    out: str
-    method: str = "tokencut"
-    refine: str = "bilateral-solver"
-    short_side: int = 512
-    batch_size: int = 8
-    dino: str | None = None            # timm name of the DINO ViT; None = the method's default
-    dino_weights: str | None = None    # local DINO checkpoint (official or timm layout), TokenCut
-    checkpoint: str | None = None      # SelfMask checkpoint
-    random_weights: bool = False       # smoke runs only: meaningless masks
-    tau: float = 0.2
-    eigen_solver: str = "arpack"      # or "dense"; same eigenvector
-    device: str = "auto"
-    report: bool = False
-    report_per_category: int = 4
-    vit_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (tiny test ViTs)
-    manifest_every_s: float = 30.0     # manifest rewrite interval while running
-
-    def resolved(self) -> "SaliencyConfig":
-        if self.method not in METHODS:
-            raise SaliencyError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.refine not in REFINES:
-            raise SaliencyError(f"refine must be one of {REFINES}, got {self.refine!r}")
-        if self.short_side < 16 or self.batch_size < 1:
-            raise SaliencyError("short_side must be >= 16 and batch_size >= 1")
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        absolute = {k: str(Path(getattr(self, k)).resolve()) for k in ("archive", "out", "dino_weights", "checkpoint")
-                    if getattr(self, k) is not None}
-        return SaliencyConfig(**{**asdict(self), **absolute, "dino": self.dino or DEFAULT_DINO[self.method],
-                                 "device": device})
+def resolve_config(self: SaliencyConfig) -> SaliencyConfig:
+    """Checked, with absolute paths, the method's default DINO and a concrete device."""
+    if self.method not in METHODS:
+        raise SaliencyError(f"method must be one of {METHODS}, got {self.method!r}")
+    if self.refine not in REFINES:
+        raise SaliencyError(f"refine must be one of {REFINES}, got {self.refine!r}")
+    if self.short_side < 16 or self.batch_size < 1:
+        raise SaliencyError("short_side must be >= 16 and batch_size >= 1")
+    device = self.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    absolute = {k: str(Path(getattr(self, k)).resolve()) for k in ("archive", "out", "dino_weights", "checkpoint")
+                if getattr(self, k) is not None}
+    return SaliencyConfig(**{**asdict(self), **absolute, "dino": self.dino or DEFAULT_DINO[self.method],
+                             "device": device})
 
 
 @dataclass
@@ -167,7 +149,7 @@ def _open_manifest(out: Path, config: SaliencyConfig) -> dict:
 
 
 def run_saliency(config: SaliencyConfig) -> SaliencyResult:
-    config = config.resolved()
+    config = resolve_config(config)
     archive = load_archive(config.archive)
     refine = bilateral_refiner(config.refine)
     out = Path(config.out)
