@@ -16,7 +16,7 @@ from namedmask.data.decode import load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.errors import NamedMaskError
 from namedmask.models.deeplab import load_segmenter
-from namedmask.models.inference import predict_label
+from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
 
@@ -193,7 +193,7 @@ def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, 
                         num_overlays: int = 4, backend: str = "auto", progress: bool = True) -> EvalReport:
     """`namedmask eval --checkpoint RUN --dataset NAME --root DIR`."""
     dev = resolve_device(device)
-    model, meta = load_segmenter(run_dir, dev)
+    model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
     labeled_set = open_eval_set(dataset, root, split)
     return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=dev.type == "cuda",
                           max_images=max_images, progress=progress, backend=backend,

@@ -14,7 +14,7 @@ from namedmask.data.categories import voc_palette
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.errors import NamedMaskError
 from namedmask.models.deeplab import load_segmenter
-from namedmask.models.inference import predict_label
+from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
 
@@ -45,7 +45,7 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
     """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
     Names are the input stems; a stem seen twice gets the parent folder prefixed."""
     dev = resolve_device(device)
-    model, meta = load_segmenter(run_dir, dev)
+    model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
     names = meta["class_names"]
     out_dir = Path(out_dir)
     written, seen = [], set()
