@@ -10,7 +10,9 @@ import traceback
 from pathlib import Path
 
 import click
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from namedmask import __version__
 from namedmask.errors import NamedMaskError
 
 log = logging.getLogger("namedmask")
@@ -34,13 +36,34 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
+    """namedmask logs INFO by default, other libraries (open_clip, timm, ...) only warnings;
+    -v: INFO from every library and DEBUG from namedmask; -vv: DEBUG everywhere; -q: warnings."""
+    if quiet:
+        root, ours = logging.WARNING, logging.WARNING
+    else:
+        root = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+        ours = logging.INFO if verbose == 0 else logging.DEBUG
+    logging.basicConfig(format=LOG_FORMAT, datefmt="%H:%M:%S")  # no-op where the host set up logging
+    logging.getLogger().setLevel(root)
+    logging.getLogger("namedmask").setLevel(ours)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("-v", "--verbose", count=True, help="More logging (-v info is default, -vv debug).")
+@click.option("-v", "--verbose", count=True,
+              help="More logging: -v adds other libraries' INFO (open_clip, timm) and namedmask's DEBUG; "
+                   "-vv DEBUG everywhere and tracebacks of errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
-def cli(verbose: int, quiet: bool) -> None:
+@click.version_option(__version__, "--version", prog_name="namedmask")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """namedmask: segment and name objects without pixel labels (NamedMask)."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    setup_logging(verbose, quiet)
+    # Log lines go above the progress bars instead of through them, while the command runs.
+    ctx.with_resource(logging_redirect_tqdm())
 
 
 @cli.command()
@@ -59,7 +82,8 @@ def info(as_json: bool) -> None:
 @click.option("--gt", "gt_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of ground-truth index PNGs (palette or grayscale).")
 @click.option("--checkpoint", "run_dir", type=click.Path(path_type=Path), default=None,
-              help="Evaluate a trained model (its run directory) instead of prediction files.")
+              help="Evaluate a trained model (its run folder, checkpoint.pt or model.safetensors) instead of "
+                   "prediction files.")
 @click.option("--dataset", default=None,
               help="With --checkpoint: voc | coco-object | coca | cityscapes-object | imagenet-s | folder.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="With --checkpoint: dataset root.")
@@ -132,7 +156,7 @@ def prepare_coco_object_cmd(root, split, out_dir, overwrite) -> None:
 
 
 @prepare.command("check")
-@click.option("--dataset", required=True, help="voc, coco-object, coca, cityscapes-object or imagenet-s.")
+@click.option("--dataset", required=True, help="voc, coco-object, coca, cityscapes-object, imagenet-s or folder.")
 @click.option("--root", required=True, type=click.Path(path_type=Path), help="The dataset's root folder.")
 @click.option("--split", default="val", help="Split to check.")
 def prepare_check_cmd(dataset, root, split) -> None:
@@ -249,7 +273,7 @@ def saliency(archive, out, method, checkpoint, dino, dino_weights, refine, short
 @click.option("--archive", default=None, help="archive.json (or its folder).")
 @click.option("--masks", default=None, help="Pseudo-mask folder (manifest.json).")
 @click.option("--out", default=None, help="Run directory (resumed if it holds a checkpoint).")
-@click.option("--iterations", type=int, default=None)
+@click.option("--iterations", type=int, default=None, help="Training iterations (optimizer steps)  [default: 20000].")
 @click.option("--batch-size", type=int, default=None, help="Global batch, split over DDP ranks.")
 @_config_options
 def train(archive, masks, out, iterations, batch_size, config_path, overrides) -> None:
@@ -266,9 +290,10 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="Run directory of a trained model.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--device", default="auto")
+              help="A trained model: its run folder, checkpoint.pt or model.safetensors.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: labels/<name>.png (class ids) and overlays/<name>.png.")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-overlays", is_flag=True, help="Only label PNGs.")
 def predict(images, run_dir, out, device, no_overlays) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""

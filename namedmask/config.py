@@ -36,7 +36,7 @@ class ArchiveConfig:
     batch_size: int = 64
     templates: str = "namedmask"            # namedmask (85) | simple | FILE
     synonyms: str | None = None             # file: "name | synonym, synonym" lines
-    device: str = "cpu"
+    device: str = "auto"                    # auto | cpu | cuda (cuda:LOCAL_RANK under torchrun) | cuda:N
     shard_size: int = 4096
     report: bool = False
 

@@ -130,3 +130,18 @@ def test_grouping_reads_build_archive_text_embeddings(tmp_path):
     assert torch.equal(load_embeddings(path, ["bus", "cat"]), text[[2, 0]])
     groups = category_groups(names, 2, path)
     assert sorted(sorted(g) for g in groups) == [["bus"], ["cat", "dog"]]
+
+
+def test_training_says_what_it_trains_on_and_warns(tmp_path, caplog):
+    """Each expert's training logs its images, classes, device and init; a random backbone
+    and an expert with fewer than 10 images are warnings."""
+    archive, masks, _ = write_archive(tmp_path / "w", per_class=3, size=32)
+    overrides = [f"train.{o}" for o in tiny_train_overrides(1, batch=2, crop=32)]
+    with caplog.at_level("INFO", logger="namedmask"):
+        refine_with_experts(archive, masks, tmp_path / "refined", load_config(ExpertsConfig, overrides=overrides),
+                            progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert sum("only 3 images (< 10)" in w for w in warnings) == len(CLASSES)
+    assert sum("RANDOM weights" in w for w in warnings) == len(CLASSES)
+    assert any("3 images, 2 classes (background, foreground), device cpu" in i for i in infos), infos

@@ -44,7 +44,7 @@ from namedmask.data.decode import Resize, iter_image_batches
 from namedmask.errors import NamedMaskError
 from namedmask.models.clip import Clip, load_clip
 from namedmask.models.prompts import get_templates
-from namedmask.runtime import init_distributed
+from namedmask.runtime import init_distributed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +66,7 @@ def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | Non
     templates = get_templates(config.templates)
     rank, world, own_group = init_distributed()
     try:
-        device = torch.device(config.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
         root, paths = _list_pool_images(config.pool)
         clip = load_clip(config.model, config.pretrained, device)
         embed_dir = out / "embeddings"
@@ -159,7 +157,7 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
     resize = Resize(clip.image_size, clip.image_size, "bicubic")
     images = sum(min(size, len(paths) - n * size) for n in todo)
     bar = tqdm(total=images, unit="img", desc="embed" if world == 1 else f"embed rank {rank}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not todo, dynamic_ncols=True)  # no empty bar on a finished resume
     for n in todo:
         for stale in embed_dir.glob(f".{_SHARD.format(n)}.*"):  # the temp file of a killed run
             stale.unlink(missing_ok=True)

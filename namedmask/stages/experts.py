@@ -31,6 +31,7 @@ from namedmask.stages.train import train
 log = logging.getLogger(__name__)
 
 PREDICTED_FILE = "predicted.json"
+MIN_EXPERT_IMAGES = 10   # fewer and an expert is warned about (the paper trains on 500 per category)
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 100, seed: int = 0) -> torch.Tensor:
@@ -116,6 +117,10 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
             fg = json.loads(done.read_text())["fg_fraction"]
         else:
             log.info("expert %d/%d: categories %s, %d images", g + 1, len(groups), cats, len(images))
+            if len(images) < MIN_EXPERT_IMAGES:
+                log.warning("expert %d/%d (%s) has only %d images (< %d): its masks will be unreliable; use "
+                            "a larger archive (k) or fewer, grouped experts (groups)", g + 1, len(groups),
+                            ", ".join(cats), len(images), MIN_EXPERT_IMAGES)
             train_cfg = dataclasses.replace(cfg.train, archive=str(archive_file), masks=str(masks_dir),
                                             out=str(expert_dir))
             train(train_cfg, binary=True, categories=cats, progress=progress)

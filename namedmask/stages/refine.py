@@ -113,7 +113,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
             todo.append(stem)
     if report.skipped_done:
         log.info("resuming: %d of %d masks already refined in %s", report.skipped_done, len(masks), out_dir)
-    bar = tqdm(total=len(todo), desc=f"refine ({method})", unit="img", disable=not progress)
+    bar = tqdm(total=len(todo), desc=f"refine ({method})", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
         batch = []
         for stem in todo[start:start + batch_size]:

@@ -101,6 +101,19 @@ def _append_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _log_start(cfg: TrainConfig, items: list, class_names: list, ctx) -> None:
+    """What a run trains on, said once before the first step; random backbone weights are a warning."""
+    log.info("training %s: %d images, %d classes (%s), device %s x %d rank(s), %d iterations of batch %d",
+             cfg.out, len(items), len(class_names), ", ".join(class_names[:8]) + (" ..." if len(class_names) > 8 else ""),
+             ctx.device, ctx.world, cfg.iterations, cfg.batch_size)
+    if cfg.model.pretrained:
+        log.info("backbone %s initialised from %s", cfg.model.backbone, cfg.model.pretrained)
+    else:
+        log.warning("backbone %s starts from RANDOM weights (model.pretrained is not set): fine for a smoke "
+                    "run, far below NamedMask's quality (its recipe starts from DINO ResNet-50 weights)",
+                    cfg.model.backbone)
+
+
 def _amp_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.amp not in ("auto", "bf16", "off"):
         raise TrainError(f"amp must be auto, bf16 or off, got {cfg.amp!r}")
@@ -126,6 +139,8 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
         _check_resume_config(run_dir, cfg)
         io.write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
 
+    if ctx.is_main:
+        _log_start(cfg, items, class_names, ctx)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, len(class_names)).to(ctx.device)
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
@@ -159,7 +174,8 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     val_set = _open_val_set(cfg, class_names) if cfg.val.dataset else None
 
     net.train()
-    bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", disable=not (progress and ctx.is_main))
+    bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it",
+               disable=not (progress and ctx.is_main) or start >= cfg.iterations)
     t_last, it = time.perf_counter(), start
     for it, (images, labels, indices) in enumerate(loader, start=start):
         images = images.to(ctx.device, non_blocking=True)
