@@ -142,6 +142,6 @@ def test_training_says_what_it_trains_on_and_warns(tmp_path, caplog):
                             progress=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
-    assert sum("only 3 images (< 10)" in w for w in warnings) == len(CLASSES)
+    assert sum("only 3 training images (< 10)" in w for w in warnings) == len(CLASSES)
     assert sum("RANDOM weights" in w for w in warnings) == len(CLASSES)
     assert any("3 images, 2 classes (background, foreground), device cpu" in i for i in infos), infos

@@ -116,11 +116,13 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
         if done.is_file():
             fg = json.loads(done.read_text())["fg_fraction"]
         else:
-            log.info("expert %d/%d: categories %s, %d images", g + 1, len(groups), cats, len(images))
-            if len(images) < MIN_EXPERT_IMAGES:
-                log.warning("expert %d/%d (%s) has only %d images (< %d): its masks will be unreliable; use "
-                            "a larger archive (k) or fewer, grouped experts (groups)", g + 1, len(groups),
-                            ", ".join(cats), len(images), MIN_EXPERT_IMAGES)
+            trained_on = {e["path"] for c in cats for e in archive.archives.get(c, []) if e["path"] in saliency}
+            log.info("expert %d/%d: categories %s, trains on %d images, re-predicts %d", g + 1, len(groups), cats,
+                     len(trained_on), len(images))
+            if len(trained_on) < MIN_EXPERT_IMAGES:
+                log.warning("expert %d/%d (%s) has only %d training images (< %d): its masks will be unreliable; "
+                            "use a larger archive (k) or fewer, grouped experts (groups)", g + 1, len(groups),
+                            ", ".join(cats), len(trained_on), MIN_EXPERT_IMAGES)
             train_cfg = dataclasses.replace(cfg.train, archive=str(archive_file), masks=str(masks_dir),
                                             out=str(expert_dir))
             train(train_cfg, binary=True, categories=cats, progress=progress)
