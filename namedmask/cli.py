@@ -374,7 +374,7 @@ def config_group() -> None:
 
 
 CONFIG_KINDS = {"run": "RunConfig", "train": "TrainConfig", "experts": "ExpertsConfig",
-                "build-archive": "ArchiveConfig", "saliency": "SaliencyConfig"}
+                "build-archive": "ArchiveConfig", "saliency": "SaliencyConfig", "refine": "RefineConfig"}
 
 
 @config_group.command("show")
@@ -415,20 +415,22 @@ def bench(args) -> None:
 @click.option("--archive", default=None, hidden=True, help="Deprecated (--method experts).")
 @click.option("--groups", type=int, default=None, hidden=True, help="Deprecated (--method experts).")
 @click.option("--embeddings", default=None, hidden=True, help="Deprecated (--method experts).")
-@click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--masks", "masks_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of mask PNGs (non-zero = foreground), matched to --images by relative path and stem; "
                    "a pseudo-mask folder (or its masks/) makes --out one too (manifest.json, for train --masks).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: <stem>.png, 0 = background, 1 = foreground.")
-@click.option("--preset", type=click.Choice(["namedmask", "tokencut", "tuned"]), default="namedmask",
+@click.option("--preset", type=click.Choice(["namedmask", "tokencut", "tuned"]), default=None,
+              show_default="namedmask",
               help="Solver parameters: namedmask 16/16/8 lam 256, tokencut 24/4/4 lam 256, tuned (see README).")
 @click.option("--sigma-spatial", type=float, default=None, help="Override the preset's spatial sigma (pixels).")
 @click.option("--sigma-luma", type=float, default=None, help="Override the preset's luma sigma.")
 @click.option("--sigma-chroma", type=float, default=None, help="Override the preset's chroma sigma.")
 @click.option("--lam", type=float, default=None, help="Override the preset's smoothness weight lambda.")
-@click.option("--threshold", type=float, default=0.5, help="Foreground where the soft output exceeds this.")
-@click.option("--device", default="cpu", help="cpu or cuda.")
-@click.option("--backend", default="auto", help="Kernel backend of the solver.")
+@click.option("--threshold", type=float, default=None, show_default="0.5",
+              help="Foreground where the soft output exceeds this.")
+@click.option("--device", default=None, show_default="cpu", help="cpu or cuda.")
+@click.option("--backend", default=None, show_default="auto", help="Kernel backend of the solver.")
 @click.option("--overwrite", is_flag=True, help="Redo masks already in --out.")
 @click.option("--skip-bad", is_flag=True, help="Log and skip bad or missing pairs instead of failing at the end.")
 @_config_options
@@ -436,22 +438,30 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
            sigma_chroma, lam, threshold, device, backend, overwrite, skip_bad, config_path, overrides) -> None:
     """Refine masks along image edges with the fast bilateral solver. Resumable: finished
     masks are skipped."""
+    from namedmask.config import RefineConfig, load_config
     from namedmask.stages.refine import refine_folder
 
     if method == "experts":
         _deprecated("refine --method experts", "namedmask experts")
         if archive is None:
             raise click.UsageError("--method experts needs --archive (and --masks: the saliency folder)")
+        if masks_dir is None or out_dir is None:
+            raise click.UsageError("--method experts needs --masks and --out")
         return _run_experts(archive, masks_dir, out_dir, groups, embeddings, config_path, overrides)
-    if images_dir is None:
+    cfg = load_config(RefineConfig, config_path, overrides, images=images_dir and str(images_dir),
+                      masks=masks_dir and str(masks_dir), out=out_dir and str(out_dir), preset=preset,
+                      sigma_spatial=sigma_spatial, sigma_luma=sigma_luma, sigma_chroma=sigma_chroma, lam=lam,
+                      threshold=threshold, backend=backend, device=device, overwrite=_flag(overwrite),
+                      skip_bad=_flag(skip_bad))
+    if cfg.images is None:
         raise click.UsageError("--method bilateral-solver needs --images (the guide images)")
-
-    report = refine_folder(images_dir, masks_dir, out_dir, method=method, preset=preset,
-                           sigma_spatial=sigma_spatial, sigma_luma=sigma_luma, sigma_chroma=sigma_chroma,
-                           lam=lam, threshold=threshold, backend=backend, device=device, overwrite=overwrite,
-                           skip_bad=skip_bad)
+    _require(cfg, "masks", "out")
+    report = refine_folder(cfg.images, cfg.masks, cfg.out, method=method, preset=cfg.preset,
+                           sigma_spatial=cfg.sigma_spatial, sigma_luma=cfg.sigma_luma, sigma_chroma=cfg.sigma_chroma,
+                           lam=cfg.lam, threshold=cfg.threshold, backend=cfg.backend, device=cfg.device,
+                           batch_size=cfg.batch_size, overwrite=cfg.overwrite, skip_bad=cfg.skip_bad)
     click.echo(f"refined {report.refined}, already done {report.skipped_done}, skipped {len(report.failed)} "
-               f"-> {out_dir}")
+               f"-> {cfg.out}")
 
 
 def main() -> None:

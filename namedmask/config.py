@@ -64,6 +64,26 @@ class SaliencyConfig:
 
 
 @dataclass
+class RefineConfig:
+    """`namedmask refine`: the fast bilateral solver over a folder of masks (sigma/lam None =
+    the preset's value)."""
+    images: str | None = None
+    masks: str | None = None
+    out: str | None = None
+    preset: str = "namedmask"           # namedmask | tokencut | tuned
+    sigma_spatial: float | None = None
+    sigma_luma: float | None = None
+    sigma_chroma: float | None = None
+    lam: float | None = None
+    threshold: float = 0.5
+    backend: str = "auto"
+    device: str = "cpu"
+    batch_size: int = 8
+    overwrite: bool = False
+    skip_bad: bool = False
+
+
+@dataclass
 class ModelConfig:
     backbone: str = "resnet50"          # torchvision resnet50/101/152 (DINO-RN50 key layout) or any timm ResNet
     backbone_args: dict = field(default_factory=dict)  # extra timm arguments, e.g. channels for a tiny test net

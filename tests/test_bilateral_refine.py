@@ -118,3 +118,15 @@ def test_refined_pseudo_mask_folder_is_a_training_input(tmp_path, given):
     items, names = archive_items(archive, tmp_path / "refined")
     assert len(items) == len(source["masks"]) and names[0] == "background"
     assert all(str(it.mask).startswith(str(tmp_path / "refined")) for it in items)
+
+
+def test_refine_reads_its_config_and_options_win(folders):
+    root, _ = folders
+    cfg = root / "refine.yaml"
+    cfg.write_text(f"images: {root / 'images'}\nmasks: {root / 'masks'}\nout: {root / 'out'}\n"
+                   "preset: tokencut\nsigma_luma: 6\nthreshold: 0.4\n")
+    res = CliRunner().invoke(cli, ["refine", "--config", str(cfg), "--set", "sigma_chroma=3", "--threshold", "0.5"])
+    assert res.exit_code == 0, res.output
+    written = json.loads((root / "out" / "refine.json").read_text())
+    assert (written["preset"], written["sigma_spatial"], written["sigma_luma"], written["sigma_chroma"],
+            written["threshold"]) == ("tokencut", 24, 6, 3, 0.5)
