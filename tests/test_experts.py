@@ -78,7 +78,7 @@ def test_experts_improve_noisy_masks(tmp_path):
 
     # resumable: a finished expert is neither retrained nor re-predicted
     stamp = {k: p.stat().st_mtime_ns for k, p in refined.items()}
-    res = CliRunner().invoke(cli, ["refine-experts", "--archive", str(archive), "--masks", str(noisy), "--out",
+    res = CliRunner().invoke(cli, ["experts", "--archive", str(archive), "--masks", str(noisy), "--out",
                                    str(out), "--groups", "1", "--embeddings", str(emb)]
                              + [a for o in tiny_train_overrides(ITERS) for a in ("--set", f"train.{o}")])
     assert res.exit_code == 0, res.output

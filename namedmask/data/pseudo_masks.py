@@ -1,5 +1,5 @@
-"""Pseudo-mask folders written by `namedmask saliency` (and by the experts of
-`namedmask refine --method experts`), read by training. This module is the schema.
+"""Pseudo-mask folders written by `namedmask saliency` (and by `namedmask experts` and
+`namedmask refine` of such a folder), read by training. This module is the schema.
 
 <dir>/manifest.json:
 {

@@ -97,7 +97,7 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
     """Trains the experts and writes the refined pseudo-mask folder `out_dir`; returns it."""
     cfg = cfg or ExpertsConfig()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("refine-experts runs in one process (each expert is a small run); start it without torchrun")
+        raise ValueError("experts runs in one process (each expert is a small run); start it without torchrun")
     archive = load_archive(archive_path)
     archive_file = Path(archive_path) / "archive.json" if Path(archive_path).is_dir() else Path(archive_path)
     source = load_manifest(masks_dir)
