@@ -129,4 +129,4 @@ def test_refine_reads_its_config_and_options_win(folders):
     assert res.exit_code == 0, res.output
     written = json.loads((root / "out" / "refine.json").read_text())
     assert (written["preset"], written["sigma_spatial"], written["sigma_luma"], written["sigma_chroma"],
-            written["threshold"]) == ("tokencut", 24, 6, 3, 0.5)
+            written["threshold"]) == ("tokencut", 16, 6, 3, 0.5)
