@@ -525,6 +525,36 @@ def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_w
     click.echo(f"{result['done']} images segmented ({result['skipped']} already done), {n} segments -> {out}")
 
 
+@cli.command("adapt-clip")
+@click.option("--archive", required=True, type=click.Path(path_type=Path), help="RUN/archive (or its archive.json).")
+@click.option("--masks", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The archive's refined pseudo-mask folder (manifest.json + masks/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: mask_prompts.safetensors and adapt.json.")
+@click.option("--model", default=None, show_default="ViT-L-14-336", help="open_clip model name (nm-tiny for tests).")
+@click.option("--pretrained", default=None, help="open_clip tag, local checkpoint file, or 'random'.")
+@click.option("--templates", default="namedmask", help="Prompt templates for the category words.")
+@click.option("--depth", type=int, default=1, help="CLIP blocks whose blank-patch tokens are learned prompts.")
+@click.option("--steps", type=int, default=300, help="Training steps.")
+@click.option("--batch-size", type=int, default=32)
+@click.option("--lr", type=float, default=2e-3, help="Learning rate of the prompt tokens.")
+@click.option("--val-fraction", type=float, default=0.2, help="Share of regions held out for the accuracy report.")
+@click.option("--finetune", is_flag=True, help="Also fine-tune CLIP's image tower (off: CLIP stays frozen).")
+@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+def adapt_clip_cmd(archive, masks, out, model, pretrained, templates, depth, steps, batch_size, lr, val_fraction,
+                   finetune, device) -> None:
+    """Mask prompt tuning: learn tokens for CLIP's blanked patches on the archive's masked regions."""
+    from namedmask.models.clip import DEFAULT_MODEL
+    from namedmask.stages.adapt_clip import AdaptConfig, adapt_clip
+
+    cfg = AdaptConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, templates=templates, depth=depth,
+                      steps=steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction, finetune=finetune,
+                      device=device)
+    s = adapt_clip(archive, masks, out, cfg)
+    click.echo(f"mask prompts -> {out / 'mask_prompts.safetensors'}; held-out masked-region accuracy "
+               f"{s['val_accuracy_plain']} plain, {s['val_accuracy_prompts']} with prompts ({s['val']} regions)")
+
+
 def main() -> None:
     cli(prog_name="namedmask")
 
