@@ -70,7 +70,8 @@ def clip_forward(clip: Clip, x: torch.Tensor, *, cls_bias: torch.Tensor | None =
     """CLIP image embeddings [B, E] (not normalised) of normalised images x [B, 3, S, S].
 
     cls_bias [B, 1 + L]: additive attention bias of the class token's row in the last
-    `bias_layers` blocks. prompts [P, L, D] with blank [B, L] bool: in blocks 0..P-1 the input
+    `bias_layers` blocks; x may hold one image for many bias rows (one per segment): the
+    unbiased blocks then run once and the batch expands where the bias starts. prompts [P, L, D] with blank [B, L] bool: in blocks 0..P-1 the input
     tokens of blank patches are replaced by the prompt tokens of that block (mask prompt
     tuning; block 0's prompts replace the patch embedding before the position embedding is
     added, as the blank patch's own embedding would have been)."""
@@ -87,13 +88,18 @@ def clip_forward(clip: Clip, x: torch.Tensor, *, cls_bias: torch.Tensor | None =
     mask = None
     if cls_bias is not None:
         heads = blocks[-1].attn.num_heads
-        mask = torch.zeros(b, 1 + n, 1 + n, dtype=h.dtype, device=h.device)
+        nb = len(cls_bias)
+        if b not in (1, nb):
+            raise ValueError(f"clip_forward: {b} images for {nb} bias rows")
+        mask = torch.zeros(nb, 1 + n, 1 + n, dtype=h.dtype, device=h.device)
         mask[:, 0] = cls_bias.to(h.dtype)
         mask = mask.repeat_interleave(heads, dim=0)  # [B * heads, L+1, L+1], nn.MultiheadAttention's layout
     for i, blk in enumerate(blocks):
         if prompts is not None and 0 < i < prompts.shape[0]:
             patches = torch.where(blank[..., None], prompts[i].to(h.dtype)[None].expand(b, -1, -1), h[:, 1:])
             h = torch.cat([h[:, :1], patches], 1)
+        if i == first_biased and h.shape[0] != mask.shape[0] // heads:
+            h = h.expand(mask.shape[0] // heads, -1, -1)
         kw = {"attn_mask": mask} if i >= first_biased else {}
         h = blk(h, **kw) if batch_first else blk(h.transpose(0, 1), **kw).transpose(0, 1)
     pooled = v.ln_post(h[:, 0])
@@ -165,7 +171,7 @@ def segment_embeddings(clip: Clip, image: torch.Tensor, masks: torch.Tensor, *, 
         bias = attention_bias(patch_fractions(masks, clip_grid(clip)), context).to(clip.device)
         for i in range(0, len(masks), batch_size):
             bb = bias[i:i + batch_size]
-            out.append(clip_forward(clip, x.expand(len(bb), -1, -1, -1), cls_bias=bb, bias_layers=mask_layers))
+            out.append(clip_forward(clip, x, cls_bias=bb, bias_layers=mask_layers))
     else:
         crops, cms = masked_crops(image, masks, size, clip.mean)
         for i in range(0, len(masks), batch_size):

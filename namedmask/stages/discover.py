@@ -62,6 +62,7 @@ class DiscoverConfig:
     dino: str = "vit_small_patch16_224.dino"
     dino_weights: str | None = None
     random_weights: bool = False       # random DINO (smoke runs only)
+    vit_kwargs: dict | None = None     # timm construction arguments of the DINO ViT (toy models)
     size: int = 512                    # short side for DINO and the solver
     k: int = 8                         # most segments before merging
     min_area: float = 0.01
@@ -107,7 +108,8 @@ def load_models(config: DiscoverConfig, cache: Path | None = None) -> Models:
         raise DiscoverError(f"--mask-prompts {config.mask_prompts}: no such file (make one with `namedmask adapt-clip`)")
     dev = resolve_device(config.device)
     clip = load_clip(config.model, config.pretrained, dev)
-    vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_weights).to(dev)
+    vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_weights,
+                      **(config.vit_kwargs or {})).to(dev)
     text = vocabulary_embeddings(clip, vocab, templates, cache)
     prompts = load_mask_prompts(config.mask_prompts, clip) if config.mask_prompts else None
     return Models(clip, vit, vocab, text, prompts)
