@@ -73,6 +73,7 @@ class DiscoverConfig:
     mask_prompts: str | None = None    # tokens from `namedmask adapt-clip` (embed crop)
     min_score: float = 0.2             # cosine below which a segment has no name
     merge_threshold: float = 0.9       # cosine of segment embeddings that merges touching segments
+    merge: bool = True                 # off: the over-segmentation is kept as it is (ablations)
     top: int = 3
     device: str = "auto"
     seed: int = 0
@@ -186,7 +187,7 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
         return emb, naming, names
 
     emb, naming, names = embed_and_name(labels)
-    merged = zg.merge_groups(labels, names, emb, config.merge_threshold)
+    merged = zg.merge_groups(labels, names, emb, config.merge_threshold) if config.merge else labels
     if int(merged.max()) < int(labels.max()):
         labels = merged
         emb, naming, names = embed_and_name(labels)
