@@ -28,16 +28,21 @@ namespace {
 
 using namespace bilateral;
 
-// Threads (see share_tasks.h): an image's loops run in fixed chunks of kVertexChunk vertices
-// (sums are taken per chunk and added in chunk order, so the result does not depend on which
-// thread ran a chunk, nor on how many there were), shared with helpers only when the grid is large
-// enough that each helper gets kSplitVertices of them: a CG iteration of a photo's grid (~10k
-// vertices) is tens of us, less than waking a thread, and a loaded machine turns every shared
-// loop into a wait. Batches share whole images instead (one task per image, solved inline).
+// Threads (see share_tasks.h): helpers only where a task is long and a late one cannot hold up
+// the rest. Measured on this 2-core machine with other processes running: a photo's grid
+// (~10k vertices) takes tens of us per CG pass, less than waking a thread; sharing a 500x375
+// photo's bands, or the photos of a 4-photo batch, made calls 2-5x slower than 1 thread (the
+// caller ends up waiting for a descheduled helper's last task). So: an image is split only
+// from kSplitPixels pixels (bands of kBandPixels, CG chunks of kVertexChunk vertices once a
+// helper gets kSplitVertices of them), and a batch of smaller images is shared one image per
+// task only when each worker gets kImagesPerWorker images. An image's loops run in fixed chunks
+// whose sums are added in chunk order: the output bits do not depend on the threads.
 constexpr int64_t kVertexChunk = 1024;
-constexpr int64_t kSplitVertices = 1 << 15;
-constexpr int64_t kPixelGrain = 1 << 16;  // pixels per helper (grid bands, slicing)
-constexpr int64_t kBandPixels = 1 << 14;  // pixels per grid band when bands are shared: short tasks
+constexpr int64_t kSplitVertices = 1 << 17;
+constexpr int64_t kSplitPixels = 1 << 20;
+constexpr int64_t kBandPixels = 1 << 16;
+constexpr int64_t kPixelGrain = 1 << 16;  // slicing chunk
+constexpr int64_t kImagesPerWorker = 8;
 
 template <typename F>
 void for_vertices(int64_t nv, int helpers, F&& f) {
@@ -318,7 +323,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
                  const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter,
                  double tol, float* out, bool split) {
   const int64_t pixels = h * w;
-  const int pixel_helpers = split ? helpers_for(pixels, kPixelGrain) : 0;
+  const int pixel_helpers = split ? helpers_for(pixels, kSplitPixels) : 0;
   const std::unique_ptr<int32_t[]> vertex_of_pixel(new int32_t[pixels]);  // every entry is written: no zeroing
   Grid grid = build_grid(layout, colours, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get(),
                          pixel_helpers);
@@ -427,7 +432,7 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
   auto out = at::empty({batch.pixels()}, target.options());
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
   const ColourCells colours{CellLookup(sigma_luma, kMaxLumaE6), CellLookup(sigma_chroma, kMaxChromaE6)};
-  // Several ordinary-sized images: one task per image, each solved inline (no shared loops).
+  // Several ordinary-sized images: one task per image, each solved without helpers.
   // Large images: one at a time, each split when its size pays for helpers.
   const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < (1 << 20);
   auto solve = [&](int64_t i, bool split) {
@@ -438,7 +443,7 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
                   lam, max_iter, tol, out.data_ptr<float>() + start, split);
   };
   if (across_images)
-    share_tasks(batch.size(), helpers_for(batch.pixels(), kPixelGrain), [&](int64_t i, int) { solve(i, false); });
+    share_tasks(batch.size(), helpers_for(batch.size(), kImagesPerWorker), [&](int64_t i, int) { solve(i, false); });
   else
     for (int64_t i = 0; i < batch.size(); ++i) solve(i, true);
   return out;

@@ -21,7 +21,6 @@
 #include <exception>
 #include <memory>
 #include <mutex>
-#include <thread>
 
 namespace namedmask {
 
@@ -63,7 +62,7 @@ void share_tasks(int64_t tasks, int helpers, F&& f) {
   state->call = [](void* fn, int64_t task, int worker) { (*static_cast<std::remove_reference_t<F>*>(fn))(task, worker); };
   auto work = [](State& s, int worker) {
     detail::in_shared_tasks = true;
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.tasks; s.done.fetch_add(1)) {
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.tasks; s.done.fetch_add(1), s.done.notify_all()) {
       try {
         s.call(s.fn, i, worker);
       } catch (...) {
@@ -76,7 +75,8 @@ void share_tasks(int64_t tasks, int helpers, F&& f) {
   for (int h = 0; h < helpers; ++h)
     at::launch([state, work] { work(*state, 1 + state->joined.fetch_add(1)); });
   work(*state, 0);
-  while (state->done.load() < tasks) std::this_thread::yield();
+  // Sleep, not spin: a spinning caller takes the CPU from the helper it waits for.
+  for (int64_t d; (d = state->done.load()) < tasks;) state->done.wait(d);
   if (state->error) std::rethrow_exception(state->error);
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from namedmask.ops.registry import register_op, select
@@ -76,20 +77,38 @@ def _check_pair(i: int, image, target, confidence) -> bool:
             raise ValueError(f"{where}: {name} is on {t.device} but the image is on {image.device}")
     if not target.numel():
         return True
-    # One pass per tensor: aminmax propagates NaN, which fails every comparison below.
-    lo, hi = (float(v) for v in torch.aminmax(target))
+    # NaN propagates through min/max and fails every comparison below.
+    lo, hi = _min_max(target)
     if not (lo >= 0 and hi <= 1):
         raise ValueError(f"{where}: target values must be finite and in [0, 1]")
     if confidence is not None and confidence.numel():
-        c_lo, c_hi = (float(v) for v in torch.aminmax(confidence))
+        c_lo, c_hi = _min_max(confidence)
         if not (c_lo >= 0 and c_hi < float("inf")):
             raise ValueError(f"{where}: confidence values must be finite and >= 0")
     return lo == hi
 
 
+# Checks and concatenation of CPU tensors run on the calling thread (NumPy), not on torch's
+# intra-op pool: on a busy machine each pooled op waits for a descheduled thread (measured: the
+# glue of a 4-photo batch cost more than the solve), and the native kernel shares its own work.
+def _on_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.uint8, torch.float32, torch.float64)
+
+
+def _min_max(t: torch.Tensor) -> tuple:
+    if _on_cpu(t):
+        a = t.detach().numpy()
+        return float(a.min()), float(a.max())
+    return tuple(float(v) for v in torch.aminmax(t))
+
+
 def _flat_cat(tensors: list) -> torch.Tensor:
     """The tensors flattened and concatenated (no copy for one contiguous tensor)."""
-    return tensors[0].reshape(-1).contiguous() if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
+    if len(tensors) == 1:
+        return tensors[0].reshape(-1).contiguous()
+    if all(_on_cpu(t) for t in tensors) and len({t.dtype for t in tensors}) == 1:
+        return torch.from_numpy(np.concatenate([t.detach().reshape(-1).numpy() for t in tensors]))
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def bilateral_solve_batch(images: list, targets: list, confidences: list | None = None, *, preset: str = "namedmask",
