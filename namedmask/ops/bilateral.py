@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from namedmask.kernels.spec import bilateral_radix
 from namedmask.ops.registry import register_op, select
 
 DEFAULT_CONFIDENCE = 0.999  # NamedMask / TokenCut: uniform confidence
@@ -176,8 +177,7 @@ def bilateral_solve(image: torch.Tensor, target: torch.Tensor, confidence: torch
 def _check_key_range(sizes: torch.Tensor, params: BilateralParams) -> None:
     """Grid keys are (image, y, x, Y, U, V) mixed-radix int64 (csrc/include/namedmask/bilateral.h)."""
     max_h, max_w = (int(v) for v in sizes.amax(0))
-    radix = [int((max_w - 1) / params.sigma_spatial) + 3, int((max_h - 1) / params.sigma_spatial) + 3,
-             int(255.0 / params.sigma_luma) + 3] + [int(255.5 / params.sigma_chroma) + 3] * 2
+    radix = bilateral_radix(max_h, max_w, params.sigma_spatial, params.sigma_luma, params.sigma_chroma)
     span = len(sizes)
     for r in radix:
         span *= r
