@@ -21,7 +21,7 @@ namespace namedmask {
 namespace {
 
 constexpr int64_t kTaskBytes = 1 << 16;
-constexpr int64_t kHelperBytes = 1 << 20;
+constexpr int64_t kHelperBytes = int64_t(1) << 23;  // measured: a 7 MB batch was 1.3-2x slower with a helper
 
 template <typename L>
 Box sample_box(const L* labels, int64_t height, int64_t width, ForegroundRange<L> fg) {

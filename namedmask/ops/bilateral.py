@@ -105,11 +105,10 @@ def _min_max(t: torch.Tensor) -> tuple:
 
 def _flat_cat(tensors: list) -> torch.Tensor:
     """The tensors flattened and concatenated (no copy for one contiguous tensor)."""
-    if len(tensors) == 1:
-        return tensors[0].reshape(-1).contiguous()
     if all(_on_cpu(t) for t in tensors) and len({t.dtype for t in tensors}) == 1:
-        return torch.from_numpy(np.concatenate([t.detach().reshape(-1).numpy() for t in tensors]))
-    return torch.cat([t.reshape(-1) for t in tensors])
+        arrays = [t.detach().numpy().reshape(-1) for t in tensors]  # a view when contiguous
+        return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
+    return tensors[0].reshape(-1).contiguous() if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
 
 
 def bilateral_solve_batch(images: list, targets: list, confidences: list | None = None, *, preset: str = "namedmask",
