@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.common import Row, print_table
 
@@ -39,13 +40,19 @@ def tokencut(h, w):
             "seconds": time.perf_counter() - t0}
 
 def bilateral(h, w):
+    """A smooth photo-like image (a real photo upsampled when voc_mini is there): a grid vertex
+    per few pixels, as in photos; i.i.d. noise would open a vertex per pixel (worst case)."""
+    from pathlib import Path
+    from PIL import Image
     from namedmask import ops
-    g = torch.Generator().manual_seed(0)
-    image = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=g)
-    image[h // 4:3 * h // 4, w // 4:3 * w // 4] //= 4
+    photos = sorted(Path(__file__).resolve().parents[1].parent.joinpath("shared/data/voc_mini/JPEGImages").glob("*.jpg")) if "__file__" in globals() else []
+    if photos:
+        image = torch.from_numpy(__import__("numpy").asarray(Image.open(photos[0]).convert("RGB").resize((w, h), Image.BILINEAR)).copy())
+    else:
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        image = torch.stack([(xs * 255 // w), (ys * 255 // h), ((xs + ys) * 255 // (h + w))], -1).to(torch.uint8)
     target = torch.zeros(h, w)
     target[h // 4:3 * h // 4, w // 4:3 * w // 4] = 1.0
-    target[: h // 8] = 0.5
     t0 = time.perf_counter()
     ops.bilateral_solve(image, target, backend="cpp")
     return {"seconds": time.perf_counter() - t0}
@@ -79,7 +86,8 @@ def run(names=None) -> list[Row]:
     for name, call in CASES.items():
         if names and name not in names:
             continue
-        proc = subprocess.run([sys.executable, "-c", _CHILD, call], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", f"__file__ = {str(Path(__file__).resolve())!r}\n" + _CHILD, call],
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append(Row(name, "cpu", "failed", float("nan"), None, None, {"error": proc.stderr.strip()[-300:]}))
             continue
@@ -88,6 +96,7 @@ def run(names=None) -> list[Row]:
         if "tokens" in got:
             extra["prepared"] = f"{got['prepared'][0]}x{got['prepared'][1]}, {got['tokens']} tokens"
         rows.append(Row(name, "cpu", call, got["seconds"], None, None, extra))
+        print(name, got, flush=True)
     return rows
 
 
