@@ -13,12 +13,11 @@ import triton.language as tl
 
 from namedmask.kernels._device import on_input_device
 
-from namedmask.ops.reference import BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS
+from namedmask.kernels.spec import (BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS, RGB_TO_YUV_E6,
+                                    YUV_OFFSET_E6, bilateral_radix)
 
 NEIGHBOURS = 2 * BILATERAL_DIMS
 CENTER = 2.0 * BILATERAL_DIMS
-_YUV_E6 = ((299000, 587000, 114000), (-168736, -331264, 500000), (500000, -418688, -81312))
-_OFFSET_E6 = (0, 128000000, 128000000)
 # Per-image CG state columns.
 B_NORM, ATOL, RHO, RHO_PREV, BETA, ALPHA, DONE = range(7)
 STATE = 8
@@ -208,15 +207,14 @@ def _grid_keys(image, sizes, sigma_spatial, sigma_luma, sigma_chroma):
     device = image.device
     hw = sizes.tolist()
     max_h, max_w = max(h for h, _ in hw), max(w for _, w in hw)
-    radix = [int((max_w - 1) / sigma_spatial) + 3, int((max_h - 1) / sigma_spatial) + 3,
-             int(255.0 / sigma_luma) + 3, int(255.5 / sigma_chroma) + 3, int(255.5 / sigma_chroma) + 3]
+    radix = bilateral_radix(max_h, max_w, sigma_spatial, sigma_luma, sigma_chroma)
     stride_v, stride_u = 1, radix[4]
     stride_l = stride_u * radix[3]
     stride_x = stride_l * radix[2]
     stride_y = stride_x * radix[0]
     image_stride = stride_y * radix[1]
     rgb = image.long()
-    yuv = [((rgb * torch.tensor(row, device=device)).sum(1) + off).double() / 1e6 for row, off in zip(_YUV_E6, _OFFSET_E6)]
+    yuv = [((rgb * torch.tensor(row, device=device)).sum(1) + off).double() / 1e6 for row, off in zip(RGB_TO_YUV_E6, YUV_OFFSET_E6)]
     counts = torch.tensor([h * w for h, w in hw], device=device)
     widths = torch.tensor([w for _, w in hw], device=device)
     img = torch.repeat_interleave(torch.arange(len(hw), device=device), counts)

@@ -242,3 +242,20 @@ def test_list_file_pool_and_local_checkpoint_via_cli(small_pool, tmp_path):
     listing.write_text(f"{tmp_path / 'elsewhere.jpg'}\n")
     with pytest.raises(ArchiveBuildError, match="not inside"):
         build_archive(_config(listing, tmp_path / "outside"), progress=False)
+
+
+def test_stream_top_k_equals_one_pass_over_the_pool():
+    """Shards streamed through the merge give the brute-force top-k of the whole pool (ties by index)."""
+    from namedmask.data.archive import stream_top_k
+
+    g = torch.Generator().manual_seed(4)
+    emb = torch.nn.functional.normalize(torch.randn(1000, 32, generator=g), dim=1)
+    emb[500] = emb[20]  # an exact tie: the lower index ranks first
+    text = torch.nn.functional.normalize(torch.randn(5, 32, generator=g), dim=1)
+    shards = [(emb[s:s + 96], torch.arange(s, min(s + 96, 1000))) for s in range(0, 1000, 96)]
+    scores, index = stream_top_k(iter(shards), text, 40)
+    full = similarity(emb, text)
+    for c in range(5):
+        want = sorted(range(1000), key=lambda i: (-float(full[i, c]), i))[:40]
+        assert index[:, c].tolist() == want
+        assert torch.equal(scores[:, c], full[want, c])

@@ -227,19 +227,34 @@ def restore_threads():
 
 
 def test_cpp_same_bits_for_any_thread_count(voc_mini, restore_threads):
-    """One image is split into bands of cell rows (one per thread) and the CG sums are added in
-    fixed chunks: the output must not depend on the number of threads, to the bit."""
+    """Images from 2M pixels are split into bands of cell rows and CG chunks shared by threads;
+    the CG sums are added in fixed chunks: the output must not depend on the number of threads,
+    to the bit. Smaller images run on one thread (photos), compared against the reference."""
     _cpp_or_skip()
     stem, img, target, _ = next(p for p in voc_pairs(voc_mini) if float(p[2].min()) != float(p[2].max()))
-    big_img, big_target = synthetic(700, 900, seed=5)  # 9 bands' worth of pixels
-    small_img, small_target = synthetic(384, 360, seed=8)  # 2 bands; sigma 0.7: rows 191|192 (the band edge) skip a cell
-    for x, t, ss in ((img, target, 16.0), (big_img, big_target, 16.0), (small_img, small_target, 0.7)):
+    big_img, big_target = synthetic(1500, 1420, seed=5)  # 32 bands, two workers' worth of pixels
+    cases = [(img, target, 16.0, True), (big_img, big_target, 16.0, False),
+             (big_img, big_target, 0.7, False)]  # sigma 0.7: steps between bands skip cells; CG chunks shared
+    for x, t, ss, check_reference in cases:
         outs = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             outs.append(ops.bilateral_solve(x, t, sigma_spatial=ss, max_iter=10, backend="cpp"))
         assert all(torch.equal(outs[0], o) for o in outs[1:]), stem
-        assert_close_to_reference(outs[0], ops.bilateral_solve(x, t, sigma_spatial=ss, max_iter=10, backend="torch"))
+        if check_reference:
+            assert_close_to_reference(outs[0], ops.bilateral_solve(x, t, sigma_spatial=ss, max_iter=10, backend="torch"))
+
+
+def test_cpp_batch_same_bits_for_any_thread_count(restore_threads):
+    """A batch of 16 photos is shared one image per task: the same bits as one thread."""
+    _cpp_or_skip()
+    pairs = [synthetic(60 + 7 * i, 80 - 3 * i, seed=20 + i) for i in range(16)]
+    outs = []
+    for threads in (1, 2, 3):
+        torch.set_num_threads(threads)
+        outs.append(ops.bilateral_solve_batch([p[0] for p in pairs], [p[1] for p in pairs], backend="cpp"))
+    for got in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], got))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -314,8 +329,7 @@ def test_opcheck():
             16.0, 16.0, 8.0, 256.0, 25, 1e-5)
     if "cpp" not in ops.available_backends("bilateral_solve", "cpu"):
         pytest.skip("native extension not built")
-    torch.library.opcheck(torch.ops.namedmask.bilateral_solve.default, args,
-                          test_utils=("test_schema", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.namedmask.bilateral_solve.default, args)
 
 
 # --- quality on real photos ------------------------------------------------------------------------

@@ -244,10 +244,8 @@ def test_opcheck():
     images, labels = random_batch(B=3, H=9, W=11, seed=10)
     sources, offsets = random_pastes(labels, 2, seed=10)
     boxes = ops.fg_boxes(labels)
-    torch.library.opcheck(torch.ops.namedmask.fg_boxes.default, (labels, 0, 255),
-                          test_utils=("test_schema", "test_autograd_registration"))
-    torch.library.opcheck(torch.ops.namedmask.copy_paste.default, (images, labels, boxes, sources, offsets, 0, 255),
-                          test_utils=("test_schema", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.namedmask.fg_boxes.default, (labels, 0, 255))
+    torch.library.opcheck(torch.ops.namedmask.copy_paste.default, (images, labels, boxes, sources, offsets, 0, 255))
 
 
 def test_native_kernels_built():

@@ -128,8 +128,6 @@ def test_imports_run_one_way():
     assert not upward, upward
 
 
-@pytest.mark.xfail(strict=False, reason="kernels/ still imports namedmask.ops.reference; the kernels/ops "
-                                        "owner moves the shared spec into a leaf module (issue 14)")
 def test_kernels_import_no_other_package_module():
     outside = {f"{m} -> {t}" for m in MODULES if m.startswith("namedmask.kernels")
                for t in imports_of(m) if not t.startswith("namedmask.kernels")}

@@ -158,3 +158,59 @@ def test_tokencut_runs_on_real_photos(pool_dir):
         # nearest upsampling: constant on each 16x16 patch
         patches = mask[0].reshape(h // 16, 16, w // 16, 16)
         assert (patches == patches[:, :1, :, :1]).all()
+
+
+def _cut_before(features, grid, tau=0.2, eps=1e-5):
+    """The cut as computed before the memory bound and the tie rule (float64 affinity, ARPACK k=2)."""
+    from scipy.sparse.linalg import eigsh
+
+    f = F.normalize(features.to(torch.float64), dim=1)
+    a = torch.where(f @ f.T > tau, 1.0, eps).to(torch.float64)
+    d = a.sum(1).rsqrt()
+    m = (d[:, None] * a * d[None, :]).numpy()
+    _, vecs = eigsh(m, k=2, which="LA", v0=np.linspace(1.0, 2.0, m.shape[0]), tol=1e-10)
+    return bipartition(d.numpy() * vecs[:, 0], grid).mask
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_same_masks_as_before_on_ordinary_features(seed):
+    grid = (24, 32)
+    obj = rectangle(grid, 3 + seed, 5 + 2 * seed, 9, 11)
+    feats = synthetic_features(obj, noise=0.6, seed=seed)  # noisy: a non-trivial cut
+    for solver in ("arpack", "dense"):
+        np.testing.assert_array_equal(normalized_cut(feats, grid, solver=solver).mask, _cut_before(feats, grid))
+
+
+def test_degenerate_affinity_gives_the_same_mask_every_call():
+    """Every cosine > τ: the second eigenvalue is (N-1)-fold; ARPACK alone returned a different
+    vector per call. The tie rule solves such graphs densely: identical masks, every call."""
+    grid = (20, 30)
+    g = torch.Generator().manual_seed(3)
+    feats = torch.ones(grid[0] * grid[1], 16) + 0.01 * torch.randn(grid[0] * grid[1], 16, generator=g)
+    f = F.normalize(feats, dim=1)
+    assert float((f @ f.T).min()) > 0.2
+    masks = [normalized_cut(feats, grid, solver="arpack").mask for _ in range(6)]
+    for m in masks[1:]:
+        np.testing.assert_array_equal(m, masks[0])
+    np.testing.assert_array_equal(masks[0], normalized_cut(feats, grid, solver="dense").mask)
+
+
+def test_token_cap_is_a_clear_error_not_an_allocation():
+    feats = torch.randn(64, 8)
+    with pytest.raises(ValueError, match="64 patch tokens exceed max_tokens=50"):
+        fiedler_vector(feats, max_tokens=50)
+
+
+def test_prepare_lowers_the_short_side_to_the_token_cap():
+    from namedmask.models.saliency.common import resize_short_side
+    from namedmask.models.saliency.tokencut import MAX_TOKENS, token_short_side
+
+    model = TokenCut(build_vit("vit_small_patch16_224.dino", **TINY))
+    wide = torch.zeros(600, 4000, 3, dtype=torch.uint8)
+    out = model.prepare(wide)
+    assert out.shape[:2] == (384, 2560) and (384 // 16) * (2560 // 16) <= MAX_TOKENS
+    assert token_short_side(600, 4000, 512, 16) == 384
+    # Ordinary photos keep the short side 512: same input, same masks as before.
+    photo = torch.randint(0, 256, (375, 500, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.prepare(photo), resize_short_side(photo, 512, multiple=16, resample="lanczos"))
+    assert token_short_side(4000, 6000, 512, 16) == 512

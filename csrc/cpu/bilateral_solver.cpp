@@ -21,34 +21,43 @@
 
 #include "namedmask/bilateral.h"
 #include "namedmask/bilateral_batch.h"
+#include "share_tasks.h"
 
 namespace namedmask {
 namespace {
 
 using namespace bilateral;
 
-// Loops run on torch's intra-op pool (at::parallel_for), the pool torch's own ops use, so two
-// OpenMP runtimes never fight over the cores. A vertex loop forks once (into one task per thread)
-// only when it has more than one chunk of kVertexChunk vertices (a few us of work: a fork/join
-// costs about that on an idle machine); sums are taken per chunk and added in chunk order, so the
-// result does not depend on the number of threads. Chunks are small for an even split.
+// Threads (see share_tasks.h): helpers only where a task is long and a late one cannot hold up
+// the rest. Measured on this 2-core machine with other processes running: a photo's grid
+// (~10k vertices) takes tens of us per CG pass, less than waking a thread; sharing a 500x375
+// photo's bands, or the photos of a 4-photo batch, made calls 2-5x slower than 1 thread (the
+// caller ends up waiting for a descheduled helper's last task). So: an image is split only
+// from kSplitPixels pixels (bands of kBandPixels, CG chunks of kVertexChunk vertices once a
+// helper gets kSplitVertices of them), and a batch of smaller images is shared one image per
+// task only when each worker gets kImagesPerWorker images. An image's loops run in fixed chunks
+// whose sums are added in chunk order: the output bits do not depend on the threads.
 constexpr int64_t kVertexChunk = 1024;
-constexpr int64_t kPixelGrain = 1 << 16;
+constexpr int64_t kSplitVertices = 1 << 17;
+constexpr int64_t kSplitPixels = 1 << 20;
+constexpr int64_t kBandPixels = 1 << 16;
+constexpr int64_t kPixelGrain = 1 << 16;  // slicing chunk
+constexpr int64_t kImagesPerWorker = 8;
 
 template <typename F>
-void for_vertices(int64_t nv, F&& f) {
-  at::parallel_for(0, nv, kVertexChunk, [&](int64_t begin, int64_t end) {
-    for (int64_t v = begin; v < end; ++v) f(v);
+void for_vertices(int64_t nv, int helpers, F&& f) {
+  share_tasks((nv + kVertexChunk - 1) / kVertexChunk, helpers, [&](int64_t c, int) {
+    for (int64_t v = c * kVertexChunk, end = std::min(nv, v + kVertexChunk); v < end; ++v) f(v);
   });
 }
 
 // Sums of N values over the vertices, chunk(begin, end) returning those of [begin, end).
 template <int N, typename F>
-std::array<double, N> sum_chunks(int64_t nv, F&& chunk) {
+std::array<double, N> sum_chunks(int64_t nv, int helpers, F&& chunk) {
   const int64_t chunks = (nv + kVertexChunk - 1) / kVertexChunk;
   std::vector<std::array<double, N>> partial(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; ++c) partial[c] = chunk(c * kVertexChunk, std::min(nv, (c + 1) * kVertexChunk));
+  share_tasks(chunks, helpers, [&](int64_t c, int) {
+    partial[c] = chunk(c * kVertexChunk, std::min(nv, (c + 1) * kVertexChunk));
   });
   std::array<double, N> sum{};
   for (const auto& p : partial)
@@ -58,8 +67,8 @@ std::array<double, N> sum_chunks(int64_t nv, F&& chunk) {
 
 // Sums of N per-vertex values, f(v, acc) adding vertex v's to acc.
 template <int N, typename F>
-std::array<double, N> sum_vertices(int64_t nv, F&& f) {
-  return sum_chunks<N>(nv, [&](int64_t begin, int64_t end) {
+std::array<double, N> sum_vertices(int64_t nv, int helpers, F&& f) {
+  return sum_chunks<N>(nv, helpers, [&](int64_t begin, int64_t end) {
     std::array<double, N> acc{};
     for (int64_t v = begin; v < end; ++v) f(v, acc);
     return acc;
@@ -256,18 +265,19 @@ Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* 
 // large enough), renumbered into one vertex list in cell order (the numbering, and so the result,
 // does not depend on the number of bands), then linked across band boundaries along y.
 Grid build_grid(const GridLayout& layout, const ColourCells& colours, const uint8_t* rgb, const float* target,
-                const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, int32_t* vertex_of_pixel) {
+                const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, int32_t* vertex_of_pixel,
+                int helpers) {
   GridInput in{layout, rgb, target, confidence, confidence_stride, w, colours.luma, colours.chroma,
                cell_starts(w, layout.sigma_spatial), cell_starts(h, layout.sigma_spatial), 0, 0};
   in.cells_x = static_cast<int64_t>(in.columns.size()) - 1;
   // (stride[0], the x stride, is the number of colour keys; a huge sigma_spatial makes huge cells)
   in.max_cell_vertices = std::min(longest_run(in.columns) * longest_run(in.rows), layout.stride[0]);
   const int64_t cells_y = static_cast<int64_t>(in.rows.size()) - 1;
-  const int64_t bands = std::clamp<int64_t>(h * w / kPixelGrain, 1, std::min<int64_t>(at::get_num_threads(), cells_y));
+  const int64_t bands = helpers > 0 ? std::clamp<int64_t>(h * w / kBandPixels, 1, cells_y) : 1;
   std::vector<Grid> band(bands);
   auto band_rows = [&](int64_t k) { return k * cells_y / bands; };  // first cell row of band k
-  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) band[k] = build_band(in, band_rows(k), band_rows(k + 1), vertex_of_pixel);
+  share_tasks(bands, helpers, [&](int64_t k, int) {
+    band[k] = build_band(in, band_rows(k), band_rows(k + 1), vertex_of_pixel);
   });
   if (bands == 1) return std::move(band[0]);
 
@@ -278,8 +288,8 @@ Grid build_grid(const GridLayout& layout, const ColourCells& colours, const uint
   g.neighbours.resize(g.vertices * kNeighbours);
   for (auto* v : {&g.m, &g.w, &g.b}) v->resize(g.vertices);
   g.colour_of.resize(g.vertices);
-  at::parallel_for(0, bands, 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
+  share_tasks(bands, helpers, [&](int64_t k, int) {
+    {
       const Grid& b = band[k];
       const int32_t o = offset[k];
       std::copy_n(b.m.begin(), b.vertices, g.m.begin() + o), std::copy_n(b.w.begin(), b.vertices, g.w.begin() + o);
@@ -311,11 +321,14 @@ Grid build_grid(const GridLayout& layout, const ColourCells& colours, const uint
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
 void solve_image(const GridLayout& layout, const ColourCells& colours, const uint8_t* rgb, const float* target,
                  const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter,
-                 double tol, float* out) {
+                 double tol, float* out, bool split) {
   const int64_t pixels = h * w;
+  const int pixel_helpers = split ? helpers_for(pixels, kSplitPixels) : 0;
   const std::unique_ptr<int32_t[]> vertex_of_pixel(new int32_t[pixels]);  // every entry is written: no zeroing
-  Grid grid = build_grid(layout, colours, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get());
+  Grid grid = build_grid(layout, colours, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get(),
+                         pixel_helpers);
   const int64_t nv = grid.vertices;
+  const int helpers = split ? helpers_for(nv, kSplitVertices) : 0;
   for (int32_t& j : grid.neighbours) j = j < 0 ? static_cast<int32_t>(nv) : j;  // the sentinel
   std::vector<double>&m = grid.m, &wsplat = grid.w, &b = grid.b;
   const SentinelNeighbours neighbours{grid.neighbours.data()};
@@ -325,10 +338,10 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
   n[nv] = 0.0;
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < kBistochasticSteps; ++it) {
-    for_vertices(nv, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
+    for_vertices(nv, helpers, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
     std::swap(n, scratch);
   }
-  for_vertices(nv, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
+  for_vertices(nv, helpers, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
 
   // Preconditioned CG from y0 = b / w with scipy's stopping rule (before every iteration:
   // stop when |r| < tol |b|; at most max_iter iterations), in the Chronopoulos-Gear arrangement:
@@ -336,7 +349,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
   // iteration instead of three passes (s = A p is kept by recurrence).
   std::vector<double> diag(nv), lam_n(nv), inv_diag(nv), y(nv), r(nv), u(nv), nu(nv + 1, 0.0), s(nv, 0.0),
       p(nv, 0.0), q(nv);  // nu = n * u, gathered by the blur
-  const double b_norm = std::sqrt(sum_vertices<1>(nv, [&](int64_t v, std::array<double, 1>& acc) {
+  const double b_norm = std::sqrt(sum_vertices<1>(nv, helpers, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
     nu[v] = n[v] * y[v];
     diag[v] = a_diagonal(m[v], n[v], wsplat[v], lam);
@@ -358,16 +371,16 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
     acc[0] += r[v] * r[v];
     acc[1] += r[v] * u[v];
   };
-  auto sums = sum_vertices<2>(nv, [&](int64_t v, std::array<double, 2>& acc) {
+  auto sums = sum_vertices<2>(nv, helpers, [&](int64_t v, std::array<double, 2>& acc) {
     r[v] = b[v] - apply_a(y, v);
     precondition(v, acc);
   });
-  for_vertices(nv, [&](int64_t v) { nu[v] = n[v] * u[v]; });
+  for_vertices(nv, helpers, [&](int64_t v) { nu[v] = n[v] * u[v]; });
   double alpha = 0.0, gamma_prev = 0.0;
   for (int64_t it = 0; it < max_iter; ++it) {
     if (std::sqrt(sums[0]) < atol) break;
     const double gamma = sums[1];
-    const double delta = sum_chunks<1>(nv, [&](int64_t begin, int64_t end) {
+    const double delta = sum_chunks<1>(nv, helpers, [&](int64_t begin, int64_t end) {
       double qu = 0.0;
 #pragma omp simd reduction(+ : qu)  // partial sums per lane: no serial chain of adds
       for (int64_t v = begin; v < end; ++v) {
@@ -380,7 +393,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
     const double pap = it == 0 ? delta : delta - beta * gamma / alpha;  // p.Ap of the new direction
     alpha = pap != 0.0 ? gamma / pap : 0.0;  // p.Ap == 0 only when r == 0 (tol == 0)
     gamma_prev = gamma;
-    sums = sum_chunks<2>(nv, [&](int64_t begin, int64_t end) {
+    sums = sum_chunks<2>(nv, helpers, [&](int64_t begin, int64_t end) {
       double rr = 0.0, ru = 0.0;
       double *pp = p.data(), *ps = s.data(), *py = y.data(), *pr = r.data(), *pu = u.data(), *pnu = nu.data();
       const double *pq = q.data(), *pinv = inv_diag.data(), *pn = n.data();
@@ -400,8 +413,9 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
     if (alpha == 0.0) break;
   }
 
-  at::parallel_for(0, pixels, kPixelGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) out[i] = static_cast<float>(y[vertex_of_pixel[i]]);
+  share_tasks((pixels + kPixelGrain - 1) / kPixelGrain, pixel_helpers, [&](int64_t c, int) {
+    for (int64_t i = c * kPixelGrain, end = std::min(pixels, i + kPixelGrain); i < end; ++i)
+      out[i] = static_cast<float>(y[vertex_of_pixel[i]]);
   });
 }
 
@@ -418,18 +432,20 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
   auto out = at::empty({batch.pixels()}, target.options());
   const GridLayout layout = make_layout(batch.max_h, batch.max_w, sigma_spatial, sigma_luma, sigma_chroma);
   const ColourCells colours{CellLookup(sigma_luma, kMaxLumaE6), CellLookup(sigma_chroma, kMaxChromaE6)};
-  // Several ordinary-sized images: one image per thread (one fork/join for the whole batch).
-  // Large images: one at a time, each parallel inside.
+  // Several ordinary-sized images: one task per image, each solved without helpers.
+  // Large images: one at a time, each split when its size pays for helpers.
   const bool across_images = batch.size() > 1 && batch.max_h * batch.max_w < (1 << 20);
-  at::parallel_for(0, batch.size(), across_images ? 1 : batch.size(), [&](int64_t first, int64_t last) {
-    for (int64_t i = first; i < last; ++i) {
-      const int64_t start = batch.pixel_start[i];
-      if (batch.height[i] * batch.width[i] > 0)
-        solve_image(layout, colours, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
-                    c.data_ptr<float>() + start * confidence_stride, confidence_stride, batch.height[i],
-                    batch.width[i], lam, max_iter, tol, out.data_ptr<float>() + start);
-    }
-  });
+  auto solve = [&](int64_t i, bool split) {
+    const int64_t start = batch.pixel_start[i];
+    if (batch.height[i] * batch.width[i] > 0)
+      solve_image(layout, colours, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
+                  c.data_ptr<float>() + start * confidence_stride, confidence_stride, batch.height[i], batch.width[i],
+                  lam, max_iter, tol, out.data_ptr<float>() + start, split);
+  };
+  if (across_images)
+    share_tasks(batch.size(), helpers_for(batch.size(), kImagesPerWorker), [&](int64_t i, int) { solve(i, false); });
+  else
+    for (int64_t i = 0; i < batch.size(); ++i) solve(i, true);
   return out;
 }
 

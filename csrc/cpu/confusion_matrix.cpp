@@ -1,10 +1,9 @@
-// CPU backend of namedmask::confusion_matrix: OpenMP, one private histogram per thread
-// (several interleaved copies, so consecutive equal bins do not serialise on one
-// counter), merged once at the end.
+// CPU backend of namedmask::confusion_matrix: one private histogram per worker (several
+// interleaved copies, so consecutive equal bins do not serialise on one counter), merged once
+// at the end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-#include <omp.h>
 
 #include <algorithm>
 #include <cstring>
@@ -12,13 +11,22 @@
 
 #include "namedmask/confusion_matrix.h"
 #include "namedmask/dispatch.h"
+#include "share_tasks.h"
 
 namespace namedmask {
 namespace {
 
-// torch's thread count, but no more threads than 64K-pixel slices: small inputs stay serial.
-int worker_threads(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 65536 + 1)));
+// Tasks of kTaskPixels pixels (~50 us), shared with helpers that join when scheduled
+// (share_tasks.h); a helper only for every kHelperPixels pixels, so small inputs stay inline.
+// Counts are integers: the sum does not depend on which worker counted what.
+constexpr int64_t kTaskPixels = int64_t(1) << 18;  // also keeps uint32 lane counters from overflowing
+constexpr int64_t kHelperPixels = int64_t(1) << 20;
+
+template <typename F>
+void for_pixel_tasks(int64_t n, int helpers, F&& f) {
+  share_tasks((n + kTaskPixels - 1) / kTaskPixels, helpers, [&](int64_t task, int worker) {
+    f(task * kTaskPixels, std::min(n, (task + 1) * kTaskPixels), worker);
+  });
 }
 
 // Generic path: any label types, any class count.
@@ -27,21 +35,18 @@ void histogram(const P* pred, const T* target, int64_t n, int64_t num_classes, i
                int64_t* out) {
   const int64_t bins = num_classes * (num_classes + 1);
   const int lanes = bins <= 8192 ? 4 : 1;
-  const int threads = worker_threads(n);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<int64_t> local(static_cast<size_t>(bins * lanes), 0);
-    int64_t* h = local.data();
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < n; ++i) {
+  const int helpers = helpers_for(n, kHelperPixels);
+  std::vector<std::vector<int64_t>> local(helpers + 1);
+  for_pixel_tasks(n, helpers, [&](int64_t begin, int64_t end, int worker) {
+    std::vector<int64_t>& h = local[worker];
+    if (h.empty()) h.assign(static_cast<size_t>(bins * lanes), 0);
+    for (int64_t i = begin; i < end; ++i) {
       const int64_t b = confusion_bin(pred[i], target[i], num_classes, ignore_index);
       if (b >= 0) ++h[(i & (lanes - 1)) * bins + b];
     }
-    for (int l = 1; l < lanes; ++l)
-      for (int64_t b = 0; b < bins; ++b) h[b] += h[l * bins + b];
-#pragma omp critical(namedmask_confusion_merge)
-    for (int64_t b = 0; b < bins; ++b) out[b] += h[b];
-  }
+  });
+  for (const auto& h : local)
+    for (int64_t k = 0; k < static_cast<int64_t>(h.size()); ++k) out[k % bins] += h[k];
 }
 
 // uint8 fast path: the bin of every (target, pred) byte pair is tabulated once (from
@@ -51,7 +56,6 @@ void histogram(const P* pred, const T* target, int64_t n, int64_t num_classes, i
 void histogram_u8(const uint8_t* pred, const uint8_t* target, int64_t n, int64_t num_classes,
                   int64_t ignore_index, int64_t* out) {
   constexpr int kLanes = 8;
-  constexpr int64_t kChunk = int64_t(1) << 30;  // per-thread chunk: uint32 counters cannot overflow
   const int64_t bins = num_classes * (num_classes + 1);
   const int64_t stride = bins + 1;  // + one trash bin for ignored pixels
   std::vector<uint32_t> table(1 << 16);
@@ -61,46 +65,45 @@ void histogram_u8(const uint8_t* pred, const uint8_t* target, int64_t n, int64_t
       table[(t << 8) | p] = static_cast<uint32_t>(b < 0 ? bins : b);
     }
   const uint32_t* lut = table.data();
-  const int threads = worker_threads(n);
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<uint32_t> local(static_cast<size_t>(stride * kLanes), 0);
-    std::vector<int64_t> total(static_cast<size_t>(bins), 0);
-    uint32_t* h = local.data();
-    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t begin = n * tid / nt, end = n * (tid + 1) / nt;
-    for (int64_t c0 = begin; c0 < end; c0 += kChunk) {
-      const int64_t c1 = std::min(end, c0 + kChunk);
-      int64_t i = c0;
-      // Label maps are piecewise constant: 8 pixels whose target bytes are all equal and
-      // whose prediction bytes are all equal extend a run counted in a register.
-      uint32_t run_bin = static_cast<uint32_t>(bins), run = 0;
-      constexpr uint64_t kOnes = 0x0101010101010101ULL;
-      for (; i + kLanes <= c1; i += kLanes) {
-        uint64_t t8, p8;
-        std::memcpy(&t8, target + i, 8);
-        std::memcpy(&p8, pred + i, 8);
-        if (t8 == (t8 & 0xff) * kOnes && p8 == (p8 & 0xff) * kOnes) {
-          const uint32_t b = lut[((t8 & 0xff) << 8) | (p8 & 0xff)];
-          if (b != run_bin) {
-            h[run_bin] += run;
-            run_bin = b;
-            run = 0;
-          }
-          run += kLanes;
-        } else {
-          for (int l = 0; l < kLanes; ++l) ++h[l * stride + lut[(uint32_t(target[i + l]) << 8) | pred[i + l]]];
+  const int helpers = helpers_for(n, kHelperPixels);
+  struct Counts {
+    std::vector<uint32_t> lanes;  // per task, then added to total
+    std::vector<int64_t> total;
+  };
+  std::vector<Counts> local(helpers + 1);
+  for_pixel_tasks(n, helpers, [&](int64_t c0, int64_t c1, int worker) {
+    Counts& counts = local[worker];
+    if (counts.total.empty()) counts.lanes.assign(stride * kLanes, 0), counts.total.assign(bins, 0);
+    uint32_t* h = counts.lanes.data();
+    int64_t i = c0;
+    // Label maps are piecewise constant: 8 pixels whose target bytes are all equal and
+    // whose prediction bytes are all equal extend a run counted in a register.
+    uint32_t run_bin = static_cast<uint32_t>(bins), run = 0;
+    constexpr uint64_t kOnes = 0x0101010101010101ULL;
+    for (; i + kLanes <= c1; i += kLanes) {
+      uint64_t t8, p8;
+      std::memcpy(&t8, target + i, 8);
+      std::memcpy(&p8, pred + i, 8);
+      if (t8 == (t8 & 0xff) * kOnes && p8 == (p8 & 0xff) * kOnes) {
+        const uint32_t b = lut[((t8 & 0xff) << 8) | (p8 & 0xff)];
+        if (b != run_bin) {
+          h[run_bin] += run;
+          run_bin = b;
+          run = 0;
         }
+        run += kLanes;
+      } else {
+        for (int l = 0; l < kLanes; ++l) ++h[l * stride + lut[(uint32_t(target[i + l]) << 8) | pred[i + l]]];
       }
-      h[run_bin] += run;
-      for (; i < c1; ++i) ++h[lut[(uint32_t(target[i]) << 8) | pred[i]]];
-      for (int l = 0; l < kLanes; ++l)
-        for (int64_t b = 0; b < bins; ++b) total[b] += h[l * stride + b];
-      std::fill(local.begin(), local.end(), 0u);
     }
-#pragma omp critical(namedmask_confusion_merge)
-    for (int64_t b = 0; b < bins; ++b) out[b] += total[b];
-  }
+    h[run_bin] += run;
+    for (; i < c1; ++i) ++h[lut[(uint32_t(target[i]) << 8) | pred[i]]];
+    for (int l = 0; l < kLanes; ++l)
+      for (int64_t b = 0; b < bins; ++b) counts.total[b] += h[l * stride + b];
+    std::fill(counts.lanes.begin(), counts.lanes.end(), 0u);
+  });
+  for (const Counts& counts : local)
+    for (int64_t b = 0; b < static_cast<int64_t>(counts.total.size()); ++b) out[b] += counts.total[b];
 }
 
 at::Tensor confusion_matrix_cpu(const at::Tensor& pred, const at::Tensor& target, int64_t num_classes,

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from namedmask import io
 from namedmask.errors import NamedMaskError
 
@@ -76,3 +78,35 @@ def load_archive(path: str | Path) -> Archive:
     meta = {k: v for k, v in data.items()
             if k not in ("schema_version", "pool_root", "categories", "archives", "best_category", "duplicate_policy")}
     return Archive(root, dict(data["categories"]), data["archives"], dict(data.get("best_category", {})), meta)
+
+
+# ---------------------------------------------------------------- top-K over a streamed pool
+
+def similarity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine scores [N, C] used for ranking. Both sides are rounded to fp16 and multiplied in
+    float64: every product of two fp16 numbers is exact in float64 and every partial sum of
+    products of unit vectors fits its 53-bit mantissa, so the scores are exact whatever the
+    summation order - the same in a shard, in a brute-force pass and on any machine."""
+    return image_embeddings.half().double() @ text_embeddings.half().double().T
+
+
+def merge_top_k(scores: torch.Tensor, index: torch.Tensor, new_scores: torch.Tensor, new_index: torch.Tensor,
+                k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per column the k best of both candidate sets: higher score first, ties by lower pool
+    index (= path order, the pool list is sorted). scores/index [m, C]; new_* [n, C] / [n]."""
+    s = torch.cat([scores, new_scores])
+    i = torch.cat([index, new_index[:, None].expand(-1, new_scores.shape[1])])
+    order = torch.argsort(i, dim=0, stable=True)
+    s, i = s.gather(0, order), i.gather(0, order)
+    order = torch.argsort(s, dim=0, descending=True, stable=True)[:k]
+    return s.gather(0, order), i.gather(0, order)
+
+
+def stream_top_k(shards, text_embeddings: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best pool images per category of (embeddings [n, D], pool indices [n]) shards
+    streamed in order: memory O(shard + k x C) whatever the number of shards."""
+    c = text_embeddings.shape[0]
+    scores, index = torch.empty(0, c, dtype=torch.float64), torch.empty(0, c, dtype=torch.int64)
+    for embeddings, indices in shards:
+        scores, index = merge_top_k(scores, index, similarity(embeddings, text_embeddings), indices, k)
+    return scores, index

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
+from namedmask.kernels.spec import bilateral_radix
 from namedmask.ops.registry import register_op, select
 
 DEFAULT_CONFIDENCE = 0.999  # NamedMask / TokenCut: uniform confidence
@@ -76,19 +78,36 @@ def _check_pair(i: int, image, target, confidence) -> bool:
             raise ValueError(f"{where}: {name} is on {t.device} but the image is on {image.device}")
     if not target.numel():
         return True
-    # One pass per tensor: aminmax propagates NaN, which fails every comparison below.
-    lo, hi = (float(v) for v in torch.aminmax(target))
+    # NaN propagates through min/max and fails every comparison below.
+    lo, hi = _min_max(target)
     if not (lo >= 0 and hi <= 1):
         raise ValueError(f"{where}: target values must be finite and in [0, 1]")
     if confidence is not None and confidence.numel():
-        c_lo, c_hi = (float(v) for v in torch.aminmax(confidence))
+        c_lo, c_hi = _min_max(confidence)
         if not (c_lo >= 0 and c_hi < float("inf")):
             raise ValueError(f"{where}: confidence values must be finite and >= 0")
     return lo == hi
 
 
+# Checks and concatenation of CPU tensors run on the calling thread (NumPy), not on torch's
+# intra-op pool: on a busy machine each pooled op waits for a descheduled thread (measured: the
+# glue of a 4-photo batch cost more than the solve), and the native kernel shares its own work.
+def _on_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.uint8, torch.float32, torch.float64)
+
+
+def _min_max(t: torch.Tensor) -> tuple:
+    if _on_cpu(t):
+        a = t.detach().numpy()
+        return float(a.min()), float(a.max())
+    return tuple(float(v) for v in torch.aminmax(t))
+
+
 def _flat_cat(tensors: list) -> torch.Tensor:
     """The tensors flattened and concatenated (no copy for one contiguous tensor)."""
+    if all(_on_cpu(t) for t in tensors) and len({t.dtype for t in tensors}) == 1:
+        arrays = [t.detach().numpy().reshape(-1) for t in tensors]  # a view when contiguous
+        return torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
     return tensors[0].reshape(-1).contiguous() if len(tensors) == 1 else torch.cat([t.reshape(-1) for t in tensors])
 
 
@@ -157,8 +176,7 @@ def bilateral_solve(image: torch.Tensor, target: torch.Tensor, confidence: torch
 def _check_key_range(sizes: torch.Tensor, params: BilateralParams) -> None:
     """Grid keys are (image, y, x, Y, U, V) mixed-radix int64 (csrc/include/namedmask/bilateral.h)."""
     max_h, max_w = (int(v) for v in sizes.amax(0))
-    radix = [int((max_w - 1) / params.sigma_spatial) + 3, int((max_h - 1) / params.sigma_spatial) + 3,
-             int(255.0 / params.sigma_luma) + 3] + [int(255.5 / params.sigma_chroma) + 3] * 2
+    radix = bilateral_radix(max_h, max_w, params.sigma_spatial, params.sigma_luma, params.sigma_chroma)
     span = len(sizes)
     for r in radix:
         span *= r

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from namedmask.kernels.spec import (BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS, RGB_TO_YUV_E6,  # noqa: F401
+                                    YUV_OFFSET_E6)
+
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
     """Confusion histogram, int64 [num_classes, num_classes + 1].
@@ -84,13 +87,8 @@ def copy_paste(images: torch.Tensor, labels: torch.Tensor, boxes: torch.Tensor, 
 # All vertex-space math in float64. YUV is computed exactly (integer coefficients x 1e6, see
 # csrc/include/namedmask/bilateral.h) so that every backend puts boundary pixels in the same vertex.
 
-BILATERAL_DIMS = 5
-BILATERAL_BISTOCHASTIC_STEPS = 10
-BILATERAL_DIAG_MIN = 1e-5
-_RGB_TO_YUV_E6 = torch.tensor([[299000, 587000, 114000],
-                               [-168736, -331264, 500000],
-                               [500000, -418688, -81312]], dtype=torch.int64)
-_YUV_OFFSET_E6 = torch.tensor([0, 128000000, 128000000], dtype=torch.int64)
+_RGB_TO_YUV_E6 = torch.tensor(RGB_TO_YUV_E6, dtype=torch.int64)
+_YUV_OFFSET_E6 = torch.tensor(YUV_OFFSET_E6, dtype=torch.int64)
 
 
 def bilateral_vertex_coordinates(image: torch.Tensor, sigma_spatial: float, sigma_luma: float,

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from namedmask import io
 from namedmask.config import ArchiveConfig
-from namedmask.data.archive import Archive
+from namedmask.data.archive import Archive, merge_top_k, similarity
 from namedmask.data.datasets import DatasetError, list_pool_images
 from namedmask.data.categories import CategorySet, get_category_set
 from namedmask.data.decode import Resize, iter_image_batches
@@ -208,26 +208,6 @@ def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cach
 
 
 # ---------------------------------------------------------------- top-K
-
-def similarity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
-    """Cosine scores [N, C] used for ranking. Both sides are rounded to fp16 and multiplied in
-    float64: every product of two fp16 numbers is exact in float64 and every partial sum of
-    products of unit vectors fits its 53-bit mantissa, so the scores are exact whatever the
-    summation order - the same in a shard, in a brute-force pass and on any machine."""
-    return image_embeddings.half().double() @ text_embeddings.half().double().T
-
-
-def merge_top_k(scores: torch.Tensor, index: torch.Tensor, new_scores: torch.Tensor, new_index: torch.Tensor,
-                k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per column the k best of both candidate sets: higher score first, ties by lower pool
-    index (= path order, the pool list is sorted). scores/index [m, C]; new_* [n, C] / [n]."""
-    s = torch.cat([scores, new_scores])
-    i = torch.cat([index, new_index[:, None].expand(-1, new_scores.shape[1])])
-    order = torch.argsort(i, dim=0, stable=True)
-    s, i = s.gather(0, order), i.gather(0, order)
-    order = torch.argsort(s, dim=0, descending=True, stable=True)[:k]
-    return s.gather(0, order), i.gather(0, order)
-
 
 def _top_k(embed_dir: Path, key: str, num_images: int, shard_size: int, text: torch.Tensor, k: int):
     """Streams the shards in order: (scores [k', C], pool indices [k', C], skipped [(index, reason)])."""

@@ -8,6 +8,18 @@ is kept. The patch mask is upsampled (nearest) to the input resolution.
 
 Images are resized to the stage's short side (512) with each side rounded to a multiple
 of the patch size (LANCZOS, as the official resize_pil does at native resolution).
+
+Memory is bounded: the affinity is dense, N x N float64 for N patch tokens (plus the ViT's own
+N x N attention per head), so N is capped at `max_tokens` (default 4096: 128 MiB of affinity;
+images up to 4:1 at short side 512 are unaffected). Resize rule: when the short-side resize
+would give more tokens, the short side is lowered one patch at a time until the grid has at most
+`max_tokens` tokens (`token_short_side`; a 4000x600 photo: short side 512 would give 32x213 =
+6816 tokens, 384 gives 24x160 = 3840). A direct cut of more tokens is a ValueError, never an out-of-memory kill.
+
+Ties: when the second eigenvalue of the normalised affinity is repeated (a degenerate graph,
+e.g. every cosine > τ), its eigenvector is not unique and ARPACK's answer depends on its
+internal random restarts (different masks from identical features in one process); such
+graphs are solved by the dense LAPACK solver, deterministic for identical features.
 """
 from __future__ import annotations
 
@@ -26,6 +38,9 @@ from namedmask.models.saliency.common import resize_short_side
 
 log = logging.getLogger(__name__)
 
+MAX_TOKENS = 4096
+TIE_GAP = 1e-8  # eigenvalues of M lie in [-1, 1]: closer than this is a tie
+
 
 @dataclass
 class Cut:
@@ -34,32 +49,61 @@ class Cut:
     eigenvector: np.ndarray  # float64 [h, w], sign chosen so the object side is > mean
 
 
-def fiedler_vector(features: torch.Tensor, tau: float = 0.2, eps: float = 1e-5, solver: str = "arpack") -> np.ndarray:
+def fiedler_vector(features: torch.Tensor, tau: float = 0.2, eps: float = 1e-5, solver: str = "arpack",
+                   max_tokens: int = MAX_TOKENS) -> np.ndarray:
     """Second-smallest generalised eigenvector of (D − A, D) for the binarised cosine
     affinity of `features` [N, C], normalised so vᵀ D v = 1 (scipy's convention).
 
     Solved as the symmetric problem M u = (1 − λ) u with M = D^-1/2 A D^-1/2, v = D^-1/2 u:
-    the second-largest eigenpair of M. solver="arpack" (ARPACK Lanczos, two eigenpairs; ~5x faster
-    than dense at 1.3k tokens) or "dense" (LAPACK eigh restricted to that one pair); both
-    give scipy.linalg.eigh(D − A, D)'s vector up to sign, which `bipartition` fixes."""
+    the second-largest eigenpair of M. solver="arpack" (ARPACK Lanczos; ~5x faster than dense at
+    1.3k tokens) or "dense" (LAPACK eigh restricted to that one pair); both give
+    scipy.linalg.eigh(D − A, D)'s vector up to sign, which `bipartition` fixes. A tied second
+    eigenvalue is solved densely (see the module doc). M is built in place: peak memory
+    N² x 9 bytes (float64 M and a bool mask), N <= max_tokens."""
+    if solver not in ("arpack", "dense"):
+        raise ValueError(f"solver must be 'arpack' or 'dense', got {solver!r}")
+    n = features.shape[0]
+    if n > max_tokens:
+        raise ValueError(f"TokenCut: {n} patch tokens exceed max_tokens={max_tokens} (the dense affinity would "
+                         f"take {n * n * 9 / 2**30:.1f} GiB); resize the image (TokenCut.prepare does) or raise "
+                         "max_tokens")
     f = F.normalize(features.detach().to("cpu", torch.float64), dim=1)
-    a = torch.where(f @ f.T > tau, 1.0, eps).to(torch.float64)
-    d_inv_sqrt = a.sum(1).rsqrt()
-    m = (d_inv_sqrt[:, None] * a * d_inv_sqrt[None, :]).numpy()
-    n = m.shape[0]
+    m = f @ f.T
+    linked = m > tau
+    m.fill_(eps).masked_fill_(linked, 1.0)  # the binarised affinity A
+    del linked
+    d_inv_sqrt = m.sum(1).rsqrt()
+    m.mul_(d_inv_sqrt[:, None]).mul_(d_inv_sqrt[None, :])
+    m = m.numpy()
     u = None
     if solver == "arpack" and n > 8:
-        v0 = np.linspace(1.0, 2.0, n)  # fixed start vector: reproducible results
+        v0 = np.linspace(1.0, 2.0, n)  # fixed start vector
         try:
-            _, vecs = eigsh(m, k=2, which="LA", v0=v0, tol=1e-10)
-            u = vecs[:, 0]  # ascending: [second largest, largest]
+            vals, vecs = eigsh(m, k=3, which="LA", v0=v0, tol=1e-10)  # ascending: [3rd, 2nd, largest]
+            if vals[1] - vals[0] > TIE_GAP:
+                u = vecs[:, 1]
+            else:
+                log.info("TokenCut: tied second eigenvalue on %d tokens (degenerate affinity); solving densely", n)
         except ArpackNoConvergence:
             log.info("ARPACK did not converge on %d tokens; solving densely", n)
-    elif solver not in ("arpack", "dense"):
-        raise ValueError(f"solver must be 'arpack' or 'dense', got {solver!r}")
     if u is None:
         u = scipy.linalg.eigh(m, subset_by_index=[n - 2, n - 2])[1][:, 0]
     return d_inv_sqrt.numpy() * u
+
+
+def token_short_side(height: int, width: int, short_side: int, patch: int, max_tokens: int = MAX_TOKENS) -> int:
+    """The short side to resize to: `short_side`, lowered one patch at a time while the patch
+    grid of the resized image (sides rounded to multiples of `patch`, as resize_short_side)
+    would hold more than max_tokens tokens."""
+    def tokens(s: int) -> int:
+        lo, hi = min(height, width), max(height, width)
+        long_side = int(s * hi / lo)
+        return max(1, round(s / patch)) * max(1, round(long_side / patch))
+
+    s = short_side
+    while s > patch and tokens(s) > max_tokens:
+        s -= patch
+    return s
 
 
 def bipartition(eigenvector: np.ndarray, grid: tuple) -> Cut:
@@ -76,25 +120,27 @@ def bipartition(eigenvector: np.ndarray, grid: tuple) -> Cut:
 
 
 def normalized_cut(features: torch.Tensor, grid: tuple, tau: float = 0.2, eps: float = 1e-5,
-                   solver: str = "arpack") -> Cut:
+                   solver: str = "arpack", max_tokens: int = MAX_TOKENS) -> Cut:
     """features [h*w, C] of one image on an (h, w) patch grid -> the TokenCut object cut."""
     if features.shape[0] != grid[0] * grid[1]:
         raise ValueError(f"{features.shape[0]} features do not fill a {grid} grid")
     if features.shape[0] < 3:
         raise ValueError(f"a {grid} patch grid is too small to cut (need >= 3 patches)")
-    return bipartition(fiedler_vector(features, tau, eps, solver), grid)
+    return bipartition(fiedler_vector(features, tau, eps, solver, max_tokens), grid)
 
 
 class TokenCut:
     """The saliency-model face of TokenCut around a DINO ViT (see common.SaliencyModel)."""
     name = "tokencut"
 
-    def __init__(self, vit, short_side: int = 512, tau: float = 0.2, eps: float = 1e-5, solver: str = "arpack"):
+    def __init__(self, vit, short_side: int = 512, tau: float = 0.2, eps: float = 1e-5, solver: str = "arpack",
+                 max_tokens: int = MAX_TOKENS):
         self.vit, self.short_side, self.tau, self.eps, self.solver = vit.eval(), short_side, tau, eps, solver
-        self.patch = patch_size(vit)
+        self.patch, self.max_tokens = patch_size(vit), max_tokens
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        return resize_short_side(image, self.short_side, multiple=self.patch, resample="lanczos")
+        side = token_short_side(image.shape[0], image.shape[1], self.short_side, self.patch, self.max_tokens)
+        return resize_short_side(image, side, multiple=self.patch, resample="lanczos")
 
     def features(self, images: torch.Tensor):
         """[B, 3, h, w] -> (keys [B, h/p * w/p, C], patch grid)."""
@@ -102,7 +148,7 @@ class TokenCut:
 
     def cut(self, keys: torch.Tensor, grid: tuple) -> torch.Tensor:
         """Keys of one image -> bool patch mask [h/p, w/p]."""
-        return torch.from_numpy(normalized_cut(keys, grid, self.tau, self.eps, self.solver).mask)
+        return torch.from_numpy(normalized_cut(keys, grid, self.tau, self.eps, self.solver, self.max_tokens).mask)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,104 @@
+"""Peak memory of the stages whose cost grows with the input: TokenCut (features + cut) on a very
+wide and a very large photo, bilateral_solve on a 10k x 10k image, and the archive's top-K merge
+over 128k and 1.28M simulated pool embeddings (random unit vectors, 512-d, shards of 4096 made
+on the fly: the merge, not the disk). Each case runs in a fresh process (peak RSS = VmHWM,
+torch and the model included).
+
+  python -m bench memory
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.common import Row, print_table
+
+CASES = {
+    "tokencut 4000x600": "tokencut(600, 4000)",
+    "tokencut 6000x4000": "tokencut(4000, 6000)",
+    "bilateral_solve 10000x10000": "bilateral(10000, 10000)",
+    "archive top-K merge 128k": "merge(128_000)",
+    "archive top-K merge 1.28M": "merge(1_280_000)",
+}
+
+_CHILD = r'''
+import json, sys, time
+import torch
+
+def tokencut(h, w):
+    from namedmask.models.dino import build_vit
+    from namedmask.models.saliency import TokenCut
+    from namedmask.models.saliency.common import normalize
+    model = TokenCut(build_vit("vit_small_patch16_224.dino"))  # ViT-S/16, random weights, short side 512
+    image = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    x = model.prepare(image)
+    mask = model.predict(normalize([x]))
+    return {"prepared": list(x.shape[:2]), "tokens": (x.shape[0] // 16) * (x.shape[1] // 16),
+            "seconds": time.perf_counter() - t0}
+
+def bilateral(h, w):
+    """A smooth photo-like image (a real photo upsampled when voc_mini is there): a grid vertex
+    per few pixels, as in photos; i.i.d. noise would open a vertex per pixel (worst case)."""
+    from pathlib import Path
+    from PIL import Image
+    from namedmask import ops
+    photos = sorted(Path(__file__).resolve().parents[1].parent.joinpath("shared/data/voc_mini/JPEGImages").glob("*.jpg")) if "__file__" in globals() else []
+    if photos:
+        image = torch.from_numpy(__import__("numpy").asarray(Image.open(photos[0]).convert("RGB").resize((w, h), Image.BILINEAR)).copy())
+    else:
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        image = torch.stack([(xs * 255 // w), (ys * 255 // h), ((xs + ys) * 255 // (h + w))], -1).to(torch.uint8)
+    target = torch.zeros(h, w)
+    target[h // 4:3 * h // 4, w // 4:3 * w // 4] = 1.0
+    t0 = time.perf_counter()
+    ops.bilateral_solve(image, target, backend="cpp")
+    return {"seconds": time.perf_counter() - t0}
+
+def merge(images, dim=512, categories=21, k=500, shard=4096):
+    from namedmask.data.archive import stream_top_k
+    g = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(categories, dim, generator=g), dim=1)
+    def shards():
+        for start in range(0, images, shard):
+            n = min(shard, images - start)
+            yield torch.nn.functional.normalize(torch.randn(n, dim, generator=g), dim=1).half(), torch.arange(start, start + n)
+    t0 = time.perf_counter()
+    scores, index = stream_top_k(shards(), text, k)
+    return {"seconds": time.perf_counter() - t0, "top": list(scores.shape)}
+
+def hwm_mib():
+    import re
+    return int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) / 1024
+
+base = hwm_mib()
+out = eval(sys.argv[1])
+out["peak_rss_MiB"] = hwm_mib()
+out["rss_before_MiB"] = base
+print(json.dumps(out))
+'''
+
+
+def run(names=None) -> list[Row]:
+    rows = []
+    for name, call in CASES.items():
+        if names and name not in names:
+            continue
+        proc = subprocess.run([sys.executable, "-c", f"__file__ = {str(Path(__file__).resolve())!r}\n" + _CHILD, call],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append(Row(name, "cpu", "failed", float("nan"), None, None, {"error": proc.stderr.strip()[-300:]}))
+            continue
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        extra = {"peak RSS": f"{got['peak_rss_MiB']:.0f} MiB (process with torch imported: {got['rss_before_MiB']:.0f})"}
+        if "tokens" in got:
+            extra["prepared"] = f"{got['prepared'][0]}x{got['prepared'][1]}, {got['tokens']} tokens"
+        rows.append(Row(name, "cpu", call, got["seconds"], None, None, extra))
+        print(name, got, flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    print_table(run(sys.argv[1:]), "peak memory")
