@@ -536,7 +536,7 @@ def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_w
 @click.option("--templates", default="namedmask", help="Prompt templates for the category words.")
 @click.option("--depth", type=int, default=1, help="CLIP blocks whose blank-patch tokens are learned prompts.")
 @click.option("--steps", type=int, default=300, help="Training steps.")
-@click.option("--batch-size", type=int, default=32)
+@click.option("--batch-size", type=int, default=32, help="Masked regions per training step.")
 @click.option("--lr", type=float, default=2e-3, help="Learning rate of the prompt tokens.")
 @click.option("--val-fraction", type=float, default=0.2, help="Share of regions held out for the accuracy report.")
 @click.option("--finetune", is_flag=True, help="Also fine-tune CLIP's image tower (off: CLIP stays frozen).")
