@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 # timm construction of the tiny CLIP's image tower (nm-toy vision_cfg): CLIP puts a LayerNorm
 # before the blocks and has no patch-embedding bias (timm: pre_norm=True).
 CLIP_TOWER_VIT = "vit_base_patch16_224"
-CLIP_TOWER_KWARGS = {"img_size": 96, "embed_dim": 128, "depth": 4, "num_heads": 4, "pre_norm": True}
+CLIP_TOWER_KWARGS = {"img_size": 96, "embed_dim": 96, "depth": 3, "num_heads": 3, "pre_norm": True}
 
 
 @dataclass

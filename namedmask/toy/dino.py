@@ -36,8 +36,8 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass
 class DinoTrainConfig:
-    steps: int = 300
-    batch_size: int = 48
+    steps: int = 200
+    batch_size: int = 32
     lr: float = 5e-4
     weight_decay: float = 0.04
     warmup: int = 30

@@ -116,6 +116,8 @@ def zero_shot_accuracy(model: str, pretrained: str, eval_folder: str | Path, tem
         pred = int((clip.encode_images(x) @ text.T).argmax()) + 1
         correct += pred == ids[0]
         total += 1
+    if not total:
+        raise ValueError(f"{eval_folder}: no single-object images to score")
     return correct / total
 
 
