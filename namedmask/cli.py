@@ -324,8 +324,8 @@ def run(config, out, stages) -> None:
               help="Folder for the world and the models (cached per seed in OUT/seed-N).")
 @click.option("--seed", type=int, default=0, help="World and training seed.")
 @click.option("--size", type=click.Choice(["full", "ci"]), default="full", help="ci: a reduced world for tests.")
-@click.option("--clip-steps", type=int, default=None, help="Tiny CLIP training steps [default: 400].")
-@click.option("--dino-steps", type=int, default=None, help="Tiny DINO training steps (0 = skip) [default: 200].")
+@click.option("--clip-steps", type=int, default=None, help="Tiny CLIP training steps [default: 250].")
+@click.option("--dino-steps", type=int, default=None, help="Tiny DINO training steps (0 = skip) [default: 100].")
 def toy_world(out, seed, size, clip_steps, dino_steps) -> None:
     """Generated captioned scenes + a tiny CLIP and DINO trained on them (resumable, cached per
     seed); writes OUT/seed-N/run.yaml for `namedmask run --config`."""

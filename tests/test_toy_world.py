@@ -134,3 +134,26 @@ def test_dino_checkpoints_load_through_the_saliency_command(toy, tmp_path):
     assert not result.failed and 0 < result.total <= 2 * len(toyworld.NAMED)
     manifest = json.loads((tmp_path / "masks" / "manifest.json").read_text())
     assert manifest["config"]["dino_weights"] == str(flat.resolve())
+
+
+@pytest.mark.slow
+def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
+    """namedmask run on the ci world with the toy models (the demo config with a shorter
+    schedule): retrieval far above chance and a final multi-object mIoU well above the
+    all-background level."""
+    import yaml
+
+    from namedmask.stages.pipeline import load_run_config, run_pipeline
+
+    cfg = yaml.safe_load((toy / "run.yaml").read_text())
+    cfg.update(out=str(tmp_path / "run"), predict_images=[])
+    cfg["archive"]["k"] = 12
+    cfg["refine"]["train"]["iterations"] = 30
+    cfg["train"]["iterations"] = 200
+    torch.set_num_threads(2)
+    run_pipeline(load_run_config(None, cfg), progress=False)
+    prec = quality.archive_precision(tmp_path / "run" / "archive" / "archive.json", toy / "world")
+    assert np.mean(list(prec.values())) >= 0.5, prec
+    miou = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["miou"]
+    floor = quality.all_background_miou(toy / "world" / "eval" / "multi")
+    assert miou >= floor + 0.1, (miou, floor)

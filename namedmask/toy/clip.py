@@ -27,7 +27,7 @@ MODEL = "nm-toy"
 
 @dataclass
 class ClipTrainConfig:
-    steps: int = 400
+    steps: int = 250
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.1
