@@ -412,6 +412,24 @@ def config_show(config_path, overrides, kind) -> None:
     click.echo(dump_yaml(cfg), nl=False)
 
 
+@cli.command("toy-world")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the world and the models (cached per seed in OUT/seed-N).")
+@click.option("--seed", type=int, default=0, help="World and training seed.")
+@click.option("--size", type=click.Choice(["full", "ci"]), default="full", help="ci: a reduced world for tests.")
+@click.option("--clip-steps", type=int, default=None, help="Tiny CLIP training steps [default: 250].")
+@click.option("--dino-steps", type=int, default=None, help="Tiny DINO training steps (0 = skip) [default: 100].")
+def toy_world(out, seed, size, clip_steps, dino_steps) -> None:
+    """Generated captioned scenes + a tiny CLIP and DINO trained on them (resumable, cached per
+    seed); writes OUT/seed-N/run.yaml for `namedmask run --config`."""
+    from namedmask.toy import ToyWorldConfig, build_toy_world
+
+    cfg = ToyWorldConfig(str(out), seed, size, {} if clip_steps is None else {"steps": clip_steps},
+                         {} if dino_steps is None else {"steps": dino_steps})
+    root = build_toy_world(cfg)
+    click.echo(f"toy world and models in {root}; run NamedMask on it: namedmask run --config {root / 'run.yaml'}")
+
+
 @cli.command(context_settings={"ignore_unknown_options": True})
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench(args) -> None:
