@@ -143,12 +143,12 @@ def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
     all-background level."""
     import yaml
 
-    from namedmask.stages.pipeline import load_run_config, run_pipeline
+    from namedmask.pipeline import load_run_config, run_pipeline
 
     cfg = yaml.safe_load((toy / "run.yaml").read_text())
     cfg.update(out=str(tmp_path / "run"), predict_images=[])
     cfg["archive"]["k"] = 12
-    cfg["refine"]["train"]["iterations"] = 30
+    cfg["experts"]["train"]["iterations"] = 30
     cfg["train"]["iterations"] = 200
     torch.set_num_threads(2)
     run_pipeline(load_run_config(None, cfg), progress=False)
