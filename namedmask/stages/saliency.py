@@ -33,6 +33,7 @@ from namedmask.data.decode import iter_image_batches, load_image
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest, mask_relpath
 from namedmask.errors import NamedMaskError
 from namedmask.models.dino import build_vit, create_dino
+from namedmask.runtime import resolve_device
 from namedmask.models.saliency import SelfMask, SelfMaskPredictor, TokenCut, load_selfmask, normalize
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def resolve_config(self: SaliencyConfig) -> SaliencyConfig:
     device = self.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_device(device)  # an unknown or absent device: one clear error, before any work
     absolute = {k: str(Path(getattr(self, k)).resolve()) for k in ("archive", "out", "dino_weights", "checkpoint")
                 if getattr(self, k) is not None}
     return SaliencyConfig(**{**asdict(self), **absolute, "dino": self.dino or DEFAULT_DINO[self.method],
