@@ -84,6 +84,29 @@ def read_user_text(path: str | os.PathLike) -> str:
         raise InputFileError(f"{path}: cannot read ({exc.strerror})") from None
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, byte-identical for equal inputs: the library writes the
+    metadata keys in a per-process hash order, so the header is rewritten with them sorted
+    (same JSON, same length; only the order of the keys changes)."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):
+            return  # not the serialisation this expects: keep the library's bytes
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
 def read_json(path: str | os.PathLike, error: type, missing: str) -> Any:
     """JSON from `path`; a missing or malformed file raises `error` naming the file
     (`missing` tells the user what to do when it does not exist)."""

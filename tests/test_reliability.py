@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def assert_one_line_error(result, *needles):
     assert result.exit_code != 0, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output, result.output
-    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    # (a progress bar may precede the error on its line)
+    errors = [m.group(1) for m in re.finditer(r"(?:^|[^A-Za-z])(Error: .*)", result.output, re.M)]
     assert len(errors) == 1, result.output
     for needle in needles:
         assert needle in errors[0], result.output

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from namedmask import io
@@ -183,7 +182,7 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
                                                                                       dtype=torch.float16),
                    "indices": torch.tensor(indices, dtype=torch.int64)}
         with io.atomic_path(embed_dir / _SHARD.format(n)) as tmp:
-            save_file(tensors, str(tmp), metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
+            io.save_safetensors(tensors, tmp, metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
     bar.close()
 
 
@@ -209,7 +208,7 @@ def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cach
         start += len(prompts[n])
     text = torch.stack(out)
     with io.atomic_path(cache) as tmp:
-        save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key, "names": json.dumps(names)})
+        io.save_safetensors({"embeddings": text}, tmp, metadata={"fingerprint": key, "names": json.dumps(names)})
     return text
 
 

@@ -81,13 +81,13 @@ def _predict(model, dev, names, cmap, inputs, out_dir: Path, overlays: bool, pro
         label = predict_label(model, image, dev, amp=dev.type == "cuda")
         if cmap is not None:
             label = cmap.map_prediction(label)
-        target = out_dir / "labels" / f"{stem}.png"
+        target = io.inside(out_dir, f"labels/{stem}.png")
         if len(names) <= 256:
             io.save_png(target, label.to(torch.uint8).numpy(), palette=voc_palette())
         else:  # more classes than a palette holds (ImageNet-S 919): 16-bit grayscale
             io.save_png(target, label.numpy().astype(np.uint16))
         if overlays:
-            save_overlay(out_dir / "overlays" / f"{stem}.png", image, label, names)
+            save_overlay(io.inside(out_dir, f"overlays/{stem}.png"), image, label, names)
         written.append(target)
     log.info("wrote %d label maps to %s", len(written), out_dir / "labels")
     if bad:
