@@ -105,7 +105,6 @@ class SaliencyConfig:
                report_per_category=(0, None))
         if not (math.isfinite(self.tau) and 0 < self.tau <= 1):
             raise ConfigError(f"tau must be a finite number in (0, 1], got {self.tau}")
-        _check_choice(self, "eigen_solver", ("arpack", "dense"))
 
 
 @dataclass

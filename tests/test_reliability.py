@@ -198,6 +198,16 @@ BAD_OPTIONS = [
                                                "--out", t / "o", "--no-overlays"], ["empty.jpg", "--skip-bad"]),
 ]
 
+if not torch.cuda.is_available():  # asking for what this machine lacks
+    BAD_OPTIONS += [
+        ("saliency-device-cuda-no-gpu", lambda w, t: saliency_args(w, t / "o", "--device", "cuda"), ["cuda"]),
+        ("eval-backend-cuda-no-gpu", lambda w, t: ["eval", "--pred", w["val"] / "labels", "--gt", w["val"] / "labels",
+                                                   "--num-classes", "4", "--backend", "cuda"], ["cuda"]),
+        ("refine-backend-cuda-no-gpu", lambda w, t: ["refine", "--images", w["root"] / "pool", "--masks",
+                                                     w["masks"] / "masks", "--out", t / "o", "--backend", "cuda"],
+         ["cuda"]),
+    ]
+
 
 @pytest.mark.parametrize("case", BAD_OPTIONS, ids=[c[0] for c in BAD_OPTIONS])
 def test_bad_input_is_one_line_error(world, tmp_path, case):
