@@ -33,7 +33,23 @@ class _Group(click.Group):
         except USER_ERRORS as exc:
             if ctx.params.get("verbose", 0) > 1:
                 traceback.print_exc()
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_one_line(exc)) from None
+        except Exception as exc:
+            # An error of ours re-raised by a DataLoader worker comes back as its original
+            # type only when that type takes one string; torch may wrap it otherwise.
+            if "Original Traceback" in str(exc) and "namedmask" in str(exc) and ctx.params.get("verbose", 0) <= 1:
+                raise click.ClickException(_one_line(exc)) from None
+            raise
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of `exc`; for an error raised inside a DataLoader worker (torch puts the
+    worker's traceback in the message) only the original error's own message."""
+    text = str(exc)
+    if "Original Traceback (most recent call last)" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -92,7 +108,7 @@ def info(as_json: bool) -> None:
 @click.option("--max-images", type=int, default=None, help="With --checkpoint: score only the first N images.")
 @click.option("--overlays", "overlays_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --checkpoint: write colour overlays of a few images here.")
-@click.option("--num-classes", type=int, help="Number of classes including background.")
+@click.option("--num-classes", type=click.IntRange(1, 65536), help="Number of classes including background.")
 @click.option("--ignore-index", type=int, default=255, help="Ground-truth value that is not scored.")
 @click.option("--class-names", default=None, help="Category set (e.g. voc) or names file: the classes of --pred.")
 @click.option("--gt-classes", default=None,
@@ -110,6 +126,9 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
     from namedmask.data.categories import get_category_set
     from namedmask.stages.evaluate import evaluate_label_maps, write_report
+
+    if out is not None:  # before the work: a table printed, then its JSON lost, helps nobody
+        _check_out_file(out)
 
     if run_dir is not None:
         from namedmask.stages.evaluate import evaluate_checkpoint
@@ -233,6 +252,14 @@ def build_archive_cmd(pool, categories, out, model, pretrained, k, batch_size, t
         click.echo(f"{len(archive.categories)} archives of up to {cfg.k} images -> {Path(cfg.out) / 'archive.json'}")
 
 
+def _check_out_file(path: Path) -> None:
+    from namedmask import io
+
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a folder; give a file name", param_hint="--out")
+    io.check_writable_dir(path.parent if str(path.parent) else Path("."))
+
+
 def _require(cfg, *keys) -> None:
     missing = [k for k in keys if getattr(cfg, k) is None]
     if missing:
@@ -309,12 +336,13 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 @click.option("--classes", default=None,
               help="Write label ids of this category set (e.g. voc) or names file, classes paired by name.")
 @click.option("--ignore-unmapped", is_flag=True, help="With --classes: model classes the set lacks become background.")
-def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped) -> None:
+@click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing.")
+def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.stages.predict import predict as run
 
     written = run(run_dir, images, out, device=device, overlays=not no_overlays, classes=classes,
-                  ignore_unmapped=ignore_unmapped)
+                  ignore_unmapped=ignore_unmapped, skip_bad=skip_bad)
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 

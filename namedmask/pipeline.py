@@ -84,7 +84,12 @@ class _Stages:
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
     """Runs the configured stages into cfg.out; returns the path of the report (index.html)."""
     run = Path(cfg.out).resolve()
-    run.mkdir(parents=True, exist_ok=True)
+    with io.output_folder(run, "run", legacy=("config.yaml",)):
+        return _run(cfg, run, progress)
+
+
+def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
+    """The body of run_pipeline, inside its locked run directory."""
     if cfg.demo:
         data = write_dataset(run / "data")
         cfg = dataclasses.replace(

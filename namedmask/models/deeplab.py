@@ -283,5 +283,9 @@ def load_segmenter(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     meta = json.loads(meta_path.read_text())
     cfg = from_dict(ModelConfig, {**meta["model"], "pretrained": None})
     model = DeepLabV3Plus(meta["num_classes"], cfg)
-    _load_strict(model, load_file(str(weights_path)), str(weights_path))
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+        raise ModelError(f"{weights_path}: cannot read the segmenter weights ({exc}); retrain or restore it") from exc
+    _load_strict(model, state, str(weights_path))
     return model.to(device).eval(), meta

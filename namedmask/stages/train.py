@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -126,6 +127,13 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     called after each completed iteration i (tests use it to interrupt a run)."""
     if not (cfg.archive and cfg.masks and cfg.out):
         raise TrainError("give an archive, a pseudo-mask folder and an output run directory")
+    main = int(os.environ.get("RANK", "0")) == 0
+    with io.output_folder(cfg.out, "train", legacy=(CONFIG_FILE,), enabled=main):
+        return _train(cfg, binary, categories, on_iteration, progress)
+
+
+def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path:
+    """The body of train, inside its locked output folder."""
     ctx = setup_distributed(cfg.device)
     run_dir = Path(cfg.out)
     if cfg.batch_size % ctx.world:
@@ -151,7 +159,11 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
         optimizer, [poly_factor(cfg.optim.lr_backbone, cfg), poly_factor(cfg.optim.lr_head, cfg)])
     start = 0
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # written atomically, so damage is from outside: say so
+            raise TrainError(f"{ckpt_path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); "
+                             f"delete it to restart the run") from exc
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
