@@ -114,6 +114,20 @@ def stride_of(visual: nn.Module) -> int:
     return 32
 
 
+def to_clip_input(x: torch.Tensor, mean: tuple, std: tuple, short_side: int, stride: int):
+    """ImageNet-normalised [B, 3, H, W] -> (CLIP-normalised images resized so the short side is
+    ~short_side and both sides are multiples of `stride`, RGB in [0, 1] at the input size)."""
+    dev = x.device
+    rgb = x.float() * torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) + \
+        torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    h, w = x.shape[-2:]
+    s = short_side / min(h, w)
+    size = [max(stride, round(v * s / stride) * stride) for v in (h, w)]
+    y = F.interpolate(rgb, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    y = (y - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    return y, rgb
+
+
 # ---------------------------------------------------------------- text side
 
 def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple) -> torch.Tensor:
@@ -184,22 +198,9 @@ class MaskClipSegmenter(nn.Module):
         self.num_labels = len(class_embeddings) + 1
         self.logit_scale = float(clip.model.logit_scale.exp().item())
 
-    def _clip_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """ImageNet-normalised -> (CLIP-normalised resized tensor, uint8-range RGB at input size)."""
-        dev = x.device
-        rgb = x * torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) + \
-            torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
-        h, w = x.shape[-2:]
-        s = self.short_side / min(h, w)
-        size = [max(self.stride, round(v * s / self.stride) * self.stride) for v in (h, w)]
-        y = F.interpolate(rgb, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
-        y = (y - torch.tensor(self.clip_mean, device=dev).view(1, 3, 1, 1)) / \
-            torch.tensor(self.clip_std, device=dev).view(1, 3, 1, 1)
-        return y, rgb
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, rgb = self._clip_input(x)
+        y, rgb = to_clip_input(x, self.clip_mean, self.clip_std, self.short_side, self.stride)
         feats = dense_features(self.visual, y.to(next(self.visual.parameters()).dtype))
         logits = torch.einsum("bdhw,kd->bkhw", feats, self.text.to(feats.device)) * self.logit_scale
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
