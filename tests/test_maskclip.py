@@ -117,3 +117,21 @@ def test_segmenter_bad_options():
         MaskClipSegmenter(clip, text, threshold=2.0)
     with pytest.raises(MaskClipError, match="refine"):
         MaskClipSegmenter(clip, text, threshold=0.5, refine="crf")
+
+
+def test_value_recipe_drops_residual_and_mlp():
+    clip = load_clip("nm-tiny")
+    visual = clip.model.visual
+    x = _clip_input(2)
+    tokens = _last_block_input(visual, x)
+    blk, d = visual.transformer.resblocks[-1], tokens.shape[-1]
+    ln1 = F.layer_norm(tokens, (d,), blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps)
+    v = (ln1 @ blk.attn.in_proj_weight[2 * d:].T + blk.attn.in_proj_bias[2 * d:]) @ blk.attn.out_proj.weight.T \
+        + blk.attn.out_proj.bias
+    out = F.layer_norm(v[:, 1:], (d,), visual.ln_post.weight, visual.ln_post.bias, visual.ln_post.eps) @ visual.proj
+    expected = F.normalize(out, dim=-1).transpose(1, 2).reshape(2, -1, 4, 4)
+    with torch.no_grad():
+        got = dense_features(visual, x, "value")
+    assert torch.allclose(got, expected, atol=TOL)
+    with pytest.raises(MaskClipError, match="recipe"):
+        dense_features(visual, x, "attention")

@@ -28,6 +28,9 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)   # the segmenters' input normalisation (d
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+RECIPES = ("maskclip", "value")
+
+
 class MaskClipError(ValueError):
     """A CLIP image tower or option the dense path cannot use; the message says why."""
 
@@ -47,9 +50,13 @@ def _resized_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos.dtype)])
 
 
-def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """MaskCLIP's last block on tokens [B, L, D]: out_proj(v_proj(ln_1(x))) + x, then the MLP
-    with its residual (layer scales included when the block has them)."""
+def value_path(block: nn.Module, x: torch.Tensor, recipe: str = "maskclip") -> torch.Tensor:
+    """The last block on tokens [B, L, D] with the value path instead of attention.
+    "maskclip": out_proj(v_proj(ln_1(x))) + x, then the MLP with its residual (MaskCLIP's code;
+    layer scales included when the block has them); "value": out_proj(v_proj(ln_1(x))) alone,
+    no residual, no MLP (the later ClearCLIP finding; better on the toy world, see the bench)."""
+    if recipe not in RECIPES:
+        raise MaskClipError(f"dense recipe {recipe!r}: expected one of {RECIPES}")
     attn = getattr(block, "attn", None)
     if not isinstance(attn, nn.MultiheadAttention) or not hasattr(block, "ln_1"):
         raise MaskClipError(f"{type(block).__name__}: the dense path needs open_clip's ResidualAttentionBlock "
@@ -57,11 +64,13 @@ def value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     bias = attn.in_proj_bias[2 * d:] if attn.in_proj_bias is not None else None
     v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * d:], bias)
+    if recipe == "value":
+        return attn.out_proj(v)
     v = x + block.ls_1(attn.out_proj(v))
     return v + block.ls_2(block.mlp(block.ln_2(v)))
 
 
-def vit_dense(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def vit_dense(visual: nn.Module, x: torch.Tensor, recipe: str = "maskclip") -> torch.Tensor:
     """open_clip VisionTransformer, CLIP-normalised images [B, 3, H, W] (H, W multiples of the
     patch size) -> dense embeddings [B, D, H/p, W/p] (not normalised)."""
     if getattr(visual, "attn_pool", None) is not None:
@@ -78,7 +87,7 @@ def vit_dense(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     for block in blocks[:-1]:
         t = block(t)
     t = t if batch_first else t.transpose(0, 1)
-    t = visual.ln_post(value_path(blocks[-1], t)[:, 1:])
+    t = visual.ln_post(value_path(blocks[-1], t, recipe)[:, 1:])
     if visual.proj is not None:
         t = t @ visual.proj
     return t.transpose(1, 2).reshape(b, -1, h, w)
@@ -94,10 +103,11 @@ def resnet_dense(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.permute(0, 3, 1, 2)
 
 
-def dense_features(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """CLIP image tower + CLIP-normalised images -> L2-normalised dense embeddings [B, D, h, w]."""
+def dense_features(visual: nn.Module, x: torch.Tensor, recipe: str = "maskclip") -> torch.Tensor:
+    """CLIP image tower + CLIP-normalised images -> L2-normalised dense embeddings [B, D, h, w].
+    recipe (ViT only): "maskclip" or "value" (see value_path)."""
     if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
-        out = vit_dense(visual, x)
+        out = vit_dense(visual, x, recipe)
     elif hasattr(visual, "attnpool") and hasattr(visual, "layer4"):
         out = resnet_dense(visual, x)
     else:
@@ -176,7 +186,8 @@ class MaskClipSegmenter(nn.Module):
     this many pixels (rounded to the patch grid) before the tower runs."""
 
     def __init__(self, clip: Clip, class_embeddings: torch.Tensor, background_embeddings: torch.Tensor | None = None,
-                 threshold: float | None = None, short_side: int | None = None, refine: str | None = None):
+                 threshold: float | None = None, short_side: int | None = None, refine: str | None = None,
+                 recipe: str = "maskclip"):
         super().__init__()
         if threshold is None and (background_embeddings is None or len(background_embeddings) == 0):
             raise MaskClipError("background needs a threshold and/or background prompts; give one")
@@ -184,7 +195,9 @@ class MaskClipSegmenter(nn.Module):
             raise MaskClipError(f"background threshold must be in [0, 1], got {threshold}")
         if refine not in (None, "none", "bilateral"):
             raise MaskClipError(f"refine {refine!r}: expected none or bilateral")
-        self.visual = clip.model.visual
+        if recipe not in RECIPES:
+            raise MaskClipError(f"dense recipe {recipe!r}: expected one of {RECIPES}")
+        self.visual, self.recipe = clip.model.visual, recipe
         self.clip_mean, self.clip_std = clip.mean, clip.std
         self.stride = stride_of(self.visual)
         self.short_side = int(short_side or clip.image_size)
@@ -201,7 +214,7 @@ class MaskClipSegmenter(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, rgb = to_clip_input(x, self.clip_mean, self.clip_std, self.short_side, self.stride)
-        feats = dense_features(self.visual, y.to(next(self.visual.parameters()).dtype))
+        feats = dense_features(self.visual, y.to(next(self.visual.parameters()).dtype), self.recipe)
         logits = torch.einsum("bdhw,kd->bkhw", feats, self.text.to(feats.device)) * self.logit_scale
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         probs = logits.softmax(1)

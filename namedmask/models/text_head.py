@@ -86,8 +86,8 @@ class DenseTeacher:
     """The frozen CLIP image tower's dense embeddings of ImageNet-normalised training crops
     (computed on the augmented crop, so geometry always matches the student's)."""
 
-    def __init__(self, clip: Clip, short_side: int | None = None):
-        self.clip = clip
+    def __init__(self, clip: Clip, short_side: int | None = None, recipe: str = "maskclip"):
+        self.clip, self.recipe = clip, recipe
         self.visual = clip.model.visual.eval()
         for p in self.visual.parameters():
             p.requires_grad_(False)
@@ -98,4 +98,4 @@ class DenseTeacher:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y, _ = to_clip_input(x, self.clip.mean, self.clip.std, self.short_side, self.stride)
-        return dense_features(self.visual, y)
+        return dense_features(self.visual, y, self.recipe)
