@@ -263,7 +263,7 @@ def save_segmenter(run_dir: str | Path, model: nn.Module, class_names: list, cla
     with io.atomic_path(run_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
     if isinstance(model, TextDeepLabV3Plus):
-        extra = {"head": "text", "embed_dim": model.embed_dim, **(extra or {})}
+        extra = {"head": "text", "embed_dim": model.embed_dim, **getattr(model, "text_meta", {}), **(extra or {})}
     meta = {"format": "namedmask-deeplabv3plus", "model": to_dict(model.cfg), "num_classes": model.num_classes,
             "class_names": list(class_names), "class_ids": list(class_ids or range(len(class_names))),
             **(extra or {})}

@@ -1,0 +1,87 @@
+"""`train.head: text` end to end on the procedural world: the run trains with diversified names
+and distillation, its checkpoint answers its own classes and new text, bad options fail."""
+import json
+
+import pytest
+import torch
+
+from namedmask.config import TrainConfig, load_config
+from namedmask.models.deeplab import OpenVocabSegmenter, TextDeepLabV3Plus, load_segmenter
+from namedmask.stages.evaluate import evaluate_checkpoint
+from namedmask.stages.openvocab import OpenVocabError, open_vocab_segmenter, text_classes
+from namedmask.stages.train import TrainError, train
+from synthetic import CLASSES, one_thread, tiny_train_overrides, write_archive, write_labeled_folder
+
+TEXT = ["head=text", "text.clip_model=nm-tiny", "text.clip_pretrained=random", "text.templates=simple"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    archive, masks, _ = write_archive(root, per_class=4)
+    names = root / "names.txt"
+    names.write_text("".join(f"{n} | {n}ish, {n}-like\n" for n in CLASSES))
+    return {"root": root, "archive": archive, "masks": masks, "val": write_labeled_folder(root / "val", 4),
+            "names": names}
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(TrainConfig, overrides=tiny_train_overrides(3, 2, 32) + TEXT + [
+        f"text.names={world['names']}", "text.distill_weight=0.5", "text.diversify=mix"],
+        archive=str(world["archive"]), masks=str(world["masks"]), out=str(out))
+    with one_thread():
+        train(cfg, progress=False)
+    return out
+
+
+def test_text_run_round_trips(trained, world):
+    model, meta = load_segmenter(trained)
+    assert isinstance(model, TextDeepLabV3Plus) and meta["head"] == "text" and meta["embed_dim"] == 64
+    assert meta["clip"] == {"name": "nm-tiny", "pretrained": "random"} and meta["distill_weight"] == 0.5
+    first = list(CLASSES)[0]
+    assert meta["class_words"][0] == [first, f"{first}ish", f"{first}-like"]
+    # its own classes need no CLIP; new names go through the run's CLIP text tower
+    own, names = open_vocab_segmenter(trained)
+    assert names == meta["class_names"] and own is not None
+    seg, names = open_vocab_segmenter(trained, text_classes("zebra, tiger|big cat"))
+    assert isinstance(seg, OpenVocabSegmenter) and names == ["background", "zebra", "tiger"]
+    with torch.no_grad():
+        assert seg(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    # a text-head run is scored like any checkpoint
+    report = evaluate_checkpoint(trained, "folder", world["val"], device="cpu", progress=False)
+    assert 0.0 <= report.metrics.miou <= 1.0
+
+
+def test_closed_set_run_refuses_new_text(tmp_path, world):
+    cfg = load_config(TrainConfig, overrides=tiny_train_overrides(1, 2, 32), archive=str(world["archive"]),
+                      masks=str(world["masks"]), out=str(tmp_path / "closed"))
+    with one_thread():
+        train(cfg, progress=False)
+    with pytest.raises(OpenVocabError, match="closed-set run"):
+        open_vocab_segmenter(tmp_path / "closed", [("zebra", ("zebra",))])
+
+
+def test_bad_text_options(tmp_path, world):
+    runs = iter(range(100))
+
+    def cfg(*extra):
+        return load_config(TrainConfig, overrides=tiny_train_overrides(1, 2, 32) + list(extra),
+                           archive=str(world["archive"]), masks=str(world["masks"]),
+                           out=str(tmp_path / f"r{next(runs)}"))
+    with pytest.raises(TrainError, match="train.head"):
+        train(cfg("head=texts"), progress=False)
+    with pytest.raises(OpenVocabError, match="records no CLIP model"):
+        train(cfg("head=text"), progress=False)
+    other = tmp_path / "other.txt"
+    other.write_text("zebra\n")
+    with pytest.raises(OpenVocabError, match="no entry for categories"):
+        train(cfg(*TEXT, f"text.names={other}"), progress=False)
+    with pytest.raises(ValueError, match="diversification"):
+        train(cfg(*TEXT, "text.diversify=shuffle"), progress=False)
+    with pytest.raises(OpenVocabError, match="either"):
+        text_classes("a", "voc")
+    voc = text_classes(None, "voc")
+    assert len(voc) == 20 and voc[10] == ("diningtable", ("dining table",))
+    assert text_classes("cat|kitten, dog") == [("cat", ("cat", "kitten")), ("dog", ("dog",))]
