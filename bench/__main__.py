@@ -4,7 +4,7 @@ import importlib
 
 from bench.common import environment, print_table, save_json
 
-BENCHMARKS = ["confusion_matrix", "copy_paste", "decode", "archive", "saliency", "train", "bilateral"]
+BENCHMARKS = ["confusion_matrix", "copy_paste", "decode", "archive", "saliency", "train", "bilateral", "openvocab"]
 
 
 def main() -> None:

@@ -122,8 +122,8 @@ class TextObjective:
             if missing:
                 raise OpenVocabError(f"train.text.names {cfg.names}: no entry for categories {missing}")
             return [tuple(cats.prompt_words(n)) for n in class_names[1:]]
-        recorded = archive.meta.get("prompt_words", {})
-        return [tuple(recorded.get(n) or (n,)) for n in class_names[1:]]
+        recorded, synonyms = archive.meta.get("prompt_words", {}), archive.meta.get("synonyms", {})
+        return [tuple(recorded.get(n) or (n, *synonyms.get(n, ()))) for n in class_names[1:]]
 
     def build_model(self, model_cfg, num_classes: int) -> TextDeepLabV3Plus:
         model = TextDeepLabV3Plus(num_classes, model_cfg, self.clip.embed_dim)
