@@ -120,3 +120,14 @@ def test_dense_teacher_matches_maskclip_features():
     assert y.shape[-2:] == (64, 112) and out.shape == (2, 64, 4, 7) and not out.requires_grad
     with torch.no_grad():
         assert torch.equal(out, dense_features(clip.model.visual, y))
+
+
+def test_builtin_synonym_sets():
+    from namedmask.data.categories import BUILTIN, BUILTIN_SYNONYMS, get_category_set
+
+    for name, synonyms in BUILTIN_SYNONYMS.items():
+        assert set(synonyms) <= set(BUILTIN[name][1:]), name      # only classes of that set
+        assert all(isinstance(v, tuple) and v for v in synonyms.values())
+    assert get_category_set("voc").prompt_words("sofa") == ("sofa",)   # archives prompt the name alone
+    assert get_category_set("voc", synonyms=True).prompt_words("sofa") == ("sofa", "couch", "settee")
+    assert get_category_set("coco-object", synonyms=True).prompt_words("couch")[:2] == ("couch", "sofa")

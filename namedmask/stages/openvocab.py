@@ -117,7 +117,7 @@ class TextObjective:
     @staticmethod
     def _words(cfg: TextHeadConfig, archive, class_names: list) -> list:
         if cfg.names:
-            cats = get_category_set(cfg.names)
+            cats = get_category_set(cfg.names, synonyms=True)   # a built-in set brings its synonym sets
             missing = [n for n in class_names[1:] if n not in cats.names]
             if missing:
                 raise OpenVocabError(f"train.text.names {cfg.names}: no entry for categories {missing}")
