@@ -74,7 +74,7 @@ class TextHeadConfig:
     clip_model: str | None = None       # CLIP whose text space the head projects into
     clip_pretrained: str | None = None
     templates: str | None = None        # namedmask | simple | FILE
-    names: str | None = None            # "name | synonym, ..." file: the names each category trains with
+    names: str | None = None            # "name | synonym, ..." file, or a built-in set (voc: + its synonym sets)
     diversify: str = "sample"           # sample (one name per category per iteration) | mix | off
     distill_weight: float = 0.0         # text-guided distillation from dense CLIP (0 = off)
     distill_vocabulary: str | None = None  # file, one word a line, added to the training names for the projection
