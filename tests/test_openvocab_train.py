@@ -85,3 +85,22 @@ def test_bad_text_options(tmp_path, world):
     voc = text_classes(None, "voc")
     assert len(voc) == 20 and voc[10] == ("diningtable", ("dining table",))
     assert text_classes("cat|kitten, dog") == [("cat", ("cat", "kitten")), ("dog", ("dog",))]
+
+
+def test_evaluate_open_zero_shot_and_text_run(trained, world):
+    from namedmask.stages.openvocab import evaluate_open
+
+    names = ", ".join(CLASSES)
+    zs = evaluate_open("folder", world["val"], zero_shot={"model": "nm-tiny", "pretrained": "random",
+                                                          "templates": "simple", "threshold": 0.5},
+                       text=names, device="cpu", progress=False)
+    assert zs.num_images == 4 and 0.0 <= zs.metrics.miou <= 1.0
+    # the text-head run with the same names as text: the same classes, so scored on all of them
+    own = evaluate_open("folder", world["val"], run_dir=trained, text=names, device="cpu", progress=False)
+    assert own.class_names == ["background", *CLASSES]
+    with pytest.raises(OpenVocabError, match="does not name its classes"):
+        evaluate_open("folder", world["val"], zero_shot={"model": "nm-tiny", "pretrained": "random",
+                                                         "threshold": 0.5}, device="cpu", progress=False)
+    with pytest.raises(OpenVocabError, match="not both"):
+        evaluate_open("folder", world["val"], run_dir=trained, zero_shot={"model": "nm-tiny"}, text="a",
+                      device="cpu", progress=False)

@@ -158,3 +158,53 @@ def _read_words(path) -> list:
     return words
 
 
+
+
+def dataset_classes(labeled_set) -> list:
+    """(name, words) of a labelled set's foreground classes: a built-in set's prompt words,
+    else its class names."""
+    from namedmask.data.classmap import category_words
+
+    names = list(getattr(labeled_set, "class_names", None) or [])
+    if len(names) < 2:
+        raise OpenVocabError("the dataset does not name its classes; give --text or --text-classes FILE")
+    words = category_words(getattr(labeled_set, "name", None))
+    return [(n, tuple(words.get(n) or (n,))) for n in names[1:]]
+
+
+def open_segmenter(*, run_dir=None, zero_shot: dict | None = None, classes: list | None = None,
+                   device="cpu") -> tuple[torch.nn.Module, list]:
+    """The segmenter eval and predict use for text: a text-head run (`run_dir`; `classes`
+    None = its training classes) or, with `zero_shot` (zero_shot_segmenter's keyword
+    arguments: model, pretrained, threshold, ...), dense CLIP. -> (model, class names)."""
+    if (run_dir is None) == (zero_shot is None):
+        raise OpenVocabError("give a text-head run (--checkpoint) or --zero-shot with --model, not both")
+    if zero_shot is not None:
+        if not classes:
+            raise OpenVocabError("zero-shot segmentation needs class names (--text or --text-classes)")
+        return zero_shot_segmenter(classes, device=device, **zero_shot)
+    return open_vocab_segmenter(run_dir, classes, device)
+
+
+def evaluate_open(dataset: str, root, *, run_dir=None, zero_shot: dict | None = None, text: str | None = None,
+                  class_set: str | None = None, split: str = "val", device: str = "auto",
+                  max_images: int | None = None, overlays_dir=None, backend: str = "auto", progress: bool = True,
+                  ignore_unmapped: bool = False):
+    """`namedmask eval --dataset D --root R` with --zero-shot, or with --checkpoint of a text-head
+    run and new text. Classes: --text, a category set / names file (`class_set`), or
+    class_set="dataset" (and by default with --zero-shot) the dataset's own classes. Scored
+    exactly as evaluate_checkpoint scores a closed-set run."""
+    from namedmask.stages.evaluate import evaluate_model, open_eval_set
+    from namedmask.stages.train import resolve_device
+
+    dev = resolve_device(device)
+    labeled_set = open_eval_set(dataset, root, split)
+    if text or (class_set and class_set != "dataset"):
+        classes = text_classes(text, None if class_set == "dataset" else class_set)
+    elif zero_shot is not None or class_set == "dataset":
+        classes = dataset_classes(labeled_set)
+    else:
+        classes = None
+    model, names = open_segmenter(run_dir=run_dir, zero_shot=zero_shot, classes=classes, device=dev)
+    return evaluate_model(model, labeled_set, names, device=dev, amp=False, max_images=max_images, progress=progress,
+                          backend=backend, overlays_dir=overlays_dir, ignore_unmapped=ignore_unmapped)
