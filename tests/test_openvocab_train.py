@@ -2,6 +2,7 @@
 and distillation, its checkpoint answers its own classes and new text, bad options fail."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -104,3 +105,36 @@ def test_evaluate_open_zero_shot_and_text_run(trained, world):
     with pytest.raises(OpenVocabError, match="not both"):
         evaluate_open("folder", world["val"], run_dir=trained, zero_shot={"model": "nm-tiny"}, text="a",
                       device="cpu", progress=False)
+
+
+def test_cli_predict_text_and_eval_zero_shot(trained, world, tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from namedmask.cli import cli
+
+    images = world["val"] / "images"
+    # unseen names on a text-head run: labels 0..2 and an overlay legend with the new names
+    res = CliRunner().invoke(cli, ["predict", str(images), "--checkpoint", str(trained), "--out", str(tmp_path / "p"),
+                                   "--text", "zebra, tiger|big cat", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    labels = sorted((tmp_path / "p" / "labels").glob("*.png"))
+    assert len(labels) == 4 and all(int(np.asarray(Image.open(p)).max()) <= 2 for p in labels)
+    # zero-shot dense CLIP, no checkpoint
+    res = CliRunner().invoke(cli, ["predict", str(images), "--out", str(tmp_path / "z"), "--text", "disc, square",
+                                   "--model", "nm-tiny", "--pretrained", "random", "--templates", "simple",
+                                   "--background-threshold", "0.6", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["eval", "--zero-shot", "--model", "nm-tiny", "--pretrained", "random",
+                                   "--dataset", "folder", "--root", str(world["val"]), "--text", ", ".join(CLASSES),
+                                   "--templates", "simple", "--device", "cpu"])
+    assert res.exit_code == 0 and "mIoU" in res.output, res.output
+    # bad combinations: one line each
+    for args, message in ((["predict", str(images), "--out", str(tmp_path / "x")], "--checkpoint RUN"),
+                          (["predict", str(images), "--out", str(tmp_path / "x"), "--model", "nm-tiny"],
+                           "needs class names"),
+                          (["predict", str(images), "--out", str(tmp_path / "x"), "--checkpoint", str(trained),
+                            "--model", "nm-tiny", "--text", "a"], "not both"),
+                          (["eval", "--zero-shot", "--dataset", "folder", "--root", str(world["val"])], "--model")):
+        res = CliRunner().invoke(cli, args)
+        assert res.exit_code != 0 and message in res.output, (args, res.output)
