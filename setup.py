@@ -1,9 +1,10 @@
-"""Build namedmask and its native extension namedmask._C.
+"""Build namedmask's native extension namedmask._C (the metadata is in pyproject.toml).
 
 The CPU kernels are always built. The CUDA kernels are built when torch is a CUDA build
 and nvcc is found (FORCE_CUDA=1 forces, NAMEDMASK_CUDA=0 skips). Sources and flags come
 from csrc/native.cmake, the one list shared with CMakeLists.txt.
-Install torch first, then: pip install --no-build-isolation .
+`pip install .` builds against the torch pinned in pyproject.toml's [build-system];
+with torch installed already: pip install --no-build-isolation .
 """
 import glob
 import os
@@ -52,8 +53,12 @@ def extensions():
     if cuda_home:
         os.environ.setdefault("CUDA_HOME", cuda_home)
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", " ".join(cfg["NAMEDMASK_CUDA_ARCH_DEFAULT"]))
-    import torch
-    from torch.utils import cpp_extension
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit("namedmask: building the extension needs torch in the build environment; install torch first, "
+                 "then run: pip install --no-build-isolation .")
 
     want_cuda = os.environ.get("NAMEDMASK_CUDA", "1") != "0" and (
         os.environ.get("FORCE_CUDA") == "1" or (torch.version.cuda is not None and cuda_home is not None))
@@ -81,25 +86,10 @@ ext_modules, cmdclass = extensions()
 packages = find_packages(include=["namedmask", "namedmask.*"]) + ["namedmask.kernels"]
 
 setup(
-    name="namedmask",
-    version="0.1.0",
-    description="NamedMask: CLIP names, DINO sees; an unsupervised semantic segmenter, with fast kernels",
-    python_requires=">=3.10",
     packages=packages,
     package_dir={"namedmask.kernels": "kernels"},
     package_data={"namedmask": ["configs/*.yaml", "assets/*", "models/open_clip_configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=[
-        "torch>=2.4", "torchvision", "numpy", "pillow", "click>=8", "tqdm", "pyyaml",
-        "safetensors", "open_clip_torch>=2.24", "timm>=1.0", "pycocotools", "scipy", "matplotlib",
-        "simplejpeg",  # fastest exact JPEG decoder on CPU (bench/bench_decode.py)
-    ],
-    extras_require={
-        "dali": ["nvidia-dali-cuda130"],
-        "bench": ["pydensecrf2"],  # the dense-CRF peer of bench/bench_bilateral.py
-        "test": ["pytest", "pytest-timeout", "scipy", "torchmetrics", "opencv-python-headless"],
-    },
-    entry_points={"console_scripts": ["namedmask=namedmask.cli:main"]},
     zip_safe=False,
 )

@@ -1,7 +1,43 @@
 """namedmask: CLIP names things, DINO sees where they are; NamedMask distils both into an
-ordinary semantic segmenter trained without human pixel labels."""
+ordinary semantic segmenter trained without human pixel labels.
+
+    seg = namedmask.load("runs/x/train")     # a run folder, its checkpoint.pt or model.safetensors
+    labels = seg.predict("photo.jpg")         # H x W numpy array of class ids
+    seg.class_names[labels[0, 0]]
+
+The stage functions (build_archive, run_saliency, refine_folder, refine_with_experts, train,
+evaluate_checkpoint, evaluate_label_maps, predict, run_pipeline), load_config and `ops` are
+attributes too. They are imported on first use, so `import namedmask` stays cheap (no torch)
+and works without the native extension."""
+import importlib
 import logging
 
 __version__ = "0.1.0"
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# public name -> module that defines it (imported on first access)
+_LAZY = {
+    "load": "namedmask.models.inference", "Segmenter": "namedmask.models.inference",
+    "NamedMaskError": "namedmask.errors", "load_config": "namedmask.config",
+    "build_archive": "namedmask.stages.archive", "run_saliency": "namedmask.stages.saliency",
+    "refine_folder": "namedmask.stages.refine", "refine_with_experts": "namedmask.stages.experts",
+    "train": "namedmask.stages.train", "evaluate_checkpoint": "namedmask.stages.evaluate",
+    "evaluate_label_maps": "namedmask.stages.evaluate", "predict": "namedmask.stages.predict",
+    "run_pipeline": "namedmask.pipeline", "ops": None,
+}
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'namedmask' has no attribute {name!r}")
+    module = _LAZY[name]
+    value = importlib.import_module(f"namedmask.{name}") if module is None else \
+        getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,17 +1,86 @@
-"""Dataclass configs: defaults (NamedMask's recipe, DESIGN.md §2) ⊕ a YAML file ⊕ CLI overrides
-("optim.lr_head=1e-3"). The resolved config is written into every run directory, so a run can
-be reproduced and resumed from its folder alone."""
+"""Dataclass configs, one per stage, and RunConfig made of them: defaults (NamedMask's recipe,
+DESIGN.md §2) ⊕ a YAML file (or a built-in config by name) ⊕ `--set key=value` overrides ⊕
+command-line options, merged deeply by the one `load_config`. The resolved config is written
+into every run directory, so a run can be reproduced and resumed from its folder alone."""
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import yaml
 
+from namedmask.errors import NamedMaskError
 
-class ConfigError(ValueError):
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(NamedMaskError, ValueError):
     """An unknown key, a value of the wrong type or an unreadable config file."""
+
+
+@dataclass
+class ArchiveConfig:
+    """Stage (A), `namedmask build-archive`."""
+    pool: str | None = None                 # image folder (searched recursively) or a list file
+    categories: str | None = None           # a category set name (voc) or file
+    out: str | None = None
+    model: str = "ViT-L-14-336"             # open_clip name (models.clip.DEFAULT_MODEL)
+    pretrained: str | None = None           # tag, checkpoint file, "random"; None = the model's default
+    k: int = 500
+    batch_size: int = 64
+    templates: str = "namedmask"            # namedmask (85) | simple | FILE
+    synonyms: str | None = None             # file: "name | synonym, synonym" lines
+    device: str = "auto"                    # auto | cpu | cuda (cuda:LOCAL_RANK under torchrun) | cuda:N
+    shard_size: int = 4096
+    report: bool = False
+
+
+@dataclass
+class SaliencyConfig:
+    """Stage (B), `namedmask saliency`."""
+    archive: str | None = None
+    out: str | None = None
+    method: str = "tokencut"
+    refine: str = "bilateral-solver"
+    short_side: int = 512
+    batch_size: int = 8
+    dino: str | None = None            # timm name of the DINO ViT; None = the method's default
+    dino_weights: str | None = None    # local DINO checkpoint (official or timm layout), TokenCut
+    checkpoint: str | None = None      # SelfMask checkpoint
+    random_weights: bool = False       # smoke runs only: meaningless masks
+    tau: float = 0.2
+    eigen_solver: str = "arpack"      # or "dense"; same eigenvector
+    device: str = "auto"
+    report: bool = False
+    report_per_category: int = 4
+    vit_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (tiny test ViTs)
+    manifest_every_s: float = 30.0     # manifest rewrite interval while running
+
+
+@dataclass
+class RefineConfig:
+    """`namedmask refine`: the fast bilateral solver over a folder of masks (sigma/lam None =
+    the preset's value)."""
+    images: str | None = None
+    masks: str | None = None
+    out: str | None = None
+    preset: str = "namedmask"           # namedmask | tokencut | tuned
+    sigma_spatial: float | None = None
+    sigma_luma: float | None = None
+    sigma_chroma: float | None = None
+    lam: float | None = None
+    threshold: float = 0.5
+    backend: str = "auto"
+    device: str = "cpu"
+    batch_size: int = 8
+    overwrite: bool = False
+    skip_bad: bool = False
 
 
 @dataclass
@@ -117,6 +186,51 @@ class ExpertsConfig:
     train: TrainConfig = field(default_factory=expert_train_defaults)
 
 
+@dataclass
+class RunExpertsConfig(ExpertsConfig):
+    """The experts stage inside `namedmask run`: off unless enabled."""
+    enabled: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Stage (E) inside `namedmask run` (dataset, root and split are RunConfig.eval_*)."""
+    device: str = "auto"
+    max_images: int | None = None
+    backend: str = "auto"
+    num_overlays: int = 4
+
+
+@dataclass
+class PredictConfig:
+    """`namedmask predict` inside `namedmask run` (the images are RunConfig.predict_images)."""
+    device: str = "auto"
+    overlays: bool = True
+
+
+STAGES = ("archive", "saliency", "experts", "train", "eval", "predict")
+
+
+@dataclass
+class RunConfig:
+    """`namedmask run`: every stage in one run directory."""
+    out: str = "runs/demo"
+    demo: bool = False                 # generate the built-in textured-shapes dataset into <out>/data
+    pool: str | None = None            # unlabelled images to retrieve from (folder, list file, ImageNet root)
+    categories: str = "voc"            # category set name or names file
+    eval_dataset: str | None = None    # folder | voc | coco-object | coca | cityscapes-object | imagenet-s
+    eval_root: str | None = None
+    eval_split: str = "val"
+    predict_images: list = field(default_factory=list)  # files or folders
+    stages: list = field(default_factory=lambda: list(STAGES))
+    archive: ArchiveConfig = field(default_factory=lambda: ArchiveConfig(report=True))
+    saliency: SaliencyConfig = field(default_factory=lambda: SaliencyConfig(report=True))
+    experts: RunExpertsConfig = field(default_factory=RunExpertsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
 def to_dict(cfg) -> dict:
     """Plain dict (tuples as lists) fit for YAML/JSON."""
     def plain(v):
@@ -147,7 +261,7 @@ def _update(defaults, data: dict, where: str):
         if dataclasses.is_dataclass(default):
             kwargs[key] = _update(default, value or {}, f"{where}{key}.")
             continue
-        if isinstance(value, list):
+        if isinstance(value, list) and not isinstance(default, list):
             value = tuple(value)
         if isinstance(default, float) and isinstance(value, str):
             try:  # YAML 1.1 reads "5e-4" (no dot) as a string
@@ -187,19 +301,78 @@ def parse_overrides(overrides) -> dict:
     return out
 
 
-def load_config(cls=TrainConfig, path: str | Path | None = None, overrides=(), **values):
-    """defaults ⊕ YAML file ⊕ `overrides` (key=value strings) ⊕ `values` (non-None keyword values)."""
-    data: dict = {}
-    if path is not None:
+def builtin_configs() -> list:
+    """Names of the run configs shipped in namedmask/configs/ (demo, voc, ...)."""
+    return sorted(p.name[:-5] for p in resources.files("namedmask.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path: str | Path) -> tuple[dict, str]:
+    """(mapping, where) of a YAML file, or of a built-in config given by name."""
+    if not Path(path).exists() and str(path) in builtin_configs():
+        text = resources.files("namedmask.configs").joinpath(f"{path}.yaml").read_text()
+        where = f"built-in config {str(path)!r}"
+    else:
         try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            text = Path(path).read_text()
+        except OSError as exc:
             raise ConfigError(f"{path}: cannot read config ({exc})") from exc
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a YAML mapping at top level")
-        data = loaded
-    data = _merge(data, parse_overrides(overrides))
+        where = str(path)
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a YAML mapping at top level")
+    return expand_env(data, where), where
+
+
+def expand_env(value, where: str):
+    """`$VAR` / `${VAR}` in string values from the environment; an unset variable is an error."""
+    if isinstance(value, dict):
+        return {k: expand_env(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, where) for v in value]
+    if isinstance(value, str) and "$" in value:
+        expanded = os.path.expandvars(value)
+        missing = re.findall(r"\$\{?(\w+)", expanded)
+        if missing:
+            raise ConfigError(f"{where}: environment variable {missing[0]} is not set (used in {value!r})")
+        return expanded
+    return value
+
+
+def _migrate_run(data: dict, where: str) -> dict:
+    """Run configs before stage C was named `experts`: `refine: {method: experts|none, ...}`
+    and the stage name `refine` still load, with a warning."""
+    data = dict(data)
+    if "refine" in data:
+        log.warning("%s: the run config section 'refine:' is deprecated; write 'experts:' with "
+                    "'enabled: true' instead of 'method: experts'", where)
+        old = dict(data.pop("refine") or {})
+        method = old.pop("method", "none")
+        if method not in ("none", "experts"):
+            raise ConfigError(f"{where}: refine.method must be 'none' or 'experts', got {method!r}")
+        data["experts"] = _merge({**old, "enabled": method == "experts"}, data.get("experts") or {})
+    if isinstance(data.get("stages"), list) and "refine" in data["stages"]:
+        log.warning("%s: stage 'refine' is now called 'experts'", where)
+        data["stages"] = ["experts" if s == "refine" else s for s in data["stages"]]
+    return data
+
+
+def load_config(cls=TrainConfig, path: str | Path | None = None, overrides=(), **values):
+    """defaults ⊕ YAML file (or built-in config name) ⊕ `overrides` (key=value strings, or a
+    nested dict) ⊕ `values` (non-None keyword values), merged deeply; unknown keys and wrong
+    types are ConfigErrors naming the key."""
+    data, where = read_yaml(path) if path is not None else ({}, "config")
+    data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     data = _merge(data, {k: v for k, v in values.items() if v is not None})
+    if cls is RunConfig:
+        data = _migrate_run(data, where)
+        cfg = from_dict(cls, data)
+        bad = [s for s in cfg.stages if s not in STAGES]
+        if bad:
+            raise ConfigError(f"{where}: unknown stage(s) {bad}; stages are {list(STAGES)}")
+        return cfg
     return from_dict(cls, data)
 
 

@@ -10,12 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from namedmask.errors import NamedMaskError
+
 # The name pattern of atomic_path's temporaries: ".<name>.<random>.tmp<suffix>".
 _TEMPORARY_GLOB = ".*.tmp*"
 _LOCK_FILE = ".namedmask.lock"
 
 
-class OutputFolderError(RuntimeError):
+class OutputFolderError(NamedMaskError, RuntimeError):
     """An output folder that a stage may not write into (not ours, locked, unwritable),
     or an output path that escapes its folder. The message names the path."""
 

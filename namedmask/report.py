@@ -1,7 +1,8 @@
-"""The run report: one index.html in the run directory that shows, stage by stage, what a
-person would rather look at than read: retrieved images per category, pseudo-masks before and
-after refinement, training curves, per-class IoU, prediction overlays. It only links PNGs the
-stages wrote (relative paths), so the folder can be copied or served as it is."""
+"""What a person would rather look at than read: prediction overlays with a legend, training
+curves, per-class IoU bars, and the run report, one index.html in the run directory that
+shows them stage by stage (retrieved images per category, pseudo-masks before and after
+refinement, curves, per-class IoU, overlays). index.html only links PNGs the stages wrote
+(relative paths), so the folder can be copied or served as it is."""
 from __future__ import annotations
 
 import html
@@ -9,7 +10,14 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
 from namedmask import io
+from namedmask.data.categories import voc_palette
+
+METRICS_FILE = "metrics.jsonl"   # a training run's log: one JSON object per logged iteration / validation
 
 # (section title, folder inside the run dir, what it shows)
 SECTIONS = (
@@ -76,3 +84,69 @@ def build_report(run_dir: str | Path, title: str = "namedmask run", warnings: li
     out = run_dir / "index.html"
     io.write_text(out, "\n".join(parts) + "\n")
     return out
+
+
+# ------------------------------------------------------------------------------- overlays
+
+def _colours() -> np.ndarray:
+    return np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+
+
+def overlay_image(image: torch.Tensor, label: torch.Tensor, class_names: list, alpha: float = 0.5) -> Image.Image:
+    """RGB image with non-background classes tinted by the VOC palette and, on the right,
+    a legend (colour swatch + name) of the classes present."""
+    img = image.numpy().astype(np.float32)
+    lab = label.numpy().astype(np.int64)
+    colours = _colours()
+    fg = (lab > 0) & (lab < 256)
+    tinted = img.copy()
+    tinted[fg] = (1 - alpha) * img[fg] + alpha * colours[lab[fg] % 256]
+    base = Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8))
+    present = [int(c) for c in np.unique(lab) if 0 <= c < len(class_names)]
+    row, width = 14, 10 + 7 * max([len(class_names[c]) for c in present] + [4]) + 24
+    canvas = Image.new("RGB", (base.width + width, max(base.height, row * len(present) + 8)), (255, 255, 255))
+    canvas.paste(base, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, c in enumerate(present):
+        y = 4 + k * row
+        draw.rectangle([base.width + 6, y, base.width + 16, y + 10], fill=tuple(int(v) for v in colours[c % 256]),
+                       outline=(0, 0, 0))
+        draw.text((base.width + 22, y - 1), class_names[c], fill=(0, 0, 0))
+    return canvas
+
+
+def save_overlay(path, image: torch.Tensor, label: torch.Tensor, class_names: list) -> None:
+    io.save_png(path, overlay_image(image, label, class_names))
+
+
+# --------------------------------------------------------------------------------- curves
+
+def read_metrics(run_dir) -> list:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def plot_curves(run_dir) -> Path | None:
+    """curves.png: training loss and validation mIoU against iterations."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    loss = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["iteration"], 100 * r["val_miou"]) for r in records if "val_miou" in r]
+    if not loss:
+        return None
+    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5, 3.5), squeeze=False)
+    axes[0][0].plot(*zip(*loss))
+    axes[0][0].set(xlabel="iteration", ylabel="loss", title="training loss")
+    if val:
+        axes[0][1].plot(*zip(*val), marker="o")
+        axes[0][1].set(xlabel="iteration", ylabel="mIoU (%)", title="validation mIoU")
+    fig.tight_layout()
+    path = Path(run_dir) / "curves.png"
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path

@@ -91,3 +91,42 @@ def test_cli_errors(tmp_path):
     res = CliRunner().invoke(cli, ["refine", "--method", "experts", "--images", str(tmp_path), "--masks",
                                    str(tmp_path), "--out", str(tmp_path / "o")])
     assert res.exit_code != 0
+
+
+@pytest.mark.parametrize("given", ["folder", "masks_subfolder"])
+def test_refined_pseudo_mask_folder_is_a_training_input(tmp_path, given):
+    """refine of a pseudo-mask folder writes the same manifest schema, so train takes it."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import write_archive
+
+    from namedmask.data.pseudo_masks import load_manifest, mask_paths
+    from namedmask.data.training import archive_items
+
+    archive, masks, _ = write_archive(tmp_path, per_class=2, size=32)
+    src = masks if given == "folder" else masks / "masks"
+    res = run(["--images", str(tmp_path / "pool"), "--masks", str(src), "--out", str(tmp_path / "refined")])
+    assert res.exit_code == 0, res.output
+    source, refined = load_manifest(masks), load_manifest(tmp_path / "refined")
+    assert set(refined["masks"]) == set(source["masks"]) and refined["refine"] == "bilateral-solver"
+    for image, path in mask_paths(tmp_path / "refined").items():
+        assert path.is_file() and path.parent.is_relative_to(tmp_path / "refined")
+        mask = np.array(Image.open(path))
+        assert refined["masks"][image]["fg_fraction"] == round(float(mask.mean()), 6)
+    items, names = archive_items(archive, tmp_path / "refined")
+    assert len(items) == len(source["masks"]) and names[0] == "background"
+    assert all(str(it.mask).startswith(str(tmp_path / "refined")) for it in items)
+
+
+def test_refine_reads_its_config_and_options_win(folders):
+    root, _ = folders
+    cfg = root / "refine.yaml"
+    cfg.write_text(f"images: {root / 'images'}\nmasks: {root / 'masks'}\nout: {root / 'out'}\n"
+                   "preset: tokencut\nsigma_luma: 6\nthreshold: 0.4\n")
+    res = CliRunner().invoke(cli, ["refine", "--config", str(cfg), "--set", "sigma_chroma=3", "--threshold", "0.5"])
+    assert res.exit_code == 0, res.output
+    written = json.loads((root / "out" / "refine.json").read_text())
+    assert (written["preset"], written["sigma_spatial"], written["sigma_luma"], written["sigma_chroma"],
+            written["threshold"]) == ("tokencut", 24, 6, 3, 0.5)

@@ -79,15 +79,17 @@ def test_experts_improve_noisy_masks(tmp_path):
 
     # resumable: a finished expert is neither retrained nor re-predicted
     stamp = {k: p.stat().st_mtime_ns for k, p in refined.items()}
-    res = CliRunner().invoke(cli, ["refine-experts", "--archive", str(archive), "--masks", str(noisy), "--out",
+    res = CliRunner().invoke(cli, ["experts", "--archive", str(archive), "--masks", str(noisy), "--out",
                                    str(out), "--groups", "1", "--embeddings", str(emb)]
                              + [a for o in tiny_train_overrides(ITERS) for a in ("--set", f"train.{o}")])
     assert res.exit_code == 0, res.output
     assert {k: p.stat().st_mtime_ns for k, p in mask_paths(out).items()} == stamp
 
 
-def test_refine_method_experts_routes_to_the_experts(monkeypatch, tmp_path):
-    """`namedmask refine --method experts` is the same stage as `refine-experts`."""
+@pytest.mark.parametrize("command", [["experts"], ["refine-experts"], ["refine", "--method", "experts"]])
+def test_experts_command_and_its_deprecated_spellings(command, monkeypatch, tmp_path):
+    """Stage C is `namedmask experts`; `refine-experts` and `refine --method experts` still
+    run it (hidden from --help) after one deprecation warning."""
     from click.testing import CliRunner
 
     import namedmask.stages.experts as experts_stage
@@ -97,12 +99,19 @@ def test_refine_method_experts_routes_to_the_experts(monkeypatch, tmp_path):
     monkeypatch.setattr(experts_stage, "refine_with_experts",
                         lambda archive, masks, out, cfg: calls.append((archive, str(masks), str(out), cfg.groups)) or out)
     (tmp_path / "m").mkdir()
-    res = CliRunner().invoke(cli, ["refine", "--method", "experts", "--archive", "a.json", "--masks",
-                                   str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--groups", "3"])
+    res = CliRunner().invoke(cli, [*command, "--archive", "a.json", "--masks", str(tmp_path / "m"),
+                                   "--out", str(tmp_path / "o"), "--groups", "3"])
     assert res.exit_code == 0, res.output
     assert calls == [("a.json", str(tmp_path / "m"), str(tmp_path / "o"), 3)]
-    res = CliRunner().invoke(cli, ["refine", "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0 and "--images" in res.output
+    warnings = [line for line in res.stderr.splitlines() if "deprecated" in line]
+    assert len(warnings) == (0 if command == ["experts"] else 1)
+    assert all("namedmask experts" in w for w in warnings)
+    if command[0] == "refine":
+        res = CliRunner().invoke(cli, ["refine", "--masks", str(tmp_path / "m"), "--out", str(tmp_path / "o")])
+        assert res.exit_code != 0 and "--images" in res.output
+    helptext = CliRunner().invoke(cli, ["--help"]).output
+    assert " experts " in helptext and "refine-experts" not in helptext
+    assert "--archive" not in CliRunner().invoke(cli, ["refine", "--help"]).output
 
 
 def test_grouping_reads_build_archive_text_embeddings(tmp_path):
@@ -122,3 +131,18 @@ def test_grouping_reads_build_archive_text_embeddings(tmp_path):
     assert torch.equal(load_embeddings(path, ["bus", "cat"]), text[[2, 0]])
     groups = category_groups(names, 2, path)
     assert sorted(sorted(g) for g in groups) == [["bus"], ["cat", "dog"]]
+
+
+def test_training_says_what_it_trains_on_and_warns(tmp_path, caplog):
+    """Each expert's training logs its images, classes, device and init; a random backbone
+    and an expert with fewer than 10 images are warnings."""
+    archive, masks, _ = write_archive(tmp_path / "w", per_class=3, size=32)
+    overrides = [f"train.{o}" for o in tiny_train_overrides(1, batch=2, crop=32)]
+    with caplog.at_level("INFO", logger="namedmask"):
+        refine_with_experts(archive, masks, tmp_path / "refined", load_config(ExpertsConfig, overrides=overrides),
+                            progress=False)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO"]
+    assert sum("only 3 training images (< 10)" in w for w in warnings) == len(CLASSES)
+    assert sum("RANDOM weights" in w for w in warnings) == len(CLASSES)
+    assert any("3 images, 2 classes (background, foreground), device cpu" in i for i in infos), infos

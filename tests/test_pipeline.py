@@ -13,8 +13,8 @@ from namedmask.cli import cli
 from namedmask.data.archive import load_archive
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import CLASSES, write_dataset
-from namedmask.stages import pipeline
-from namedmask.stages.pipeline import PipelineError, load_run_config, run_pipeline
+from namedmask import pipeline
+from namedmask.pipeline import PipelineError, load_run_config, run_pipeline
 
 TINY_DEEPLAB = {"backbone": "resnet10t", "backbone_args": {"channels": [8, 16, 32, 64], "stem_width": 8},
                 "aspp_channels": 16, "low_level_channels": 8, "aspp_rates": [1, 2, 3]}
@@ -33,7 +33,7 @@ def tiny_config(tmp_path_factory):
         "archive": {"model": "nm-tiny", "pretrained": "random", "k": 3, "batch_size": 8, "shard_size": 16},
         "saliency": {"random_weights": True, "short_side": 64, "batch_size": 4, "refine": "none",
                      "vit_kwargs": {"embed_dim": 48, "depth": 2, "num_heads": 2}},
-        "refine": {"method": "experts", "train": {**TINY_TRAIN, "iterations": 2}},
+        "experts": {"enabled": True, "train": {**TINY_TRAIN, "iterations": 2}},
         "train": {**TINY_TRAIN, "iterations": 4},
     })
     return cfg
@@ -73,11 +73,8 @@ def test_every_artifact_exists_and_is_well_formed(tiny_config, first_run):
 def test_rerun_does_no_work_twice(tiny_config, first_run, monkeypatch):
     run = first_run.parent
     calls = []
-    import namedmask.stages.archive as archive_stage
-    import namedmask.stages.train as train_stage
-
-    monkeypatch.setattr(archive_stage, "build_archive", lambda *a, **k: calls.append("archive"))
-    monkeypatch.setattr(train_stage, "train", lambda *a, **k: calls.append("train"))
+    monkeypatch.setattr(pipeline, "build_archive", lambda *a, **k: calls.append("archive"))
+    monkeypatch.setattr(pipeline, "train", lambda *a, **k: calls.append("train"))
     mtime = (run / "train" / "model.safetensors").stat().st_mtime_ns
     run_pipeline(tiny_config, progress=False)
     assert calls == [] and (run / "train" / "model.safetensors").stat().st_mtime_ns == mtime
@@ -93,8 +90,10 @@ def test_a_stage_whose_output_is_gone_runs_again(tiny_config, first_run):
 
 
 def test_bad_configs_say_which_key(tmp_path, monkeypatch):
-    with pytest.raises(PipelineError, match="unknown key"):
+    with pytest.raises(PipelineError, match="unknown config key 'pools'"):
         load_run_config(None, {"pools": "x"})
+    with pytest.raises(PipelineError, match="unknown config key 'train.optim.lr'"):
+        load_run_config(None, ["train.optim.lr=1"])
     with pytest.raises(PipelineError, match="unknown stage"):
         load_run_config(None, {"stages": ["archive", "dance"]})
     monkeypatch.delenv("IMAGENET_TRAIN", raising=False)
@@ -114,6 +113,36 @@ def test_paper_configs_load_with_their_variables(monkeypatch):
         monkeypatch.setenv(var, f"/data/{var.lower()}")
     for name in ("voc", "coco-object", "coca", "cityscapes-object"):
         cfg = load_run_config(name)
-        assert cfg.eval_dataset == name and cfg.archive["model"] == "ViT-L-14-336" and cfg.archive["k"] == 500
-        assert cfg.saliency["method"] == "selfmask" and cfg.train["model"]["pretrained"] == "/data/dino_resnet50"
+        assert cfg.eval_dataset == name and cfg.archive.model == "ViT-L-14-336" and cfg.archive.k == 500
+        assert cfg.saliency.method == "selfmask" and cfg.train.model.pretrained == "/data/dino_resnet50"
+        assert cfg.experts.enabled and cfg.experts.train.iterations == 5000
     assert "demo" in pipeline.builtin_configs()
+
+
+def test_one_config_path_with_deep_merge(tmp_path, caplog):
+    """defaults ⊕ YAML ⊕ --set, merged deeply: a nested --set keeps the YAML's siblings."""
+    path = tmp_path / "run.yaml"
+    path.write_text("train: {iterations: 7, optim: {lr_head: 0.5}}\nexperts: {enabled: true, groups: 2}\n")
+    cfg = load_run_config(path, ["train.optim.lr_backbone=0.25", "experts.train.batch_size=4"])
+    assert (cfg.train.iterations, cfg.train.optim.lr_head, cfg.train.optim.lr_backbone) == (7, 0.5, 0.25)
+    assert cfg.train.optim.weight_decay == 2e-4 and cfg.train.batch_size == 16   # defaults stay
+    assert (cfg.experts.groups, cfg.experts.train.batch_size, cfg.experts.train.iterations) == (2, 4, 5000)
+    res = CliRunner().invoke(cli, ["config", "show", "--config", str(path), "--set", "train.optim.lr_backbone=0.25"])
+    assert res.exit_code == 0, res.output
+    shown = yaml.safe_load(res.output)
+    assert shown["train"]["optim"] == {**shown["train"]["optim"], "lr_head": 0.5, "lr_backbone": 0.25}
+    assert shown["experts"]["groups"] == 2 and shown["stages"] == list(pipeline.STAGES)
+    res = CliRunner().invoke(cli, ["config", "show", "--for", "train", "--set", "iterations=3"])
+    assert res.exit_code == 0 and yaml.safe_load(res.output)["iterations"] == 3
+
+
+def test_old_refine_section_still_loads(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("refine: {method: experts, groups: 3}\nstages: [archive, refine, train]\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_run_config(path)
+    assert cfg.experts.enabled and cfg.experts.groups == 3 and cfg.stages == ["archive", "experts", "train"]
+    assert "deprecated" in caplog.text
+    path.write_text("refine: {method: bilateral}\n")
+    with pytest.raises(PipelineError, match="refine.method"):
+        load_run_config(path)

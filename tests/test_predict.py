@@ -10,11 +10,12 @@ from PIL import Image
 from namedmask.cli import cli
 from namedmask.config import ModelConfig, from_dict, parse_overrides
 from namedmask.data.categories import voc_palette
+from namedmask.data.datasets import FolderLabeledSet, LabeledItem
 from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.data.classmap import ClassMap, ClassMapError
-from namedmask.stages.evaluate import (FolderLabeledSet, LabeledItem, evaluate_checkpoint, evaluate_label_maps,
-                                       evaluate_model, predict_label)
-from namedmask.stages.predict import overlay_image
+from namedmask.models.inference import predict_label
+from namedmask.report import overlay_image
+from namedmask.stages.evaluate import evaluate_checkpoint, evaluate_label_maps, evaluate_model
 from synthetic import one_thread, tiny_model_overrides, write_labeled_folder
 
 NAMES = ["background", "disc", "square", "triangle"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from namedmask.stages.evaluate import evaluate_checkpoint
-from namedmask.stages.train import read_metrics
+from namedmask.report import read_metrics
 from synthetic import tiny_train_overrides, write_archive, write_labeled_folder
 
 REPO = Path(__file__).resolve().parents[1]

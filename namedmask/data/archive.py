@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from namedmask import io
+from namedmask.errors import NamedMaskError
 
 SCHEMA_VERSION = 1
 
 
-class ArchiveError(ValueError):
+class ArchiveError(NamedMaskError, ValueError):
     """archive.json is missing, malformed or of another schema version."""
 
 

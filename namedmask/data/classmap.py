@@ -29,9 +29,10 @@ from typing import Mapping, Sequence
 import torch
 
 from namedmask.data.categories import BUILTIN, get_category_set
+from namedmask.errors import NamedMaskError
 
 
-class ClassMapError(ValueError):
+class ClassMapError(NamedMaskError, ValueError):
     """Class lists that cannot be paired, or a label id the map cannot place."""
 
 

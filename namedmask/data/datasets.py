@@ -19,6 +19,10 @@ path) in a stable sorted order, the class names in id order (0 = background) and
                      own; 255 is a real class in S300/S919); class names are the subset's WordNet ids,
                      sorted (that is the dataset's id order); labels are int32.
 
+  folder             <root>/images/**/*.{jpg,png,...} + <root>/labels/<same relative stem>.png (index PNGs);
+                     an image without a label is listed (label None) and not scored; class names
+                     are the model's (class_names None).
+
 `list_pool_images(path)` lists an unlabelled pool: a folder tree, a list file (one path per
 line, relative to the file's folder), or an ImageNet root (only train/<wnid>/*.JPEG)."""
 from __future__ import annotations
@@ -36,15 +40,16 @@ from PIL import Image
 from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_category_set
 from namedmask.data.coco import coco_paths
 from namedmask.data.decode import IMAGE_SUFFIXES
-from namedmask.data.labelmaps import LabelMapError, read_label_map
+from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
+from namedmask.errors import NamedMaskError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s")
+DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s", "folder")
 _WNID = re.compile(r"^n\d{8}$")
 
 
-class DatasetError(FileNotFoundError):
+class DatasetError(NamedMaskError, FileNotFoundError):
     """A dataset folder that does not have the expected layout; the message says what is missing."""
 
 
@@ -220,8 +225,25 @@ def _open_imagenet_s(root: Path, split: str) -> LabeledSet:
                       ignore_index=IMAGENET_S_IGNORE)
 
 
+class FolderLabeledSet(LabeledSet):
+    """<root>/images/*.{jpg,png,...} + <root>/labels/<same stem>.png: a plain folder pair
+    (the demo's evaluation set, or any user folder). Class names: the model's."""
+
+    def __init__(self, root: str | Path, class_names: list | None = None):
+        root = Path(root)
+        images_dir, labels_dir = root / "images", root / "labels"
+        if not images_dir.is_dir():
+            raise DatasetError(f"{images_dir}: not a directory (a folder set needs images/ and labels/)")
+        labels = index_label_maps(labels_dir) if labels_dir.is_dir() else {}
+        items = [LabeledItem(p.relative_to(images_dir).with_suffix("").as_posix(), p,
+                             labels.get(p.relative_to(images_dir).with_suffix("").as_posix()))
+                 for p in sorted(images_dir.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        super().__init__("folder", root, list(class_names) if class_names else None, items, _read_index_png)
+
+
 _OPENERS = {"voc": _open_voc, "coco-object": _open_coco_object, "coca": _open_coca,
-            "cityscapes-object": _open_cityscapes, "imagenet-s": _open_imagenet_s}
+            "cityscapes-object": _open_cityscapes, "imagenet-s": _open_imagenet_s,
+            "folder": lambda root, split: FolderLabeledSet(root)}
 
 
 def open_dataset(name: str, root: str | Path, split: str = "val") -> LabeledSet:
@@ -263,6 +285,8 @@ def _expected_layout(name: str, root: Path, split: str) -> list:
     if name == "cityscapes-object":
         return [(root / "leftImg8bit" / split, "<city>/*_leftImg8bit.png"),
                 (root / "gtFine" / split, "<city>/*_gtFine_labelIds.png")]
+    if name == "folder":
+        return [(root / "images", "images (*.jpg, *.png, ...)"), (root / "labels", "<image stem>.png index label maps")]
     folders = ("train-semi", "train-semi-segmentation") if split == "train-semi" else \
         ("validation", "validation-segmentation")
     return [(root / folders[0], "<wnid>/*.JPEG"), (root / folders[1], "<wnid>/*.png (id = R + 256*G)")]

@@ -46,6 +46,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from namedmask.errors import NamedMaskError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -55,7 +57,7 @@ CPU_PREFERENCE = ("simplejpeg", "cv2", "pil", "dali-cpu")
 _EXIF_ORIENTATION = 0x0112
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(NamedMaskError, ValueError):
     """A file that is not a decodable image; the message names it."""
 
 

@@ -6,10 +6,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from namedmask.errors import NamedMaskError
+
 LABEL_SUFFIXES = (".png",)
 
 
-class LabelMapError(ValueError):
+class LabelMapError(NamedMaskError, ValueError):
     """A label map file that cannot be used; the message names the file."""
 
 

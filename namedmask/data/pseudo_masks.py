@@ -1,5 +1,5 @@
-"""Pseudo-mask folders written by `namedmask saliency` (and by the experts of
-`namedmask refine --method experts`), read by training. This module is the schema.
+"""Pseudo-mask folders written by `namedmask saliency` (and by `namedmask experts` and
+`namedmask refine` of such a folder), read by training. This module is the schema.
 
 <dir>/manifest.json:
 {
@@ -19,11 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from namedmask import io
+from namedmask.errors import NamedMaskError
 
 SCHEMA_VERSION = 1
 
 
-class PseudoMaskError(ValueError):
+class PseudoMaskError(NamedMaskError, ValueError):
     """A pseudo-mask folder that is missing or malformed."""
 
 

@@ -19,6 +19,8 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
+from namedmask.errors import NamedMaskError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-L-14-336"
@@ -28,7 +30,7 @@ RANDOM_SEED = 0
 _CONFIG_DIR = Path(__file__).with_name("open_clip_configs")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(NamedMaskError, RuntimeError):
     """Pretrained weights are not cached and cannot be downloaded."""
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from namedmask import io
 from namedmask.config import ModelConfig, from_dict, to_dict
+from namedmask.errors import NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ TORCHVISION_RESNETS = ("resnet50", "resnet101", "resnet152")
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 
 
-class ModelError(ValueError):
+class ModelError(NamedMaskError, ValueError):
     """A backbone name, weight file or run directory that cannot be used."""
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from namedmask.errors import NamedMaskError
+
 log = logging.getLogger(__name__)
 
 ALIASES = {"dino_vits16": "vit_small_patch16_224.dino", "dino_vits8": "vit_small_patch8_224.dino",
@@ -35,7 +37,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DinoWeightsError(RuntimeError):
+class DinoWeightsError(NamedMaskError, RuntimeError):
     """DINO weights that cannot be obtained or do not fit the model; the message says what to do."""
 
 

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from namedmask.errors import NamedMaskError
 from namedmask.models.clip import Clip
+from namedmask.ops import bilateral_solve
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)   # the segmenters' input normalisation (data/augment.py)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,7 +33,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 RECIPES = ("maskclip", "value")
 
 
-class MaskClipError(ValueError):
+class MaskClipError(NamedMaskError, ValueError):
     """A CLIP image tower or option the dense path cannot use; the message says why."""
 
 
@@ -232,8 +234,6 @@ def refine_scores(rgb: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """Bilateral-solver refinement of per-label scores: each label present in the argmax is
     solved as a soft one-hot map along the image's edges; labels absent stay at zero.
     rgb: float [3, H, W] in [0, 1]; scores: [L, H, W] -> [L, H, W]."""
-    from namedmask.ops import bilateral_solve
-
     image = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu()
     label = scores.argmax(0)
     out = torch.zeros_like(scores)

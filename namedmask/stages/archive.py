@@ -23,13 +23,11 @@ the number of processes.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,12 +36,15 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from namedmask import io
+from namedmask.config import ArchiveConfig
 from namedmask.data.archive import Archive
 from namedmask.data.datasets import DatasetError, list_pool_images
 from namedmask.data.categories import CategorySet, get_category_set
 from namedmask.data.decode import Resize, iter_image_batches
-from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
+from namedmask.errors import NamedMaskError
+from namedmask.models.clip import Clip, load_clip
 from namedmask.models.prompts import get_templates
+from namedmask.runtime import init_distributed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +52,8 @@ REPORT_IMAGES = 40          # images per contact sheet
 _SHARD = "shard-{:06d}.safetensors"
 
 
-class ArchiveBuildError(RuntimeError):
+class ArchiveBuildError(NamedMaskError, RuntimeError):
     """The pool or the out directory cannot be used; the message says why and what to do."""
-
-
-@dataclass
-class ArchiveConfig:
-    pool: str                               # image folder (searched recursively) or a list file
-    categories: str                         # a category set name (voc) or file
-    out: str
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None           # tag, checkpoint file, "random"; None = the model's default
-    k: int = 500
-    batch_size: int = 64
-    templates: str = "namedmask"            # namedmask (85) | simple | FILE
-    synonyms: str | None = None             # file: "name | synonym, synonym" lines
-    device: str = "cpu"
-    shard_size: int = 4096
-    report: bool = False
 
 
 def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | None:
@@ -79,11 +64,9 @@ def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | Non
     out = Path(config.out)
     categories = _categories_with_synonyms(config.categories, config.synonyms)
     templates = get_templates(config.templates)
-    rank, world, own_group = _init_distributed()
+    rank, world, own_group = init_distributed()
     try:
-        device = torch.device(config.device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
         root, paths = _list_pool_images(config.pool)
         clip = load_clip(config.model, config.pretrained, device)
         embed_dir = out / "embeddings"
@@ -174,7 +157,7 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
     resize = Resize(clip.image_size, clip.image_size, "bicubic")
     images = sum(min(size, len(paths) - n * size) for n in todo)
     bar = tqdm(total=images, unit="img", desc="embed" if world == 1 else f"embed rank {rank}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not todo, dynamic_ncols=True)  # no empty bar on a finished resume
     for n in todo:
         for stale in embed_dir.glob(f".{_SHARD.format(n)}.*"):  # the temp file of a killed run
             stale.unlink(missing_ok=True)
@@ -316,19 +299,3 @@ def write_contact_sheets(archive: Archive, folder: Path, per_sheet: int = REPORT
         written.append(path)
     log.info("contact sheets: %d PNGs in %s", len(written), folder)
     return written
-
-
-# ---------------------------------------------------------------- distributed
-
-def _init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether we created the process group). Under torchrun (WORLD_SIZE>1)
-    a gloo group is used for the barrier only, on CPU and GPU machines alike."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    # Ranks wait at the barrier until the slowest finishes embedding: allow a long time.
-    dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-    return dist.get_rank(), dist.get_world_size(), True

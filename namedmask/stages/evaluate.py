@@ -7,16 +7,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from namedmask import io, ops
 from namedmask.data.classmap import ClassMap, category_words
+from namedmask.data.datasets import FolderLabeledSet, open_dataset
+from namedmask.data.decode import load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
+from namedmask.errors import NamedMaskError
+from namedmask.models.deeplab import load_segmenter
+from namedmask.models.inference import predict_label, resolve_run_dir
+from namedmask.report import save_overlay
+from namedmask.runtime import resolve_device
 
 log = logging.getLogger(__name__)
 
 
-class EvaluationError(RuntimeError):
+class EvaluationError(NamedMaskError, RuntimeError):
     """Bad or missing input files; the message lists them by name."""
 
 
@@ -126,42 +134,6 @@ def write_report(report: EvalReport, path: str | Path) -> None:
 
 # ------------------------------------------------------------------- model-based evaluation
 
-@dataclass(frozen=True)
-class LabeledItem:
-    id: str
-    image: Path
-    label: Path | None
-
-
-class FolderLabeledSet:
-    """<root>/images/*.{jpg,png,...} + <root>/labels/<same stem>.png: the LabeledSet interface
-    of namedmask.data.datasets for a plain folder pair."""
-    ignore_index = 255
-    binary = False
-
-    def __init__(self, root: str | Path, class_names: list | None = None):
-        from namedmask.data.decode import IMAGE_SUFFIXES
-
-        root = Path(root)
-        images_dir, labels_dir = root / "images", root / "labels"
-        if not images_dir.is_dir():
-            raise EvaluationError(f"{images_dir}: not a directory (a folder set needs images/ and labels/)")
-        labels = index_label_maps(labels_dir) if labels_dir.is_dir() else {}
-        self.items = [LabeledItem(p.relative_to(images_dir).with_suffix("").as_posix(), p,
-                                  labels.get(p.relative_to(images_dir).with_suffix("").as_posix()))
-                      for p in sorted(images_dir.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-        self.class_names = list(class_names) if class_names else None
-
-    def __iter__(self):
-        return iter(self.items)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def read_label(self, item: LabeledItem):
-        return read_label_map(item.label)
-
-
 def open_eval_set(name: str, root: str | Path, split: str = "val"):
     """A LabeledSet: 'folder' (images/ + labels/ under root) or a named benchmark
     (voc, coco-object, coca, cityscapes-object, imagenet-s) via namedmask.data.datasets."""
@@ -169,22 +141,7 @@ def open_eval_set(name: str, root: str | Path, split: str = "val"):
         raise EvaluationError(f"dataset {name!r} needs a root folder (--root)")
     if name == "folder":
         return FolderLabeledSet(root)
-    try:
-        from namedmask.data.datasets import open_dataset
-    except ImportError as exc:
-        raise EvaluationError(f"dataset {name!r}: namedmask.data.datasets is not available ({exc})") from exc
     return open_dataset(name, root, split=split)
-
-
-@torch.no_grad()
-def predict_label(model, image: torch.Tensor, device, amp: bool = False) -> torch.Tensor:
-    """uint8 [H, W, 3] image -> int64 [H, W] argmax class ids at native resolution, single scale."""
-    from namedmask.data.augment import eval_input
-
-    x = eval_input(image).to(device)
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(x)
-    return logits.float().argmax(1)[0].cpu()
 
 
 @torch.no_grad()
@@ -197,8 +154,6 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
     classes are paired with the dataset's by name (namedmask.data.classmap; the report says
     which were scored). Binary sets (CoCA: one object per image) are scored the same way, as
     a (1 + C)-class mIoU, and also report the mean per-image foreground IoU."""
-    from namedmask.data.decode import load_image
-
     was_training = model.training
     model.eval()
     binary = bool(getattr(labeled_set, "binary", False))
@@ -225,12 +180,8 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
             fg_iou += torch.tensor([float(inter) / float(union) if union > 0 else 1.0, 1.0], dtype=torch.float64)
         confusion += ops.confusion_matrix(pred, gt, n, ignore, backend=backend)
         if overlays_dir is not None and rank == 0 and i < num_overlays:
-            from namedmask.stages.predict import save_overlay
-
             save_overlay(Path(overlays_dir) / f"{Path(item.id).name}.png", image, pred, names)
     if world > 1:
-        import torch.distributed as dist
-
         dist.all_reduce(confusion)
         dist.all_reduce(fg_iou)
     model.train(was_training)
@@ -247,11 +198,8 @@ def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, 
                         num_overlays: int = 4, backend: str = "auto", progress: bool = True,
                         ignore_unmapped: bool = False) -> EvalReport:
     """`namedmask eval --checkpoint RUN --dataset NAME --root DIR`."""
-    from namedmask.models.deeplab import load_segmenter
-    from namedmask.stages.train import resolve_device
-
     dev = resolve_device(device)
-    model, meta = load_segmenter(run_dir, dev)
+    model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
     labeled_set = open_eval_set(dataset, root, split)
     # fp32 as the official evaluation: bf16 logits can flip the argmax of near-ties
     return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=False,

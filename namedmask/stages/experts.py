@@ -21,11 +21,17 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.config import ExpertsConfig, to_dict
 from namedmask.data.archive import load_archive
+from namedmask.data.decode import load_image
 from namedmask.data.pseudo_masks import load_manifest, mask_paths, mask_relpath
+from namedmask.models.deeplab import load_segmenter
+from namedmask.models.inference import predict_label
+from namedmask.runtime import resolve_device
+from namedmask.stages.train import train
 
 log = logging.getLogger(__name__)
 
 PREDICTED_FILE = "predicted.json"
+MIN_EXPERT_IMAGES = 10   # fewer and an expert is warned about (the paper trains on 500 per category)
 
 
 def kmeans(x: torch.Tensor, k: int, iterations: int = 100, seed: int = 0) -> torch.Tensor:
@@ -89,14 +95,9 @@ def category_groups(categories: list, groups: int | None = None, embeddings: str
 def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | None = None,
                         progress: bool = True) -> Path:
     """Trains the experts and writes the refined pseudo-mask folder `out_dir`; returns it."""
-    from namedmask.data.decode import load_image
-    from namedmask.models.deeplab import load_segmenter
-    from namedmask.stages.evaluate import predict_label
-    from namedmask.stages.train import resolve_device, train
-
     cfg = cfg or ExpertsConfig()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("refine-experts runs in one process (each expert is a small run); start it without torchrun")
+        raise ValueError("experts runs in one process (each expert is a small run); start it without torchrun")
     archive = load_archive(archive_path)
     archive_file = Path(archive_path) / "archive.json" if Path(archive_path).is_dir() else Path(archive_path)
     source = load_manifest(masks_dir)
@@ -115,7 +116,13 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
         if done.is_file():
             fg = json.loads(done.read_text())["fg_fraction"]
         else:
-            log.info("expert %d/%d: categories %s, %d images", g + 1, len(groups), cats, len(images))
+            trained_on = {e["path"] for c in cats for e in archive.archives.get(c, []) if e["path"] in saliency}
+            log.info("expert %d/%d: categories %s, trains on %d images, re-predicts %d", g + 1, len(groups), cats,
+                     len(trained_on), len(images))
+            if len(trained_on) < MIN_EXPERT_IMAGES:
+                log.warning("expert %d/%d (%s) has only %d training images (< %d): its masks will be unreliable; "
+                            "use a larger archive (k) or fewer, grouped experts (groups)", g + 1, len(groups),
+                            ", ".join(cats), len(trained_on), MIN_EXPERT_IMAGES)
             train_cfg = dataclasses.replace(cfg.train, archive=str(archive_file), masks=str(masks_dir),
                                             out=str(expert_dir))
             train(train_cfg, binary=True, categories=cats, progress=progress)

@@ -20,12 +20,16 @@ import torch.nn.functional as F
 from namedmask.config import TextHeadConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.categories import get_category_set
+from namedmask.data.classmap import category_words
+from namedmask.errors import NamedMaskError
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (OpenVocabSegmenter, TextDeepLabV3Plus, load_backbone_weights,
                                       load_segmenter)
 from namedmask.models.maskclip import MaskClipError, MaskClipSegmenter, ensemble_text_embeddings, parse_text_classes
 from namedmask.models.prompts import get_templates
 from namedmask.models.text_head import DenseTeacher, TextBank, text_distillation_loss
+from namedmask.runtime import resolve_device
+from namedmask.stages.evaluate import evaluate_model, open_eval_set
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +37,7 @@ IGNORE = 255
 BACKGROUND_WORDS = ("background",)
 
 
-class OpenVocabError(ValueError):
+class OpenVocabError(NamedMaskError, ValueError):
     """A text option, class list or run that the open-vocabulary path cannot use."""
 
 
@@ -163,8 +167,6 @@ def _read_words(path) -> list:
 def dataset_classes(labeled_set) -> list:
     """(name, words) of a labelled set's foreground classes: a built-in set's prompt words,
     else its class names."""
-    from namedmask.data.classmap import category_words
-
     names = list(getattr(labeled_set, "class_names", None) or [])
     if len(names) < 2:
         raise OpenVocabError("the dataset does not name its classes; give --text or --text-classes FILE")
@@ -194,9 +196,6 @@ def evaluate_open(dataset: str, root, *, run_dir=None, zero_shot: dict | None = 
     run and new text. Classes: --text, a category set / names file (`class_set`), or
     class_set="dataset" (and by default with --zero-shot) the dataset's own classes. Scored
     exactly as evaluate_checkpoint scores a closed-set run."""
-    from namedmask.stages.evaluate import evaluate_model, open_eval_set
-    from namedmask.stages.train import resolve_device
-
     dev = resolve_device(device)
     labeled_set = open_eval_set(dataset, root, split)
     if text or (class_set and class_set != "dataset"):

@@ -7,49 +7,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from namedmask import io
-from namedmask.data.categories import voc_palette
+from namedmask.data.categories import get_category_set, voc_palette
+from namedmask.data.classmap import ClassMap
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
+from namedmask.errors import NamedMaskError
+from namedmask.models.deeplab import load_segmenter
+from namedmask.models.inference import predict_label, resolve_run_dir
+from namedmask.report import save_overlay
+from namedmask.runtime import resolve_device
+from namedmask.stages.openvocab import open_segmenter, text_classes
 
 log = logging.getLogger(__name__)
 
 
-class PredictError(ValueError):
+class PredictError(NamedMaskError, ValueError):
     """No images to predict, or an input that cannot be read; the message names it."""
-
-
-def _colours() -> np.ndarray:
-    return np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
-
-
-def overlay_image(image: torch.Tensor, label: torch.Tensor, class_names: list, alpha: float = 0.5) -> Image.Image:
-    """RGB image with non-background classes tinted by the VOC palette and, on the right,
-    a legend (colour swatch + name) of the classes present."""
-    img = image.numpy().astype(np.float32)
-    lab = label.numpy().astype(np.int64)
-    colours = _colours()
-    fg = (lab > 0) & (lab < 256)
-    tinted = img.copy()
-    tinted[fg] = (1 - alpha) * img[fg] + alpha * colours[lab[fg] % 256]
-    base = Image.fromarray(tinted.round().clip(0, 255).astype(np.uint8))
-    present = [int(c) for c in np.unique(lab) if 0 <= c < len(class_names)]
-    row, width = 14, 10 + 7 * max([len(class_names[c]) for c in present] + [4]) + 24
-    canvas = Image.new("RGB", (base.width + width, max(base.height, row * len(present) + 8)), (255, 255, 255))
-    canvas.paste(base, (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, c in enumerate(present):
-        y = 4 + k * row
-        draw.rectangle([base.width + 6, y, base.width + 16, y + 10], fill=tuple(int(v) for v in colours[c % 256]),
-                       outline=(0, 0, 0))
-        draw.text((base.width + 22, y - 1), class_names[c], fill=(0, 0, 0))
-    return canvas
-
-
-def save_overlay(path, image: torch.Tensor, label: torch.Tensor, class_names: list) -> None:
-    io.save_png(path, overlay_image(image, label, class_names))
 
 
 def collect_images(inputs) -> list:
@@ -76,24 +51,15 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
     model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
     cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
     arguments of stages.openvocab.zero_shot_segmenter), labels those names."""
-    from namedmask.models.deeplab import load_segmenter
-    from namedmask.stages.evaluate import predict_label
-    from namedmask.stages.train import resolve_device
-
     dev = resolve_device(device)
     if text or zero_shot is not None:
-        from namedmask.stages.openvocab import open_segmenter, text_classes
-
-        model, names = open_segmenter(run_dir=None if zero_shot is not None else run_dir, zero_shot=zero_shot,
-                                      classes=text_classes(text) if text else None, device=dev)
+        model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
+                                      zero_shot=zero_shot, classes=text_classes(text) if text else None, device=dev)
     else:
-        model, meta = load_segmenter(run_dir, dev)
+        model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
         names = meta["class_names"]
     cmap = None
     if classes:
-        from namedmask.data.categories import get_category_set
-        from namedmask.data.classmap import ClassMap
-
         target_set = get_category_set(classes)
         cmap = ClassMap(names, target_set.names, ignore_unmapped=ignore_unmapped,
                         dataset_words={n: target_set.prompt_words(n) for n in target_set.names})

@@ -6,11 +6,16 @@ the suffix, refines each mask and writes `out/<same relative path>.png`: uint8, 
 foreground when it is non-zero (0/1, 0/255 and palette masks all work). Resumable: finished
 outputs are skipped, every write is atomic, and `out/refine.json` records the settings so a
 resumed run cannot mix two settings in one folder.
+
+When the masks come from a pseudo-mask folder (`namedmask saliency --refine none`: --masks is
+that folder or its masks/ subfolder), `out` becomes a pseudo-mask folder of the same schema
+(out/manifest.json, same archive), so `namedmask train --masks out` takes it as it is.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,6 +26,8 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
+from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
+from namedmask.errors import NamedMaskError
 from namedmask.ops.bilateral import bilateral_solve_batch, resolve_params
 
 log = logging.getLogger(__name__)
@@ -29,7 +36,7 @@ METHODS = ("bilateral-solver",)
 CONFIG_NAME = "refine.json"
 
 
-class RefineError(RuntimeError):
+class RefineError(NamedMaskError, RuntimeError):
     """Bad or missing inputs, or an output folder made with other settings; the message names them."""
 
 
@@ -85,6 +92,9 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     params = resolve_params(preset, sigma_spatial, sigma_luma, sigma_chroma, lam)
     config = {"method": method, "preset": preset, **asdict(params), "threshold": threshold}
+    source = pseudo_mask_source(masks_dir)
+    if source is not None and Path(masks_dir).resolve() == source[0].resolve():
+        masks_dir = Path(masks_dir) / "masks"  # the folder itself was given: its masks are in masks/
     images, masks = index_images(images_dir), index_label_maps(masks_dir)
     if not masks:
         raise RefineError(f"{masks_dir}: no PNG masks found")
@@ -103,7 +113,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
             todo.append(stem)
     if report.skipped_done:
         log.info("resuming: %d of %d masks already refined in %s", report.skipped_done, len(masks), out_dir)
-    bar = tqdm(total=len(todo), desc=f"refine ({method})", unit="img", disable=not progress)
+    bar = tqdm(total=len(todo), desc=f"refine ({method})", unit="img", disable=not progress or not todo)
     for start in range(0, len(todo), batch_size):
         batch = []
         for stem in todo[start:start + batch_size]:
@@ -130,7 +140,43 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
                           f"\n  {listing}{more}\nFix them and rerun (finished masks are skipped), or pass --skip-bad.")
     for stem, reason in report.failed:
         log.warning("skipped %s: %s", stem, reason)
+    if source is not None:
+        write_manifest(out_dir, masks_dir, *source, config)
     extra = [s for s in images if s not in masks]
     if extra:
         log.info("%d image(s) have no mask and were not refined (first: %s)", len(extra), images[extra[0]])
     return report
+
+
+def pseudo_mask_source(masks_dir: str | Path) -> tuple[Path, dict] | None:
+    """(folder, manifest) when `masks_dir` is a pseudo-mask folder or its masks/ subfolder."""
+    for folder in (Path(masks_dir), Path(masks_dir).parent):
+        if (folder / "manifest.json").is_file():
+            return folder, load_manifest(folder)
+    return None
+
+
+def write_manifest(out_dir: Path, masks_dir: Path, source_dir: Path, source: dict, config: dict) -> Path:
+    """out/manifest.json in the pseudo-mask schema: the source's archive and images, each
+    pointing at its refined mask (images whose mask is not refined are left out)."""
+    masks_dir, out_dir = Path(masks_dir).resolve(), Path(out_dir).resolve()
+    entries = {}
+    for image, entry in source["masks"].items():
+        path = (source_dir / entry["mask"]).resolve()
+        if not path.is_relative_to(masks_dir):
+            continue
+        rel = path.relative_to(masks_dir).with_suffix(".png").as_posix()
+        if (out_dir / rel).is_file():
+            mask = read_label_map(out_dir / rel)
+            fg = float(mask.mean()) if mask.size else 0.0
+            entries[image] = {"mask": rel, "fg_fraction": round(fg, 6),
+                              "flag": "empty" if not mask.any() else ("full" if mask.all() else None)}
+    archive = (Path(source_dir) / source["archive"]).resolve()
+    manifest = {"schema_version": SCHEMA_VERSION, "archive": os.path.relpath(archive, out_dir),
+                "method": source.get("method"), "refine": config["method"],
+                "source_masks": os.path.relpath(source_dir.resolve(), out_dir), "config": config,
+                "masks": entries, "failed": source.get("failed", [])}
+    io.write_json(out_dir / "manifest.json", manifest)
+    log.info("pseudo-mask manifest of %d refined masks: %s", len(entries), out_dir / "manifest.json")
+    return out_dir / "manifest.json"
+

@@ -26,10 +26,14 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from namedmask import io
+from namedmask import io, ops
+from namedmask.config import SaliencyConfig
 from namedmask.data.archive import Archive, load_archive
 from namedmask.data.decode import iter_image_batches, load_image
-from namedmask.data.pseudo_masks import SCHEMA_VERSION, mask_relpath
+from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest, mask_relpath
+from namedmask.errors import NamedMaskError
+from namedmask.models.dino import build_vit, create_dino
+from namedmask.models.saliency import SelfMask, SelfMaskPredictor, TokenCut, load_selfmask, normalize
 
 log = logging.getLogger(__name__)
 
@@ -41,44 +45,25 @@ RESULT_KEYS = ("method", "refine", "short_side", "dino", "dino_weights", "checkp
                "vit_kwargs")
 
 
-class SaliencyError(RuntimeError):
+class SaliencyError(NamedMaskError, RuntimeError):
     """A problem the user must fix (bad settings, missing weights or op); the message says how."""
 
 
-@dataclass
-class SaliencyConfig:
-    archive: str
-    out: str
-    method: str = "tokencut"
-    refine: str = "bilateral-solver"
-    short_side: int = 512
-    batch_size: int = 8
-    dino: str | None = None            # timm name of the DINO ViT; None = the method's default
-    dino_weights: str | None = None    # local DINO checkpoint (official or timm layout), TokenCut
-    checkpoint: str | None = None      # SelfMask checkpoint
-    random_weights: bool = False       # smoke runs only: meaningless masks
-    tau: float = 0.2
-    eigen_solver: str = "arpack"      # or "dense"; same eigenvector
-    device: str = "auto"
-    report: bool = False
-    report_per_category: int = 4
-    vit_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (tiny test ViTs)
-    manifest_every_s: float = 30.0     # manifest rewrite interval while running
-
-    def resolved(self) -> "SaliencyConfig":
-        if self.method not in METHODS:
-            raise SaliencyError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.refine not in REFINES:
-            raise SaliencyError(f"refine must be one of {REFINES}, got {self.refine!r}")
-        if self.short_side < 16 or self.batch_size < 1:
-            raise SaliencyError("short_side must be >= 16 and batch_size >= 1")
-        device = self.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        absolute = {k: str(Path(getattr(self, k)).resolve()) for k in ("archive", "out", "dino_weights", "checkpoint")
-                    if getattr(self, k) is not None}
-        return SaliencyConfig(**{**asdict(self), **absolute, "dino": self.dino or DEFAULT_DINO[self.method],
-                                 "device": device})
+def resolve_config(self: SaliencyConfig) -> SaliencyConfig:
+    """Checked, with absolute paths, the method's default DINO and a concrete device."""
+    if self.method not in METHODS:
+        raise SaliencyError(f"method must be one of {METHODS}, got {self.method!r}")
+    if self.refine not in REFINES:
+        raise SaliencyError(f"refine must be one of {REFINES}, got {self.refine!r}")
+    if self.short_side < 16 or self.batch_size < 1:
+        raise SaliencyError("short_side must be >= 16 and batch_size >= 1")
+    device = self.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    absolute = {k: str(Path(getattr(self, k)).resolve()) for k in ("archive", "out", "dino_weights", "checkpoint")
+                if getattr(self, k) is not None}
+    return SaliencyConfig(**{**asdict(self), **absolute, "dino": self.dino or DEFAULT_DINO[self.method],
+                             "device": device})
 
 
 @dataclass
@@ -100,9 +85,6 @@ class SaliencyResult:
 
 def build_model(config: SaliencyConfig):
     """The saliency model of a resolved config, on its device."""
-    from namedmask.models.dino import build_vit, create_dino
-    from namedmask.models.saliency import SelfMask, SelfMaskPredictor, TokenCut, load_selfmask
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random-weight smoke runs resume with the same model
         if config.method == "tokencut":
@@ -125,8 +107,6 @@ def bilateral_refiner(kind: str):
     """None for "none"; else image uint8 [h, w, 3], bool mask [h, w] -> refined bool mask."""
     if kind == "none":
         return None
-    from namedmask import ops
-
     solve = getattr(ops, "bilateral_solve", None)
     if solve is None:
         raise SaliencyError("--refine bilateral-solver needs namedmask.ops.bilateral_solve, which this build does "
@@ -158,8 +138,6 @@ def _open_manifest(out: Path, config: SaliencyConfig) -> dict:
              "method": config.method, "refine": config.refine, "config": asdict(config), "masks": {}, "failed": []}
     if not path.is_file():
         return fresh
-    from namedmask.data.pseudo_masks import load_manifest
-
     old = load_manifest(path)
     before = old.get("config", {})
     changed = [f"{k}: {before.get(k)!r} -> {getattr(config, k)!r}" for k in RESULT_KEYS
@@ -171,7 +149,7 @@ def _open_manifest(out: Path, config: SaliencyConfig) -> dict:
 
 
 def run_saliency(config: SaliencyConfig) -> SaliencyResult:
-    config = config.resolved()
+    config = resolve_config(config)
     archive = load_archive(config.archive)
     refine = bilateral_refiner(config.refine)
     out = Path(config.out)
@@ -250,8 +228,6 @@ def _failure(rel: str, reason: str) -> dict:
 
 def _predict_batch(model, refine, rels: list, images: list, device: str):
     """Yields (relpath, native-resolution uint8 0/1 mask or None, failure reason)."""
-    from namedmask.models.saliency import normalize
-
     prepared = [model.prepare(img) for img in images]
     groups = {}
     for i, p in enumerate(prepared):

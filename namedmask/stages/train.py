@@ -1,10 +1,7 @@
 """Stage (D) (and the experts of stage C): train a DeepLabv3+ on category archives + pseudo-masks.
-
-Data order is a pure function of (seed, iteration, rank): sample number k of the run reads
-image perm_epoch[k mod N] (perm seeded by (seed, epoch)) and augments it with a generator
-seeded by (seed, k); the global batch of iteration i is samples [i B, (i+1) B) whatever the
-number of ranks. So a run resumed from its checkpoint, or split over DDP ranks, sees exactly
-the data an uninterrupted run sees, without saving any loader state.
+This module is the loop and the checkpoint; the training set and its sample order are in
+namedmask/data/training.py, device and DDP setup in namedmask/runtime.py, metrics files
+and curves in namedmask/report.py.
 
 Run directory: config.yaml (resolved config), checkpoint.pt (full training state; loads with
 torch.load(weights_only=True)), model.safetensors + model.json (the segmenter),
@@ -14,191 +11,43 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+import yaml
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
-from namedmask import io
+from namedmask import io, ops
 from namedmask.config import CopyPasteConfig, TrainConfig, dump_yaml, to_dict
-from namedmask.data.archive import load_archive
-from namedmask.data.augment import IGNORE, train_transform
-from namedmask.data.decode import load_image
-from namedmask.data.pseudo_masks import mask_paths
+from namedmask.data.augment import IGNORE
+from namedmask.data.datasets import open_dataset
+from namedmask.data.training import IterationBatches, TrainError, TrainSamples, _seed, archive_items
 from namedmask.models.deeplab import build_model, save_segmenter
+from namedmask.report import METRICS_FILE, plot_curves
+from namedmask.runtime import setup_distributed, sync_buffers
+from namedmask.stages.evaluate import evaluate_model
 from namedmask.stages.openvocab import TextObjective
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE = "checkpoint.pt", "config.yaml", "metrics.jsonl"
+CHECKPOINT_FILE, CONFIG_FILE = "checkpoint.pt", "config.yaml"
 # Config keys that may change when a run is resumed (everything else must match).
 RESUMABLE_CHANGES = ("out", "num_workers", "log_every", "checkpoint_every", "iterations", "device", "val")
-
-
-class TrainError(RuntimeError):
-    """Inputs or a run directory that training cannot use; the message says what to do."""
-
-
-# ----------------------------------------------------------------------------------------- data
-
-@dataclass(frozen=True)
-class TrainItem:
-    image: Path
-    mask: Path
-    class_id: int      # written where mask == 1
-
-
-def archive_items(archive_path, masks_dir, categories=None, binary: bool = False) -> tuple[list, list]:
-    """(items, class_names) for the images of the archives of `categories` (all by default)
-    that have a pseudo-mask. Class id = the archive's explicit id of the image's best
-    category, or 1 for a binary (expert) segmenter."""
-    archive = load_archive(archive_path)
-    masks = mask_paths(masks_dir)
-    wanted = list(archive.categories) if categories is None else list(categories)
-    unknown = [c for c in wanted if c not in archive.categories]
-    if unknown:
-        raise TrainError(f"categories {unknown} are not in {archive_path}")
-    paths = sorted({e["path"] for c in wanted for e in archive.archives.get(c, [])})
-    missing = [p for p in paths if p not in masks]
-    if missing:
-        log.warning("%d of %d archive images have no pseudo-mask in %s and are not trained on (first: %s)",
-                    len(missing), len(paths), masks_dir, missing[0])
-    items = []
-    for p in paths:
-        if p in masks:
-            if not binary and p not in archive.best_category:
-                raise TrainError(f"{archive_path}: image {p!r} has no best_category entry; rebuild the archive")
-            items.append(TrainItem(archive.pool_root / p, Path(masks[p]), 1 if binary else archive.label_of(p)))
-    if not items:
-        raise TrainError(f"no training images: none of the archive images of {wanted[:5]} has a mask in {masks_dir}")
-    names = ["background", "foreground"] if binary else archive.class_names
-    return items, names
-
-
-def read_training_label(item: TrainItem, image_size: tuple) -> torch.Tensor:
-    """uint8 [H, W]: class id where mask == 1, 0 where 0, 255 where 255."""
-    try:
-        with Image.open(item.mask) as img:
-            mask = np.array(img)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{item.mask}: cannot read pseudo-mask ({exc})") from exc
-    if mask.shape != tuple(image_size):
-        raise TrainError(f"{item.mask}: mask size {mask.shape[::-1]} differs from image {item.image} "
-                         f"{tuple(image_size)[::-1]} (width x height); masks must be at native resolution")
-    label = np.full(mask.shape, IGNORE, np.uint8)
-    label[mask == 0] = 0
-    label[mask == 1] = item.class_id
-    return torch.from_numpy(label)
-
-
-def _seed(*parts: int) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-class TrainSamples(Dataset):
-    """Sample number k -> (augmented image, label, index of the image used)."""
-
-    def __init__(self, items: list, cfg: TrainConfig):
-        self.items, self.cfg = items, cfg
-        self._perm_epoch, self._perm = -1, None
-
-    def __len__(self) -> int:  # sample numbers are unbounded; the sampler decides
-        return 2 ** 62
-
-    def image_index(self, k: int) -> int:
-        epoch, pos = divmod(k, len(self.items))
-        if epoch != self._perm_epoch:
-            self._perm = torch.randperm(len(self.items), generator=torch.Generator().manual_seed(
-                _seed(self.cfg.seed, epoch)))
-            self._perm_epoch = epoch
-        return int(self._perm[pos])
-
-    def __getitem__(self, k: int):
-        index = self.image_index(k)
-        item = self.items[index]
-        image = load_image(item.image).permute(2, 0, 1)
-        label = read_training_label(item, image.shape[-2:])
-        g = torch.Generator().manual_seed(_seed(self.cfg.seed, -1, k))
-        image, label = train_transform(image, label, self.cfg.augment, g)
-        return image, label, index
-
-
-class IterationBatches(Sampler):
-    """Batch of iteration i on rank r: sample numbers (i * world + r) * b + [0, b)."""
-
-    def __init__(self, start: int, stop: int, batch: int, rank: int = 0, world: int = 1):
-        self.start, self.stop, self.batch, self.rank, self.world = start, stop, batch, rank, world
-
-    def __iter__(self):
-        for it in range(self.start, self.stop):
-            first = (it * self.world + self.rank) * self.batch
-            yield list(range(first, first + self.batch))
-
-    def __len__(self) -> int:
-        return self.stop - self.start
 
 
 def apply_copy_paste(images, labels, cfg: CopyPasteConfig, generator):
     """The one call into the copy-paste op (objects of other samples pasted into the batch)."""
     if cfg.p <= 0:
         return images, labels
-    from namedmask import ops
-
     if not hasattr(ops, "random_copy_paste"):
         raise TrainError("copy_paste.p > 0 needs namedmask.ops.random_copy_paste, which this installation "
                          "lacks; set copy_paste.p=0 to train without copy-paste")
     return ops.random_copy_paste(images, labels, p=cfg.p, max_objects=cfg.max_objects, scale=cfg.scale,
                                  hflip=cfg.hflip, generator=generator)
-
-
-# ------------------------------------------------------------------------------- distribution
-
-@dataclass
-class DistContext:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-    owns_group: bool = False   # this process group was created by setup_distributed (and is destroyed by train)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            dist.all_reduce(tensor)
-        return tensor
-
-
-def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
-    if pref == "auto":
-        pref = "cuda" if torch.cuda.is_available() else "cpu"
-    if pref.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise TrainError("device cuda requested but no CUDA device is available; use device=cpu")
-        return torch.device("cuda", local_rank) if pref == "cuda" else torch.device(pref)
-    return torch.device(pref)
-
-
-def setup_distributed(device_pref: str) -> DistContext:
-    """torchrun's environment -> process group (nccl on CUDA, gloo on CPU); single process otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_pref, local_rank)
-    owns = world > 1 and not dist.is_initialized()
-    if owns:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = dist.get_rank() if world > 1 else 0
-    return DistContext(rank, world, device, owns)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -224,8 +73,6 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return
-    import yaml
-
     old, new = yaml.safe_load(path.read_text()), to_dict(cfg)
     diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
     if diff:
@@ -255,6 +102,19 @@ def _append_metrics(run_dir: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _log_start(cfg: TrainConfig, items: list, class_names: list, ctx) -> None:
+    """What a run trains on, said once before the first step; random backbone weights are a warning."""
+    log.info("training %s: %d images, %d classes (%s), device %s x %d rank(s), %d iterations of batch %d",
+             cfg.out, len(items), len(class_names), ", ".join(class_names[:8]) + (" ..." if len(class_names) > 8 else ""),
+             ctx.device, ctx.world, cfg.iterations, cfg.batch_size)
+    if cfg.model.pretrained:
+        log.info("backbone %s initialised from %s", cfg.model.backbone, cfg.model.pretrained)
+    else:
+        log.warning("backbone %s starts from RANDOM weights (model.pretrained is not set): fine for a smoke "
+                    "run, far below NamedMask's quality (its recipe starts from DINO ResNet-50 weights)",
+                    cfg.model.backbone)
+
+
 def _amp_enabled(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.amp not in ("auto", "bf16", "off"):
         raise TrainError(f"amp must be auto, bf16 or off, got {cfg.amp!r}")
@@ -265,8 +125,6 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
           progress: bool = True) -> Path:
     """Trains (or resumes) the run in cfg.out; returns the run directory. `on_iteration(i)` is
     called after each completed iteration i (tests use it to interrupt a run)."""
-    from tqdm.auto import tqdm
-
     if not (cfg.archive and cfg.masks and cfg.out):
         raise TrainError("give an archive, a pseudo-mask folder and an output run directory")
     if cfg.head not in ("linear", "text"):
@@ -284,6 +142,8 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
         _check_resume_config(run_dir, cfg)
         io.write_text(run_dir / CONFIG_FILE, dump_yaml(cfg))
 
+    if ctx.is_main:
+        _log_start(cfg, items, class_names, ctx)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     objective = TextObjective(cfg.text, cfg.archive, class_names, ctx.device) if cfg.head == "text" else None
     model = (objective.build_model(cfg.model, len(class_names)) if objective
@@ -319,7 +179,8 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     val_set = _open_val_set(cfg, class_names) if cfg.val.dataset else None
 
     net.train()
-    bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it", disable=not (progress and ctx.is_main))
+    bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it",
+               disable=not (progress and ctx.is_main) or start >= cfg.iterations)
     t_last, it = time.perf_counter(), start
     for it, (images, labels, indices) in enumerate(loader, start=start):
         images = images.to(ctx.device, non_blocking=True)
@@ -373,18 +234,9 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     return run_dir
 
 
-def _sync_buffers(ctx, model) -> None:
-    """BN running statistics from rank 0 to all ranks. DDP broadcasts them before every
-    forward, so this changes nothing in training, but after the last step each rank holds
-    its own statistics; synced, every rank ends with rank 0's (saved) model."""
-    if ctx.world > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
 def _save_checkpoint(ctx, run_dir, model, optimizer, scheduler, iteration, cfg, class_names) -> None:
     """Every rank's RNG state is gathered; rank 0 writes the checkpoint and the weights."""
-    _sync_buffers(ctx, model)
+    sync_buffers(ctx, model)
     rng = torch.get_rng_state()
     rngs = [rng]
     if ctx.world > 1:
@@ -403,15 +255,13 @@ def _save_checkpoint(ctx, run_dir, model, optimizer, scheduler, iteration, cfg, 
 
 
 def _open_val_set(cfg: TrainConfig, class_names):
-    from namedmask.stages.evaluate import open_eval_set
-
-    return open_eval_set(cfg.val.dataset, cfg.val.root, cfg.val.split)
+    if cfg.val.root is None:
+        raise TrainError(f"val.dataset {cfg.val.dataset!r} needs val.root (the dataset's folder)")
+    return open_dataset(cfg.val.dataset, cfg.val.root, cfg.val.split)
 
 
 def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) -> None:
-    from namedmask.stages.evaluate import evaluate_model
-
-    _sync_buffers(ctx, model)  # every rank scores its shard with the same model
+    sync_buffers(ctx, model)  # every rank scores its shard with the same model
     report = evaluate_model(model, val_set, class_names, device=ctx.device, amp=_amp_enabled(cfg, ctx.device),
                             max_images=cfg.val.max_images, rank=ctx.rank, world=ctx.world, progress=False)
     net.train()
@@ -424,7 +274,7 @@ def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) ->
 
 def _finish(ctx, run_dir: Path, model, cfg) -> None:
     """Checks the ranks ended with identical weights, writes summary.json and the curves plot."""
-    _sync_buffers(ctx, model)
+    sync_buffers(ctx, model)
     digest = state_digest(model)
     digests = [digest]
     if ctx.world > 1:
@@ -436,34 +286,3 @@ def _finish(ctx, run_dir: Path, model, cfg) -> None:
         plot_curves(run_dir)
     if len(set(digests)) > 1:
         raise TrainError(f"DDP ranks ended with different weights: {digests}")
-
-
-def read_metrics(run_dir) -> list:
-    path = Path(run_dir) / METRICS_FILE
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def plot_curves(run_dir) -> Path | None:
-    """curves.png: training loss and validation mIoU against iterations."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(run_dir)
-    loss = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["iteration"], 100 * r["val_miou"]) for r in records if "val_miou" in r]
-    if not loss:
-        return None
-    fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5, 3.5), squeeze=False)
-    axes[0][0].plot(*zip(*loss))
-    axes[0][0].set(xlabel="iteration", ylabel="loss", title="training loss")
-    if val:
-        axes[0][1].plot(*zip(*val), marker="o")
-        axes[0][1].set(xlabel="iteration", ylabel="mIoU (%)", title="validation mIoU")
-    fig.tight_layout()
-    path = Path(run_dir) / "curves.png"
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path

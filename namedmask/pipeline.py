@@ -1,0 +1,178 @@
+"""`namedmask run`: the whole pipeline in one run directory, stage after stage
+
+    archive/   (A) CLIP category archives            build_archive
+    saliency/  (B) DINO pseudo-masks + refinement    run_saliency
+    refined/   (C) category experts (experts.enabled) refine_with_experts
+    train/     (D) the final DeepLabv3+              train
+    eval/      (E) mIoU on the evaluation set        evaluate_checkpoint
+    predict/       overlays on a few images          predict
+    index.html     the report
+
+Every stage is resumable by itself; on top of that a stage whose settings have not changed
+since it last finished is skipped outright (<run>/.stages/<stage>.json records them)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from namedmask import io
+from namedmask.config import STAGES, ConfigError, RunConfig, builtin_configs, dump_yaml, load_config, to_dict  # noqa: F401
+from namedmask.data.archive import load_archive
+from namedmask.data.pseudo_masks import load_manifest
+from namedmask.data.synthetic import write_dataset
+from namedmask.errors import NamedMaskError
+from namedmask.report import build_report, iou_bar_chart
+from namedmask.stages.archive import build_archive
+from namedmask.stages.evaluate import evaluate_checkpoint, write_report
+from namedmask.stages.experts import refine_with_experts
+from namedmask.stages.predict import predict
+from namedmask.stages.saliency import run_saliency
+from namedmask.stages.saliency import write_report as write_mask_report
+from namedmask.stages.train import train
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run uses untrained CLIP/DINO models because no pretrained weights "
+                          "were given. It proves the machinery, NOT segmentation quality. Pass real weights "
+                          "(see the configs in namedmask/configs/) for meaningful archives, masks and mIoU.")
+
+
+class PipelineError(NamedMaskError, RuntimeError):
+    """A run configuration that cannot work; the message says which key to fix."""
+
+
+def load_run_config(path: str | Path | None = None, overrides: dict | list | None = None) -> RunConfig:
+    """A YAML file, or a built-in config by name (demo, voc, coco-object, coca,
+    cityscapes-object; None = demo); then `overrides` (a nested dict or key=value strings),
+    merged deeply. `$VAR` in string values is taken from the environment (an unset variable
+    is an error naming it)."""
+    try:
+        return load_config(RunConfig, path or "demo", overrides or ())
+    except ConfigError as exc:
+        raise PipelineError(str(exc)) from None
+
+
+class _Stages:
+    """Runs a stage unless it finished before with the same settings."""
+
+    def __init__(self, run: Path):
+        self.folder = run / ".stages"
+        self.ran: list = []
+        self.skipped: list = []
+
+    def run(self, name: str, settings: dict, fn, output: Path):
+        """`output` is the stage's main product; if it is gone the stage runs again."""
+        marker = self.folder / f"{name}.json"
+        key = io.fingerprint(settings)
+        if output.exists() and marker.exists() and json.loads(marker.read_text()).get("fingerprint") == key:
+            log.info("[%s] already done with these settings; skipping", name)
+            self.skipped.append(name)
+            return
+        log.info("[%s] running", name)
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        io.write_json(marker, {"fingerprint": key, "settings": settings, "seconds": round(seconds, 2)})
+        log.info("[%s] done in %.1f s", name, seconds)
+        self.ran.append(name)
+
+
+def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
+    """Runs the configured stages into cfg.out; returns the path of the report (index.html)."""
+    run = Path(cfg.out).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.demo:
+        data = write_dataset(run / "data")
+        cfg = dataclasses.replace(
+            cfg, pool=cfg.pool or str(data / "pool"), categories=str(data / "categories.txt"),
+            eval_dataset=cfg.eval_dataset or "folder", eval_root=cfg.eval_root or str(data / "eval"),
+            predict_images=cfg.predict_images or [str(p) for p in sorted((data / "eval" / "images").glob("*.jpg"))[:3]])
+    io.write_text(run / "config.yaml", dump_yaml(cfg))
+    warnings = _weight_warnings(cfg)
+    for w in warnings:
+        log.warning("\n%s\n%s\n%s", "!" * 100, w, "!" * 100)
+    stages = _Stages(run)
+    archive_json = run / "archive" / "archive.json"
+    masks = run / "saliency"
+
+    if "archive" in cfg.stages:
+        if not cfg.pool:
+            raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
+        acfg = dataclasses.replace(cfg.archive, pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"))
+        stages.run("archive", dataclasses.asdict(acfg), lambda: build_archive(acfg, progress=progress),
+                   archive_json)
+
+    if "saliency" in cfg.stages:
+        scfg = dataclasses.replace(cfg.saliency, archive=str(archive_json), out=str(masks))
+        stages.run("saliency", dataclasses.asdict(scfg), lambda: run_saliency(scfg), masks / "manifest.json")
+
+    if "experts" in cfg.stages and cfg.experts.enabled:
+        ecfg = cfg.experts
+        refined = run / "refined"
+
+        def experts():
+            refine_with_experts(archive_json, masks, refined, ecfg, progress=progress)
+            _mask_report(archive_json, refined)
+
+        stages.run("experts", to_dict(ecfg), experts, refined / "manifest.json")
+        masks = refined
+
+    train_dir = run / "train"
+    if "train" in cfg.stages:
+        tcfg = dataclasses.replace(cfg.train, archive=str(archive_json), masks=str(masks), out=str(train_dir))
+        stages.run("train", to_dict(tcfg), lambda: train(tcfg, progress=progress), train_dir / "model.safetensors")
+
+    if "eval" in cfg.stages and cfg.eval_dataset:
+        options = {"split": cfg.eval_split, **dataclasses.asdict(cfg.eval)}
+
+        def evaluate():
+            report = evaluate_checkpoint(train_dir, cfg.eval_dataset, cfg.eval_root, overlays_dir=run / "eval",
+                                         progress=progress, **options)
+            write_report(report, run / "eval" / "metrics.json")
+            iou_bar_chart(run / "eval" / "metrics.json", run / "eval" / "per_class_iou.png")
+            log.info("mIoU %.2f on %s (%d images)", 100 * report.metrics.miou, cfg.eval_dataset, report.num_images)
+
+        stages.run("eval", {"dataset": cfg.eval_dataset, "root": cfg.eval_root, **options,
+                            "model": _fingerprint_file(train_dir / "model.safetensors")}, evaluate,
+                   run / "eval" / "metrics.json")
+
+    if "predict" in cfg.stages and cfg.predict_images:
+        options = dataclasses.asdict(cfg.predict)
+        stages.run("predict", {"images": cfg.predict_images, **options,
+                               "model": _fingerprint_file(train_dir / "model.safetensors")},
+                   lambda: predict(train_dir, cfg.predict_images, run / "predict", progress=progress, **options),
+                   run / "predict" / "labels")
+
+    facts = {"run directory": run, "stages run now": ", ".join(stages.ran) or "none (all done before)",
+             "stages skipped (already done)": ", ".join(stages.skipped) or "none"}
+    metrics = run / "eval" / "metrics.json"
+    if metrics.exists():
+        facts["mIoU"] = f"{100 * json.loads(metrics.read_text())['miou']:.2f}"
+    return build_report(run, title=f"namedmask run: {run.name}", warnings=warnings, facts=facts)
+
+
+def _fingerprint_file(path: Path) -> str | None:
+    """Content hash of a stage output, so later stages rerun when it changes."""
+    if not path.exists():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _mask_report(archive_json: Path, folder: Path) -> None:
+
+    write_mask_report(folder, load_archive(archive_json), load_manifest(folder))
+
+
+def _weight_warnings(cfg: RunConfig) -> list:
+    random_clip = str(cfg.archive.pretrained) == "random" or (
+        cfg.archive.model == "nm-tiny" and not cfg.archive.pretrained)
+    random_dino = cfg.saliency.random_weights
+    return [RANDOM_WEIGHTS_WARNING] if (random_clip or random_dino) and {"archive", "saliency"} & set(cfg.stages) else []
