@@ -33,6 +33,7 @@ HELD_OUT_SEED = 1000          # the generated open split's RNG: distinct from ev
 
 
 def _row(metric: str, variant: str, split: str, value: float, seconds: float = 0.0, **extra) -> Row:
+    print(f"  {metric} | {variant} | {split}: {value:.3f} ({seconds:.1f} s) {extra}", flush=True)  # progress
     return Row(f"openvocab {metric}", variant, split, seconds, None, None,
                {"value": f"{value:.3f}", **{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in extra.items()}})
 
