@@ -11,7 +11,6 @@ Both segmenters are nn.Modules taking ImageNet-normalised images, so eval and pr
 and write them exactly like a closed-set checkpoint."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
@@ -19,21 +18,19 @@ import torch.nn.functional as F
 
 from namedmask.config import TextHeadConfig
 from namedmask.data.archive import load_archive
+from namedmask.data.augment import IGNORE
 from namedmask.data.categories import get_category_set
 from namedmask.data.classmap import category_words
 from namedmask.errors import NamedMaskError
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (OpenVocabSegmenter, TextDeepLabV3Plus, load_backbone_weights,
                                       load_segmenter)
-from namedmask.models.maskclip import MaskClipError, MaskClipSegmenter, ensemble_text_embeddings, parse_text_classes
+from namedmask.models.maskclip import MaskClipSegmenter, ensemble_text_embeddings, parse_text_classes
 from namedmask.models.prompts import get_templates
 from namedmask.models.text_head import DenseTeacher, TextBank, text_distillation_loss
 from namedmask.runtime import resolve_device
 from namedmask.stages.evaluate import evaluate_model, open_eval_set
 
-log = logging.getLogger(__name__)
-
-IGNORE = 255
 BACKGROUND_WORDS = ("background",)
 
 
@@ -48,10 +45,7 @@ def text_classes(text: str | None = None, categories: str | None = None) -> list
     if bool(text) == bool(categories):
         raise OpenVocabError("give the classes either as --text \"a, b|synonym\" or as a category set / names file")
     if text:
-        try:
-            return [(ws[0], ws) for ws in parse_text_classes(text)]
-        except MaskClipError as exc:
-            raise OpenVocabError(str(exc)) from None
+        return [(ws[0], ws) for ws in parse_text_classes(text)]
     cats = get_category_set(categories)
     return [(n, tuple(cats.prompt_words(n))) for n in cats.names[1:]]
 
@@ -65,11 +59,7 @@ def zero_shot_segmenter(classes: list, model: str, pretrained: str | None = None
     t = get_templates(templates)
     text = ensemble_text_embeddings(clip, [words for _, words in classes], t).to(device)
     bg = ensemble_text_embeddings(clip, [(w,) for w in background], t).to(device) if background else None
-    try:
-        seg = MaskClipSegmenter(clip, text, bg, threshold=threshold, short_side=short_side, refine=refine,
-                                recipe=recipe)
-    except MaskClipError as exc:
-        raise OpenVocabError(str(exc)) from None
+    seg = MaskClipSegmenter(clip, text, bg, threshold=threshold, short_side=short_side, refine=refine, recipe=recipe)
     return seg.to(device).eval(), ["background"] + [name for name, _ in classes]
 
 
