@@ -229,7 +229,7 @@ def run() -> list:
         text = ["head=text", "text.templates=namedmask"]
         variants = {"closed set": (),
                     "text head, diversified": (*text, f"text.names={div}"),
-                    "text head, one name": (*text, f"text.names={single}", "text.diversify=off"),
+                    "text head, one name": (*text, f"text.names={single}", "text.diversify=none"),
                     "text head, diversified + distillation": (*text, f"text.names={div}", "text.distill_weight=1.0")}
         for name, extra in variants.items():
             folder = out / "runs" / name.replace(", ", "_").replace(" + ", "_").replace(" ", "-")

@@ -144,7 +144,7 @@ class TextHeadConfig:
     clip_pretrained: str | None = None
     templates: str | None = None        # namedmask | simple | FILE
     names: str | None = None            # "name | synonym, ..." file, or a built-in set (voc: + its synonym sets)
-    diversify: str = "sample"           # sample (one name per category per iteration) | mix | off
+    diversify: str = "sample"           # sample (one name per category per iteration) | mix | none
     distill_weight: float = 0.0         # text-guided distillation from dense CLIP (0 = off)
     distill_vocabulary: str | None = None  # file, one word a line, added to the training names for the projection
     teacher_recipe: str = "maskclip"    # maskclip | value (models/maskclip.py)

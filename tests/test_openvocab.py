@@ -78,7 +78,7 @@ def test_text_bank_modes():
         assert rows[0] in (0, 1) and rows[1] in (2, 3, 4)
         seen.update(rows)
     assert seen == {0, 1, 2, 3, 4}          # every name is drawn
-    assert torch.equal(TextBank(emb, torch.tensor([0, 0, 1, 1, 1]), "off").sample(g), ens)
+    assert torch.equal(TextBank(emb, torch.tensor([0, 0, 1, 1, 1]), "none").sample(g), ens)
     mixed = TextBank(emb, torch.tensor([0, 0, 1, 1, 1]), "mix").sample(g)
     assert torch.allclose(mixed.norm(dim=1), torch.ones(2)) and not torch.allclose(mixed, ens)
     with pytest.raises(ValueError, match="diversification"):

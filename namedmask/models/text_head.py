@@ -3,7 +3,8 @@
 Text diversification: each category is trained against a set of names (its prompt name and
 synonyms), each embedded with the prompt ensemble. Per iteration `TextBank.sample` draws one
 name per category ("sample") or a random convex mix of its names ("mix"), so the learnt pixel
-space does not collapse onto one word; "off" always uses the names' ensemble.
+space does not collapse onto one word; "none" always uses the names' ensemble (no YAML-boolean
+word such as "off", which YAML reads as false).
 
 Text-guided distillation: the segmenter's pixel embeddings and the frozen CLIP's dense
 (MaskCLIP) embeddings of the same image are both projected on a vocabulary of text embeddings
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from namedmask.models.clip import Clip
 from namedmask.models.maskclip import dense_features, ensemble_text_embeddings, stride_of, to_clip_input
 
-DIVERSIFY = ("sample", "mix", "off")
+DIVERSIFY = ("sample", "mix", "none")
 
 
 class TextBank:
@@ -49,7 +50,7 @@ class TextBank:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """[C, D] for one iteration, by the bank's mode."""
-        if self.mode == "off":
+        if self.mode == "none":
             return self.ensemble()
         r = torch.rand(len(self.category), generator=generator)
         if self.mode == "mix":   # Dirichlet(1) weights per category: -log U normalised per category
