@@ -92,6 +92,46 @@ def info(as_json: bool) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else envinfo.format_info(data))
 
 
+def _open_vocab_options(fn):
+    """--text and the zero-shot dense CLIP options shared by eval and predict."""
+    options = [
+        click.option("--text", default=None, help='Class names, e.g. "dog, cat|kitten, traffic light" (| = synonyms): '
+                                                  "a text-head --checkpoint or zero-shot dense CLIP labels them."),
+        click.option("--model", default=None, help="Zero-shot: an open_clip model name (e.g. ViT-B-16)."),
+        click.option("--pretrained", default=None, help="Zero-shot: a pretrained tag, a weights file or 'random'."),
+        click.option("--templates", default="namedmask", show_default=True,
+                     help="Zero-shot prompt templates: namedmask (85) | simple | FILE."),
+        click.option("--background-threshold", type=float, default=None,
+                     help="Zero-shot: pixels whose best class probability is below this are background."),
+        click.option("--no-background-prompt", is_flag=True,
+                     help="Zero-shot: no 'background' prompt (needs a threshold)."),
+        click.option("--recipe", type=click.Choice(["maskclip", "value"]), default="maskclip", show_default=True,
+                     help="Zero-shot dense path of the last ViT block (maskclip keeps residual + MLP)."),
+        click.option("--short-side", type=int, default=None,
+                     help="Zero-shot: CLIP input short side (default: its size)."),
+        click.option("--refine", type=click.Choice(["none", "bilateral"]), default="none", show_default=True,
+                     help="Zero-shot: refine the labels with the bilateral solver."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, background_threshold, no_background_prompt,
+                        recipe, short_side, refine) -> dict | None:
+    """zero_shot_segmenter's keyword arguments when --model asks for zero-shot, else None."""
+    if model is None:
+        return None
+    if run_dir is not None:
+        raise click.UsageError("give --checkpoint (a trained run) or --model (zero-shot dense CLIP), not both")
+    if not text:
+        raise click.UsageError("zero-shot dense CLIP needs class names: --text \"a, b|synonym\" (predict) "
+                               "or --zero-shot --dataset (eval)")
+    return {"model": model, "pretrained": pretrained, "templates": templates, "threshold": background_threshold,
+            "background": () if no_background_prompt else ("background",), "recipe": recipe,
+            "short_side": short_side, "refine": refine}
+
+
 @cli.command("eval")
 @click.option("--pred", "pred_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of predicted index PNGs (matched to --gt by file stem).")
@@ -120,8 +160,14 @@ def info(as_json: bool) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write metrics JSON here.")
 @click.option("--skip-bad", is_flag=True, help="Log, count and skip bad or missing pairs instead of failing.")
 @click.option("--backend", default="auto", help="Kernel backend for the confusion matrix.")
+@click.option("--zero-shot", is_flag=True, help="Score zero-shot dense CLIP (--model/--pretrained) on --dataset.")
+@click.option("--text-classes", default=None, is_flag=False, flag_value="dataset",
+              help="With a text-head --checkpoint or --zero-shot: classify with these names (a category set or "
+                   "names file; alone: the dataset's own class names).")
+@_open_vocab_options
 def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images, overlays_dir, num_classes,
-             ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend) -> None:
+             ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend, zero_shot, text_classes,
+             text, **zs_options) -> None:
     """mIoU of prediction label maps against ground truth (--pred/--gt), or of a trained model
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
     from namedmask.data.categories import get_category_set
@@ -129,14 +175,22 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
 
     if out is not None:  # before the work: a table printed, then its JSON lost, helps nobody
         _check_out_file(out)
-
-    if run_dir is not None:
+    if zero_shot and zs_options["model"] is None:
+        raise click.UsageError("--zero-shot needs --model (an open_clip model name) and usually --pretrained")
+    zs = _zero_shot_settings(run_dir, text or ("dataset" if zero_shot else None), **zs_options)
+    if run_dir is not None or zs is not None:
         from namedmask.stages.evaluate import evaluate_checkpoint
+        from namedmask.stages.openvocab import evaluate_open
 
         if dataset is None or root is None:
-            raise click.UsageError("--checkpoint needs --dataset and --root")
-        report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
-                                     overlays_dir=overlays_dir, backend=backend, ignore_unmapped=ignore_unmapped)
+            raise click.UsageError("--checkpoint / --zero-shot need --dataset and --root")
+        if zs is not None or text or text_classes:
+            report = evaluate_open(dataset, root, run_dir=run_dir, zero_shot=zs, text=text, class_set=text_classes,
+                                   split=split, device=device, max_images=max_images, overlays_dir=overlays_dir,
+                                   backend=backend, ignore_unmapped=ignore_unmapped)
+        else:
+            report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
+                                         overlays_dir=overlays_dir, backend=backend, ignore_unmapped=ignore_unmapped)
         click.echo(report.table())
         if out:
             write_report(report, out)
@@ -327,8 +381,9 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="A trained model: its run folder, checkpoint.pt or model.safetensors.")
+@click.option("--checkpoint", "run_dir", default=None, type=click.Path(path_type=Path),
+              help="A trained model: its run folder, checkpoint.pt or model.safetensors (or, for zero-shot "
+                   "dense CLIP, --model/--pretrained with --text).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: labels/<name>.png (class ids) and overlays/<name>.png.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
@@ -337,12 +392,16 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
               help="Write label ids of this category set (e.g. voc) or names file, classes paired by name.")
 @click.option("--ignore-unmapped", is_flag=True, help="With --classes: model classes the set lacks become background.")
 @click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing.")
-def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad) -> None:
+@_open_vocab_options
+def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, **zero_shot) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.stages.predict import predict as run
 
+    zs = _zero_shot_settings(run_dir, text, **zero_shot)
+    if run_dir is None and zs is None:
+        raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")
     written = run(run_dir, images, out, device=device, overlays=not no_overlays, classes=classes,
-                  ignore_unmapped=ignore_unmapped, skip_bad=skip_bad)
+                  ignore_unmapped=ignore_unmapped, skip_bad=skip_bad, text=text, zero_shot=zs)
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 

@@ -209,6 +209,20 @@ class ValConfig:
 
 
 @dataclass
+class TextHeadConfig:
+    """train.head: text (open-vocabulary NamedMask, stages/openvocab.py). None = the archive's."""
+    clip_model: str | None = None       # CLIP whose text space the head projects into
+    clip_pretrained: str | None = None
+    templates: str | None = None        # namedmask | simple | FILE
+    names: str | None = None            # "name | synonym, ..." file, or a built-in set (voc: + its synonym sets)
+    diversify: str = "sample"           # sample (one name per category per iteration) | mix | none
+    distill_weight: float = 0.0         # text-guided distillation from dense CLIP (0 = off)
+    distill_vocabulary: str | None = None  # file, one word a line, added to the training names for the projection
+    teacher_recipe: str = "maskclip"    # maskclip | value (models/maskclip.py)
+    teacher_short_side: int | None = None  # the teacher's input short side (None: CLIP's image size)
+
+
+@dataclass
 class TrainConfig:
     archive: str | None = None          # archive.json (or its folder)
     masks: str | None = None            # pseudo-mask folder (manifest.json)
@@ -226,6 +240,8 @@ class TrainConfig:
     copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    head: str = "linear"                # linear (closed set, NamedMask) | text (open vocabulary)
+    text: TextHeadConfig = field(default_factory=TextHeadConfig)
 
     def __post_init__(self):
         _check(self, iterations=(1, None), batch_size=(1, None), num_workers=(0, None), log_every=(1, None),

@@ -18,6 +18,7 @@ from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
+from namedmask.stages.openvocab import open_segmenter, text_classes
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,21 @@ def collect_images(inputs) -> list:
 
 def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = True,
             progress: bool = True, classes: str | None = None, ignore_unmapped: bool = False,
-            skip_bad: bool = False) -> list:
+            skip_bad: bool = False, text: str | None = None, zero_shot: dict | None = None) -> list:
     """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
     Names are the input stems; a stem seen twice gets the parent folder prefixed. Label ids
     are the model's, or with `classes` (a category set or names file) that set's ids, the
-    model's classes paired with them by name (namedmask.data.classmap)."""
+    model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
+    cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
+    arguments of stages.openvocab.zero_shot_segmenter), labels those names."""
     io.claim_output_dir(out_dir, io.stage_marker("predict"))  # refused before the model loads
     dev = resolve_device(device)
-    model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
-    names = meta["class_names"]
+    if text or zero_shot is not None:
+        model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
+                                      zero_shot=zero_shot, classes=text_classes(text) if text else None, device=dev)
+    else:
+        model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
+        names = meta["class_names"]
     cmap = None
     if classes:
         target_set = get_category_set(classes)
