@@ -25,8 +25,11 @@ $(STAMP): $(VENV)/.torch-installed $(NATIVE)
 
 install: $(STAMP)
 
+# The toy world and its tiny CLIP/DINO are built once (cached in runs/toy/seed-0), then NamedMask
+# runs on them (namedmask/configs/demo.yaml).
 demo: install
 	$(BIN)/namedmask info
+	$(BIN)/namedmask toy-world --out runs/toy --seed 0
 	$(BIN)/namedmask run --out runs/demo
 
 test: install

@@ -4,7 +4,8 @@ import importlib
 
 from bench.common import environment, print_table, save_json
 
-BENCHMARKS = ["confusion_matrix", "copy_paste", "decode", "archive", "saliency", "train", "bilateral", "loaded", "memory"]
+BENCHMARKS = ["confusion_matrix", "copy_paste", "decode", "archive", "saliency", "train", "bilateral", "loaded", "memory",
+              "quality", "openvocab"]
 
 
 def main() -> None:

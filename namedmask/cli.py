@@ -33,7 +33,23 @@ class _Group(click.Group):
         except USER_ERRORS as exc:
             if ctx.params.get("verbose", 0) > 1:
                 traceback.print_exc()
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(_one_line(exc)) from None
+        except Exception as exc:
+            # An error of ours re-raised by a DataLoader worker comes back as its original
+            # type only when that type takes one string; torch may wrap it otherwise.
+            if "Original Traceback" in str(exc) and "namedmask" in str(exc) and ctx.params.get("verbose", 0) <= 1:
+                raise click.ClickException(_one_line(exc)) from None
+            raise
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of `exc`; for an error raised inside a DataLoader worker (torch puts the
+    worker's traceback in the message) only the original error's own message."""
+    text = str(exc)
+    if "Original Traceback (most recent call last)" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -76,6 +92,46 @@ def info(as_json: bool) -> None:
     click.echo(json.dumps(data, indent=2) if as_json else envinfo.format_info(data))
 
 
+def _open_vocab_options(fn):
+    """--text and the zero-shot dense CLIP options shared by eval and predict."""
+    options = [
+        click.option("--text", default=None, help='Class names, e.g. "dog, cat|kitten, traffic light" (| = synonyms): '
+                                                  "a text-head --checkpoint or zero-shot dense CLIP labels them."),
+        click.option("--model", default=None, help="Zero-shot: an open_clip model name (e.g. ViT-B-16)."),
+        click.option("--pretrained", default=None, help="Zero-shot: a pretrained tag, a weights file or 'random'."),
+        click.option("--templates", default="namedmask", show_default=True,
+                     help="Zero-shot prompt templates: namedmask (85) | simple | FILE."),
+        click.option("--background-threshold", type=float, default=None,
+                     help="Zero-shot: pixels whose best class probability is below this are background."),
+        click.option("--no-background-prompt", is_flag=True,
+                     help="Zero-shot: no 'background' prompt (needs a threshold)."),
+        click.option("--recipe", type=click.Choice(["maskclip", "value"]), default="maskclip", show_default=True,
+                     help="Zero-shot dense path of the last ViT block (maskclip keeps residual + MLP)."),
+        click.option("--short-side", type=int, default=None,
+                     help="Zero-shot: CLIP input short side (default: its size)."),
+        click.option("--refine", type=click.Choice(["none", "bilateral"]), default="none", show_default=True,
+                     help="Zero-shot: refine the labels with the bilateral solver."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, background_threshold, no_background_prompt,
+                        recipe, short_side, refine) -> dict | None:
+    """zero_shot_segmenter's keyword arguments when --model asks for zero-shot, else None."""
+    if model is None:
+        return None
+    if run_dir is not None:
+        raise click.UsageError("give --checkpoint (a trained run) or --model (zero-shot dense CLIP), not both")
+    if not text:
+        raise click.UsageError("zero-shot dense CLIP needs class names: --text \"a, b|synonym\" (predict) "
+                               "or --zero-shot --dataset (eval)")
+    return {"model": model, "pretrained": pretrained, "templates": templates, "threshold": background_threshold,
+            "background": () if no_background_prompt else ("background",), "recipe": recipe,
+            "short_side": short_side, "refine": refine}
+
+
 @cli.command("eval")
 @click.option("--pred", "pred_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of predicted index PNGs (matched to --gt by file stem).")
@@ -92,7 +148,7 @@ def info(as_json: bool) -> None:
 @click.option("--max-images", type=int, default=None, help="With --checkpoint: score only the first N images.")
 @click.option("--overlays", "overlays_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --checkpoint: write colour overlays of a few images here.")
-@click.option("--num-classes", type=int, help="Number of classes including background.")
+@click.option("--num-classes", type=click.IntRange(1, 65536), help="Number of classes including background.")
 @click.option("--ignore-index", type=int, default=255, help="Ground-truth value that is not scored.")
 @click.option("--class-names", default=None, help="Category set (e.g. voc) or names file: the classes of --pred.")
 @click.option("--gt-classes", default=None,
@@ -104,20 +160,37 @@ def info(as_json: bool) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write metrics JSON here.")
 @click.option("--skip-bad", is_flag=True, help="Log, count and skip bad or missing pairs instead of failing.")
 @click.option("--backend", default="auto", help="Kernel backend for the confusion matrix.")
+@click.option("--zero-shot", is_flag=True, help="Score zero-shot dense CLIP (--model/--pretrained) on --dataset.")
+@click.option("--text-classes", default=None, is_flag=False, flag_value="dataset",
+              help="With a text-head --checkpoint or --zero-shot: classify with these names (a category set or "
+                   "names file; alone: the dataset's own class names).")
+@_open_vocab_options
 def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images, overlays_dir, num_classes,
-             ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend) -> None:
+             ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend, zero_shot, text_classes,
+             text, **zs_options) -> None:
     """mIoU of prediction label maps against ground truth (--pred/--gt), or of a trained model
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
     from namedmask.data.categories import get_category_set
     from namedmask.stages.evaluate import evaluate_label_maps, write_report
 
-    if run_dir is not None:
+    if out is not None:  # before the work: a table printed, then its JSON lost, helps nobody
+        _check_out_file(out)
+    if zero_shot and zs_options["model"] is None:
+        raise click.UsageError("--zero-shot needs --model (an open_clip model name) and usually --pretrained")
+    zs = _zero_shot_settings(run_dir, text or ("dataset" if zero_shot else None), **zs_options)
+    if run_dir is not None or zs is not None:
         from namedmask.stages.evaluate import evaluate_checkpoint
+        from namedmask.stages.openvocab import evaluate_open
 
         if dataset is None or root is None:
-            raise click.UsageError("--checkpoint needs --dataset and --root")
-        report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
-                                     overlays_dir=overlays_dir, backend=backend, ignore_unmapped=ignore_unmapped)
+            raise click.UsageError("--checkpoint / --zero-shot need --dataset and --root")
+        if zs is not None or text or text_classes:
+            report = evaluate_open(dataset, root, run_dir=run_dir, zero_shot=zs, text=text, class_set=text_classes,
+                                   split=split, device=device, max_images=max_images, overlays_dir=overlays_dir,
+                                   backend=backend, ignore_unmapped=ignore_unmapped)
+        else:
+            report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
+                                         overlays_dir=overlays_dir, backend=backend, ignore_unmapped=ignore_unmapped)
         click.echo(report.table())
         if out:
             write_report(report, out)
@@ -233,6 +306,14 @@ def build_archive_cmd(pool, categories, out, model, pretrained, k, batch_size, t
         click.echo(f"{len(archive.categories)} archives of up to {cfg.k} images -> {Path(cfg.out) / 'archive.json'}")
 
 
+def _check_out_file(path: Path) -> None:
+    from namedmask import io
+
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a folder; give a file name", param_hint="--out")
+    io.check_writable_dir(path.parent if str(path.parent) else Path("."))
+
+
 def _require(cfg, *keys) -> None:
     missing = [k for k in keys if getattr(cfg, k) is None]
     if missing:
@@ -300,8 +381,9 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 
 @cli.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--checkpoint", "run_dir", required=True, type=click.Path(path_type=Path),
-              help="A trained model: its run folder, checkpoint.pt or model.safetensors.")
+@click.option("--checkpoint", "run_dir", default=None, type=click.Path(path_type=Path),
+              help="A trained model: its run folder, checkpoint.pt or model.safetensors (or, for zero-shot "
+                   "dense CLIP, --model/--pretrained with --text).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: labels/<name>.png (class ids) and overlays/<name>.png.")
 @click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
@@ -309,12 +391,17 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 @click.option("--classes", default=None,
               help="Write label ids of this category set (e.g. voc) or names file, classes paired by name.")
 @click.option("--ignore-unmapped", is_flag=True, help="With --classes: model classes the set lacks become background.")
-def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped) -> None:
+@click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing.")
+@_open_vocab_options
+def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, **zero_shot) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.stages.predict import predict as run
 
+    zs = _zero_shot_settings(run_dir, text, **zero_shot)
+    if run_dir is None and zs is None:
+        raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")
     written = run(run_dir, images, out, device=device, overlays=not no_overlays, classes=classes,
-                  ignore_unmapped=ignore_unmapped)
+                  ignore_unmapped=ignore_unmapped, skip_bad=skip_bad, text=text, zero_shot=zs)
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 
@@ -410,6 +497,24 @@ def config_show(config_path, overrides, kind) -> None:
     else:
         cfg = load_config(getattr(config_module, CONFIG_KINDS[kind]), config_path, overrides)
     click.echo(dump_yaml(cfg), nl=False)
+
+
+@cli.command("toy-world")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder for the world and the models (cached per seed in OUT/seed-N).")
+@click.option("--seed", type=int, default=0, help="World and training seed.")
+@click.option("--size", type=click.Choice(["full", "ci"]), default="full", help="ci: a reduced world for tests.")
+@click.option("--clip-steps", type=int, default=None, help="Tiny CLIP training steps [default: 250].")
+@click.option("--dino-steps", type=int, default=None, help="Tiny DINO training steps (0 = skip) [default: 100].")
+def toy_world(out, seed, size, clip_steps, dino_steps) -> None:
+    """Generated captioned scenes + a tiny CLIP and DINO trained on them (resumable, cached per
+    seed); writes OUT/seed-N/run.yaml for `namedmask run --config`."""
+    from namedmask.toy import ToyWorldConfig, build_toy_world
+
+    cfg = ToyWorldConfig(str(out), seed, size, {} if clip_steps is None else {"steps": clip_steps},
+                         {} if dino_steps is None else {"steps": dino_steps})
+    root = build_toy_world(cfg)
+    click.echo(f"toy world and models in {root}; run NamedMask on it: namedmask run --config {root / 'run.yaml'}")
 
 
 @cli.command(context_settings={"ignore_unknown_options": True})

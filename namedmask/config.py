@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -24,6 +25,40 @@ class ConfigError(NamedMaskError, ValueError):
     """An unknown key, a value of the wrong type or an unreadable config file."""
 
 
+# Every config is checked when it is built (defaults, YAML, --set and command-line options
+# alike), so a bad value fails at parse time, not hours later or silently.
+MAX_CLASSES = 65536
+MAX_SHORT_SIDE = 4096   # 512 is the recipe; 100000 asks for tens of GB
+
+
+def _check(cfg, **rules) -> None:
+    """rules: key=(lo, hi) closed bounds (None = open), for optional values too (None skipped).
+    A float must also be finite."""
+    for key, (lo, hi) in rules.items():
+        value = getattr(cfg, key)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            span = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
+            raise ConfigError(f"{key} must be {span}, got {value}")
+
+
+def _check_choice(cfg, key: str, choices: tuple) -> None:
+    if getattr(cfg, key) not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {getattr(cfg, key)!r}")
+
+
+def _check_range_pair(cfg, key: str, lo: float, hi: float) -> None:
+    pair = getattr(cfg, key)
+    if pair is None:
+        return
+    if len(pair) != 2 or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in pair) \
+            or not lo <= pair[0] <= pair[1] <= hi:
+        raise ConfigError(f"{key} must be two numbers lo <= hi in [{lo}, {hi}], got {pair}")
+
+
 @dataclass
 class ArchiveConfig:
     """Stage (A), `namedmask build-archive`."""
@@ -39,6 +74,9 @@ class ArchiveConfig:
     device: str = "auto"                    # auto | cpu | cuda (cuda:LOCAL_RANK under torchrun) | cuda:N
     shard_size: int = 4096
     report: bool = False
+
+    def __post_init__(self):
+        _check(self, k=(1, None), batch_size=(1, None), shard_size=(1, None))
 
 
 @dataclass
@@ -62,6 +100,12 @@ class SaliencyConfig:
     vit_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (tiny test ViTs)
     manifest_every_s: float = 30.0     # manifest rewrite interval while running
 
+    def __post_init__(self):
+        _check(self, short_side=(16, MAX_SHORT_SIDE), batch_size=(1, None), manifest_every_s=(0, None),
+               report_per_category=(0, None))
+        if not (math.isfinite(self.tau) and 0 < self.tau <= 1):
+            raise ConfigError(f"tau must be a finite number in (0, 1], got {self.tau}")
+
 
 @dataclass
 class RefineConfig:
@@ -82,6 +126,10 @@ class RefineConfig:
     overwrite: bool = False
     skip_bad: bool = False
 
+    def __post_init__(self):
+        _check(self, threshold=(0.0, 1.0), batch_size=(1, None), sigma_spatial=(1e-6, None),
+               sigma_luma=(1e-6, None), sigma_chroma=(1e-6, None), lam=(0.0, None))
+
 
 @dataclass
 class ModelConfig:
@@ -96,6 +144,11 @@ class ModelConfig:
     dropout: float = 0.1                # after the ASPP projection
     decoder_convs: int = 1              # separable 3x3 convs after the concat: 1 = official, 2 = extra capacity
 
+    def __post_init__(self):
+        _check_choice(self, "output_stride", (8, 16, 32))
+        _check(self, aspp_channels=(1, None), low_level_channels=(1, None), bn_momentum=(0.0, 1.0),
+               dropout=(0.0, 0.999), decoder_convs=(1, None))
+
 
 @dataclass
 class AugmentConfig:
@@ -109,6 +162,12 @@ class AugmentConfig:
     blur_sigma: tuple = (0.1, 2.0)
     blur_kernel_fraction: float = 0.1   # kernel size ~ this fraction of the crop side
 
+    def __post_init__(self):
+        _check(self, crop_size=(1, None), hflip_p=(0.0, 1.0), jitter_p=(0.0, 1.0), grayscale_p=(0.0, 1.0),
+               blur_p=(0.0, 1.0), blur_kernel_fraction=(0.0, 1.0))
+        _check_range_pair(self, "scale", 1e-6, 1e6)
+        _check_range_pair(self, "blur_sigma", 0.0, 1e6)
+
 
 @dataclass
 class CopyPasteConfig:
@@ -116,6 +175,10 @@ class CopyPasteConfig:
     max_objects: int = 1
     scale: tuple | None = None          # beyond NamedMask: scale jitter of pasted objects
     hflip: bool = False
+
+    def __post_init__(self):
+        _check(self, p=(0.0, 1.0), max_objects=(1, None))
+        _check_range_pair(self, "scale", 1e-6, 1e6)
 
 
 @dataclass
@@ -127,6 +190,11 @@ class OptimConfig:
     poly_power: float = 0.9
     min_lr: float = 1e-6
 
+    def __post_init__(self):
+        _check(self, lr_head=(0.0, None), lr_backbone=(0.0, None), weight_decay=(0.0, None),
+               poly_power=(0.0, None), min_lr=(0.0, None))
+        _check_range_pair(self, "betas", 0.0, 0.999999)
+
 
 @dataclass
 class ValConfig:
@@ -135,6 +203,23 @@ class ValConfig:
     split: str = "val"
     every: int = 0                      # validate every N iterations (0 = only at the end)
     max_images: int | None = None
+
+    def __post_init__(self):
+        _check(self, every=(0, None), max_images=(1, None))
+
+
+@dataclass
+class TextHeadConfig:
+    """train.head: text (open-vocabulary NamedMask, stages/openvocab.py). None = the archive's."""
+    clip_model: str | None = None       # CLIP whose text space the head projects into
+    clip_pretrained: str | None = None
+    templates: str | None = None        # namedmask | simple | FILE
+    names: str | None = None            # "name | synonym, ..." file, or a built-in set (voc: + its synonym sets)
+    diversify: str = "sample"           # sample (one name per category per iteration) | mix | none
+    distill_weight: float = 0.0         # text-guided distillation from dense CLIP (0 = off)
+    distill_vocabulary: str | None = None  # file, one word a line, added to the training names for the projection
+    teacher_recipe: str = "maskclip"    # maskclip | value (models/maskclip.py)
+    teacher_short_side: int | None = None  # the teacher's input short side (None: CLIP's image size)
 
 
 @dataclass
@@ -155,6 +240,13 @@ class TrainConfig:
     copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValConfig = field(default_factory=ValConfig)
+    head: str = "linear"                # linear (closed set, NamedMask) | text (open vocabulary)
+    text: TextHeadConfig = field(default_factory=TextHeadConfig)
+
+    def __post_init__(self):
+        _check(self, iterations=(1, None), batch_size=(1, None), num_workers=(0, None), log_every=(1, None),
+               checkpoint_every=(1, None))
+        _check_choice(self, "amp", ("auto", "bf16", "off"))
 
 
 def expert_train_defaults() -> TrainConfig:
@@ -168,6 +260,9 @@ class ExpertsConfig:
     embeddings: str | None = None       # safetensors/.pt file {category name: text embedding} for grouping
     predict_batch_size: int = 1
     train: TrainConfig = field(default_factory=expert_train_defaults)
+
+    def __post_init__(self):
+        _check(self, groups=(1, MAX_CLASSES), predict_batch_size=(1, None))
 
 
 @dataclass
@@ -183,6 +278,9 @@ class EvalConfig:
     max_images: int | None = None
     backend: str = "auto"
     num_overlays: int = 4
+
+    def __post_init__(self):
+        _check(self, max_images=(1, None), num_overlays=(0, None))
 
 
 @dataclass
@@ -259,7 +357,10 @@ def _update(defaults, data: dict, where: str):
             if isinstance(default, float):
                 value = float(value)
         kwargs[key] = value
-    return dataclasses.replace(defaults, **kwargs)
+    try:
+        return dataclasses.replace(defaults, **kwargs)
+    except ConfigError as exc:  # a value out of range (__post_init__): name its full key
+        raise ConfigError(f"config key {where}{exc}") from None
 
 
 def _merge(base: dict, extra: dict) -> dict:

@@ -67,6 +67,46 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+class InputFileError(NamedMaskError, ValueError):
+    """A user's input file that cannot be read as text; the message names it."""
+
+
+def read_user_text(path: str | os.PathLike) -> str:
+    """The UTF-8 text of a user's file; undecodable bytes are an error naming the file and
+    the byte offset (Python's own message names neither)."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputFileError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                             f"save it as UTF-8") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot read ({exc.strerror})") from None
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """safetensors' save_file, byte-identical for equal inputs: the library writes the
+    metadata keys in a per-process hash order, so the header is rewritten with them sorted
+    (same JSON, same length; only the order of the keys changes)."""
+    import struct
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    if not metadata or len(metadata) < 2:
+        return
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        raw = f.read(size)
+        header = json.loads(raw)
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) != len(raw.rstrip(b" ")):
+            return  # not the serialisation this expects: keep the library's bytes
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
 def read_json(path: str | os.PathLike, error: type, missing: str) -> Any:
     """JSON from `path`; a missing or malformed file raises `error` naming the file
     (`missing` tells the user what to do when it does not exist)."""
@@ -124,14 +164,16 @@ def check_writable_dir(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def claim_output_dir(folder: str | os.PathLike, marker: str) -> Path:
+def claim_output_dir(folder: str | os.PathLike, marker: str | tuple) -> Path:
     """A stage writes only into a folder it owns: one that is empty (or new), or one that
-    already holds the stage's own `marker` file (its manifest, from an earlier run).
-    Anything else — a dataset root, a folder of the user's files — is refused."""
+    already holds the stage's own `marker` file (its manifest, from an earlier run; a tuple
+    names several accepted markers). Anything else — a dataset root, a folder of the user's
+    files — is refused."""
     folder = check_writable_dir(folder)
-    if (folder / marker).is_file():
+    markers = (marker,) if isinstance(marker, str) else tuple(marker)
+    if any((folder / m).is_file() for m in markers):
         return folder
-    foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name != marker)
+    foreign = sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name not in markers)
     if foreign:
         shown = ", ".join(foreign[:3]) + (" …" if len(foreign) > 3 else "")
         raise OutputFolderError(
@@ -181,3 +223,31 @@ class OutputLock:
         if self._fd is not None:
             os.close(self._fd)  # closing releases the flock; the file stays (harmless, reused)
             self._fd = None
+
+
+def stage_marker(stage: str) -> str:
+    return f".namedmask-{stage}"
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | os.PathLike, stage: str, legacy: tuple = (), enabled: bool = True) -> Iterator[Path]:
+    """The one way a stage takes its output folder, before any work: proven writable, owned
+    (empty/new, or marked as this stage's by `.namedmask-<stage>` or a `legacy` file of
+    runs made before the marker existed), locked against a second writer, and cleaned of
+    the temporaries a killed run left. `enabled=False` (non-zero DDP ranks) does nothing."""
+    folder = Path(folder)
+    if not enabled:
+        yield folder
+        return
+    marker = stage_marker(stage)
+    claim_output_dir(folder, (marker, *legacy))
+    with OutputLock(folder):
+        if not (folder / marker).is_file():
+            write_text(folder / marker, f"{stage}\n")
+        removed = remove_stale_temporaries(folder)
+        if removed:
+            import logging
+
+            logging.getLogger(__name__).info("%s: removed %d temporary file(s) of an interrupted run",
+                                             folder, len(removed))
+        yield folder

@@ -84,7 +84,12 @@ class _Stages:
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
     """Runs the configured stages into cfg.out; returns the path of the report (index.html)."""
     run = Path(cfg.out).resolve()
-    run.mkdir(parents=True, exist_ok=True)
+    with io.output_folder(run, "run", legacy=("config.yaml",)):
+        return _run(cfg, run, progress)
+
+
+def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
+    """The body of run_pipeline, inside its locked run directory."""
     if cfg.demo:
         data = write_dataset(run / "data")
         cfg = dataclasses.replace(
@@ -102,6 +107,10 @@ def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
     if "archive" in cfg.stages:
         if not cfg.pool:
             raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
+        if not Path(cfg.pool).exists():
+            hint = ("; build the toy world first: namedmask toy-world --out runs/toy (make demo does)"
+                    if "/world/pool" in Path(cfg.pool).as_posix() else "")
+            raise PipelineError(f"{cfg.pool}: pool not found{hint}")
         acfg = dataclasses.replace(cfg.archive, pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"))
         stages.run("archive", dataclasses.asdict(acfg), lambda: build_archive(acfg, progress=progress),
                    archive_json)

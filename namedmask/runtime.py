@@ -34,13 +34,30 @@ class DistContext:
 
 
 def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+    if not isinstance(pref, str) or not (pref in ("auto", "cpu", "cuda", "mps") or (
+            pref.startswith("cuda:") and pref[5:].isdigit())):
+        raise DeviceError(f"unknown device {pref!r}; use auto, cpu, cuda or cuda:N")
     if pref == "auto":
         pref = "cuda" if torch.cuda.is_available() else "cpu"
     if pref.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError("device cuda requested but no CUDA device is available; use device=cpu")
-        return torch.device("cuda", local_rank) if pref == "cuda" else torch.device(pref)
+        device = torch.device("cuda", local_rank) if pref == "cuda" else torch.device(pref)
+        if device.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        return device
     return torch.device(pref)
+
+
+def check_backend(op: str, backend: str, device: str | torch.device = "cpu") -> None:
+    """A kernel backend asked for (--backend) proven usable once, before the work: an unknown
+    or unavailable one is one error, not a failure blamed on every input file."""
+    from namedmask.ops.registry import BackendUnavailable, select
+
+    try:
+        select(op, backend, torch.device(device))
+    except (BackendUnavailable, ValueError) as exc:
+        raise DeviceError(f"--backend {backend}: {exc}") from None
 
 
 def setup_distributed(device_pref: str) -> DistContext:

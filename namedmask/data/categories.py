@@ -16,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from namedmask.io import read_user_text
+
 VOC = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
        "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 # The official NamedMask prompt strings where they differ from the display names
@@ -89,20 +91,52 @@ COCA = ("background",
         "toy car", "typewriter", "violin", "waffles", "watering can", "watermelon", "wheelchair", "whisk")
 
 BUILTIN = {"voc": VOC, "coco-object": COCO_OBJECT, "cityscapes-object": CITYSCAPES_OBJECT, "coca": COCA}
+
+# Alternative names for the open-vocabulary text head's diversification (train.text.names:
+# synonyms). Kept out of the category sets themselves: NamedMask's archives prompt the name alone.
+_SHARED_SYNONYMS = {
+    "person": ("people", "human", "man", "woman"), "bicycle": ("bike", "cycle"), "car": ("automobile", "sedan"),
+    "bus": ("coach", "autobus"), "train": ("locomotive", "railway train"), "boat": ("ship", "vessel"),
+    "bird": ("songbird",), "cat": ("kitten", "kitty"), "dog": ("puppy", "hound"), "horse": ("pony", "stallion"),
+    "sheep": ("lamb", "ewe"), "cow": ("cattle", "bull"), "bottle": ("flask",), "chair": ("seat",),
+    "truck": ("lorry", "pickup truck"), "traffic light": ("traffic signal", "stoplight"),
+    "rider": ("cyclist", "motorcyclist"), "pole": ("post", "lamppost"), "traffic sign": ("road sign", "street sign"),
+    "motorcycle": ("motorbike", "scooter"), "teddy bear": ("stuffed bear", "plush bear"),
+}
+BUILTIN_SYNONYMS = {
+    "voc": {**{k: v for k, v in _SHARED_SYNONYMS.items() if k in VOC},
+            "aeroplane": ("airplane", "plane", "aircraft"), "diningtable": ("table", "dinner table"),
+            "motorbike": ("motorcycle", "scooter"), "pottedplant": ("houseplant", "plant in a pot"),
+            "sofa": ("couch", "settee"), "tvmonitor": ("television", "monitor", "tv")},
+    "coco-object": {**{k: v for k, v in _SHARED_SYNONYMS.items() if k in COCO_OBJECT},
+                    "airplane": ("aeroplane", "plane"), "couch": ("sofa", "settee"), "tv": ("television", "monitor"),
+                    "cell phone": ("mobile phone", "smartphone"), "dining table": ("table",),
+                    "potted plant": ("houseplant",), "sports ball": ("ball",), "donut": ("doughnut",),
+                    "hair drier": ("hair dryer", "blow dryer"), "refrigerator": ("fridge",),
+                    "laptop": ("notebook computer",), "mouse": ("computer mouse",), "remote": ("remote control",)},
+    "cityscapes-object": {k: v for k, v in _SHARED_SYNONYMS.items() if k in CITYSCAPES_OBJECT},
+    "coca": {"UAV": ("drone",), "Yellow duck": ("rubber duck",), "doughnut": ("donut",), "poker": ("playing cards",),
+             "headphone": ("headphones",), "glasses": ("spectacles", "eyeglasses"), "tablet": ("tablet computer",),
+             "macaroon": ("macaron",), "sticky note": ("post-it note",), "soap bubble": ("bubble",),
+             "roller-skating": ("roller skates",), "binoculars": ("field glasses",), "rabbit": ("bunny",),
+             "pigeon": ("dove",), "stool": ("footstool",), "alarm clock": ("clock",)},
+}
 BUILTIN_PROMPTS = {"voc": VOC_PROMPT_NAMES}
 
 
-def get_category_set(name_or_path: str) -> CategorySet:
-    """A built-in set by name, or a text file: one class per line, synonyms after '|'
-    separated by commas. The file lists foreground classes; background gets id 0."""
+def get_category_set(name_or_path: str, synonyms: bool = False) -> CategorySet:
+    """A built-in set by name (with `synonyms`: its BUILTIN_SYNONYMS too), or a text file: one
+    class per line, synonyms after '|' separated by commas. The file lists foreground classes;
+    background gets id 0."""
     if name_or_path in BUILTIN:
         return CategorySet(name_or_path, tuple(BUILTIN[name_or_path]),
+                           synonyms=dict(BUILTIN_SYNONYMS.get(name_or_path, {})) if synonyms else {},
                            prompts=dict(BUILTIN_PROMPTS.get(name_or_path, {})))
     path = Path(name_or_path)
     if not path.is_file():
         raise ValueError(f"unknown category set {name_or_path!r}: not one of {sorted(BUILTIN)} and not a file")
     names, synonyms = ["background"], {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -313,6 +313,21 @@ class CheckReport:
         return "\n".join(lines)
 
 
+def _unreadable(files: list, shown: int = 10) -> list:
+    """Lines for image files whose header does not decode (0 bytes, text named .png, ...):
+    a dataset is not 'ready' because its file names look right."""
+    bad = []
+    for f in files:
+        try:
+            with Image.open(f) as img:
+                img.size  # the header is parsed on open; the pixels are not read
+        except (OSError, SyntaxError, ValueError) as exc:
+            bad.append(f"{f}  (unreadable: {' '.join(str(exc).split())[:120]})")
+    if len(bad) > shown:
+        bad = bad[:shown] + [f"... and {len(bad) - shown} more unreadable files"]
+    return bad
+
+
 def check_dataset(name: str, root: str | Path, split: str = "val") -> CheckReport:
     """What of a dataset's expected layout is present under `root`, and what is missing."""
     key = "imagenet-s" if re.fullmatch(r"imagenet-s\d*", name.lower()) else name.lower()
@@ -324,8 +339,9 @@ def check_dataset(name: str, root: str | Path, split: str = "val") -> CheckRepor
     built = all(p.exists() for p, what in layout if "(for prepare)" not in what)
     for path, what in layout:
         if path.is_dir():
-            n = sum(1 for _ in _files(path, IMAGE_SUFFIXES))
-            report.found.append(f"{path}/  ({n} image files; expected {what})")
+            files = _files(path, IMAGE_SUFFIXES)
+            report.found.append(f"{path}/  ({len(files)} image files; expected {what})")
+            report.missing += _unreadable(files)
         elif path.is_file():
             report.found.append(f"{path}  ({path.stat().st_size:,} bytes)")
         elif built and "(for prepare)" in what:

@@ -42,6 +42,8 @@ def index_label_maps(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder}: not a directory")
     out = {}
     for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() in LABEL_SUFFIXES and p.is_file() and not p.name.startswith("."):
+        # A dangling symlink is listed too: reading it fails and names it, instead of the
+        # mask vanishing from the run unnoticed.
+        if p.suffix.lower() in LABEL_SUFFIXES and (p.is_file() or p.is_symlink()) and not p.name.startswith("."):
             out[p.relative_to(folder).with_suffix("").as_posix()] = p
     return out

@@ -112,10 +112,12 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: 
         try:
             model = open_clip.create_model(name, pretrained=checkpoint, device=device,
                                            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
-        except RuntimeError as exc:
+        except Exception as exc:  # a truncated file fails as EOFError, UnpicklingError, SafetensorError, ...
             if checkpoint is None:
                 raise
-            raise ValueError(f"{checkpoint}: cannot load as {name} weights in open_clip's format ({exc})") from exc
+            first = (str(exc).splitlines() or [""])[0]
+            raise ValueError(f"{checkpoint}: cannot load as {name} weights in open_clip's format "
+                             f"({type(exc).__name__}: {first}); is the file complete?") from exc
     model.eval()
     image_size = cfg["vision_cfg"]["image_size"]
     image_size = image_size if isinstance(image_size, int) else image_size[0]

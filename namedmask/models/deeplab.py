@@ -263,6 +263,8 @@ def save_segmenter(run_dir: str | Path, model: nn.Module, class_names: list, cla
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with io.atomic_path(run_dir / WEIGHTS_FILE) as tmp:
         save_file(state, str(tmp))
+    if isinstance(model, TextDeepLabV3Plus):
+        extra = {"head": "text", "embed_dim": model.embed_dim, **getattr(model, "text_meta", {}), **(extra or {})}
     meta = {"format": "namedmask-deeplabv3plus", "model": to_dict(model.cfg), "num_classes": model.num_classes,
             "class_names": list(class_names), "class_ids": list(class_ids or range(len(class_names))),
             **(extra or {})}
@@ -282,6 +284,60 @@ def load_segmenter(run_dir: str | Path, device: str | torch.device = "cpu") -> t
                          f"give a run directory written by `namedmask train`")
     meta = json.loads(meta_path.read_text())
     cfg = from_dict(ModelConfig, {**meta["model"], "pretrained": None})
-    model = DeepLabV3Plus(meta["num_classes"], cfg)
-    _load_strict(model, load_file(str(weights_path)), str(weights_path))
+    if meta.get("head") == "text":
+        model = TextDeepLabV3Plus(meta["num_classes"], cfg, meta["embed_dim"])
+    else:
+        model = DeepLabV3Plus(meta["num_classes"], cfg)
+    try:
+        state = load_file(str(weights_path))
+    except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+        raise ModelError(f"{weights_path}: cannot read the segmenter weights ({exc}); retrain or restore it") from exc
+    _load_strict(model, state, str(weights_path))
     return model.to(device).eval(), meta
+
+
+class TextDeepLabV3Plus(DeepLabV3Plus):
+    """Open-vocabulary DeepLabv3+ (`train.head: text`): the 1x1 classifier projects each pixel
+    into CLIP's text space (embed_dim channels); logits = learnable-temperature cosine to text
+    embeddings, background a learned embedding (label 0). `text` (buffer, saved with the
+    weights) holds the training classes' embeddings, so a checkpoint answers its own classes
+    without CLIP; any other text embeddings can be passed to forward."""
+
+    def __init__(self, num_classes: int, cfg: ModelConfig | None = None, embed_dim: int = 512,
+                 init_temperature: float = 0.07):
+        super().__init__(embed_dim, cfg)
+        self.num_classes, self.embed_dim = num_classes, embed_dim
+        self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
+        self.logit_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(init_temperature)))))
+        self.register_buffer("text", torch.zeros(num_classes - 1, embed_dim))
+
+    def pixel_embeddings(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> L2-normalised [B, D, H/4, W/4] (the head's resolution)."""
+        low, high = self.backbone(x)
+        return F.normalize(self.classifier(low, high), dim=1)
+
+    def classify(self, emb: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Pixel embeddings [B, D, h, w] x text [K, D] -> logits [B, 1 + K, h, w] (background first)."""
+        text = self.text if text is None else text
+        weights = F.normalize(torch.cat([self.background[None], text.to(emb.dtype)]), dim=1)
+        # exp of a clamped log-scale, as CLIP (max 100), so the temperature cannot run away
+        return torch.einsum("bdhw,kd->bkhw", emb, weights) * self.logit_scale.clamp(max=4.6052).exp()
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor | None = None, return_embeddings: bool = False):
+        emb = self.pixel_embeddings(x)
+        logits = F.interpolate(self.classify(emb, text), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return (logits, emb) if return_embeddings else logits
+
+
+class OpenVocabSegmenter(nn.Module):
+    """A trained TextDeepLabV3Plus bound to new text embeddings: x -> [B, 1 + K, H, W]. What
+    predict/eval use for `--text`; no CLIP image encoder runs."""
+
+    def __init__(self, model: TextDeepLabV3Plus, text: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("text", text.float(), persistent=False)
+        self.num_classes = len(text) + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x, self.text)

@@ -47,6 +47,9 @@ def build_vit(name: str = "vit_small_patch16_224.dino", *, pretrained: bool = Fa
     import timm
 
     name = ALIASES.get(name, name)
+    if not timm.is_model(name):
+        raise ValueError(f"unknown DINO model {name!r}; timm names such as vit_small_patch16_224.dino, "
+                         f"vit_small_patch8_224.dino, vit_base_patch16_224.dino")
     model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
     if getattr(model, "num_prefix_tokens", None) != 1 or getattr(model, "no_embed_class", False):
         raise ValueError(f"{name}: expected a ViT with one class token and a class position embedding (DINO)")
@@ -85,7 +88,10 @@ def read_checkpoint(path: str | Path) -> dict:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+            raise DinoWeightsError(f"{path}: cannot read as safetensors ({exc})") from exc
     try:
         # Official DINO/SelfMask training checkpoints also pickle their argparse.Namespace.
         with torch.serialization.safe_globals([argparse.Namespace]):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from namedmask.io import read_user_text
+
 IMAGENET_TEMPLATES = (
     'a bad photo of a {}.',
     'a photo of many {}.',
@@ -112,7 +114,7 @@ def get_templates(name_or_path: str) -> tuple:
     if not path.is_file():
         raise ValueError(f"unknown templates {name_or_path!r}: not one of {sorted(BUILTIN_TEMPLATES)} and not a file")
     templates = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from namedmask import io
@@ -66,28 +65,34 @@ def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | Non
     templates = get_templates(config.templates)
     rank, world, own_group = init_distributed()
     try:
-        device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-        root, paths = _list_pool_images(config.pool)
-        clip = load_clip(config.model, config.pretrained, device)
-        embed_dir = out / "embeddings"
-        key = _prepare_embeddings_dir(embed_dir, clip, root, paths, config.shard_size, rank == 0)
-        _embed_pool(clip, root, paths, embed_dir, key, config, rank, world, progress)
-        if world > 1:
-            torch.distributed.barrier()
-        if rank != 0:
-            return None
-        text = _text_embeddings(clip, categories, templates, out / "text_embeddings.safetensors")
-        top_scores, top_index, skipped = _top_k(embed_dir, key, len(paths), config.shard_size, text, config.k)
-        archive = _make_archive(categories, paths, root, top_scores, top_index, skipped, clip, templates, config)
-        io.write_json(out / "archive.json", archive.to_dict())
-        log.info("archive.json: %d categories x top %d of %d images (%d skipped) -> %s", len(archive.categories),
-                 config.k, len(paths), len(skipped), out / "archive.json")
-        if config.report:
-            write_contact_sheets(archive, out / "report")
-        return archive
+        with io.output_folder(out, "build-archive", legacy=("archive.json",), enabled=rank == 0):
+            return _build(config, out, categories, templates, rank, world, progress)
     finally:
         if own_group:
             torch.distributed.destroy_process_group()
+
+
+def _build(config: ArchiveConfig, out: Path, categories, templates, rank: int, world: int, progress: bool):
+    """The body of build_archive, inside its locked output folder."""
+    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    root, paths = _list_pool_images(config.pool)
+    clip = load_clip(config.model, config.pretrained, device)
+    embed_dir = out / "embeddings"
+    key = _prepare_embeddings_dir(embed_dir, clip, root, paths, config.shard_size, rank == 0)
+    _embed_pool(clip, root, paths, embed_dir, key, config, rank, world, progress)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank != 0:
+        return None
+    text = _text_embeddings(clip, categories, templates, out / "text_embeddings.safetensors")
+    top_scores, top_index, skipped = _top_k(embed_dir, key, len(paths), config.shard_size, text, config.k)
+    archive = _make_archive(categories, paths, root, top_scores, top_index, skipped, clip, templates, config)
+    io.write_json(out / "archive.json", archive.to_dict())
+    log.info("archive.json: %d categories x top %d of %d images (%d skipped) -> %s", len(archive.categories),
+             config.k, len(paths), len(skipped), out / "archive.json")
+    if config.report:
+        write_contact_sheets(archive, out / "report")
+    return archive
 
 
 # ---------------------------------------------------------------- inputs
@@ -177,7 +182,7 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
                                                                                       dtype=torch.float16),
                    "indices": torch.tensor(indices, dtype=torch.int64)}
         with io.atomic_path(embed_dir / _SHARD.format(n)) as tmp:
-            save_file(tensors, str(tmp), metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
+            io.save_safetensors(tensors, tmp, metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
     bar.close()
 
 
@@ -203,7 +208,7 @@ def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cach
         start += len(prompts[n])
     text = torch.stack(out)
     with io.atomic_path(cache) as tmp:
-        save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key, "names": json.dumps(names)})
+        io.save_safetensors({"embeddings": text}, tmp, metadata={"fingerprint": key, "names": json.dumps(names)})
     return text
 
 

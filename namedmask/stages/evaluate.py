@@ -19,7 +19,7 @@ from namedmask.errors import NamedMaskError
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
-from namedmask.runtime import resolve_device
+from namedmask.runtime import check_backend, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: i
     EvaluationError listing every bad file, unless skip_bad, which logs, counts and skips them."""
     if class_names is not None and len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
+    check_backend("confusion_matrix", backend)
     model_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     cmap = ClassMap(model_names, list(gt_class_names) if gt_class_names else model_names, dataset_words=gt_words,
                     ignore_index=ignore_index, ignore_unmapped=ignore_unmapped)
@@ -154,6 +155,7 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
     classes are paired with the dataset's by name (namedmask.data.classmap; the report says
     which were scored). Binary sets (CoCA: one object per image) are scored the same way, as
     a (1 + C)-class mIoU, and also report the mean per-image foreground IoU."""
+    check_backend("confusion_matrix", backend, torch.device(device))
     was_training = model.training
     model.eval()
     binary = bool(getattr(labeled_set, "binary", False))

@@ -103,6 +103,13 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
     source = load_manifest(masks_dir)
     saliency = mask_paths(masks_dir)
     out = Path(out_dir)
+    with io.output_folder(out, "experts", legacy=("manifest.json",)):
+        return _refine(archive, archive_file, masks_dir, source, saliency, out, cfg, progress)
+
+
+def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict, out: Path, cfg: ExpertsConfig,
+            progress: bool) -> Path:
+    """The body of refine_with_experts, inside its locked output folder."""
     embeddings = cfg.embeddings
     if cfg.groups is not None and embeddings is None and (archive_file.parent / "text_embeddings.safetensors").is_file():
         embeddings = archive_file.parent / "text_embeddings.safetensors"  # build-archive's CLIP text embeddings
@@ -131,7 +138,7 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
             for p in tqdm(images, desc=f"expert {g} predict", unit="img", disable=not progress):
                 mask = predict_label(model, load_image(archive.pool_root / p), device,
                                      amp=device.type == "cuda").to(torch.uint8)
-                io.save_png(out / mask_relpath(p), mask.numpy())
+                io.save_png(io.inside(out, mask_relpath(p)), mask.numpy())
                 fg[p] = float(mask.float().mean())
             io.write_json(done, {"categories": cats, "fg_fraction": fg})
         for p in images:

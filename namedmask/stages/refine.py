@@ -29,6 +29,7 @@ from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
 from namedmask.errors import NamedMaskError
 from namedmask.ops.bilateral import bilateral_solve_batch, resolve_params
+from namedmask.runtime import check_backend
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold}")
     params = resolve_params(preset, sigma_spatial, sigma_luma, sigma_chroma, lam)
+    check_backend("bilateral_solve", backend, device)
     config = {"method": method, "preset": preset, **asdict(params), "threshold": threshold}
     source = pseudo_mask_source(masks_dir)
     if source is not None and Path(masks_dir).resolve() == source[0].resolve():
@@ -99,6 +101,14 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
     if not masks:
         raise RefineError(f"{masks_dir}: no PNG masks found")
     out_dir = Path(out_dir)
+    with io.output_folder(out_dir, "refine", legacy=(CONFIG_NAME,)):
+        return _refine(images, masks, masks_dir, images_dir, out_dir, source, config, params, preset, threshold,
+                       backend, device, batch_size, overwrite, skip_bad, progress, method)
+
+
+def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config, params, preset, threshold, backend,
+            device, batch_size, overwrite, skip_bad, progress, method) -> RefineReport:
+    """The body of refine_folder, inside its locked output folder."""
     _check_config(out_dir, config, overwrite)
     report = RefineReport(config=config)
     report.failed = [(stem, f"no image {Path(images_dir) / stem}.* for mask {masks[stem]}")
@@ -107,7 +117,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
     for stem in masks:
         if stem not in images:
             continue
-        if (out_dir / f"{stem}.png").exists() and not overwrite:
+        if io.inside(out_dir, f"{stem}.png").exists() and not overwrite:
             report.skipped_done += 1
         else:
             todo.append(stem)
@@ -129,7 +139,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
                                         sigma_spatial=params.sigma_spatial, sigma_luma=params.sigma_luma,
                                         sigma_chroma=params.sigma_chroma, lam=params.lam, backend=backend)
         for (stem, _, _), soft in zip(batch, outputs):
-            io.save_png(out_dir / f"{stem}.png", (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
+            io.save_png(io.inside(out_dir, f"{stem}.png"), (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
             report.refined += 1
             bar.update(1)
     bar.close()

@@ -33,6 +33,7 @@ from namedmask.data.decode import iter_image_batches, load_image
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest, mask_relpath
 from namedmask.errors import NamedMaskError
 from namedmask.models.dino import build_vit, create_dino
+from namedmask.runtime import resolve_device
 from namedmask.models.saliency import SelfMask, SelfMaskPredictor, TokenCut, load_selfmask, normalize
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ def resolve_config(self: SaliencyConfig) -> SaliencyConfig:
     device = self.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_device(device)  # an unknown or absent device: one clear error, before any work
     absolute = {k: str(Path(getattr(self, k)).resolve()) for k in ("archive", "out", "dino_weights", "checkpoint")
                 if getattr(self, k) is not None}
     return SaliencyConfig(**{**asdict(self), **absolute, "dino": self.dino or DEFAULT_DINO[self.method],
@@ -134,18 +136,33 @@ def _open_manifest(out: Path, config: SaliencyConfig) -> dict:
     path = out / "manifest.json"
     archive_file = Path(config.archive)
     archive_file = archive_file / "archive.json" if archive_file.is_dir() else archive_file
+    source = _file_digest(archive_file)
     fresh = {"schema_version": SCHEMA_VERSION, "archive": os.path.relpath(archive_file, out),
-             "method": config.method, "refine": config.refine, "config": asdict(config), "masks": {}, "failed": []}
+             "archive_sha256": source, "method": config.method, "refine": config.refine, "config": asdict(config), "masks": {}, "failed": []}
     if not path.is_file():
         return fresh
     old = load_manifest(path)
     before = old.get("config", {})
     changed = [f"{k}: {before.get(k)!r} -> {getattr(config, k)!r}" for k in RESULT_KEYS
                if before.get(k) != getattr(config, k)]
+    # The masks belong to one archive: another one (other content, or another file for
+    # manifests made before its digest was recorded) is a settings change too.
+    if old.get("archive_sha256", source) != source or (
+            "archive_sha256" not in old and before.get("archive") not in (None, config.archive)):
+        changed.append(f"archive: {before.get('archive')} -> {config.archive} (other content)")
     if changed:
         raise SaliencyError(f"{out} holds masks made with other settings ({'; '.join(changed)}); "
                             f"use another --out or delete that folder")
     return {**fresh, "masks": old["masks"]}
+
+
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as exc:
+        raise SaliencyError(f"{path}: cannot read the archive ({exc.strerror})") from None
 
 
 def run_saliency(config: SaliencyConfig) -> SaliencyResult:
@@ -153,7 +170,12 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
     archive = load_archive(config.archive)
     refine = bilateral_refiner(config.refine)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    with io.output_folder(out, "saliency", legacy=("manifest.json",)):
+        return _run(config, archive, refine, out)
+
+
+def _run(config: SaliencyConfig, archive: Archive, refine, out: Path) -> SaliencyResult:
+    """The body of run_saliency, inside its locked output folder."""
     manifest = _open_manifest(out, config)
     io.write_json(out / "config.json", asdict(config))
 
@@ -179,7 +201,7 @@ def run_saliency(config: SaliencyConfig) -> SaliencyResult:
                         if mask is None:
                             failed.append(_failure(rel, reason))
                             continue
-                        io.save_png(out / mask_relpath(rel), mask)
+                        io.save_png(io.inside(out, mask_relpath(rel)), mask)
                         masks[rel] = mask_entry(rel, mask)
                         computed += 1
                     bar.update(len(batch.indices) + len(batch.failed))
@@ -213,7 +235,7 @@ def _scan(out: Path, images: list, masks: dict, failed: list) -> tuple:
             failed.append(_failure(rel, f"its mask path {mask_relpath(rel)} is taken by {first}; rename one image"))
         elif rel in masks and (out / masks[rel]["mask"]).is_file():
             continue
-        elif (out / mask_relpath(rel)).is_file():  # mask files are written atomically
+        elif io.inside(out, mask_relpath(rel)).is_file():  # mask files are written atomically
             masks[rel] = mask_entry(rel, _read_mask(out / mask_relpath(rel)))
             recovered += 1
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.report import METRICS_FILE, plot_curves
 from namedmask.runtime import setup_distributed, sync_buffers
 from namedmask.stages.evaluate import evaluate_model
+from namedmask.stages.openvocab import TextObjective
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,15 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     called after each completed iteration i (tests use it to interrupt a run)."""
     if not (cfg.archive and cfg.masks and cfg.out):
         raise TrainError("give an archive, a pseudo-mask folder and an output run directory")
+    if cfg.head not in ("linear", "text"):
+        raise TrainError(f"train.head {cfg.head!r}: expected linear (closed set) or text (open vocabulary)")
+    main = int(os.environ.get("RANK", "0")) == 0
+    with io.output_folder(cfg.out, "train", legacy=(CONFIG_FILE,), enabled=main):
+        return _train(cfg, binary, categories, on_iteration, progress)
+
+
+def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path:
+    """The body of train, inside its locked output folder."""
     ctx = setup_distributed(cfg.device)
     run_dir = Path(cfg.out)
     if cfg.batch_size % ctx.world:
@@ -142,7 +153,9 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
     if ctx.is_main:
         _log_start(cfg, items, class_names, ctx)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model, len(class_names)).to(ctx.device)
+    objective = TextObjective(cfg.text, cfg.archive, class_names, ctx.device) if cfg.head == "text" else None
+    model = (objective.build_model(cfg.model, len(class_names)) if objective
+             else build_model(cfg.model, len(class_names))).to(ctx.device)
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     optimizer = torch.optim.Adam([{"params": backbone, "lr": cfg.optim.lr_backbone},
                                   {"params": model.head_parameters(), "lr": cfg.optim.lr_head}],
@@ -151,7 +164,11 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
         optimizer, [poly_factor(cfg.optim.lr_backbone, cfg), poly_factor(cfg.optim.lr_head, cfg)])
     start = 0
     if ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # written atomically, so damage is from outside: say so
+            raise TrainError(f"{ckpt_path}: cannot read the checkpoint ({type(exc).__name__}: {exc}); "
+                             f"delete it to restart the run") from exc
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -184,11 +201,15 @@ def train(cfg: TrainConfig, *, binary: bool = False, categories=None, on_iterati
         cp_gen = torch.Generator().manual_seed(_seed(cfg.seed, it, ctx.rank, 2))
         images, labels = apply_copy_paste(images, labels, cfg.copy_paste, cp_gen)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = net(images)
-        if bool((labels != IGNORE).any()):
-            loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE)
-        else:  # an all-ignore batch still joins the DDP gradient exchange
-            loss = logits.float().sum() * 0.0
+            if objective is not None:  # this iteration's names (same on every rank), + distillation
+                loss = objective.loss(net, images, labels, torch.Generator().manual_seed(_seed(cfg.seed, it, 3)))
+            else:
+                logits = net(images)
+        if objective is None:
+            if bool((labels != IGNORE).any()):
+                loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=IGNORE)
+            else:  # an all-ignore batch still joins the DDP gradient exchange
+                loss = logits.float().sum() * 0.0
         if not torch.isfinite(loss):
             raise TrainError(f"loss is {float(loss.detach())} at iteration {it + 1}; lower the learning rates "
                              f"(optim.lr_head / optim.lr_backbone) or check the masks in {cfg.masks}")

@@ -1,0 +1,242 @@
+"""Zero-shot dense CLIP (MaskCLIP, Zhou et al. 2022): per-patch embeddings in CLIP's joint
+space, classified by cosine to prompt-ensembled text embeddings. No training.
+
+ViT (open_clip VisionTransformer): every block but the last runs as usual; in the last block
+each token takes the attention's value path instead of attention, keeping the residual and the
+MLP as MaskCLIP's released code does (mmseg/models/backbones/vit.py, return_qkv: v =
+out_proj(v_proj(ln_1(x))) + x; v = v + mlp(ln_2(v))), then ln_post and proj per patch.
+Position embeddings are resized bicubically when the patch grid differs from the training one.
+
+ResNet (open_clip ModifiedResNet): the attention pool's value and output projections applied
+per location of the last stage, c_proj(v_proj(x)), without the pool's position embedding (as
+MaskCLIP's head does).
+
+`MaskClipSegmenter` is an nn.Module taking ImageNet-normalised images (what eval_input makes)
+and returning per-label scores at the input size, so it is scored exactly like a trained
+segmenter."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from namedmask.errors import NamedMaskError
+from namedmask.models.clip import Clip
+from namedmask.ops import bilateral_solve
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)   # the segmenters' input normalisation (data/augment.py)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+RECIPES = ("maskclip", "value")
+
+
+class MaskClipError(NamedMaskError, ValueError):
+    """A CLIP image tower or option the dense path cannot use; the message says why."""
+
+
+# ---------------------------------------------------------------- dense image features
+
+def _resized_pos_embed(pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[1 + N, D] (class token first, square grid) -> [1 + h*w, D]."""
+    n = pos.shape[0] - 1
+    g = int(round(math.sqrt(n)))
+    if g * g != n:
+        raise MaskClipError(f"position embedding of {n} patches is not a square grid")
+    if (h, w) == (g, g):
+        return pos
+    grid = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos[:1], grid.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos.dtype)])
+
+
+def value_path(block: nn.Module, x: torch.Tensor, recipe: str = "maskclip") -> torch.Tensor:
+    """The last block on tokens [B, L, D] with the value path instead of attention.
+    "maskclip": out_proj(v_proj(ln_1(x))) + x, then the MLP with its residual (MaskCLIP's code;
+    layer scales included when the block has them); "value": out_proj(v_proj(ln_1(x))) alone,
+    no residual, no MLP (the later ClearCLIP finding; better on the toy world, see the bench)."""
+    if recipe not in RECIPES:
+        raise MaskClipError(f"dense recipe {recipe!r}: expected one of {RECIPES}")
+    attn = getattr(block, "attn", None)
+    if not isinstance(attn, nn.MultiheadAttention) or not hasattr(block, "ln_1"):
+        raise MaskClipError(f"{type(block).__name__}: the dense path needs open_clip's ResidualAttentionBlock "
+                            f"(ln_1 + nn.MultiheadAttention)")
+    d = x.shape[-1]
+    bias = attn.in_proj_bias[2 * d:] if attn.in_proj_bias is not None else None
+    v = F.linear(block.ln_1(x), attn.in_proj_weight[2 * d:], bias)
+    if recipe == "value":
+        return attn.out_proj(v)
+    v = x + block.ls_1(attn.out_proj(v))
+    return v + block.ls_2(block.mlp(block.ln_2(v)))
+
+
+def vit_dense(visual: nn.Module, x: torch.Tensor, recipe: str = "maskclip") -> torch.Tensor:
+    """open_clip VisionTransformer, CLIP-normalised images [B, 3, H, W] (H, W multiples of the
+    patch size) -> dense embeddings [B, D, H/p, W/p] (not normalised)."""
+    if getattr(visual, "attn_pool", None) is not None:
+        raise MaskClipError("CLIP towers with an attentional pooler (CoCa) have no per-patch value path")
+    t = visual.conv1(x)
+    b, _, h, w = t.shape
+    t = t.flatten(2).transpose(1, 2)
+    cls = visual.class_embedding.to(t.dtype).view(1, 1, -1).expand(b, -1, -1)
+    t = torch.cat([cls, t], dim=1) + _resized_pos_embed(visual.positional_embedding, h, w).to(t.dtype)
+    t = visual.ln_pre(t)   # patch dropout is the identity in eval mode
+    blocks = visual.transformer.resblocks
+    batch_first = getattr(visual.transformer, "batch_first", True)
+    t = t if batch_first else t.transpose(0, 1)
+    for block in blocks[:-1]:
+        t = block(t)
+    t = t if batch_first else t.transpose(0, 1)
+    t = visual.ln_post(value_path(blocks[-1], t, recipe)[:, 1:])
+    if visual.proj is not None:
+        t = t @ visual.proj
+    return t.transpose(1, 2).reshape(b, -1, h, w)
+
+
+def resnet_dense(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """open_clip ModifiedResNet -> [B, D, H/32, W/32]: c_proj(v_proj(.)) per location."""
+    x = x.to(visual.conv1.weight.dtype)
+    x = visual.stem(x)
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    pool = visual.attnpool
+    y = pool.c_proj(pool.v_proj(x.permute(0, 2, 3, 1)))
+    return y.permute(0, 3, 1, 2)
+
+
+def dense_features(visual: nn.Module, x: torch.Tensor, recipe: str = "maskclip") -> torch.Tensor:
+    """CLIP image tower + CLIP-normalised images -> L2-normalised dense embeddings [B, D, h, w].
+    recipe (ViT only): "maskclip" or "value" (see value_path)."""
+    if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
+        out = vit_dense(visual, x, recipe)
+    elif hasattr(visual, "attnpool") and hasattr(visual, "layer4"):
+        out = resnet_dense(visual, x)
+    else:
+        raise MaskClipError(f"{type(visual).__name__}: dense CLIP supports open_clip's VisionTransformer and "
+                            f"ModifiedResNet image towers (timm towers have no CLIP projection per patch)")
+    return F.normalize(out.float(), dim=1)
+
+
+def stride_of(visual: nn.Module) -> int:
+    """Input pixels per output location (patch size, or 32 for ResNets)."""
+    if hasattr(visual, "transformer"):
+        k = visual.conv1.kernel_size
+        return int(k[0] if isinstance(k, tuple) else k)
+    return 32
+
+
+def to_clip_input(x: torch.Tensor, mean: tuple, std: tuple, short_side: int, stride: int):
+    """ImageNet-normalised [B, 3, H, W] -> (CLIP-normalised images resized so the short side is
+    ~short_side and both sides are multiples of `stride`, RGB in [0, 1] at the input size)."""
+    dev = x.device
+    rgb = x.float() * torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1) + \
+        torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)
+    h, w = x.shape[-2:]
+    s = short_side / min(h, w)
+    size = [max(stride, round(v * s / stride) * stride) for v in (h, w)]
+    y = F.interpolate(rgb, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
+    y = (y - torch.tensor(mean, device=dev).view(1, 3, 1, 1)) / torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    return y, rgb
+
+
+# ---------------------------------------------------------------- text side
+
+def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple) -> torch.Tensor:
+    """words[i]: the names of class i (a name and its synonyms). Every template x every name
+    encoded, L2-normalised, averaged and L2-normalised again (NamedMask's prompt ensemble) ->
+    float32 [len(words), D]."""
+    prompts = [[t.format(w) for w in ws for t in templates] for ws in words]
+    if any(not p for p in prompts):
+        raise MaskClipError("every class needs at least one name")
+    encoded = clip.encode_texts([p for ps in prompts for p in ps]).cpu()
+    out, start = [], 0
+    for ps in prompts:
+        out.append(F.normalize(encoded[start:start + len(ps)].mean(0), dim=0))
+        start += len(ps)
+    return torch.stack(out)
+
+
+def parse_text_classes(text: str) -> list:
+    """'dog, cat|kitten, traffic light' -> [("dog",), ("cat", "kitten"), ("traffic light",)]:
+    classes separated by commas, a class's synonyms by '|'."""
+    classes = []
+    for item in text.split(","):
+        words = tuple(w.strip() for w in item.split("|") if w.strip())
+        if words:
+            classes.append(words)
+    if not classes:
+        raise MaskClipError(f"--text {text!r}: no class names; write e.g. \"dog, cat|kitten, traffic light\"")
+    names = [ws[0] for ws in classes]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup or "background" in names:
+        raise MaskClipError(f"--text {text!r}: duplicate class names {dup}" if dup else
+                            f"--text {text!r}: 'background' is implicit (id 0); name only foreground classes")
+    return classes
+
+
+# ---------------------------------------------------------------- segmenter
+
+class MaskClipSegmenter(nn.Module):
+    """Zero-shot segmenter: ImageNet-normalised [B, 3, H, W] -> label scores [B, L, H, W]
+    (label 0 = background, 1..L-1 = the classes), argmax = the prediction.
+
+    Scores are probabilities: softmax over all prompts (classes and background prompts) of
+    CLIP's logit scale x cosine, summed per label, bilinearly upsampled to the input size.
+    Background: the background prompts' share, and/or (threshold) every pixel whose best class
+    probability is below `threshold`. `short_side`: the image is resized so its short side has
+    this many pixels (rounded to the patch grid) before the tower runs."""
+
+    def __init__(self, clip: Clip, class_embeddings: torch.Tensor, background_embeddings: torch.Tensor | None = None,
+                 threshold: float | None = None, short_side: int | None = None, refine: str | None = None,
+                 recipe: str = "maskclip"):
+        super().__init__()
+        if threshold is None and (background_embeddings is None or len(background_embeddings) == 0):
+            raise MaskClipError("background needs a threshold and/or background prompts; give one")
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            raise MaskClipError(f"background threshold must be in [0, 1], got {threshold}")
+        if refine not in (None, "none", "bilateral"):
+            raise MaskClipError(f"refine {refine!r}: expected none or bilateral")
+        if recipe not in RECIPES:
+            raise MaskClipError(f"dense recipe {recipe!r}: expected one of {RECIPES}")
+        self.visual, self.recipe = clip.model.visual, recipe
+        self.clip_mean, self.clip_std = clip.mean, clip.std
+        self.stride = stride_of(self.visual)
+        self.short_side = int(short_side or clip.image_size)
+        self.threshold = threshold
+        self.refine = None if refine in (None, "none") else refine
+        bg = background_embeddings if background_embeddings is not None else class_embeddings[:0]
+        self.register_buffer("text", torch.cat([bg, class_embeddings]).float(), persistent=False)
+        self.register_buffer("label_of_prompt", torch.cat([torch.zeros(len(bg), dtype=torch.long),
+                                                           torch.arange(1, len(class_embeddings) + 1)]),
+                             persistent=False)
+        self.num_labels = len(class_embeddings) + 1
+        self.logit_scale = float(clip.model.logit_scale.exp().item())
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, rgb = to_clip_input(x, self.clip_mean, self.clip_std, self.short_side, self.stride)
+        feats = dense_features(self.visual, y.to(next(self.visual.parameters()).dtype), self.recipe)
+        logits = torch.einsum("bdhw,kd->bkhw", feats, self.text.to(feats.device)) * self.logit_scale
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        probs = logits.softmax(1)
+        scores = torch.zeros(x.shape[0], self.num_labels, *x.shape[-2:], device=x.device)
+        scores.index_add_(1, self.label_of_prompt.to(x.device), probs)
+        if self.threshold is not None:
+            low = scores[:, 1:].amax(1) < self.threshold
+            scores[:, 0] = torch.where(low, scores.new_tensor(2.0), scores[:, 0])   # above any probability
+        if self.refine == "bilateral":
+            scores = torch.stack([refine_scores(im, sc) for im, sc in zip(rgb, scores)])
+        return scores
+
+
+def refine_scores(rgb: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """Bilateral-solver refinement of per-label scores: each label present in the argmax is
+    solved as a soft one-hot map along the image's edges; labels absent stay at zero.
+    rgb: float [3, H, W] in [0, 1]; scores: [L, H, W] -> [L, H, W]."""
+    image = (rgb.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu()
+    label = scores.argmax(0)
+    out = torch.zeros_like(scores)
+    for c in label.unique().tolist():
+        out[c] = bilateral_solve(image, (label == c).float().cpu()).to(scores.device)
+    return out
