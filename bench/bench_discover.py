@@ -52,12 +52,9 @@ def _toy_categories(root: Path) -> list:
 def _toy_vocabulary(root: Path):
     from namedmask.data.vocabulary import Vocabulary, builtin_names
 
-    words = []
-    try:
-        from namedmask.data.toyworld import CATEGORIES, names_of
-        words = [w for c in CATEGORIES for w in names_of(c)]
-    except ImportError:  # the toy world's module is not merged: the named categories only
-        words = [w for _, ws in _toy_categories(root) for w in ws]
+    from namedmask.data.toyworld import CATEGORIES, names_of
+
+    words = [w for c in CATEGORIES for w in names_of(c)]  # all ten categories, held-out ones too
     taken = {w.lower() for w in words}
     distract = [n for n in builtin_names() if n.lower() not in taken][:DISTRACTORS]
     names = tuple(words) + tuple(distract)
@@ -111,9 +108,10 @@ def quality(root: Path) -> list:
     images = sorted((root / "world" / "eval" / "multi" / "images").glob("*.jpg"))
     limit = int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)
     images = images[:limit]
-    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino="vit_small_patch8_224",
-                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"),
-                          vit_kwargs={"img_size": 96, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
+
+    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
+                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
                           size=96, k=6, templates="namedmask", min_score=-1.0, device="cpu")
     models = _toy_models(root, base)
     rows = []
