@@ -148,13 +148,13 @@ def prompt_tuning(root: Path) -> list:
 
     run = Path(os.environ.get("NAMEDMASK_TOY_RUN", root / "run"))
     steps = int(os.environ.get("NAMEDMASK_BENCH_STEPS", "300"))
-    out = Path(tempfile.mkdtemp(prefix="bench_adapt_"))
     cfg = AdaptConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), steps=steps, device="cpu")
-    t0 = time.perf_counter()
-    summary = adapt_clip(run / "archive", run / "refined", out, cfg, progress=False)
-    train_s = time.perf_counter() - t0
     clip = load_clip("nm-toy", str(root / "clip" / "nm-toy.pt"))
-    prompts = load_mask_prompts(out / "mask_prompts.safetensors", clip)
+    with tempfile.TemporaryDirectory(prefix="bench_adapt_") as out:
+        t0 = time.perf_counter()
+        summary = adapt_clip(run / "archive", run / "refined", out, cfg, progress=False)
+        train_s = time.perf_counter() - t0
+        prompts = load_mask_prompts(Path(out) / "mask_prompts.safetensors", clip)
     names = summary["categories"]
     text = category_text(clip, run / "archive", names, get_templates("namedmask")).cpu()
     cats = dict(_toy_categories(root))
