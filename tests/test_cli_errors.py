@@ -37,6 +37,10 @@ CASES = [
     (["run", "--out", "o"], "namedmask.pipeline", "run_pipeline", "namedmask.stages.train:TrainError"),
     (["config", "show"], "namedmask.pipeline", "load_run_config", "namedmask.config:ConfigError"),
     (["toy-world", "--out", "o"], "namedmask.toy", "build_toy_world", "namedmask.config:ConfigError"),
+    (["discover", "x.png", "--out", "o"], "namedmask.stages.discover", "discover",
+     "namedmask.stages.discover:DiscoverError"),
+    (["adapt-clip", "--archive", "a", "--masks", "m", "--out", "o"], "namedmask.stages.adapt_clip", "adapt_clip",
+     "namedmask.stages.adapt_clip:AdaptError"),
 ]
 
 

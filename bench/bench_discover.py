@@ -1,0 +1,231 @@
+"""`python -m bench discover`: zero-guidance discovery and mask prompt tuning, measured.
+
+Quality (needs a built toy world: `namedmask toy-world --out runs/toy`, i.e. its seed folder with
+world/, clip/nm-toy.pt, dino/dino_toy_pretrain.pth; set NAMEDMASK_TOY, default runs/toy/seed-0,
+and NAMEDMASK_TOY_RUN, default <toy>/run, a NamedMask run on it with archive/ and refined/):
+- discover on the held-out multi-object scenes (world/eval/multi): per ground-truth object (a
+  class region of the label map) whether a segment matches it (IoU >= 0.5) and whether that
+  segment is named with one of the object's words; vocabulary = every toy word (names and
+  synonyms of all ten categories) + DISTRACTORS nouns from the builtin list; embeddings
+  attention-masked vs masked crop vs whole image, same over-segmentation settings;
+  also the share of named segments whose name fits the ground-truth class under most of their
+  pixels (naming precision) — the documented equivalents of the zero-guidance paper's
+  segment-recall / naming metrics;
+- masked-region classification among the NamedMask categories: plain CLIP vs mask prompts trained
+  by `adapt-clip` on the run's archive + refined masks; accuracy on the ground-truth regions of
+  the held-out multi-object scenes (never trained on) and on adapt-clip's own held-out split.
+Speed (no toy world needed): seconds per image of discover at 512 px on this machine's CPU with
+the default architectures (ViT-L/14@336 CLIP, DINO ViT-S/16; random weights: the time does not
+depend on the values) and each step's share.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import Row
+
+DISTRACTORS = 250
+
+
+def _toy_root() -> Path:
+    return Path(os.environ.get("NAMEDMASK_TOY", "runs/toy/seed-0"))
+
+
+def _toy_categories(root: Path) -> list:
+    """[(name, words)] of the NamedMask categories (label ids 1..8) from categories.txt."""
+    out = []
+    for line in (root / "world" / "categories.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, alts = line.partition("|")
+            out.append((name.strip(), (name.strip(), *[a.strip() for a in alts.split(",") if a.strip()])))
+    return out
+
+
+def _toy_vocabulary(root: Path):
+    from namedmask.data.vocabulary import Vocabulary, builtin_names
+
+    from namedmask.data.toyworld import CATEGORIES, names_of
+
+    words = [w for c in CATEGORIES for w in names_of(c)]  # all ten categories, held-out ones too
+    taken = {w.lower() for w in words}
+    distract = [n for n in builtin_names() if n.lower() not in taken][:DISTRACTORS]
+    names = tuple(words) + tuple(distract)
+    return Vocabulary("toy+distractors", names, tuple((n,) for n in names))
+
+
+def _toy_models(root: Path, config):
+    from namedmask.models.dino import create_dino
+    from namedmask.models.prompts import get_templates
+    from namedmask.stages.discover import Models, vocabulary_embeddings
+    from namedmask.models.clip import load_clip
+
+    clip = load_clip("nm-toy", str(root / "clip" / "nm-toy.pt"))
+    vit = create_dino(config.dino, config.dino_weights, **config.vit_kwargs)
+    vocab = _toy_vocabulary(root)
+    return Models(clip, vit, vocab, vocabulary_embeddings(clip, vocab, get_templates(config.templates)))
+
+
+def _score_image(labels: torch.Tensor, segments: list, gt: np.ndarray, cats: list) -> dict:
+    gt = torch.from_numpy(gt.astype(np.int64))
+    objects = [c for c in torch.unique(gt).tolist() if 1 <= c <= len(cats)]
+    matched = named = 0
+    for c in objects:
+        g = gt == c
+        best, best_iou = None, 0.0
+        for i, s in enumerate(segments):
+            m = labels == i
+            iou = float((m & g).sum()) / max(1, float((m | g).sum()))
+            if iou > best_iou:
+                best, best_iou = i, iou
+        if best_iou >= 0.5:
+            matched += 1
+            named += segments[best]["name"] in cats[c - 1][1]
+    right = total = 0
+    for i, s in enumerate(segments):
+        if s["name"] is None:
+            continue
+        under = gt[labels == i]
+        majority = int(torch.mode(under).values) if under.numel() else 0
+        total += 1
+        right += 1 <= majority <= len(cats) and s["name"] in cats[majority - 1][1]
+    return {"objects": len(objects), "matched": matched, "named": named, "segments_named": total,
+            "segments_right": right}
+
+
+def quality(root: Path) -> list:
+    from namedmask.data.decode import load_image
+    from namedmask.stages.discover import DiscoverConfig, discover_image
+
+    cats = _toy_categories(root)
+    images = sorted((root / "world" / "eval" / "multi" / "images").glob("*.jpg"))
+    limit = int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)
+    images = images[:limit]
+    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
+
+    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
+                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
+                          size=96, k=6, templates="namedmask", min_score=-1.0, device="cpu")
+    models = _toy_models(root, base)
+    rows = []
+    variants = [(mode, merge, layers) for merge in (True, False)
+                for mode, layers in (("attention", 3), ("attention", 1), ("crop", 3), ("whole", 3))]
+    for mode, merge, layers in variants:
+        cfg = DiscoverConfig(**{**base.__dict__, "embed": mode, "merge": merge, "mask_layers": layers})
+        tot = {"objects": 0, "matched": 0, "named": 0, "segments_named": 0, "segments_right": 0}
+        t0 = time.perf_counter()
+        for p in images:
+            labels, segments, _ = discover_image(models, load_image(p), cfg)
+            gt = np.array(Image.open(root / "world" / "eval" / "multi" / "labels" / f"{p.stem}.png"))
+            for k, v in _score_image(labels, segments, gt, cats).items():
+                tot[k] += v
+        secs = (time.perf_counter() - t0) / len(images)
+        extra = {"objects": tot["objects"],
+                 "matched IoU>=0.5": round(tot["matched"] / tot["objects"], 4),
+                 "matched and named right": round(tot["named"] / tot["objects"], 4),
+                 "naming precision (segments)": round(tot["segments_right"] / max(1, tot["segments_named"]), 4),
+                 "vocabulary": len(models.vocabulary), "chance naming": round(3 / len(models.vocabulary), 4)}
+        name = f"{mode}{layers}" if mode == "attention" else mode
+        rows.append(Row(op=f"toy {name} {'merged' if merge else 'unmerged'}", backend="cpu", shape=f"{len(images)} imgs 96px",
+                        seconds=secs, extra=extra))
+    return rows
+
+
+def prompt_tuning(root: Path) -> list:
+    from namedmask.data.decode import load_image
+    from namedmask.models import zero_guidance as zg
+    from namedmask.models.clip import load_clip
+    from namedmask.models.mask_prompts import load_mask_prompts
+    from namedmask.models.prompts import get_templates
+    from namedmask.stages.adapt_clip import AdaptConfig, Regions, accuracy, adapt_clip, category_text
+
+    run = Path(os.environ.get("NAMEDMASK_TOY_RUN", root / "run"))
+    steps = int(os.environ.get("NAMEDMASK_BENCH_STEPS", "300"))
+    cfg = AdaptConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), steps=steps, device="cpu")
+    clip = load_clip("nm-toy", str(root / "clip" / "nm-toy.pt"))
+    with tempfile.TemporaryDirectory(prefix="bench_adapt_") as out:
+        t0 = time.perf_counter()
+        summary = adapt_clip(run / "archive", run / "refined", out, cfg, progress=False)
+        train_s = time.perf_counter() - t0
+        prompts = load_mask_prompts(Path(out) / "mask_prompts.safetensors", clip)
+    names = summary["categories"]
+    text = category_text(clip, run / "archive", names, get_templates("namedmask")).cpu()
+    cats = dict(_toy_categories(root))
+    crops, cms, labels = [], [], []
+    for p in sorted((root / "world" / "eval" / "multi" / "images").glob("*.jpg")):
+        img = load_image(p).permute(2, 0, 1)
+        gt = torch.from_numpy(np.array(Image.open(root / "world" / "eval" / "multi" / "labels" / f"{p.stem}.png")))
+        for c in torch.unique(gt).tolist():
+            name = list(cats)[c - 1] if 1 <= c <= len(cats) else None
+            if name not in names:
+                continue
+            cr, cm = zg.masked_crops(img, (gt == c)[None], clip.image_size, clip.mean)
+            crops.append(cr[0]), cms.append(cm[0]), labels.append(names.index(name))
+    regions = Regions(torch.stack(crops), torch.stack(cms), torch.tensor(labels), names)
+    idx = torch.arange(len(labels))
+    plain, tuned = accuracy(clip, regions, idx, text), accuracy(clip, regions, idx, text, prompts)
+    extra = {"GT regions (held-out multi scenes)": len(labels), "accuracy plain": round(plain, 4),
+             "accuracy mask prompts": round(tuned, 4), "gain (points)": round(100 * (tuned - plain), 2),
+             "adapt-clip own val split plain": summary["val_accuracy_plain"],
+             "adapt-clip own val split prompts": summary["val_accuracy_prompts"],
+             "train regions": summary["train"], "loss first/last": f"{summary['loss_first']:.3f}/{summary['loss_last']:.3f}",
+             "chance": round(1 / len(names), 4), "steps": steps}
+    return [Row(op="mask prompt tuning", backend="cpu", shape=f"{len(names)} classes", seconds=train_s, extra=extra)]
+
+
+def speed() -> list:
+    from namedmask.data.vocabulary import load_vocabulary
+    from namedmask.models.clip import load_clip
+    from namedmask.models.dino import create_dino
+    from namedmask.stages.discover import DiscoverConfig, Models, discover_image
+
+    n = int(os.environ.get("NAMEDMASK_BENCH_SPEED_IMAGES", "3"))
+    cfg = DiscoverConfig(pretrained="random", random_weights=True, templates="simple", device="cpu")
+    clip = load_clip(cfg.model, "random")
+    vit = create_dino(cfg.dino, random_weights=True)
+    vocab = load_vocabulary("builtin")
+    g = torch.Generator().manual_seed(0)
+    # Per-image time does not include the vocabulary's text embeddings (computed once, cached in
+    # the output folder); random unit vectors of the same shape cost the same to search.
+    text = torch.nn.functional.normalize(torch.randn(len(vocab), clip.embed_dim, generator=g), dim=-1)
+    models = Models(clip, vit, vocab, text)
+    totals, walls = {}, []
+    for i in range(n + 1):  # the first image warms up and is not counted
+        img = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=g).float()
+        img = torch.nn.functional.interpolate(img.permute(2, 0, 1)[None], size=(512, 683), mode="bilinear")[0]
+        img = img.permute(1, 2, 0).round().to(torch.uint8).contiguous()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            _, segs, secs = discover_image(models, img, cfg)
+        if i:
+            walls.append(time.perf_counter() - t0)
+            for k, v in secs.items():
+                totals[k] = totals.get(k, 0) + v
+    wall = sum(walls) / n
+    extra = {f"share {k}": f"{100 * v / sum(totals.values()):.1f}%" for k, v in totals.items()}
+    extra["threads"] = torch.get_num_threads()
+    return [Row(op="discover 512px speed", backend="cpu", shape=f"{cfg.model}+{cfg.dino}", seconds=wall, extra=extra)]
+
+
+def run() -> list:
+    rows = []
+    root = _toy_root()
+    if (root / "world" / "eval" / "multi").is_dir():
+        rows += quality(root)
+        run_dir = Path(os.environ.get("NAMEDMASK_TOY_RUN", root / "run"))
+        if (run_dir / "refined" / "manifest.json").is_file():
+            rows += prompt_tuning(root)
+        else:
+            print(f"bench discover: no NamedMask run at {run_dir} (archive/, refined/): mask prompt tuning skipped")
+    else:
+        print(f"bench discover: no toy world at {root} (namedmask toy-world --out runs/toy): quality skipped")
+    if os.environ.get("NAMEDMASK_BENCH_SPEED", "1") != "0":
+        rows += speed()
+    return rows

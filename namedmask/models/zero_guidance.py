@@ -1,0 +1,290 @@
+"""Zero-guidance segmentation (no query, no class list): over-segment an image with DINO
+patch features, embed each segment in CLIP's space, name it against a vocabulary and merge
+segments that agree.
+
+Segment embeddings, three ways (the same CLIP, the same image):
+- "attention": the whole image goes through CLIP; in the last `mask_layers` blocks the class
+  token's attention row gets an additive bias: 0 on itself and the segment's patches,
+  log(context) on every other patch. context=0 is purely local (the class token sees only the
+  segment), context=1 is the plain global embedding; in between, outside patches keep that
+  share of their attention weight. Only the class row is biased, so each segment costs the
+  last `mask_layers` blocks, not a whole forward.
+- "crop": the segment's bounding box, pixels outside the segment set to CLIP's mean colour
+  (0 after normalisation), resized to CLIP's input; optionally with mask prompts
+  (namedmask.models.mask_prompts) in place of the blanked patches.
+- "whole": the plain image embedding, the same for every segment (a baseline).
+
+`clip_forward` is the one forward over open_clip's VisionTransformer used by all three; with no
+bias and no prompts it equals `model.encode_image` (tested)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from namedmask.models.clip import Clip
+from namedmask.ops.bilateral import bilateral_solve_batch
+
+EMBED_MODES = ("attention", "crop", "whole")
+
+
+# ------------------------------------------------------------------------------ CLIP side
+
+def _visual(clip: Clip):
+    visual = clip.model.visual
+    if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None \
+            or getattr(visual, "pool_type", "tok") != "tok":
+        raise ValueError(f"CLIP {clip.name}: segment embeddings need a ViT with a class token "
+                         f"(open_clip VisionTransformer, pool_type 'tok', no attentional pooler)")
+    return visual
+
+
+def clip_depth(clip: Clip) -> int:
+    return len(_visual(clip).transformer.resblocks)
+
+
+def clip_grid(clip: Clip) -> tuple:
+    return tuple(int(g) for g in _visual(clip).grid_size)
+
+
+def normalise(clip: Clip, images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> CLIP's normalised float input."""
+    x = images.to(clip.device, torch.float32).div(255)
+    mean = torch.tensor(clip.mean, device=clip.device).view(1, 3, 1, 1)
+    std = torch.tensor(clip.std, device=clip.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def patch_tokens(clip: Clip, x: torch.Tensor) -> torch.Tensor:
+    """Normalised images [B, 3, S, S] -> patch embeddings [B, L, D] (before class token and
+    position embedding)."""
+    v = _visual(clip)
+    t = v.conv1(x)
+    return t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
+
+
+def clip_forward(clip: Clip, x: torch.Tensor, *, cls_bias: torch.Tensor | None = None, bias_layers: int = 0,
+                 prompts: torch.Tensor | None = None, blank: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP image embeddings [B, E] (not normalised) of normalised images x [B, 3, S, S].
+
+    cls_bias [B, 1 + L]: additive attention bias of the class token's row in the last
+    `bias_layers` blocks; x may hold one image for many bias rows (one per segment): the
+    unbiased blocks then run once and the batch expands where the bias starts. prompts [P, L, D] with blank [B, L] bool: in blocks 0..P-1 the input
+    tokens of blank patches are replaced by the prompt tokens of that block (mask prompt
+    tuning; block 0's prompts replace the patch embedding before the position embedding is
+    added, as the blank patch's own embedding would have been)."""
+    v = _visual(clip)
+    t = patch_tokens(clip, x)
+    b, n, d = t.shape
+    if prompts is not None:
+        t = torch.where(blank[..., None], prompts[0].to(t.dtype)[None].expand(b, -1, -1), t)
+    cls = v.class_embedding.to(t.dtype).view(1, 1, d).expand(b, -1, -1)
+    h = v.ln_pre(v.patch_dropout(torch.cat([cls, t], 1) + v.positional_embedding.to(t.dtype)))
+    blocks = v.transformer.resblocks
+    batch_first = getattr(v.transformer, "batch_first", True)
+    first_biased = len(blocks) - bias_layers if cls_bias is not None else len(blocks)
+    mask = None
+    if cls_bias is not None:
+        heads = blocks[-1].attn.num_heads
+        nb = len(cls_bias)
+        if b not in (1, nb):
+            raise ValueError(f"clip_forward: {b} images for {nb} bias rows")
+        mask = torch.zeros(nb, 1 + n, 1 + n, dtype=h.dtype, device=h.device)
+        mask[:, 0] = cls_bias.to(h.dtype)
+        mask = mask.repeat_interleave(heads, dim=0)  # [B * heads, L+1, L+1], nn.MultiheadAttention's layout
+    for i, blk in enumerate(blocks):
+        if prompts is not None and 0 < i < prompts.shape[0]:
+            patches = torch.where(blank[..., None], prompts[i].to(h.dtype)[None].expand(b, -1, -1), h[:, 1:])
+            h = torch.cat([h[:, :1], patches], 1)
+        if i == first_biased and h.shape[0] != mask.shape[0] // heads:
+            h = h.expand(mask.shape[0] // heads, -1, -1)
+        kw = {"attn_mask": mask} if i >= first_biased else {}
+        h = blk(h, **kw) if batch_first else blk(h.transpose(0, 1), **kw).transpose(0, 1)
+    pooled = v.ln_post(h[:, 0])
+    return pooled @ v.proj if v.proj is not None else pooled
+
+
+def patch_fractions(masks: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """Bool/float masks [S, H, W] -> the fraction of each CLIP patch they cover [S, gh * gw]."""
+    m = F.interpolate(masks[:, None].float(), size=(grid[0] * 8, grid[1] * 8), mode="bilinear", align_corners=False)
+    return F.adaptive_avg_pool2d(m, grid).flatten(1)
+
+
+def attention_bias(fractions: torch.Tensor, context: float) -> torch.Tensor:
+    """[S, L] patch coverage -> [S, 1 + L] class-row bias: 0 on the class token and on the
+    segment's patches (coverage >= 0.5, or its best-covered patch when none reaches it),
+    log(context) elsewhere (-inf for context 0)."""
+    if not 0 <= context <= 1:
+        raise ValueError(f"context share must be in [0, 1], got {context}")
+    inside = fractions >= 0.5
+    best = fractions.argmax(1)
+    inside[torch.arange(len(fractions)), best] = True
+    outside = math.log(context) if context > 0 else float("-inf")
+    bias = torch.full(inside.shape, outside, dtype=torch.float32, device=fractions.device)
+    bias[inside] = 0.0
+    return torch.cat([torch.zeros(len(bias), 1, device=bias.device), bias], 1)
+
+
+def _resize_uint8(image: torch.Tensor, size: int) -> torch.Tensor:
+    x = F.interpolate(image[None].float(), size=(size, size), mode="bicubic", align_corners=False)
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def masked_crops(image: torch.Tensor, masks: torch.Tensor, size: int, mean: tuple) -> tuple:
+    """uint8 [3, H, W], bool [S, H, W] -> (uint8 crops [S, 3, size, size] with the bounding box of
+    each segment resized to size x size and the outside set to CLIP's mean colour,
+    bool crop masks [S, size, size])."""
+    fill = torch.tensor([round(255 * m) for m in mean], dtype=torch.uint8).view(3, 1, 1)
+    crops, cms = [], []
+    for m in masks:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+        sub = torch.where(m[y0:y1, x0:x1], image[:, y0:y1, x0:x1], fill)
+        crops.append(_resize_uint8(sub, size)[0])
+        cm = F.interpolate(m[None, None, y0:y1, x0:x1].float(), size=(size, size), mode="nearest")[0, 0] > 0.5
+        cms.append(cm)
+    return torch.stack(crops), torch.stack(cms)
+
+
+@torch.no_grad()
+def segment_embeddings(clip: Clip, image: torch.Tensor, masks: torch.Tensor, *, mode: str = "attention",
+                       context: float = 0.1, mask_layers: int = 3, mask_prompts=None,
+                       batch_size: int = 32) -> torch.Tensor:
+    """L2-normalised CLIP embeddings [S, E] of the segments `masks` (bool [S, H, W]) of `image`
+    (uint8 [3, H, W]). mode: see EMBED_MODES; mask_prompts: a MaskPrompts for mode "crop"."""
+    if mode not in EMBED_MODES:
+        raise ValueError(f"embedding mode must be one of {EMBED_MODES}, got {mode!r}")
+    if len(masks) == 0:
+        return torch.zeros(0, clip.embed_dim)
+    size = clip.image_size
+    if mode == "whole":
+        e = clip_forward(clip, normalise(clip, _resize_uint8(image, size)))
+        return F.normalize(e.float(), dim=-1).cpu().expand(len(masks), -1).clone()
+    out = []
+    if mode == "attention":
+        depth = clip_depth(clip)
+        if not 1 <= mask_layers <= depth:
+            raise ValueError(f"mask_layers must be in 1..{depth} (the depth of {clip.name}), got {mask_layers}")
+        x = normalise(clip, _resize_uint8(image, size))
+        bias = attention_bias(patch_fractions(masks, clip_grid(clip)), context).to(clip.device)
+        for i in range(0, len(masks), batch_size):
+            bb = bias[i:i + batch_size]
+            out.append(clip_forward(clip, x, cls_bias=bb, bias_layers=mask_layers))
+    else:
+        crops, cms = masked_crops(image, masks, size, clip.mean)
+        for i in range(0, len(masks), batch_size):
+            x = normalise(clip, crops[i:i + batch_size])
+            if mask_prompts is not None:
+                out.append(mask_prompts.forward(clip, x, cms[i:i + batch_size]))
+            else:
+                out.append(clip_forward(clip, x))
+    return F.normalize(torch.cat(out).float(), dim=-1).cpu()
+
+
+# ------------------------------------------------------------------------------ DINO side
+
+def kmeans(x: torch.Tensor, k: int, iterations: int = 30, seed: int = 0) -> torch.Tensor:
+    """Cosine k-means of rows of x [N, C] (deterministic k-means++ init from `seed`); returns
+    labels [N] in 0..k'-1 with k' <= k: identical points never make two clusters (a
+    one-colour image gives one cluster)."""
+    x = F.normalize(x.float(), dim=-1)
+    g = torch.Generator().manual_seed(seed)
+    centres = [x[int(torch.randint(len(x), (1,), generator=g))]]
+    for _ in range(1, k):
+        d = (1 - x @ torch.stack(centres).T).clamp_min(0).amin(1)
+        if float(d.max()) < 1e-6:  # every point already sits on a centre
+            break
+        centres.append(x[int(torch.multinomial(d / d.sum(), 1, generator=g))])
+    c = torch.stack(centres)
+    for _ in range(iterations):
+        labels = (x @ c.T).argmax(1)
+        new = torch.zeros_like(c).index_add_(0, labels, x)
+        empty = new.norm(dim=1) < 1e-12
+        new[empty] = c[empty]
+        new = F.normalize(new, dim=-1)
+        if torch.allclose(new, c):
+            break
+        c = new
+    labels = (x @ c.T).argmax(1)
+    return torch.unique(labels, return_inverse=True)[1]
+
+
+@dataclass
+class Oversegmentation:
+    labels: torch.Tensor        # int64 [H, W], 0..S-1
+    patch_labels: torch.Tensor  # int64 [h, w]
+
+
+def oversegment(features: torch.Tensor, grid: tuple, image: torch.Tensor, *, k: int = 8, min_area: float = 0.01,
+                temperature: float = 0.05, refine: bool = True, seed: int = 0) -> Oversegmentation:
+    """DINO patch features [h*w, C] -> a pixel label map of `image` (uint8 [3, H, W]).
+
+    Cosine k-means of the patch features into <= k clusters; clusters under `min_area` of the
+    patches are absorbed by their nearest cluster; then each cluster's soft assignment
+    (softmax of cosine / temperature over the clusters), upsampled to pixels, is refined along
+    the image's edges by the bilateral solver and each pixel takes the cluster with the
+    highest refined score (no refinement: the upsampled soft assignments decide)."""
+    h, w = grid
+    feats = F.normalize(features.float(), dim=-1)
+    labels = kmeans(feats, k, seed=seed)
+    counts = torch.bincount(labels)
+    keep = counts >= max(1, math.ceil(min_area * len(labels)))
+    if not keep.any():
+        keep[counts.argmax()] = True
+    centres = F.normalize(torch.zeros(len(counts), feats.shape[1]).index_add_(0, labels, feats), dim=-1)[keep]
+    sim = feats @ centres.T                               # [h*w, S]
+    patch_labels = sim.argmax(1).view(h, w)
+    H, W = image.shape[-2:]
+    soft = torch.softmax(sim / temperature, dim=1).T.reshape(-1, 1, h, w)
+    soft = F.interpolate(soft, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    if refine and len(soft) > 1:
+        rgb = image.permute(1, 2, 0).contiguous()
+        soft = torch.stack(bilateral_solve_batch([rgb] * len(soft), list(soft.clamp(0, 1))))
+    pixel = soft.argmax(0)
+    return Oversegmentation(torch.unique(pixel, return_inverse=True)[1].view(H, W), patch_labels)
+
+
+# ------------------------------------------------------------------------------ naming
+
+@dataclass
+class Naming:
+    index: torch.Tensor    # int64 [S, top]: vocabulary ids, best first
+    scores: torch.Tensor   # float32 [S, top]: cosine similarities
+
+
+def name_segments(embeddings: torch.Tensor, text: torch.Tensor, top: int = 3) -> Naming:
+    """Cosine of each segment embedding [S, E] to each vocabulary entry [V, E]; the `top` best."""
+    sim = embeddings.float() @ text.float().T
+    scores, index = sim.topk(min(top, text.shape[0]), dim=1)
+    return Naming(index, scores)
+
+
+def adjacent_pairs(labels: torch.Tensor) -> set:
+    """Pairs (a, b), a < b, of segment ids that touch (4-neighbourhood) in a label map."""
+    pairs = set()
+    for a, b in ((labels[:, :-1], labels[:, 1:]), (labels[:-1], labels[1:])):
+        diff = a != b
+        lo, hi = torch.minimum(a[diff], b[diff]), torch.maximum(a[diff], b[diff])
+        pairs |= set(map(tuple, torch.unique(torch.stack([lo, hi], 1), dim=0).tolist()))
+    return pairs
+
+
+def merge_groups(labels: torch.Tensor, names: list, embeddings: torch.Tensor, threshold: float = 0.9) -> torch.Tensor:
+    """Union of touching segments that got the same name (not None) or whose embeddings have
+    cosine >= threshold. Returns new labels 0..S'-1 (the merged map)."""
+    parent = list(range(len(names)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in sorted(adjacent_pairs(labels)):
+        same_name = names[a] is not None and names[a] == names[b]
+        if same_name or float(embeddings[a] @ embeddings[b]) >= threshold:
+            parent[root(b)] = root(a)
+    roots = torch.tensor([root(i) for i in range(len(names))], dtype=torch.int64)
+    return torch.unique(roots, return_inverse=True)[1][labels]

@@ -1,0 +1,247 @@
+"""`namedmask discover IMAGES --out DIR`: zero-guidance segmentation — segments and their names
+with no query and no class list (namedmask.models.zero_guidance is the method).
+
+Per image (at `size` px short side for DINO and the solver; labels written at native size):
+DINO last-layer keys -> k-means over-segmentation -> bilateral-solver refinement -> a CLIP
+embedding per segment (attention-masked by default) -> the nearest vocabulary entries (prompt
+ensemble) -> touching segments with the same name or close embeddings merged, then embedded
+and named again.
+
+Output folder:
+  discover.json            the settings (a resumed run must use the same ones)
+  text_embeddings.safetensors  vocabulary embeddings (a cache keyed by a fingerprint)
+  labels/<stem>.png        segment ids 1..S (palette PNG), native resolution
+  segments/<stem>.json     per segment: id, name (null = no name: best score < min_score),
+                           score, runner-ups [[name, score], ...], area (fraction of the image);
+                           and the seconds each step took
+  overlays/<stem>.png      the image tinted per segment, legend "id: name"
+  segments.json            all images' segments (rewritten at the end of every run)
+Resumable: an image whose labels and segments files exist is skipped; every write is atomic.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from namedmask import io
+from namedmask.data.categories import voc_palette
+from namedmask.data.decode import ImageDecodeError, load_image
+from namedmask.data.vocabulary import Vocabulary, load_vocabulary
+from namedmask.errors import NamedMaskError
+from namedmask.models import zero_guidance as zg
+from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
+from namedmask.models.dino import IMAGENET_MEAN, IMAGENET_STD, create_dino, last_layer_keys, patch_size
+from namedmask.models.prompts import get_templates
+from namedmask.report import save_overlay
+from namedmask.runtime import resolve_device
+from namedmask.stages.predict import collect_images
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "discover.json"
+STEPS = ("decode", "dino", "oversegment", "embed", "name", "write")
+
+
+class DiscoverError(NamedMaskError, ValueError):
+    """Bad discover settings, an unreadable image or an output folder made with other settings."""
+
+
+@dataclass
+class DiscoverConfig:
+    vocabulary: str = "builtin"
+    templates: str = "namedmask"
+    model: str = DEFAULT_MODEL
+    pretrained: str | None = None
+    dino: str = "vit_small_patch16_224.dino"
+    dino_weights: str | None = None
+    random_weights: bool = False       # random DINO (smoke runs only)
+    vit_kwargs: dict | None = None     # timm construction arguments of the DINO ViT (toy models)
+    size: int = 512                    # short side for DINO and the solver
+    k: int = 8                         # most segments before merging
+    min_area: float = 0.01
+    refine: bool = True
+    embed: str = "attention"           # attention | crop | whole
+    context: float = 0.1               # share of global context the class token keeps
+    mask_layers: int = 3
+    mask_prompts: str | None = None    # tokens from `namedmask adapt-clip` (embed crop)
+    min_score: float = 0.2             # cosine below which a segment has no name
+    merge_threshold: float = 0.9       # cosine of segment embeddings that merges touching segments
+    merge: bool = True                 # off: the over-segmentation is kept as it is (ablations)
+    top: int = 3
+    device: str = "auto"
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.embed not in zg.EMBED_MODES:
+            raise DiscoverError(f"--embed {self.embed}: must be one of {', '.join(zg.EMBED_MODES)}")
+        if not 1 <= self.k <= 255:
+            raise DiscoverError(f"--k {self.k}: must be in 1..255 (labels are a palette PNG)")
+        if not 0 <= self.context <= 1:
+            raise DiscoverError(f"--context {self.context}: must be in [0, 1]")
+        if self.mask_prompts and self.embed != "crop":
+            raise DiscoverError("--mask-prompts work on masked crops: add --embed crop")
+        if self.size < 16:
+            raise DiscoverError(f"--size {self.size}: too small (at least 16 px)")
+
+
+@dataclass
+class Models:
+    clip: Clip
+    vit: torch.nn.Module
+    vocabulary: Vocabulary
+    text: torch.Tensor
+    prompts: object = None
+
+
+def load_models(config: DiscoverConfig, cache: Path | None = None) -> Models:
+    from namedmask.models.mask_prompts import load_mask_prompts
+
+    vocab = load_vocabulary(config.vocabulary)  # bad user files fail before any model loads
+    templates = get_templates(config.templates)
+    if config.mask_prompts and not Path(config.mask_prompts).is_file():
+        raise DiscoverError(f"--mask-prompts {config.mask_prompts}: no such file (make one with `namedmask adapt-clip`)")
+    dev = resolve_device(config.device)
+    clip = load_clip(config.model, config.pretrained, dev)
+    vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_weights,
+                      **(config.vit_kwargs or {})).to(dev)
+    text = vocabulary_embeddings(clip, vocab, templates, cache)
+    prompts = load_mask_prompts(config.mask_prompts, clip) if config.mask_prompts else None
+    return Models(clip, vit, vocab, text, prompts)
+
+
+def vocabulary_embeddings(clip: Clip, vocab: Vocabulary, templates: tuple, cache: Path | None = None) -> torch.Tensor:
+    """float32 [V, E]: per entry, every template x every word, encoded, averaged, normalised."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = io.fingerprint({"model": clip.describe(), "words": vocab.words, "templates": templates})
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                return f.get_tensor("embeddings")
+    flat = [t.format(w) for words in vocab.words for w in words for t in templates]
+    encoded = clip.encode_texts(flat).cpu()
+    out, start = [], 0
+    for words in vocab.words:
+        n = len(words) * len(templates)
+        out.append(F.normalize(encoded[start:start + n].mean(0), dim=-1))
+        start += n
+    text = torch.stack(out)
+    if cache is not None:
+        with io.atomic_path(cache) as tmp:
+            save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key})
+    return text
+
+
+def _working_image(image_hwc: torch.Tensor, size: int, patch: int) -> torch.Tensor:
+    """uint8 [H, W, 3] -> uint8 [3, h, w]: short side `size`, both sides multiples of `patch`."""
+    H, W = image_hwc.shape[:2]
+    s = size / min(H, W)
+    h, w = max(patch, round(H * s / patch) * patch), max(patch, round(W * s / patch) * patch)
+    x = image_hwc.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _masks(labels: torch.Tensor) -> torch.Tensor:
+    return labels[None] == torch.arange(int(labels.max()) + 1)[:, None, None]
+
+
+def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConfig) -> tuple:
+    """One image (uint8 [H, W, 3]) -> (labels int64 [H, W] in 0..S-1, segments list, seconds per step)."""
+    seconds = {}
+    t = time.perf_counter()
+
+    def lap(step):
+        nonlocal t
+        now = time.perf_counter()
+        seconds[step] = seconds.get(step, 0.0) + now - t
+        t = now
+
+    dev = models.clip.device
+    img = _working_image(image_hwc, config.size, patch_size(models.vit))
+    x = img[None].to(dev, torch.float32).div(255)
+    x = (x - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    keys, grid = last_layer_keys(models.vit, x)
+    lap("dino")
+    labels = zg.oversegment(keys[0].cpu(), grid, img, k=config.k, min_area=config.min_area, refine=config.refine,
+                            seed=config.seed).labels
+    lap("oversegment")
+
+    def embed_and_name(labels):
+        emb = zg.segment_embeddings(models.clip, img, _masks(labels), mode=config.embed, context=config.context,
+                                    mask_layers=min(config.mask_layers, zg.clip_depth(models.clip)),
+                                    mask_prompts=models.prompts)
+        lap("embed")
+        naming = zg.name_segments(emb, models.text, top=config.top)
+        names = [models.vocabulary.names[int(i[0])] if float(s[0]) >= config.min_score else None
+                 for i, s in zip(naming.index, naming.scores)]
+        lap("name")
+        return emb, naming, names
+
+    emb, naming, names = embed_and_name(labels)
+    merged = zg.merge_groups(labels, names, emb, config.merge_threshold) if config.merge else labels
+    if int(merged.max()) < int(labels.max()):
+        labels = merged
+        emb, naming, names = embed_and_name(labels)
+    H, W = image_hwc.shape[:2]
+    native = F.interpolate(labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()
+    area = torch.bincount(native.flatten(), minlength=len(names)).float() / native.numel()
+    segments = [{"id": i + 1, "name": names[i], "score": round(float(naming.scores[i, 0]), 4),
+                 "runner_ups": [[models.vocabulary.names[int(j)], round(float(s), 4)]
+                                for j, s in zip(naming.index[i, 1:], naming.scores[i, 1:])],
+                 "area": round(float(area[i]), 5)} for i in range(len(names))]
+    return native, segments, seconds
+
+
+def discover(inputs, out_dir, config: DiscoverConfig | None = None, *, progress: bool = True,
+             models: Models | None = None) -> dict:
+    """Runs discovery on image files / folders `inputs`; returns {"done", "skipped", "segments"}."""
+    config = config or DiscoverConfig()
+    config.check()
+    paths = collect_images(inputs)
+    out = io.claim_output_dir(out_dir, CONFIG_NAME)
+    settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    previous = out / CONFIG_NAME
+    if previous.is_file() and json.loads(previous.read_text()) != settings:
+        raise DiscoverError(f"{out} holds results made with other settings ({previous}); use a new --out folder")
+    io.write_json(previous, settings)
+    stems, seen = [], set()
+    for p in paths:
+        stem = p.stem if p.stem not in seen else f"{p.parent.name}_{p.stem}"
+        seen.add(stem)
+        stems.append(stem)
+    todo = [(p, s) for p, s in zip(paths, stems)
+            if not ((out / "labels" / f"{s}.png").is_file() and (out / "segments" / f"{s}.json").is_file())]
+    if todo and models is None:
+        models = load_models(config, out / "text_embeddings.safetensors")
+    for path, stem in tqdm(todo, desc="discover", unit="img", disable=not progress):
+        t0 = time.perf_counter()
+        try:
+            image = load_image(path)
+        except ImageDecodeError as exc:
+            raise DiscoverError(str(exc)) from exc
+        decode = time.perf_counter() - t0
+        with torch.no_grad():
+            labels, segments, seconds = discover_image(models, image, config)
+        t1 = time.perf_counter()
+        label = (labels + 1).to(torch.uint8)
+        io.save_png(out / "labels" / f"{stem}.png", label.numpy(), palette=voc_palette())
+        legend = [""] + [f"{s['id']}: {s['name'] or '?'}" for s in segments]
+        save_overlay(out / "overlays" / f"{stem}.png", image, label.long(), legend)
+        seconds = {"decode": decode, **seconds, "write": time.perf_counter() - t1}
+        io.write_json(out / "segments" / f"{stem}.json",
+                      {"image": str(path), "segments": segments,
+                       "seconds": {k: round(v, 4) for k, v in seconds.items()}})
+    every = {s: json.loads((out / "segments" / f"{s}.json").read_text())["segments"] for s in stems}
+    io.write_json(out / "segments.json", every)
+    log.info("discover: %d images done, %d already there; results in %s", len(todo), len(paths) - len(todo), out)
+    return {"done": len(todo), "skipped": len(paths) - len(todo), "segments": every}
+

@@ -1,0 +1,118 @@
+"""Mask prompt tuning: tokens round-trip through their file, a few steps lower the loss on a
+tiny CLIP, `namedmask adapt-clip` writes what `discover --mask-prompts` loads."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from namedmask.cli import cli
+from namedmask.models import zero_guidance as zg
+from namedmask.models.clip import load_clip
+from namedmask.models.mask_prompts import MaskPrompts, MaskPromptsError, load_mask_prompts
+from namedmask.stages.adapt_clip import AdaptConfig, Regions, category_text, train_prompts
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("nm-tiny")
+
+
+def test_prompt_tokens_round_trip(tmp_path, clip):
+    p = MaskPrompts(clip, depth=2, seed=3)
+    p.save(tmp_path / "p.safetensors")
+    q = load_mask_prompts(tmp_path / "p.safetensors", clip)
+    assert q.depth == 2 and torch.equal(p.tokens.detach(), q.tokens.detach())
+    with pytest.raises(MaskPromptsError, match="no such file"):
+        load_mask_prompts(tmp_path / "none.safetensors", clip)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a file")
+    with pytest.raises(MaskPromptsError, match="not a mask-prompt file"):
+        load_mask_prompts(tmp_path / "bad.safetensors", clip)
+
+
+def test_prompts_replace_only_blank_patches(clip):
+    """Prompt tokens equal to the blank patches' own embeddings change nothing."""
+    x = torch.zeros(1, 3, 64, 64)  # a fully blank crop: every patch embedding is conv1(0) = 0
+    masks = torch.zeros(1, 64, 64, dtype=torch.bool)
+    masks[0, :16, :16] = True
+    p = MaskPrompts(clip, depth=1, tokens=torch.zeros(1, 16, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(p.forward(clip, x, masks), zg.clip_forward(clip, x))
+    blank = MaskPrompts.blank_patches(clip, masks)
+    assert blank.sum() == 15 and not blank[0, 0]
+
+
+def _regions(n=24):
+    g = torch.Generator().manual_seed(0)
+    crops = torch.randint(0, 256, (n, 3, 64, 64), dtype=torch.uint8, generator=g)
+    masks = torch.zeros(n, 64, 64, dtype=torch.bool)
+    masks[:, 16:48, 16:48] = True
+    labels = torch.arange(n) % 3
+    return Regions(crops, masks, labels, ["cat", "dog", "car"])
+
+
+def test_a_few_steps_reduce_the_loss(clip):
+    regions = _regions()
+    text = torch.nn.functional.normalize(torch.randn(3, clip.embed_dim, generator=torch.Generator().manual_seed(1)), dim=-1)
+    before = [p.detach().clone() for p in clip.model.parameters()]
+    prompts, losses = train_prompts(clip, regions, text, torch.arange(24), AdaptConfig(steps=30, batch_size=24, lr=5e-2),
+                                    progress=False)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert all(torch.equal(a, b) for a, b in zip(before, clip.model.parameters()))  # CLIP frozen
+
+
+def _run_folder(tmp_path, clip):
+    pool = tmp_path / "pool"
+    (pool / "a").mkdir(parents=True)
+    (tmp_path / "masks" / "masks" / "a").mkdir(parents=True)
+    archives, entries = {"red": [], "blue": []}, {}
+    for i in range(8):
+        colour = [(220, 20, 20), (20, 20, 220)][i % 2]
+        img = np.full((40, 48, 3), 120, np.uint8)
+        img[8:32, 10:38] = colour
+        Image.fromarray(img).save(pool / "a" / f"{i}.png")
+        mask = np.zeros((40, 48), np.uint8)
+        mask[8:32, 10:38] = 1
+        Image.fromarray(mask).save(tmp_path / "masks" / "masks" / "a" / f"{i}.png")
+        archives[["red", "blue"][i % 2]].append({"path": f"a/{i}.png", "score": 0.3})
+        entries[f"a/{i}.png"] = {"mask": f"masks/a/{i}.png", "fg_fraction": 0.3, "flag": None}
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "archive" / "archive.json").write_text(json.dumps({
+        "schema_version": 1, "pool_root": str(pool), "categories": {"red": 1, "blue": 2}, "archives": archives,
+        "prompt_words": {"red": ["red", "crimson"], "blue": ["blue"]}}))
+    (tmp_path / "masks" / "manifest.json").write_text(json.dumps({"schema_version": 1, "masks": entries}))
+    return tmp_path / "archive", tmp_path / "masks"
+
+
+def test_adapt_clip_cli_then_discover_loads_the_tokens(tmp_path, clip):
+    archive, masks = _run_folder(tmp_path, clip)
+    out = tmp_path / "adapt"
+    args = ["adapt-clip", "--archive", str(archive), "--masks", str(masks), "--out", str(out), "--model", "nm-tiny",
+            "--templates", "simple", "--steps", "5", "--batch-size", "4", "--depth", "2"]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "adapt.json").read_text())
+    assert summary["train"] + summary["val"] == 8 and summary["categories"] == ["red", "blue"]
+    assert load_mask_prompts(out / "mask_prompts.safetensors", clip).depth == 2
+    r = CliRunner().invoke(cli, args)  # finished: left as it is
+    assert r.exit_code == 0
+    r = CliRunner().invoke(cli, args[:-2] + ["--depth", "1"])
+    assert r.exit_code == 1 and "other settings" in r.output
+    text = category_text(clip, archive, ["red", "blue"], ("a photo of a {}.",))
+    assert text.shape == (2, clip.embed_dim)
+    d = tmp_path / "disc"
+    r = CliRunner().invoke(cli, ["discover", str(tmp_path / "pool" / "a" / "0.png"), "--out", str(d),
+                                 "--model", "nm-tiny", "--dino", "vit_tiny_patch16_224", "--random-weights",
+                                 "--size", "64", "--templates", "simple", "--embed", "crop",
+                                 "--mask-prompts", str(out / "mask_prompts.safetensors"), "--vocabulary", "builtin"])
+    assert r.exit_code == 0, r.output
+
+
+def test_no_pairs_is_one_error_line(tmp_path, clip):
+    archive, masks = _run_folder(tmp_path, clip)
+    (masks / "manifest.json").write_text(json.dumps({"schema_version": 1, "masks": {}}))
+    r = CliRunner().invoke(cli, ["adapt-clip", "--archive", str(archive), "--masks", str(masks), "--out",
+                                 str(tmp_path / "o"), "--model", "nm-tiny", "--templates", "simple"])
+    assert r.exit_code == 1 and "fewer than 2 archive images" in r.output, r.output

@@ -1,0 +1,75 @@
+"""`namedmask discover` end to end on tiny random models: outputs, resumability, a one-colour
+image, bad inputs as one error line."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from namedmask.cli import cli
+
+ARGS = ["--model", "nm-tiny", "--dino", "vit_tiny_patch16_224", "--random-weights", "--size", "64",
+        "--templates", "simple", "--k", "4"]
+
+
+@pytest.fixture()
+def images(tmp_path):
+    d = tmp_path / "img"
+    d.mkdir()
+    a = np.zeros((60, 80, 3), np.uint8)
+    a[:, 40:] = 200
+    a[:20, :, 2] = 255
+    Image.fromarray(a).save(d / "two.png")
+    Image.fromarray(np.full((50, 50, 3), 90, np.uint8)).save(d / "flat.png")
+    return d
+
+
+def test_discover_writes_resumes_and_handles_flat_images(tmp_path, images, monkeypatch):
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("cat | kitty\ndog\nsky\ngrass\n")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["discover", str(images), "--out", str(out), "--vocabulary", str(vocab),
+                                 "--min-score", "-1", *ARGS])
+    assert r.exit_code == 0, r.output
+    for stem in ("two", "flat"):
+        label = np.array(Image.open(out / "labels" / f"{stem}.png"))
+        info = json.loads((out / "segments" / f"{stem}.json").read_text())
+        ids = sorted(s["id"] for s in info["segments"])
+        assert label.shape == np.array(Image.open(images / f"{stem}.png")).shape[:2]
+        assert sorted(np.unique(label).tolist()) == ids
+        assert abs(sum(s["area"] for s in info["segments"]) - 1) < 1e-3
+        assert all(s["name"] in ("cat", "dog", "sky", "grass") and len(s["runner_ups"]) == 2 for s in info["segments"])
+        assert (out / "overlays" / f"{stem}.png").is_file()
+    flat = json.loads((out / "segments" / "flat.json").read_text())["segments"]
+    assert len(flat) == 1 and flat[0]["area"] == 1.0
+    assert set(json.loads((out / "segments.json").read_text())) == {"two", "flat"}
+    # resumed: nothing recomputed (models are not even loaded)
+    import namedmask.stages.discover as stage
+    monkeypatch.setattr(stage, "load_models", lambda *a, **k: pytest.fail("models loaded on a finished folder"))
+    r = CliRunner().invoke(cli, ["discover", str(images), "--out", str(out), "--vocabulary", str(vocab),
+                                 "--min-score", "-1", *ARGS])
+    assert r.exit_code == 0 and "0 images segmented (2 already done)" in r.output, r.output
+    # other settings in the same folder are refused
+    r = CliRunner().invoke(cli, ["discover", str(images), "--out", str(out), "--vocabulary", str(vocab), *ARGS])
+    assert r.exit_code == 1 and "other settings" in r.output
+
+
+def test_high_min_score_gives_no_names(tmp_path, images):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["discover", str(images / "flat.png"), "--out", str(out), "--min-score", "1.01",
+                                 "--vocabulary", "builtin", *ARGS])
+    assert r.exit_code == 0, r.output
+    segs = json.loads((out / "segments" / "flat.json").read_text())["segments"]
+    assert [s["name"] for s in segs] == [None]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--vocabulary", "missing.txt"], "--vocabulary missing.txt: not 'builtin' and not a file"),
+    (["--mask-prompts", "nope.safetensors", "--embed", "crop"], "--mask-prompts nope.safetensors: no such file"),
+    (["--mask-prompts", "nope.safetensors"], "--mask-prompts work on masked crops"),
+    (["--k", "0"], "--k 0: must be in 1..255"),
+])
+def test_bad_inputs_one_line(tmp_path, images, extra, message):
+    r = CliRunner().invoke(cli, ["discover", str(images), "--out", str(tmp_path / "o"), *ARGS, *extra])
+    assert r.exit_code == 1 and message in r.output and r.output.count("\n") == 1, r.output
