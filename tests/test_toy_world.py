@@ -136,7 +136,6 @@ def test_dino_checkpoints_load_through_the_saliency_command(toy, tmp_path):
     assert manifest["config"]["dino_weights"] == str(flat.resolve())
 
 
-@pytest.mark.slow
 def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
     """namedmask run on the ci world with the toy models (the demo config with a shorter
     schedule): retrieval far above chance and a final multi-object mIoU well above the
@@ -149,6 +148,9 @@ def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
     cfg.update(out=str(tmp_path / "run"), predict_images=[])
     cfg["archive"]["k"] = 12
     cfg["experts"]["train"]["iterations"] = 30
+    # the fixture trains no DINO (dino steps 0): its random initialisation, which the bench
+    # measured as saliency-equivalent to the trained tiny DINO (README, toy world)
+    cfg["saliency"].update(dino_weights=None, random_weights=True)
     cfg["train"]["iterations"] = 200
     torch.set_num_threads(2)
     run_pipeline(load_run_config(None, cfg), progress=False)
@@ -156,4 +158,6 @@ def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
     assert np.mean(list(prec.values())) >= 0.5, prec
     miou = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["miou"]
     floor = quality.all_background_miou(toy / "world" / "eval" / "multi")
+    print(f"full chain (ci world): precision {np.mean(list(prec.values())):.3f}, mIoU {miou:.3f}, "
+          f"all-background {floor:.3f}")
     assert miou >= floor + 0.1, (miou, floor)
