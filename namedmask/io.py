@@ -71,17 +71,17 @@ class InputFileError(NamedMaskError, ValueError):
     """A user's input file that cannot be read as text; the message names it."""
 
 
-def read_user_text(path: str | os.PathLike) -> str:
-    """The UTF-8 text of a user's file; undecodable bytes are an error naming the file and
+def read_user_text(path: str | os.PathLike, error: type = InputFileError) -> str:
+    """The UTF-8 text of a user's file; undecodable bytes are an `error` naming the file and
     the byte offset (Python's own message names neither)."""
     path = Path(path)
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise InputFileError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
-                             f"save it as UTF-8") from None
+        raise error(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                    f"save it as UTF-8") from None
     except OSError as exc:
-        raise InputFileError(f"{path}: cannot read ({exc.strerror})") from None
+        raise error(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:

@@ -136,6 +136,21 @@ def get_category_set(name_or_path: str, synonyms: bool = False) -> CategorySet:
     if not path.is_file():
         raise ValueError(f"unknown category set {name_or_path!r}: not one of {sorted(BUILTIN)} and not a file")
     names, synonyms = ["background"], {}
+    for lineno, name, alts in read_name_lines(path, "category"):
+        if name in names:
+            raise ValueError(f"{path}:{lineno}: duplicate category {name!r}")
+        names.append(name)
+        if alts:
+            synonyms[name] = alts
+    if len(names) == 1:
+        raise ValueError(f"{path}: no categories found (one name per line)")
+    return CategorySet(path.stem, tuple(names), synonyms)
+
+
+def read_name_lines(path: Path, what: str, error: type = ValueError) -> list:
+    """(line number, name, synonyms) of each entry of a 'name | synonym, ...' file (blank
+    lines and '#' comments skipped); an entry without a name is an `error` naming the line."""
+    entries = []
     for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
@@ -143,17 +158,9 @@ def get_category_set(name_or_path: str, synonyms: bool = False) -> CategorySet:
         name, _, alts = line.partition("|")
         name = name.strip()
         if not name:
-            raise ValueError(f"{path}:{lineno}: empty category name before '|' in {line!r}; "
-                             f"write 'name | synonym, ...'")
-        if name in names:
-            raise ValueError(f"{path}:{lineno}: duplicate category {name!r}")
-        names.append(name)
-        alts = tuple(a.strip() for a in alts.split(",") if a.strip())
-        if alts:
-            synonyms[name] = alts
-    if len(names) == 1:
-        raise ValueError(f"{path}: no categories found (one name per line)")
-    return CategorySet(path.stem, tuple(names), synonyms)
+            raise error(f"{path}:{lineno}: empty {what} name before '|' in {line!r}; write 'name | synonym, ...'")
+        entries.append((lineno, name, tuple(a.strip() for a in alts.split(",") if a.strip())))
+    return entries
 
 
 def voc_palette() -> list:

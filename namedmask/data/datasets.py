@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image
 
+from namedmask import io
 from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_category_set
 from namedmask.data.coco import coco_paths
 from namedmask.data.decode import IMAGE_SUFFIXES
@@ -383,11 +384,7 @@ def list_pool_images(path: str | Path) -> ImagePool:
             raise DatasetError(f"{path}: an image, not a pool; give the folder of images or a list file")
         root = path.parent
         rel = []
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise DatasetError(f"{path}: not a UTF-8 text list of image paths ({exc.reason} at byte {exc.start})") from None
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(io.read_user_text(path, DatasetError).splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from namedmask.data.categories import BUILTIN, VOC_PROMPT_NAMES
+from namedmask.data.categories import BUILTIN, VOC_PROMPT_NAMES, read_name_lines
 from namedmask.errors import NamedMaskError
 
 COCO_STUFF = (
@@ -68,19 +68,12 @@ def load_vocabulary(name_or_path: str = "builtin") -> Vocabulary:
         raise VocabularyError(f"--vocabulary {name_or_path}: not 'builtin' and not a file "
                               f"(one name a line, synonyms after '|')")
     names, words, seen = [], [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, _, alts = line.partition("|")
-        name = name.strip()
-        if not name:
-            raise VocabularyError(f"{path}:{lineno}: an entry needs a name before '|'")
+    for lineno, name, alts in read_name_lines(path, "vocabulary", VocabularyError):
         if name.lower() in seen:
             raise VocabularyError(f"{path}:{lineno}: {name!r} is listed twice")
         seen.add(name.lower())
         names.append(name)
-        words.append((name, *[a.strip() for a in alts.split(",") if a.strip()]))
+        words.append((name, *alts))
     if not names:
         raise VocabularyError(f"{path}: no names found (one name a line, synonyms after '|')")
     return Vocabulary(str(path), tuple(names), tuple(words))
