@@ -11,10 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import Row, print_table
+from bench.common import SHARED_DATA, Row, print_table
 
 REPO = Path(__file__).resolve().parents[1]
-POOL = Path(os.environ.get("NAMEDMASK_SHARED_DATA", REPO.parent / "shared" / "data")) / "pool"
+POOL = SHARED_DATA / "pool"
 VIT_B_IMAGES = 16   # ViT-B-16 on a CPU is slow: time it on the first images of the pool only
 
 # VmHWM, not ru_maxrss: ru_maxrss survives exec and would report the parent's size at fork.

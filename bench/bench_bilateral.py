@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -19,14 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import Row, print_table, timeit
+from bench.common import SHARED_DATA, Row, print_table, timeit
 from namedmask import ops
 from namedmask.ops.bilateral import PRESETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bilateral_oracle import coarse_mask, foreground_iou, scipy_bilateral_solve  # noqa: E402
 
-VOC_MINI = Path(os.environ.get("NAMEDMASK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "voc_mini"
+VOC_MINI = SHARED_DATA / "voc_mini"
 SIZE = (500, 375)  # width, height
 
 

@@ -8,17 +8,14 @@ Masks are real VOC masks from ../shared/data/voc_mini (or $NAMEDMASK_SHARED_DATA
 change the cost)."""
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import Row, gpu_rows, memory_bandwidth, memory_floor_row, print_table, timeit
+from bench.common import SHARED_DATA, Row, gpu_rows, memory_bandwidth, memory_floor_row, print_table, timeit
 from namedmask import ops
 
-SHARED_DATA = Path(os.environ.get("NAMEDMASK_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def masks(batch: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, str]:

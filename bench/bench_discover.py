@@ -20,7 +20,6 @@ depend on the values) and each step's share.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-from bench.common import Row, print_table
+from bench.common import SHARED_DATA, Row, print_table
+
+VOC_MINI = SHARED_DATA / "voc_mini"
 
 CASES = {
     "tokencut 4000x600": "tokencut(600, 4000)",
@@ -45,7 +46,7 @@ def bilateral(h, w):
     from pathlib import Path
     from PIL import Image
     from namedmask import ops
-    photos = sorted(Path(__file__).resolve().parents[1].parent.joinpath("shared/data/voc_mini/JPEGImages").glob("*.jpg")) if "__file__" in globals() else []
+    photos = sorted(Path(VOC_MINI, "JPEGImages").glob("*.jpg"))
     if photos:
         image = torch.from_numpy(__import__("numpy").asarray(Image.open(photos[0]).convert("RGB").resize((w, h), Image.BILINEAR)).copy())
     else:
@@ -86,7 +87,7 @@ def run(names=None) -> list[Row]:
     for name, call in CASES.items():
         if names and name not in names:
             continue
-        proc = subprocess.run([sys.executable, "-c", f"__file__ = {str(Path(__file__).resolve())!r}\n" + _CHILD, call],
+        proc = subprocess.run([sys.executable, "-c", f"VOC_MINI = {str(VOC_MINI)!r}\n" + _CHILD, call],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             rows.append(Row(name, "cpu", "failed", float("nan"), None, None, {"error": proc.stderr.strip()[-300:]}))

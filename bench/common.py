@@ -3,6 +3,7 @@ torch reference measured in the same run, memory bandwidth of this machine)."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -10,6 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+# The real photos (../shared/data beside the checkout, or $NAMEDMASK_SHARED_DATA).
+SHARED_DATA = Path(os.environ.get("NAMEDMASK_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def timeit(fn, repeat: int = 5, warmup: int = 1, sync_cuda: bool = False) -> float:

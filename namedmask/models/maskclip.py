@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD  # the segmenters' input normalisation
 from namedmask.errors import NamedMaskError
 from namedmask.models.clip import Clip
 from namedmask.ops import bilateral_solve
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)   # the segmenters' input normalisation (data/augment.py)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 RECIPES = ("maskclip", "value")

@@ -37,6 +37,7 @@ from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
 from namedmask.models.mask_prompts import MaskPrompts
+from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
 from namedmask.runtime import resolve_device
 
@@ -80,12 +81,15 @@ def load_regions(archive_path, masks_dir, size: int, mean: tuple) -> Regions:
     masks = mask_paths(masks_dir)
     names = sorted(archive.categories, key=archive.categories.get)
     crops, cms, labels, missing = [], [], [], 0
+    first_category = {}  # an image's category when best_category lacks it: the first archive holding it
+    for n in names:
+        for e in archive.archives[n]:
+            first_category.setdefault(e["path"], n)
     for path in archive.images():
         if path not in masks:
             missing += 1
             continue
-        name = archive.best_category.get(path) or next(n for n in names if any(
-            e["path"] == path for e in archive.archives[n]))
+        name = archive.best_category.get(path) or first_category[path]
         try:
             image = load_image(archive.pool_root / path)
             mask = torch.from_numpy(read_label_map(masks[path]) == 1)
@@ -110,11 +114,7 @@ def load_regions(archive_path, masks_dir, size: int, mean: tuple) -> Regions:
 def category_text(clip: Clip, archive_path, names: list, templates: tuple) -> torch.Tensor:
     """[C, E]: per category the prompt ensemble over every word the archive embedded it with."""
     words = load_archive(archive_path).meta.get("prompt_words", {})
-    out = []
-    for n in names:
-        prompts = [t.format(w) for w in words.get(n, [n]) for t in templates]
-        out.append(F.normalize(clip.encode_texts(prompts).mean(0), dim=-1))
-    return torch.stack(out)
+    return ensemble_text_embeddings(clip, [words.get(n, [n]) for n in names], templates)
 
 
 def _embed(clip: Clip, regions: Regions, idx: torch.Tensor, prompts: MaskPrompts | None) -> torch.Tensor:
@@ -178,7 +178,12 @@ def adapt_clip(archive_path, masks_dir, out_dir, config: AdaptConfig | None = No
     if config.steps < 1 or config.batch_size < 1 or not 0 <= config.val_fraction < 1:
         raise AdaptError(f"adapt-clip: steps and batch size must be >= 1 and val fraction in [0, 1), got "
                          f"{config.steps}, {config.batch_size}, {config.val_fraction}")
-    out = io.claim_output_dir(out_dir, CONFIG_NAME)
+    with io.output_folder(out_dir, "adapt-clip", legacy=(CONFIG_NAME,)) as out:  # owned, locked, cleaned
+        return _adapt_clip(out, archive_path, masks_dir, config, progress)
+
+
+def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, progress: bool) -> dict:
+    """The body of adapt_clip, inside its locked output folder."""
     settings = {"archive": str(Path(archive_path).resolve()), "masks": str(Path(masks_dir).resolve()),
                 **{k: v for k, v in asdict(config).items() if k != "device"}}
     done = out / CONFIG_NAME

@@ -58,8 +58,6 @@ class ArchiveBuildError(NamedMaskError, RuntimeError):
 def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | None:
     """Runs stage (A). Returns the Archive on rank 0 (and in single-process runs), None on
     other ranks."""
-    if config.k < 1 or config.batch_size < 1 or config.shard_size < 1:
-        raise ValueError("k, batch size and shard size must be >= 1")
     out = Path(config.out)
     categories = _categories_with_synonyms(config.categories, config.synonyms)
     templates = get_templates(config.templates)

@@ -38,6 +38,7 @@ from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
 from namedmask.models.dino import IMAGENET_MEAN, IMAGENET_STD, create_dino, last_layer_keys, patch_size
+from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
@@ -126,14 +127,7 @@ def vocabulary_embeddings(clip: Clip, vocab: Vocabulary, templates: tuple, cache
         with safe_open(str(cache), "pt") as f:
             if (f.metadata() or {}).get("fingerprint") == key:
                 return f.get_tensor("embeddings")
-    flat = [t.format(w) for words in vocab.words for w in words for t in templates]
-    encoded = clip.encode_texts(flat).cpu()
-    out, start = [], 0
-    for words in vocab.words:
-        n = len(words) * len(templates)
-        out.append(F.normalize(encoded[start:start + n].mean(0), dim=-1))
-        start += n
-    text = torch.stack(out)
+    text = ensemble_text_embeddings(clip, list(vocab.words), templates)
     if cache is not None:
         with io.atomic_path(cache) as tmp:
             save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key})
@@ -207,7 +201,12 @@ def discover(inputs, out_dir, config: DiscoverConfig | None = None, *, progress:
     config = config or DiscoverConfig()
     config.check()
     paths = collect_images(inputs)
-    out = io.claim_output_dir(out_dir, CONFIG_NAME)
+    with io.output_folder(out_dir, "discover", legacy=(CONFIG_NAME,)) as out:  # owned, locked, cleaned
+        return _discover(out, paths, config, progress, models)
+
+
+def _discover(out: Path, paths: list, config: DiscoverConfig, progress: bool, models: Models | None) -> dict:
+    """The body of discover, inside its locked output folder."""
     settings = {k: v for k, v in asdict(config).items() if k != "device"}
     previous = out / CONFIG_NAME
     if previous.is_file() and json.loads(previous.read_text()) != settings:

@@ -51,23 +51,24 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
     model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
     cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
     arguments of stages.openvocab.zero_shot_segmenter), labels those names."""
-    io.claim_output_dir(out_dir, io.stage_marker("predict"))  # refused before the model loads
-    dev = resolve_device(device)
-    if text or zero_shot is not None:
-        model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
-                                      zero_shot=zero_shot, classes=text_classes(text) if text else None, device=dev)
-    else:
-        model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
-        names = meta["class_names"]
-    cmap = None
-    if classes:
-        target_set = get_category_set(classes)
-        cmap = ClassMap(names, target_set.names, ignore_unmapped=ignore_unmapped,
-                        dataset_words={n: target_set.prompt_words(n) for n in target_set.names})
-        names = list(target_set.names)
-        log.info("label ids of %s: %s", classes, cmap.describe()["model_to_dataset"])
     out_dir = Path(out_dir)
+    # taken (refused, locked) before the model loads, held for the whole run
     with io.output_folder(out_dir, "predict"):
+        dev = resolve_device(device)
+        if text or zero_shot is not None:
+            model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
+                                          zero_shot=zero_shot, classes=text_classes(text) if text else None,
+                                          device=dev)
+        else:
+            model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
+            names = meta["class_names"]
+        cmap = None
+        if classes:
+            target_set = get_category_set(classes)
+            cmap = ClassMap(names, target_set.names, ignore_unmapped=ignore_unmapped,
+                            dataset_words={n: target_set.prompt_words(n) for n in target_set.names})
+            names = list(target_set.names)
+            log.info("label ids of %s: %s", classes, cmap.describe()["model_to_dataset"])
         return _predict(model, dev, names, cmap, inputs, out_dir, overlays, progress, skip_bad)
 
 

@@ -26,12 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from namedmask import io
+from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
 VIT_NAME = "vit_small_patch8_224"
 VIT_KWARGS = {"img_size": 96, "embed_dim": 128, "depth": 4, "num_heads": 4}
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD  # what the saliency stage feeds the ViT
 
 
 @dataclass
