@@ -3,6 +3,7 @@ options, calls one library function and echoes the result; errors are caught onc
 group (_Group), and become one clear line and exit code != 0."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -132,6 +133,20 @@ def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, backgrou
             "short_side": short_side, "refine": refine}
 
 
+def _config_options(fn):
+    """--config FILE and repeated --set key=value, shared by the stage commands."""
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override a config value, e.g. --set optim.lr_head=1e-3 (repeatable).")(fn)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="YAML config file of this command's keys (`namedmask config show` lists them); "
+                             "options given on the command line win.")(fn)
+
+
+def _flag(value: bool):
+    """A flag given on the command line overrides the config; an absent one leaves it."""
+    return True if value else None
+
+
 @cli.command("eval")
 @click.option("--pred", "pred_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Folder of predicted index PNGs (matched to --gt by file stem).")
@@ -144,7 +159,7 @@ def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, backgrou
               help="With --checkpoint: voc | coco-object | coca | cityscapes-object | imagenet-s | folder.")
 @click.option("--root", type=click.Path(path_type=Path), default=None, help="With --checkpoint: dataset root.")
 @click.option("--split", default="val", help="With --checkpoint: dataset split.")
-@click.option("--device", default="auto", help="With --checkpoint: auto | cpu | cuda.")
+@click.option("--device", default=None, show_default="auto", help="With --checkpoint: auto | cpu | cuda.")
 @click.option("--max-images", type=int, default=None, help="With --checkpoint: score only the first N images.")
 @click.option("--overlays", "overlays_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --checkpoint: write colour overlays of a few images here.")
@@ -159,20 +174,25 @@ def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, backgrou
                    "instead of failing; model classes the dataset lacks score as background.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write metrics JSON here.")
 @click.option("--skip-bad", is_flag=True, help="Log, count and skip bad or missing pairs instead of failing.")
-@click.option("--backend", default="auto", help="Kernel backend for the confusion matrix.")
+@click.option("--backend", default=None, show_default="auto", help="Kernel backend for the confusion matrix.")
 @click.option("--zero-shot", is_flag=True, help="Score zero-shot dense CLIP (--model/--pretrained) on --dataset.")
 @click.option("--text-classes", default=None, is_flag=False, flag_value="dataset",
               help="With a text-head --checkpoint or --zero-shot: classify with these names (a category set or "
                    "names file; alone: the dataset's own class names).")
 @_open_vocab_options
+@_config_options
 def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images, overlays_dir, num_classes,
              ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend, zero_shot, text_classes,
-             text, **zs_options) -> None:
+             text, config_path, overrides, **zs_options) -> None:
     """mIoU of prediction label maps against ground truth (--pred/--gt), or of a trained model
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
+    from namedmask.config import EvalConfig, load_config
     from namedmask.data.categories import get_category_set
     from namedmask.stages.evaluate import evaluate_label_maps, write_report
 
+    cfg = load_config(EvalConfig, config_path, overrides, device=device, max_images=max_images, backend=backend,
+                      ignore_unmapped=_flag(ignore_unmapped))
+    device, max_images, backend, ignore_unmapped = cfg.device, cfg.max_images, cfg.backend, cfg.ignore_unmapped
     if out is not None:  # before the work: a table printed, then its JSON lost, helps nobody
         _check_out_file(out)
     if zero_shot and zs_options["model"] is None:
@@ -190,7 +210,8 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
                                    backend=backend, ignore_unmapped=ignore_unmapped)
         else:
             report = evaluate_checkpoint(run_dir, dataset, root, split=split, device=device, max_images=max_images,
-                                         overlays_dir=overlays_dir, backend=backend, ignore_unmapped=ignore_unmapped)
+                                         overlays_dir=overlays_dir, num_overlays=cfg.num_overlays, backend=backend,
+                                         ignore_unmapped=ignore_unmapped)
         click.echo(report.table())
         if out:
             write_report(report, out)
@@ -251,20 +272,6 @@ def prepare_check_cmd(dataset, root, split) -> None:
     click.echo(report.text())
     if not report.ok:
         sys.exit(1)
-
-
-def _config_options(fn):
-    """--config FILE and repeated --set key=value, shared by the training commands."""
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                      help="Override a config value, e.g. --set optim.lr_head=1e-3 (repeatable).")(fn)
-    return click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                        help="YAML config file of this command's keys (`namedmask config show` lists them); "
-                             "options given on the command line win.")(fn)
-
-
-def _flag(value: bool):
-    """A flag given on the command line overrides the config; an absent one leaves it."""
-    return True if value else None
 
 
 @cli.command("build-archive")
@@ -386,22 +393,26 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
                    "dense CLIP, --model/--pretrained with --text).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: labels/<name>.png (class ids) and overlays/<name>.png.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--no-overlays", is_flag=True, help="Only label PNGs.")
 @click.option("--classes", default=None,
               help="Write label ids of this category set (e.g. voc) or names file, classes paired by name.")
 @click.option("--ignore-unmapped", is_flag=True, help="With --classes: model classes the set lacks become background.")
 @click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing.")
 @_open_vocab_options
-def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, **zero_shot) -> None:
+@_config_options
+def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, config_path,
+            overrides, **zero_shot) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
+    from namedmask.config import PredictConfig, load_config
     from namedmask.stages.predict import predict as run
 
+    cfg = load_config(PredictConfig, config_path, overrides, device=device, overlays=False if no_overlays else None,
+                      classes=classes, ignore_unmapped=_flag(ignore_unmapped), skip_bad=_flag(skip_bad))
     zs = _zero_shot_settings(run_dir, text, **zero_shot)
     if run_dir is None and zs is None:
         raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")
-    written = run(run_dir, images, out, device=device, overlays=not no_overlays, classes=classes,
-                  ignore_unmapped=ignore_unmapped, skip_bad=skip_bad, text=text, zero_shot=zs)
+    written = run(run_dir, images, out, text=text, zero_shot=zs, **dataclasses.asdict(cfg))
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 
@@ -476,7 +487,8 @@ def config_group() -> None:
 
 
 CONFIG_KINDS = {"run": "RunConfig", "train": "TrainConfig", "experts": "ExpertsConfig",
-                "build-archive": "ArchiveConfig", "saliency": "SaliencyConfig", "refine": "RefineConfig"}
+                "build-archive": "ArchiveConfig", "saliency": "SaliencyConfig", "refine": "RefineConfig",
+                "eval": "EvalConfig", "predict": "PredictConfig"}
 
 
 @config_group.command("show")

@@ -273,11 +273,13 @@ class RunExpertsConfig(ExpertsConfig):
 
 @dataclass
 class EvalConfig:
-    """Stage (E) inside `namedmask run` (dataset, root and split are RunConfig.eval_*)."""
+    """`namedmask eval --checkpoint`, and stage (E) inside `namedmask run` (there the dataset,
+    root and split are RunConfig.eval_*)."""
     device: str = "auto"
     max_images: int | None = None
-    backend: str = "auto"
+    backend: str = "auto"               # kernel backend of the confusion matrix
     num_overlays: int = 4
+    ignore_unmapped: bool = False       # leave ground-truth ids no model class maps to unscored
 
     def __post_init__(self):
         _check(self, max_images=(1, None), num_overlays=(0, None))
@@ -285,9 +287,13 @@ class EvalConfig:
 
 @dataclass
 class PredictConfig:
-    """`namedmask predict` inside `namedmask run` (the images are RunConfig.predict_images)."""
+    """`namedmask predict`, and inside `namedmask run` (there the images are
+    RunConfig.predict_images)."""
     device: str = "auto"
     overlays: bool = True
+    classes: str | None = None          # write the label ids of this category set or names file
+    ignore_unmapped: bool = False       # with classes: model classes the set lacks become background
+    skip_bad: bool = False              # log, list and skip unreadable images
 
 
 STAGES = ("archive", "saliency", "experts", "train", "eval", "predict")
