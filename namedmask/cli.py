@@ -19,13 +19,13 @@ from namedmask.errors import NamedMaskError
 log = logging.getLogger("namedmask")
 
 
-# Errors a user can act on. ValueError and OSError stay here while a few lower modules
-# (category sets, prompt templates, CLIP model names) still raise them for bad input.
-USER_ERRORS = (NamedMaskError, ValueError, OSError)
+# Errors a user can act on: ours, and the operating system's (a missing file, a full disk, no
+# permission). A plain ValueError or RuntimeError is a bug and keeps its traceback.
+USER_ERRORS = (NamedMaskError, OSError)
 
 
 class _Group(click.Group):
-    """The one place errors become output: a NamedMaskError (or a bad value / missing file)
+    """The one place errors become output: a NamedMaskError (or an OSError: a missing file, no permission)
     prints as `Error: <message>` with exit code 1; its traceback only with -vv."""
 
     def invoke(self, ctx: click.Context):

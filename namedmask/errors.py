@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class NamedMaskError(Exception):
     """An error whose message says what is wrong with the input and what to do."""
+
+
+class InputError(NamedMaskError, ValueError):
+    """A bad option, config value or user file (a category list, a template file, a model name)
+    found by a module with no error class of its own; the message names it and what to do."""

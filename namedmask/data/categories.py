@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from namedmask.errors import InputError
 from namedmask.io import read_user_text
 
 VOC = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -134,20 +135,20 @@ def get_category_set(name_or_path: str, synonyms: bool = False) -> CategorySet:
                            prompts=dict(BUILTIN_PROMPTS.get(name_or_path, {})))
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(f"unknown category set {name_or_path!r}: not one of {sorted(BUILTIN)} and not a file")
+        raise InputError(f"unknown category set {name_or_path!r}: not one of {sorted(BUILTIN)} and not a file")
     names, synonyms = ["background"], {}
     for lineno, name, alts in read_name_lines(path, "category"):
         if name in names:
-            raise ValueError(f"{path}:{lineno}: duplicate category {name!r}")
+            raise InputError(f"{path}:{lineno}: duplicate category {name!r}")
         names.append(name)
         if alts:
             synonyms[name] = alts
     if len(names) == 1:
-        raise ValueError(f"{path}: no categories found (one name per line)")
+        raise InputError(f"{path}: no categories found (one name per line)")
     return CategorySet(path.stem, tuple(names), synonyms)
 
 
-def read_name_lines(path: Path, what: str, error: type = ValueError) -> list:
+def read_name_lines(path: Path, what: str, error: type = InputError) -> list:
     """(line number, name, synonyms) of each entry of a 'name | synonym, ...' file (blank
     lines and '#' comments skipped); an entry without a name is an `error` naming the line."""
     entries = []

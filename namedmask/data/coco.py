@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from namedmask import io
 from namedmask.data.categories import COCO_ID_TO_CONTIGUOUS
+from namedmask.errors import InputError
 
 log = logging.getLogger(__name__)
 IGNORE = 255
@@ -46,7 +47,7 @@ def semantic_mask(coco, image_id: int) -> np.ndarray:
     for ann in sorted(things, key=lambda a: (-float(a.get("area", 0.0)), a["id"])):
         cat = ann["category_id"]
         if cat not in COCO_ID_TO_CONTIGUOUS:
-            raise ValueError(f"annotation {ann['id']} of image {image_id}: category id {cat} is not one of the "
+            raise InputError(f"annotation {ann['id']} of image {image_id}: category id {cat} is not one of the "
                              f"80 COCO thing classes")
         label[coco.annToMask(ann) > 0] = COCO_ID_TO_CONTIGUOUS[cat]
     return label

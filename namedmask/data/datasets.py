@@ -42,7 +42,7 @@ from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_categor
 from namedmask.data.coco import coco_paths
 from namedmask.data.decode import IMAGE_SUFFIXES
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
-from namedmask.errors import NamedMaskError
+from namedmask.errors import InputError, NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ def _open_imagenet_s(root: Path, split: str) -> LabeledSet:
                           "validation": ("validation", "validation-segmentation"),
                           "train-semi": ("train-semi", "train-semi-segmentation")}.get(split, (None, None))
     if img_name is None:
-        raise ValueError(f"imagenet-s split must be 'val' or 'train-semi', got {split!r}")
+        raise InputError(f"imagenet-s split must be 'val' or 'train-semi', got {split!r}")
     img_dir, seg_dir = root / img_name, root / seg_name
     _require(img_dir, seg_dir)
     wnids = sorted(d.name for d in seg_dir.iterdir() if d.is_dir() and _WNID.match(d.name))
@@ -254,7 +254,7 @@ def open_dataset(name: str, root: str | Path, split: str = "val") -> LabeledSet:
     if re.fullmatch(r"imagenet-s\d+", key):
         key = "imagenet-s"
     if key not in _OPENERS:
-        raise ValueError(f"unknown dataset {name!r}; one of {list(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; one of {list(DATASETS)}")
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root}: dataset root is not a folder")
@@ -333,7 +333,7 @@ def check_dataset(name: str, root: str | Path, split: str = "val") -> CheckRepor
     """What of a dataset's expected layout is present under `root`, and what is missing."""
     key = "imagenet-s" if re.fullmatch(r"imagenet-s\d*", name.lower()) else name.lower()
     if key not in _OPENERS:
-        raise ValueError(f"unknown dataset {name!r}; one of {list(DATASETS)}")
+        raise InputError(f"unknown dataset {name!r}; one of {list(DATASETS)}")
     root = Path(root).expanduser()
     report = CheckReport(key, root, split)
     layout = _expected_layout(key, root, split)

@@ -19,7 +19,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 
-from namedmask.errors import NamedMaskError
+from namedmask.errors import InputError, NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def default_pretrained(name: str) -> str:
         return "openai"
     if name == TINY_MODEL:
         return RANDOM
-    raise ValueError(f"CLIP model {name!r} has no 'openai' weights; pass --pretrained with one of "
+    raise InputError(f"CLIP model {name!r} has no 'openai' weights; pass --pretrained with one of "
                      f"{open_clip.list_pretrained_tags_by_model(name)}, a checkpoint file, or {RANDOM!r}")
 
 
@@ -88,7 +88,7 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: 
     default_pretrained(name)."""
     register_configs()
     if name not in open_clip.list_models():
-        raise ValueError(f"unknown CLIP model {name!r}; open_clip knows e.g. {DEFAULT_MODEL}, ViT-B-16, {TINY_MODEL} "
+        raise InputError(f"unknown CLIP model {name!r}; open_clip knows e.g. {DEFAULT_MODEL}, ViT-B-16, {TINY_MODEL} "
                          f"(open_clip.list_models() lists all)")
     pretrained = pretrained or default_pretrained(name)
     tag_cfg, checkpoint = {}, None
@@ -100,7 +100,7 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: 
     else:
         tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if not tag_cfg:
-            raise ValueError(f"--pretrained {pretrained!r}: not a file, and not a tag of {name} "
+            raise InputError(f"--pretrained {pretrained!r}: not a file, and not a tag of {name} "
                              f"(tags: {open_clip.list_pretrained_tags_by_model(name)}, or {RANDOM!r})")
         checkpoint = _cached_or_downloaded(name, pretrained, tag_cfg)
     cfg = open_clip.get_model_config(name)
@@ -116,7 +116,7 @@ def load_clip(name: str = DEFAULT_MODEL, pretrained: str | None = None, device: 
             if checkpoint is None:
                 raise
             first = (str(exc).splitlines() or [""])[0]
-            raise ValueError(f"{checkpoint}: cannot load as {name} weights in open_clip's format "
+            raise InputError(f"{checkpoint}: cannot load as {name} weights in open_clip's format "
                              f"({type(exc).__name__}: {first}); is the file complete?") from exc
     model.eval()
     image_size = cfg["vision_cfg"]["image_size"]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from namedmask.errors import NamedMaskError
+from namedmask.errors import InputError, NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ def build_vit(name: str = "vit_small_patch16_224.dino", *, pretrained: bool = Fa
 
     name = ALIASES.get(name, name)
     if not timm.is_model(name):
-        raise ValueError(f"unknown DINO model {name!r}; timm names such as vit_small_patch16_224.dino, "
+        raise InputError(f"unknown DINO model {name!r}; timm names such as vit_small_patch16_224.dino, "
                          f"vit_small_patch8_224.dino, vit_base_patch16_224.dino")
     model = timm.create_model(name, pretrained=pretrained, num_classes=0, **timm_kwargs)
     if getattr(model, "num_prefix_tokens", None) != 1 or getattr(model, "no_embed_class", False):
-        raise ValueError(f"{name}: expected a ViT with one class token and a class position embedding (DINO)")
+        raise InputError(f"{name}: expected a ViT with one class token and a class position embedding (DINO)")
     return model.eval()
 
 
@@ -153,7 +153,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple, rule: str = "size")
     interpolate_pos_encoding (the +0.1 only guards the output size; the factor itself sets
     where the bicubic kernel samples, so the values differ from size=)."""
     if rule not in POS_EMBED_RULES:
-        raise ValueError(f"position-embedding rule must be one of {POS_EMBED_RULES}, got {rule!r}")
+        raise InputError(f"position-embedding rule must be one of {POS_EMBED_RULES}, got {rule!r}")
     n = pos_embed.shape[1] - 1
     g = int(round(n ** 0.5))
     if g * g != n:

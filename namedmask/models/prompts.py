@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from namedmask.errors import InputError
 from namedmask.io import read_user_text
 
 IMAGENET_TEMPLATES = (
@@ -112,15 +113,15 @@ def get_templates(name_or_path: str) -> tuple:
         return BUILTIN_TEMPLATES[name_or_path]
     path = Path(name_or_path)
     if not path.is_file():
-        raise ValueError(f"unknown templates {name_or_path!r}: not one of {sorted(BUILTIN_TEMPLATES)} and not a file")
+        raise InputError(f"unknown templates {name_or_path!r}: not one of {sorted(BUILTIN_TEMPLATES)} and not a file")
     templates = []
     for lineno, line in enumerate(read_user_text(path).splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         if line.count("{}") != 1:
-            raise ValueError(f"{path}:{lineno}: a template needs exactly one '{{}}' for the class name: {line!r}")
+            raise InputError(f"{path}:{lineno}: a template needs exactly one '{{}}' for the class name: {line!r}")
         templates.append(line)
     if not templates:
-        raise ValueError(f"{path}: no templates found (one per line, with '{{}}' for the class name)")
+        raise InputError(f"{path}: no templates found (one per line, with '{{}}' for the class name)")
     return tuple(templates)

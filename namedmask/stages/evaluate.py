@@ -15,7 +15,7 @@ from namedmask.data.classmap import ClassMap, category_words
 from namedmask.data.datasets import FolderLabeledSet, open_dataset
 from namedmask.data.decode import load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
-from namedmask.errors import NamedMaskError
+from namedmask.errors import InputError, NamedMaskError
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
@@ -84,7 +84,7 @@ def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: i
     file, a prediction id >= num_classes, a ground-truth id no class maps to) raise
     EvaluationError listing every bad file, unless skip_bad, which logs, counts and skips them."""
     if class_names is not None and len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
+        raise InputError(f"{len(class_names)} class names given for {num_classes} classes")
     check_backend("confusion_matrix", backend)
     model_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     cmap = ClassMap(model_names, list(gt_class_names) if gt_class_names else model_names, dataset_words=gt_words,

@@ -23,6 +23,7 @@ from namedmask.config import ExpertsConfig, to_dict
 from namedmask.data.archive import load_archive
 from namedmask.data.decode import load_image
 from namedmask.data.pseudo_masks import load_manifest, mask_paths, mask_relpath
+from namedmask.errors import InputError
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label
 from namedmask.runtime import resolve_device
@@ -38,7 +39,7 @@ def kmeans(x: torch.Tensor, k: int, iterations: int = 100, seed: int = 0) -> tor
     """Spherical k-means (cosine) with k-means++ seeding; returns a cluster id per row."""
     x = torch.nn.functional.normalize(x.double(), dim=1)
     if not 1 <= k <= len(x):
-        raise ValueError(f"cannot make {k} groups of {len(x)} categories")
+        raise InputError(f"cannot make {k} groups of {len(x)} categories")
     g = torch.Generator().manual_seed(seed)
     centres = [int(torch.randint(len(x), (), generator=g))]
     for _ in range(1, k):
@@ -77,7 +78,7 @@ def load_embeddings(path: str | Path, names: list) -> torch.Tensor:
         table = torch.load(path, map_location="cpu", weights_only=True)
     missing = [n for n in names if n not in table]
     if missing:
-        raise ValueError(f"{path}: no text embedding for categories {missing[:10]}")
+        raise InputError(f"{path}: no text embedding for categories {missing[:10]}")
     return torch.stack([table[n].float().reshape(-1) for n in names])
 
 
@@ -86,7 +87,7 @@ def category_groups(categories: list, groups: int | None = None, embeddings: str
     if groups is None:
         return [[c] for c in categories]
     if embeddings is None:
-        raise ValueError("grouped experts need the categories' text embeddings (embeddings file)")
+        raise InputError("grouped experts need the categories' text embeddings (embeddings file)")
     labels = kmeans(load_embeddings(embeddings, categories), groups)
     out = [[c for c, lab in zip(categories, labels.tolist()) if lab == j] for j in range(groups)]
     return [g for g in out if g]
@@ -97,7 +98,7 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
     """Trains the experts and writes the refined pseudo-mask folder `out_dir`; returns it."""
     cfg = cfg or ExpertsConfig()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("experts runs in one process (each expert is a small run); start it without torchrun")
+        raise InputError("experts runs in one process (each expert is a small run); start it without torchrun")
     archive = load_archive(archive_path)
     archive_file = Path(archive_path) / "archive.json" if Path(archive_path).is_dir() else Path(archive_path)
     source = load_manifest(masks_dir)

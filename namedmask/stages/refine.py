@@ -27,7 +27,7 @@ from namedmask import io
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
-from namedmask.errors import NamedMaskError
+from namedmask.errors import InputError, NamedMaskError
 from namedmask.ops.bilateral import bilateral_solve_batch, resolve_params
 from namedmask.runtime import check_backend
 
@@ -88,9 +88,9 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
     not stop the others; at the end they raise RefineError listing each one, unless skip_bad,
     which logs them and returns them in the report."""
     if method not in METHODS:
-        raise ValueError(f"unknown refinement method {method!r}; expected one of {METHODS}")
+        raise InputError(f"unknown refinement method {method!r}; expected one of {METHODS}")
     if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        raise InputError(f"threshold must be in [0, 1], got {threshold}")
     params = resolve_params(preset, sigma_spatial, sigma_luma, sigma_chroma, lam)
     check_backend("bilateral_solve", backend, device)
     config = {"method": method, "preset": preset, **asdict(params), "threshold": threshold}
