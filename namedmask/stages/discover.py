@@ -37,7 +37,7 @@ from namedmask.data.vocabulary import Vocabulary, load_vocabulary
 from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
-from namedmask.models.dino import IMAGENET_MEAN, IMAGENET_STD, create_dino, last_layer_keys, patch_size
+from namedmask.models.dino import create_dino
 from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
 from namedmask.report import save_overlay
@@ -134,16 +134,6 @@ def vocabulary_embeddings(clip: Clip, vocab: Vocabulary, templates: tuple, cache
     return text
 
 
-def _working_image(image_hwc: torch.Tensor, size: int, patch: int) -> torch.Tensor:
-    """uint8 [H, W, 3] -> uint8 [3, h, w]: short side `size`, both sides multiples of `patch`."""
-    H, W = image_hwc.shape[:2]
-    s = size / min(H, W)
-    h, w = max(patch, round(H * s / patch) * patch), max(patch, round(W * s / patch) * patch)
-    x = image_hwc.permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return x[0].round().clamp(0, 255).to(torch.uint8)
-
-
 def _masks(labels: torch.Tensor) -> torch.Tensor:
     return labels[None] == torch.arange(int(labels.max()) + 1)[:, None, None]
 
@@ -159,15 +149,8 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
         seconds[step] = seconds.get(step, 0.0) + now - t
         t = now
 
-    dev = models.clip.device
-    img = _working_image(image_hwc, config.size, patch_size(models.vit))
-    x = img[None].to(dev, torch.float32).div(255)
-    x = (x - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-    keys, grid = last_layer_keys(models.vit, x)
-    lap("dino")
-    labels = zg.oversegment(keys[0].cpu(), grid, img, k=config.k, min_area=config.min_area, refine=config.refine,
-                            seed=config.seed).labels
-    lap("oversegment")
+    img, labels = zg.propose_segments(models.vit, image_hwc, size=config.size, k=config.k, min_area=config.min_area,
+                                      refine=config.refine, seed=config.seed, lap=lap)
 
     def embed_and_name(labels):
         emb = zg.segment_embeddings(models.clip, img, _masks(labels), mode=config.embed, context=config.context,
