@@ -16,13 +16,20 @@ Output folder:
                            and the seconds each step took
   overlays/<stem>.png      the image tinted per segment, legend "id: name"
   segments.json            all images' segments (rewritten at the end of every run)
+  report.html              the report section: totals, seconds per step, the names found (how
+                           many segments and images), per image its overlay and a table of its
+                           segments (rewritten at the end of every run, links are relative)
+  summary.png              a contact sheet of the first SHEET_IMAGES overlays, captioned
 Resumable: an image whose labels and segments files exist is skipped; every write is atomic.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import time
+from collections import Counter
+from urllib.parse import quote
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "discover.json"
 STEPS = ("decode", "dino", "oversegment", "embed", "name", "write")
+SHEET_IMAGES, SHEET_COLUMNS, SHEET_CELL = 48, 4, 256
 
 
 class DiscoverError(NamedMaskError, ValueError):
@@ -222,8 +230,69 @@ def _discover(out: Path, paths: list, config: DiscoverConfig, progress: bool, mo
         io.write_json(out / "segments" / f"{stem}.json",
                       {"image": str(path), "segments": segments,
                        "seconds": {k: round(v, 4) for k, v in seconds.items()}})
-    every = {s: json.loads((out / "segments" / f"{s}.json").read_text())["segments"] for s in stems}
+    records = {s: json.loads((out / "segments" / f"{s}.json").read_text()) for s in stems}
+    every = {s: r["segments"] for s, r in records.items()}
     io.write_json(out / "segments.json", every)
+    write_report(out, records)
     log.info("discover: %d images done, %d already there; results in %s", len(todo), len(paths) - len(todo), out)
     return {"done": len(todo), "skipped": len(paths) - len(todo), "segments": every}
 
+
+
+# ------------------------------------------------------------------------------ report
+
+def write_report(out: Path, records: dict) -> None:
+    """report.html and summary.png of a discover folder; `records`: stem -> segments/<stem>.json."""
+    segments = [seg for r in records.values() for seg in r["segments"]]
+    named = [seg for seg in segments if seg["name"] is not None]
+    by_name = Counter(seg["name"] for seg in named)
+    images_of = Counter(name for r in records.values() for name in {seg["name"] for seg in r["segments"]} if name)
+    steps = Counter()
+    for r in records.values():
+        steps.update(r.get("seconds", {}))
+    total = sum(steps.values()) or 1.0
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(n)}</td><td>{c}</td><td>{images_of[n]}</td></tr>" for n, c in by_name.most_common())
+    timing = "".join(f"<tr><td>{e(k)}</td><td>{v / len(records):.3f}</td><td>{100 * v / total:.1f} %</td></tr>"
+                     for k, v in steps.items())
+    parts = [f"<!doctype html><meta charset='utf-8'><title>namedmask discover: {e(out.name)}</title>",
+             "<style>body{font-family:sans-serif}table{border-collapse:collapse;margin:0.5em 0}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}img{max-width:100%}</style>",
+             f"<h1>Discovered segments: {e(out.name)}</h1>",
+             f"<p>{len(records)} images, {len(segments)} segments ({len(named)} named, "
+             f"{len(segments) - len(named)} without a name), {len(by_name)} distinct names; "
+             f"settings in <a href='{CONFIG_NAME}'>{CONFIG_NAME}</a>, all segments in "
+             f"<a href='segments.json'>segments.json</a>.</p>",
+             "<h2>Seconds per image</h2><table><tr><th>step</th><th>seconds</th><th>share</th></tr>", timing,
+             "</table><h2>Names</h2><table><tr><th>name</th><th>segments</th><th>images</th></tr>", rows, "</table>",
+             "<h2>Images</h2>"]
+    for stem, r in records.items():
+        table = "".join(
+            f"<tr><td>{seg['id']}</td><td>{e(seg['name'] or '(no name)')}</td><td>{seg['score']:.3f}</td>"
+            f"<td>{e(', '.join(f'{n} {v:.3f}' for n, v in seg['runner_ups']))}</td>"
+            f"<td>{100 * seg['area']:.1f} %</td></tr>" for seg in r["segments"])
+        parts.append(f"<h3 id='{e(stem)}'>{e(stem)}</h3><p>{e(str(r['image']))}</p>"
+                     f"<img src='overlays/{e(quote(stem))}.png' alt='{e(stem)}'><table><tr><th>id</th><th>name</th>"
+                     f"<th>score</th><th>runner-ups</th><th>area</th></tr>{table}</table>")
+    io.write_text(out / "report.html", "\n".join(parts) + "\n")
+    _contact_sheet(out, list(records)[:SHEET_IMAGES])
+
+
+def _contact_sheet(out: Path, stems: list) -> None:
+    """summary.png: the overlays (with their name legends) in a grid, each fitted into a
+    SHEET_CELL square and captioned with its stem."""
+    from PIL import Image, ImageDraw
+
+    cols = min(SHEET_COLUMNS, max(1, len(stems)))
+    rows = (len(stems) + cols - 1) // cols
+    cap = 14
+    sheet = Image.new("RGB", (cols * SHEET_CELL, max(1, rows) * (SHEET_CELL + cap)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, stem in enumerate(stems):
+        with Image.open(out / "overlays" / f"{stem}.png") as im:
+            im = im.convert("RGB")
+            im.thumbnail((SHEET_CELL, SHEET_CELL))
+            x, y = (i % cols) * SHEET_CELL, (i // cols) * (SHEET_CELL + cap)
+            sheet.paste(im, (x, y + cap))
+        draw.text((x + 2, y + 1), stem[:40], fill=(0, 0, 0))
+    io.save_png(out / "summary.png", sheet)
