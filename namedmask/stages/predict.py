@@ -76,6 +76,7 @@ class TwoStageConfig:
     dino: str = "vit_small_patch16_224.dino"  # discover proposals: the DINO ViT
     dino_weights: str | None = None
     random_dino: bool = False
+    vit_kwargs: dict | None = None      # timm construction arguments of the DINO ViT (toy models)
     size: int = 512                     # discover proposals: short side for DINO and the solver
     k: int = 8
     min_area: float = 0.01
@@ -148,7 +149,8 @@ def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu")
             ids = [i for i in label.unique().tolist() if i != 0]
             return image.permute(2, 0, 1), label[None] == torch.tensor(ids, dtype=torch.int64).view(-1, 1, 1)
     else:
-        vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_dino).to(device).eval()
+        vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_dino,
+                          **(config.vit_kwargs or {})).to(device).eval()
 
         def propose(image):
             img, labels = zg.propose_segments(vit, image, size=config.size, k=config.k, min_area=config.min_area,
