@@ -172,7 +172,8 @@ class _ClsAttention:
 
 def attention_study(root: Path) -> list:
     """Why attention-masked segment embeddings collapse on the toy CLIP: on one fixed
-    over-segmentation per held-out multi-object scene (the quality() settings, unmerged), for
+    over-segmentation per held-out multi-object scene (the quality() settings; unmerged, and
+    merged as discover merges), for
     each context value and number of masked blocks: objects matched and named right, naming
     precision, the mean cosine between the segments of one image (1 = every segment embeds
     alike), and the measured share of the class token's attention that goes outside the segment
@@ -194,7 +195,7 @@ def attention_study(root: Path) -> list:
     depth = zg.clip_depth(clip)
     variants = [("attention", c, n) for n in range(1, depth + 1) for c in CONTEXTS] + [("crop", None, 0), ("whole", None, 0)]
     tot = {v: {"objects": 0, "matched": 0, "named": 0, "segments_named": 0, "segments_right": 0, "cos": [], "outside": [],
-               "inside_plain": []} for v in variants}
+               "inside_plain": [], "merged_matched": 0, "merged_named": 0} for v in variants}
     probe = _ClsAttention(clip)
     try:
         with torch.no_grad():
@@ -221,6 +222,17 @@ def attention_study(root: Path) -> list:
                     segments = [{"name": models.vocabulary.names[int(i[0])]} for i in naming.index]
                     for k, val in _score_image(native, segments, gt, cats).items():
                         tot[v][k] += val
+                    # merged as discover merges (same name or cosine >= merge_threshold), named again
+                    merged = zg.merge_groups(labels, [s["name"] for s in segments], emb, base.merge_threshold)
+                    mm = merged[None] == torch.arange(int(merged.max()) + 1).view(-1, 1, 1)
+                    memb = zg.segment_embeddings(clip, img, mm, mode=mode, context=context if context is not None else 0.1,
+                                                 mask_layers=max(1, layers))
+                    mnames = [{"name": models.vocabulary.names[int(i[0])]} for i in zg.name_segments(memb, models.text, top=1).index]
+                    mnative = torch.nn.functional.interpolate(merged[None, None].float(), size=image.shape[:2],
+                                                              mode="nearest")[0, 0].long()
+                    ms = _score_image(mnative, mnames, gt, cats)
+                    tot[v]["merged_matched"] += ms["matched"]
+                    tot[v]["merged_named"] += ms["named"]
                     if len(emb) > 1:
                         c = emb @ emb.T
                         tot[v]["cos"].append(float((c.sum() - c.diagonal().sum()) / (len(emb) * (len(emb) - 1))))
@@ -233,13 +245,15 @@ def attention_study(root: Path) -> list:
         extra = {"objects": t["objects"], "matched IoU>=0.5": round(t["matched"] / t["objects"], 4),
                  "matched and named right": round(t["named"] / t["objects"], 4),
                  "naming precision (segments)": round(t["segments_right"] / max(1, t["segments_named"]), 4),
-                 "mean cosine between an image's segments": round(float(np.mean(t["cos"])), 4)}
+                 "mean cosine between an image's segments": round(float(np.mean(t["cos"])), 4),
+                 "merged: matched": round(t["merged_matched"] / t["objects"], 4),
+                 "merged: matched and named right": round(t["merged_named"] / t["objects"], 4)}
         if mode == "attention":
             extra["class-token attention outside the segment, last block"] = round(float(np.mean(t["outside"])), 4)
             if t["inside_plain"]:
                 extra["segment's share with no mask"] = round(float(np.mean(t["inside_plain"])), 4)
         name = f"attention ctx={context} blocks={layers}" if mode == "attention" else mode
-        rows.append(Row(op=f"toy study {name}", backend="cpu", shape=f"{len(images)} imgs unmerged", seconds=0.0,
+        rows.append(Row(op=f"toy study {name}", backend="cpu", shape=f"{len(images)} imgs", seconds=0.0,
                         extra=extra))
     return rows
 
