@@ -636,7 +636,9 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.option("--embed", type=click.Choice(["attention", "crop", "whole"]), default="attention",
               help="Segment embedding: class-row attention mask in CLIP's last layers, masked crop, or the whole "
                    "image (baseline).")
-@click.option("--context", type=float, default=0.1, help="Share of global context the class token keeps (0..1).")
+@click.option("--context", type=float, default=0.1,
+              help="Factor (0..1) on the class token's attention to each patch outside the segment: 0 = the segment "
+                   "only, 1 = no mask (per patch, not a total share: see README).")
 @click.option("--mask-layers", type=int, default=3, help="Last CLIP blocks that get the attention mask.")
 @click.option("--mask-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Mask-prompt tokens from `namedmask adapt-clip` (with --embed crop).")

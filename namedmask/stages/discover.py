@@ -77,7 +77,7 @@ class DiscoverConfig:
     min_area: float = 0.01
     refine: bool = True
     embed: str = "attention"           # attention | crop | whole
-    context: float = 0.1               # share of global context the class token keeps
+    context: float = 0.1               # factor on the class token's attention to each outside patch
     mask_layers: int = 3
     mask_prompts: str | None = None    # tokens from `namedmask adapt-clip` (embed crop)
     min_score: float = 0.2             # cosine below which a segment has no name
