@@ -9,8 +9,8 @@ Segment embeddings, three ways (the same CLIP, the same image):
   segment), context=1 is the plain global embedding; in between, each outside patch keeps that
   factor of its attention weight before the row is renormalised — a per-patch factor, not the
   total share left to the context: many outside patches can still hold most of it (measured on
-  the toy CLIP, bench_discover.attention_study: context 0.1 leaves 60 % outside). Only the class row is biased, so each segment costs the
-  last `mask_layers` blocks, not a whole forward.
+  the toy CLIP, bench_discover.attention_study: context 0.1 leaves 60 % outside). Only the
+  class row is biased, so each segment costs the last `mask_layers` blocks, not a whole forward.
 - "crop": the segment's bounding box, pixels outside the segment set to CLIP's mean colour
   (0 after normalisation), resized to CLIP's input; optionally with mask prompts
   (namedmask.models.mask_prompts) in place of the blanked patches.

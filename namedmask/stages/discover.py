@@ -29,9 +29,9 @@ import json
 import logging
 import time
 from collections import Counter
-from urllib.parse import quote
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 import torch.nn.functional as F

@@ -71,7 +71,7 @@ class TwoStageConfig:
     threshold: float | None = None      # best class probability under which a region is background
     embed: str = "crop"                 # crop | attention | whole (zero_guidance.EMBED_MODES)
     mask_prompts: str | None = None     # tokens from `namedmask adapt-clip` (embed crop)
-    context: float = 0.1                # attention embedding: share of global context
+    context: float = 0.1                # attention embedding: factor on each outside patch
     mask_layers: int = 3
     dino: str = "vit_small_patch16_224.dino"  # discover proposals: the DINO ViT
     dino_weights: str | None = None
@@ -178,14 +178,15 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
             if not text:
                 raise PredictError("--proposals names regions among classes: give them with --text \"a, b|synonym\"")
             label_of, names = two_stage(proposals, text_classes(text), run_dir, dev)
-        elif text or zero_shot is not None:
-            model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
-                                          zero_shot=zero_shot, classes=text_classes(text) if text else None,
-                                          device=dev)
         else:
-            model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
-            names = meta["class_names"]
-        if proposals is None:
+            if text or zero_shot is not None:
+                model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
+                                              zero_shot=zero_shot, classes=text_classes(text) if text else None,
+                                              device=dev)
+            else:
+                model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
+                names = meta["class_names"]
+
             def label_of(image):
                 return predict_label(model, image, dev, amp=dev.type == "cuda")
         cmap = None
