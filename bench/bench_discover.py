@@ -137,6 +137,157 @@ def quality(root: Path) -> list:
     return rows
 
 
+CONTEXTS = (0.0, 0.01, 0.1, 0.3, 1.0)
+
+
+class _ClsAttention:
+    """Records, in every CLIP block, the class token's attention weights (softmax of its row,
+    heads averaged) as the block computes them (the block itself runs unchanged)."""
+
+    def __init__(self, clip):
+        self.rows, self.handles = [], []
+        for i, blk in enumerate(clip.model.visual.transformer.resblocks):
+            self.handles.append(blk.attn.register_forward_hook(self._hook(i), with_kwargs=True))
+
+    def _hook(self, i):
+        def hook(attn, args, kwargs, output):
+            import torch.nn.functional as F
+
+            x = args[0] if attn.batch_first else args[0].transpose(0, 1)   # [B, T, D]
+            q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            b, t, d = q.shape
+            h = attn.num_heads
+            q, k = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k))
+            s = q[:, :, :1] @ k.transpose(-1, -2) / (d // h) ** 0.5          # [B, H, 1, T]
+            mask = kwargs.get("attn_mask")
+            if mask is not None:
+                s = s + mask.view(b, h, t, t)[:, :, :1]
+            self.rows.append((i, s.softmax(-1)[:, :, 0].mean(1)))           # [B, T]
+        return hook
+
+    def close(self):
+        for hd in self.handles:
+            hd.remove()
+
+
+def attention_study(root: Path) -> list:
+    """Why attention-masked segment embeddings collapse on the toy CLIP: on one fixed
+    over-segmentation per held-out multi-object scene (the quality() settings; unmerged, and
+    merged as discover merges), for
+    each context value and number of masked blocks: objects matched and named right, naming
+    precision, the mean cosine between the segments of one image (1 = every segment embeds
+    alike), and the measured share of the class token's attention that goes outside the segment
+    in the last block (heads averaged) — what `context` actually leaves to the global context.
+    Masked crop and whole image on the same segments for reference."""
+    from namedmask.data.decode import load_image
+    from namedmask.models import zero_guidance as zg
+    from namedmask.stages.discover import DiscoverConfig
+    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
+
+    cats = _toy_categories(root)
+    images = sorted((root / "world" / "eval" / "multi" / "images").glob("*.jpg"))
+    images = images[:int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)]
+    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
+                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
+                          size=96, k=6, templates="namedmask", device="cpu")
+    models = _toy_models(root, base)
+    clip = models.clip
+    depth = zg.clip_depth(clip)
+    variants = [("attention", c, n) for n in range(1, depth + 1) for c in CONTEXTS] + [("crop", None, 0), ("whole", None, 0)]
+    tot = {v: {"objects": 0, "matched": 0, "named": 0, "segments_named": 0, "segments_right": 0, "cos": [], "outside": [],
+               "inside_plain": [], "merged_matched": 0, "merged_named": 0} for v in variants}
+    probe = _ClsAttention(clip)
+    try:
+        with torch.no_grad():
+            for p in images:
+                image = load_image(p)
+                img, labels = zg.propose_segments(models.vit, image, size=base.size, k=base.k, min_area=base.min_area)
+                masks = labels[None] == torch.arange(int(labels.max()) + 1).view(-1, 1, 1)
+                native = torch.nn.functional.interpolate(labels[None, None].float(), size=image.shape[:2],
+                                                         mode="nearest")[0, 0].long()
+                gt = np.array(Image.open(root / "world" / "eval" / "multi" / "labels" / f"{p.stem}.png"))
+                inside = zg.attention_bias(zg.patch_fractions(masks, zg.clip_grid(clip)), 0.5)[:, 1:] == 0
+                for v in variants:
+                    mode, context, layers = v
+                    probe.rows.clear()
+                    emb = zg.segment_embeddings(clip, img, masks, mode=mode, context=context if context is not None else 0.1,
+                                                mask_layers=max(1, layers))
+                    if mode == "attention":
+                        last = [r for i, r in probe.rows if i == depth - 1][-1][:, 1:]   # [S, L] patch weights
+                        share_out = (last * ~inside).sum(1) / last.sum(1).clamp_min(1e-12)
+                        tot[v]["outside"] += share_out.tolist()
+                        if context == 1.0:   # no bias: the segment's natural share of the class token
+                            tot[v]["inside_plain"] += ((last * inside).sum(1) / last.sum(1)).tolist()
+                    naming = zg.name_segments(emb, models.text, top=1)
+                    segments = [{"name": models.vocabulary.names[int(i[0])]} for i in naming.index]
+                    for k, val in _score_image(native, segments, gt, cats).items():
+                        tot[v][k] += val
+                    # merged as discover merges (same name or cosine >= merge_threshold), named again
+                    merged = zg.merge_groups(labels, [s["name"] for s in segments], emb, base.merge_threshold)
+                    mm = merged[None] == torch.arange(int(merged.max()) + 1).view(-1, 1, 1)
+                    memb = zg.segment_embeddings(clip, img, mm, mode=mode, context=context if context is not None else 0.1,
+                                                 mask_layers=max(1, layers))
+                    mnames = [{"name": models.vocabulary.names[int(i[0])]} for i in zg.name_segments(memb, models.text, top=1).index]
+                    mnative = torch.nn.functional.interpolate(merged[None, None].float(), size=image.shape[:2],
+                                                              mode="nearest")[0, 0].long()
+                    ms = _score_image(mnative, mnames, gt, cats)
+                    tot[v]["merged_matched"] += ms["matched"]
+                    tot[v]["merged_named"] += ms["named"]
+                    if len(emb) > 1:
+                        c = emb @ emb.T
+                        tot[v]["cos"].append(float((c.sum() - c.diagonal().sum()) / (len(emb) * (len(emb) - 1))))
+    finally:
+        probe.close()
+    rows = []
+    for v in variants:
+        mode, context, layers = v
+        t = tot[v]
+        extra = {"objects": t["objects"], "matched IoU>=0.5": round(t["matched"] / t["objects"], 4),
+                 "matched and named right": round(t["named"] / t["objects"], 4),
+                 "naming precision (segments)": round(t["segments_right"] / max(1, t["segments_named"]), 4),
+                 "mean cosine between an image's segments": round(float(np.mean(t["cos"])), 4),
+                 "merged: matched": round(t["merged_matched"] / t["objects"], 4),
+                 "merged: matched and named right": round(t["merged_named"] / t["objects"], 4)}
+        if mode == "attention":
+            extra["class-token attention outside the segment, last block"] = round(float(np.mean(t["outside"])), 4)
+            if t["inside_plain"]:
+                extra["segment's share with no mask"] = round(float(np.mean(t["inside_plain"])), 4)
+        name = f"attention ctx={context} blocks={layers}" if mode == "attention" else mode
+        rows.append(Row(op=f"toy study {name}", backend="cpu", shape=f"{len(images)} imgs", seconds=0.0,
+                        extra=extra))
+    return rows
+
+
+def two_stage(root: Path) -> list:
+    """`predict --text --proposals discover` on the held-out multi-object scenes: mIoU over
+    background + the 8 named categories (one name each, as bench_openvocab's zero-shot rows),
+    the toy CLIP naming the toy DINO's segments (quality() settings: 96 px, k 6)."""
+    from namedmask.stages.evaluate import evaluate_label_maps
+    from namedmask.stages.predict import TwoStageConfig, predict
+    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
+
+    cats = _toy_categories(root)
+    multi = root / "world" / "eval" / "multi"
+    names = ["background"] + [n for n, _ in cats]
+    rows = []
+    for embed, background, threshold in (("crop", ("background",), None), ("crop", (), 0.5),
+                                         ("attention", ("background",), None)):
+        cfg = TwoStageConfig("discover", "nm-toy", str(root / "clip" / "nm-toy.pt"), "namedmask", background,
+                             threshold, embed=embed, dino=VIT_NAME, vit_kwargs=dict(VIT_KWARGS),
+                             dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), size=96, k=6)
+        with tempfile.TemporaryDirectory(prefix="bench_two_stage_") as out:
+            t0 = time.perf_counter()
+            written = predict(None, [multi / "images"], out, device="cpu", overlays=False, progress=False,
+                              text=", ".join(names[1:]), proposals=cfg)
+            secs = (time.perf_counter() - t0) / len(written)
+            report = evaluate_label_maps(Path(out) / "labels", multi / "labels", len(names), class_names=names,
+                                         progress=False)
+        bg = "bg prompt" if background else f"threshold {threshold}"
+        rows.append(Row(op=f"toy two-stage discover+{embed}, {bg}", backend="cpu", shape=f"{len(written)} imgs",
+                        seconds=secs, extra={"mIoU eval/multi": round(report.metrics.miou, 4)}))
+    return rows
+
+
 def prompt_tuning(root: Path) -> list:
     from namedmask.data.decode import load_image
     from namedmask.models import zero_guidance as zg
@@ -214,17 +365,28 @@ def speed() -> list:
 
 
 def run() -> list:
+    """NAMEDMASK_BENCH_PARTS (comma list, default quality,prompts,speed; also study =
+    attention_study, twostage = two_stage)."""
     rows = []
     root = _toy_root()
-    if (root / "world" / "eval" / "multi").is_dir():
+    parts = set(os.environ.get("NAMEDMASK_BENCH_PARTS", "quality,prompts,speed").split(","))
+    if os.environ.get("NAMEDMASK_BENCH_SPEED") == "0":  # the older switch
+        parts.discard("speed")
+    toy = (root / "world" / "eval" / "multi").is_dir()
+    if not toy and parts & {"quality", "prompts", "study"}:
+        print(f"bench discover: no toy world at {root} (namedmask toy-world --out runs/toy): quality skipped")
+    if toy and "study" in parts:
+        rows += attention_study(root)
+    if toy and "quality" in parts:
         rows += quality(root)
+    if toy and "twostage" in parts:
+        rows += two_stage(root)
+    if toy and "prompts" in parts:
         run_dir = Path(os.environ.get("NAMEDMASK_TOY_RUN", root / "run"))
         if (run_dir / "refined" / "manifest.json").is_file():
             rows += prompt_tuning(root)
         else:
             print(f"bench discover: no NamedMask run at {run_dir} (archive/, refined/): mask prompt tuning skipped")
-    else:
-        print(f"bench discover: no toy world at {root} (namedmask toy-world --out runs/toy): quality skipped")
-    if os.environ.get("NAMEDMASK_BENCH_SPEED", "1") != "0":
+    if "speed" in parts:
         rows += speed()
     return rows

@@ -400,19 +400,50 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 @click.option("--ignore-unmapped", is_flag=True, help="With --classes: model classes the set lacks become background.")
 @click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing.")
 @_open_vocab_options
+@click.option("--proposals", type=click.Choice(["discover", "segmenter"]), default=None,
+              help="Two-stage open vocabulary: regions from discover's DINO over-segmentation or from the "
+                   "--checkpoint segmenter's masks, each named among --text by CLIP (--model/--pretrained).")
+@click.option("--embed", type=click.Choice(["crop", "attention", "whole"]), default="crop", show_default=True,
+              help="--proposals: region embedding (masked crop, class-row attention mask, whole image).")
+@click.option("--mask-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--proposals with --embed crop: mask-prompt tokens from `namedmask adapt-clip`.")
+@click.option("--dino", default="vit_small_patch16_224.dino", show_default=True,
+              help="--proposals discover: timm name of the DINO ViT.")
+@click.option("--dino-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="--proposals discover: local DINO weights (official or timm layout); else the timm hub.")
+@click.option("--random-dino", is_flag=True, help="--proposals discover: random DINO weights (smoke runs only).")
+@click.option("--size", type=int, default=512, show_default=True,
+              help="--proposals discover: short side (px) for DINO and the solver.")
+@click.option("--k", type=int, default=8, show_default=True, help="--proposals discover: most regions per image.")
 @_config_options
-def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, config_path,
-            overrides, **zero_shot) -> None:
+def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, proposals, embed,
+            mask_prompts, dino, dino_weights, random_dino, size, k, config_path, overrides, **zero_shot) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.config import PredictConfig, load_config
-    from namedmask.stages.predict import predict as run
+    from namedmask.stages.predict import TwoStageConfig, predict as run
 
     cfg = load_config(PredictConfig, config_path, overrides, device=device, overlays=False if no_overlays else None,
                       classes=classes, ignore_unmapped=_flag(ignore_unmapped), skip_bad=_flag(skip_bad))
-    zs = _zero_shot_settings(run_dir, text, **zero_shot)
-    if run_dir is None and zs is None:
-        raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")
-    written = run(run_dir, images, out, text=text, zero_shot=zs, **dataclasses.asdict(cfg))
+
+    two = None
+    if proposals:
+        if zero_shot["model"] is None:
+            raise click.UsageError("--proposals names regions with CLIP: give --model (and --pretrained)")
+        if zero_shot["short_side"] is not None or zero_shot["refine"] != "none":
+            raise click.UsageError("--short-side and --refine belong to dense zero-shot CLIP, not to --proposals")
+        two = TwoStageConfig(proposals, zero_shot["model"], zero_shot["pretrained"], zero_shot["templates"],
+                             () if zero_shot["no_background_prompt"] else ("background",),
+                             zero_shot["background_threshold"], embed=embed,
+                             mask_prompts=mask_prompts and str(mask_prompts), dino=dino,
+                             dino_weights=dino_weights and str(dino_weights), random_dino=random_dino, size=size, k=k)
+        zs = None
+    else:
+        if mask_prompts or dino_weights or random_dino or embed != "crop":
+            raise click.UsageError("--embed, --mask-prompts, --dino-weights and --random-dino go with --proposals")
+        zs = _zero_shot_settings(run_dir, text, **zero_shot)
+        if run_dir is None and zs is None:
+            raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")
+    written = run(run_dir, images, out, text=text, zero_shot=zs, proposals=two, **dataclasses.asdict(cfg))
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 
@@ -603,7 +634,7 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: labels/, segments/, overlays/, segments.json (resumable).")
 @click.option("--vocabulary", default="builtin",
-              help="'builtin' (~1,200 ImageNet/COCO/LVIS-style nouns, see README) or a file: one name a line, "
+              help="'builtin' (~5,800 ImageNet-1k/21k, COCO, COCO-Stuff nouns, see README) or a file: one name a line, "
                    "synonyms after '|'.")
 @click.option("--templates", default="namedmask", help="Prompt templates: namedmask (85), simple, or a file.")
 @click.option("--model", default=None, show_default="ViT-L-14-336", help="open_clip model name (nm-tiny for tests).")
@@ -617,7 +648,9 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.option("--embed", type=click.Choice(["attention", "crop", "whole"]), default="attention",
               help="Segment embedding: class-row attention mask in CLIP's last layers, masked crop, or the whole "
                    "image (baseline).")
-@click.option("--context", type=float, default=0.1, help="Share of global context the class token keeps (0..1).")
+@click.option("--context", type=float, default=0.1,
+              help="Factor (0..1) on the class token's attention to each patch outside the segment: 0 = the segment "
+                   "only, 1 = no mask (per patch, not a total share: see README).")
 @click.option("--mask-layers", type=int, default=3, help="Last CLIP blocks that get the attention mask.")
 @click.option("--mask-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Mask-prompt tokens from `namedmask adapt-clip` (with --embed crop).")

@@ -12,7 +12,7 @@ from namedmask.cli import cli
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import load_clip
 from namedmask.models.mask_prompts import MaskPrompts, MaskPromptsError, load_mask_prompts
-from namedmask.stages.adapt_clip import AdaptConfig, Regions, category_text, train_prompts
+from namedmask.stages.adapt_clip import AdaptConfig, Regions, accuracy, category_text, load_regions, train_prompts
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,51 @@ def test_no_pairs_is_one_error_line(tmp_path, clip):
     r = CliRunner().invoke(cli, ["adapt-clip", "--archive", str(archive), "--masks", str(masks), "--out",
                                  str(tmp_path / "o"), "--model", "nm-tiny", "--templates", "simple"])
     assert r.exit_code == 1 and "fewer than 2 archive images" in r.output, r.output
+
+
+def test_streamed_regions_train_exactly_as_in_memory(tmp_path, clip):
+    """RegionFiles (crops made from the files a batch at a time) give the same crops, losses,
+    tokens and accuracies as the same regions held in memory (the implementation before)."""
+    archive, masks = _run_folder(tmp_path, clip)
+    files = load_regions(archive, masks, clip.image_size, clip.mean)
+    memory = files.in_memory()
+    assert len(files.items) == 8 and files.labels.tolist() == [0, 1] * 4
+    assert memory.crops.shape == (8, 3, clip.image_size, clip.image_size)
+    crops, cms = files.batch(torch.tensor([3, 1]))
+    assert torch.equal(crops, memory.crops[[3, 1]]) and torch.equal(cms, memory.masks[[3, 1]])
+    text = category_text(clip, archive, files.names, ("a photo of a {}.",))
+    cfg = AdaptConfig(steps=6, batch_size=4, lr=5e-2)
+    a, loss_a = train_prompts(clip, files, text, torch.arange(6), cfg, progress=False)
+    b, loss_b = train_prompts(clip, memory, text, torch.arange(6), cfg, progress=False)
+    assert loss_a == loss_b and torch.equal(a.tokens.detach(), b.tokens.detach())
+    val = torch.tensor([6, 7])
+    assert accuracy(clip, files, val, text, a) == accuracy(clip, memory, val, text, b)
+
+
+def test_finetune_changes_the_image_tower_and_saves_a_loadable_clip(tmp_path):
+    clip = load_clip("nm-tiny")  # its own copy: fine-tuning changes the weights
+    archive, masks = _run_folder(tmp_path, clip)
+    visual = {k: v.clone() for k, v in clip.model.visual.state_dict().items()}
+    textual = {k: v.clone() for k, v in clip.model.state_dict().items() if not k.startswith("visual.")}
+    regions = load_regions(archive, masks, clip.image_size, clip.mean)
+    text = category_text(clip, archive, regions.names, ("a photo of a {}.",))
+    cfg = AdaptConfig(steps=3, batch_size=4, finetune=True, finetune_lr=1e-3)
+    prompts, losses = train_prompts(clip, regions, text, torch.arange(8), cfg, progress=False)
+    changed = [k for k, v in clip.model.visual.state_dict().items() if not torch.equal(v, visual[k])]
+    assert len(changed) > 10 and "conv1.weight" in changed
+    assert all(torch.equal(v, textual[k]) for k, v in clip.model.state_dict().items() if not k.startswith("visual."))
+    assert not any(p.requires_grad for p in clip.model.parameters())  # frozen again afterwards
+    # the CLI writes the fine-tuned tower next to the prompts; both load
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(cli, ["adapt-clip", "--archive", str(archive), "--masks", str(masks), "--out", str(out),
+                                 "--model", "nm-tiny", "--templates", "simple", "--steps", "3", "--batch-size", "4",
+                                 "--finetune"])
+    assert r.exit_code == 0, r.output
+    tuned = load_clip("nm-tiny", str(out / "clip_finetuned.safetensors"))
+    plain = load_clip("nm-tiny")
+    sd_t, sd_p = tuned.model.state_dict(), plain.model.state_dict()
+    assert sd_t.keys() == sd_p.keys()
+    assert not torch.equal(sd_t["visual.conv1.weight"], sd_p["visual.conv1.weight"])
+    assert torch.equal(sd_t["token_embedding.weight"], sd_p["token_embedding.weight"])
+    assert load_mask_prompts(out / "mask_prompts.safetensors", tuned).depth == 1
+    assert json.loads((out / "adapt.json").read_text())["settings"]["finetune"] is True

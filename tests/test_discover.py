@@ -1,12 +1,13 @@
 """Zero-guidance discovery: the CLIP forward with a class-row attention bias (against open_clip
 and a hand computation), over-segmentation, naming, merging, and degenerate images."""
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from namedmask.data.vocabulary import VocabularyError, builtin_names, load_vocabulary
+from namedmask.data.vocabulary import VocabularyError, builtin_entries, builtin_names, imagenet21k_nouns, load_vocabulary
 from namedmask.models.clip import load_clip
 from namedmask.models import zero_guidance as zg
 
@@ -154,6 +155,8 @@ def test_vocabulary(tmp_path):
     names = builtin_names()
     assert len(names) > 1100 and len({n.lower() for n in names}) == len(names)
     assert {"tench", "person", "sky", "potted plant"} <= set(names)
+    v = load_vocabulary("builtin")
+    assert v.names == names and v.words == builtin_entries() and all(w[0] == n for n, w in zip(v.names, v.words))
     f = tmp_path / "v.txt"
     f.write_text("# mine\ncat | kitty, feline\n\ndog\n")
     v = load_vocabulary(str(f))
@@ -163,3 +166,31 @@ def test_vocabulary(tmp_path):
         load_vocabulary(str(f))
     with pytest.raises(VocabularyError, match="not 'builtin'"):
         load_vocabulary(str(tmp_path / "none.txt"))
+
+
+def test_builtin_vocabulary_imagenet21k_nouns():
+    """The common nouns of ImageNet-21k (timm's WordNet files): a few thousand, in the
+    documented format, and the filter holds on every entry."""
+    from open_clip.tokenizer import SimpleTokenizer
+
+    bpe = SimpleTokenizer().encoder
+    nouns = imagenet21k_nouns()
+    assert 4000 <= len(nouns) <= 8000
+    for entry in nouns:
+        assert len(set(entry)) == len(entry)
+        for w in entry:
+            assert re.fullmatch(r"[a-z]+( [a-z]+)?", w), entry
+            assert all(p + "</w>" in bpe for p in w.split()), entry
+    names = [e[0] for e in nouns]
+    assert len(set(names)) == len(names)
+    # first lemma names the entry, other kept lemmas are synonyms (n00015388 "animal, animate being, ...")
+    assert ("swimming", "swim") in nouns and nouns[names.index("animal")][:3] == ("animal", "animate being", "beast")
+    # filtered out (all in ImageNet-12k): rare words (several BPE tokens), a hyphen, three words
+    assert not {"benthos", "piaffe", "check-in", "track and field"} & set(names)
+    entries = builtin_entries()
+    assert 5000 <= len(entries) <= 9000
+    taken = {e[0].lower() for e in entries}
+    assert len(taken) == len(entries)
+    # a synonym is never another entry's name; the older lists come first, unchanged
+    assert all(w.lower() not in taken for e in entries for w in e[1:])
+    assert entries[0] == ("tench",) and {"soil", "animal", "swimming"} <= taken

@@ -43,6 +43,19 @@ def test_discover_writes_resumes_and_handles_flat_images(tmp_path, images, monke
         assert (out / "overlays" / f"{stem}.png").is_file()
     flat = json.loads((out / "segments" / "flat.json").read_text())["segments"]
     assert len(flat) == 1 and flat[0]["area"] == 1.0
+    # the report section: every image's overlay and segment rows, the names with their counts
+    report = (out / "report.html").read_text()
+    every = [s for stem in ("two", "flat") for s in json.loads((out / "segments" / f"{stem}.json").read_text())["segments"]]
+    assert "src='overlays/two.png'" in report and "src='overlays/flat.png'" in report
+    assert f"2 images, {len(every)} segments ({len(every)} named, 0 without a name)" in report
+    for name in {s["name"] for s in every}:
+        n = sum(s["name"] == name for s in every)
+        holding = sum(any(s["name"] == name for s in json.loads((out / "segments" / f"{stem}.json").read_text())["segments"])
+                     for stem in ("two", "flat"))
+        assert f"<tr><td>{name}</td><td>{n}</td><td>{holding}</td></tr>" in report
+    assert report.count("<td>1</td><td>") >= 2                              # a segment row per image at least
+    sheet = Image.open(out / "summary.png")
+    assert sheet.size == (2 * 256, 256 + 14)                                # two overlays, one row
     assert set(json.loads((out / "segments.json").read_text())) == {"two", "flat"}
     # resumed: nothing recomputed (models are not even loaded)
     import namedmask.stages.discover as stage

@@ -134,3 +134,111 @@ def test_eval_cli_unknown_or_missing_dataset_is_a_clean_error(run, tmp_path):
     res = CliRunner().invoke(cli, ["eval", "--checkpoint", str(run_dir), "--dataset", "folder", "--root",
                                    str(tmp_path / "nowhere"), "--device", "cpu"])
     assert res.exit_code != 0 and "nowhere/images" in res.output
+
+
+# ------------------------------------------------------------- two-stage open vocabulary (--proposals)
+
+TINY_CLIP = ["--model", "nm-tiny", "--pretrained", "random", "--templates", "simple"]
+
+
+def _hand_labels(clip, image, masks, classes, background=("background",), threshold=None):
+    """The two-stage rule written out: masked-crop embedding per region, softmax over the
+    background + class prompts of scale x cosine, summed per label, argmax; threshold -> 0.
+    classes: per class, its words."""
+    import torch.nn.functional as F
+    from namedmask.models import zero_guidance as zg
+    from namedmask.models.maskclip import ensemble_text_embeddings
+    from namedmask.models.prompts import get_templates
+
+    text = ensemble_text_embeddings(clip, classes, get_templates("simple"))
+    bg = ensemble_text_embeddings(clip, [(w,) for w in background], get_templates("simple"))
+    crops, cms = zg.masked_crops(image, masks, clip.image_size, clip.mean)
+    emb = F.normalize(zg.clip_forward(clip, zg.normalise(clip, crops)).float(), dim=-1)
+    scale = float(clip.model.logit_scale.detach().exp().clamp(max=100))
+    p = (scale * emb @ torch.cat([bg, text]).T).softmax(1)
+    scores = torch.cat([p[:, :len(bg)].sum(1, keepdim=True), p[:, len(bg):]], 1)
+    labels = scores.argmax(1)
+    if threshold is not None:
+        labels[scores[:, 1:].amax(1) < threshold] = 0
+    out = torch.zeros(image.shape[-2:], dtype=torch.int64)
+    for m, c in zip(masks, labels.tolist()):
+        out[m] = c
+    return out, scores
+
+
+def test_classify_segments_follows_the_dense_rule():
+    from namedmask.models import zero_guidance as zg
+
+    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]]), dim=-1)
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    bg = torch.tensor([[0.6, 0.8]])
+    labels, scores = zg.classify_segments(emb, text, bg, logit_scale=10.0)
+    assert labels.tolist() == [1, 2, 0]
+    expected = (10 * emb @ torch.cat([bg, text]).T).softmax(1)
+    assert torch.allclose(scores, expected, atol=1e-6)
+    # no background prompt: the threshold alone decides; 0.9 leaves only the clear cases (0.88 < 0.9)
+    labels, scores = zg.classify_segments(emb, text, None, logit_scale=10.0, threshold=0.9)
+    assert labels.tolist() == [1, 2, 0] and torch.allclose(scores.sum(1), torch.ones(3))
+    with pytest.raises(ValueError, match="threshold"):
+        zg.classify_segments(emb, text, None)
+
+
+def test_predict_proposals_segmenter_names_each_segmenter_region(run, val, tmp_path):
+    from namedmask.models.clip import load_clip
+
+    run_dir, model = run
+    res = CliRunner().invoke(cli, ["predict", "--checkpoint", str(run_dir), str(val / "images"), "--out",
+                                   str(tmp_path / "o"), "--device", "cpu", "--text", "disc, square|box, triangle",
+                                   "--proposals", "segmenter", *TINY_CLIP])
+    assert res.exit_code == 0, res.output
+    clip = load_clip("nm-tiny", "random")
+    for path in sorted((val / "images").glob("*.png"))[:3]:
+        image = torch.from_numpy(np.array(Image.open(path).convert("RGB")))
+        seg = predict_label(model, image, "cpu")
+        ids = [c for c in seg.unique().tolist() if c]
+        masks = seg[None] == torch.tensor(ids).view(-1, 1, 1)
+        expected, _ = _hand_labels(clip, image.permute(2, 0, 1), masks, [("disc",), ("square", "box"), ("triangle",)])
+        got = np.array(Image.open(tmp_path / "o" / "labels" / f"{path.stem}.png"))
+        assert got.shape == tuple(seg.shape) and np.array_equal(got, expected.numpy())
+        assert (got[seg.numpy() == 0] == 0).all()   # the segmenter's background is never a proposal
+
+
+def test_predict_proposals_discover_equals_its_parts(tmp_path):
+    """--proposals discover: each DINO segment gets one label, the hand rule's; the CLI run
+    writes labels of the same kind (DINO has random weights there: values are not compared)."""
+    from namedmask.stages.predict import TwoStageConfig, two_stage
+
+    a = np.zeros((40, 56, 3), np.uint8)
+    a[:, 28:] = 220
+    a[:12, :, 2] = 255
+    cfg = TwoStageConfig("discover", "nm-tiny", "random", "simple", threshold=0.3, dino="vit_tiny_patch16_224",
+                         random_dino=True, size=32, k=4)
+    label_of, names = two_stage(cfg, [("cat", ("cat", "kitty")), ("sky", ("sky",))])
+    assert names == ["background", "cat", "sky"]
+    image = torch.from_numpy(a)
+    got = label_of(image)
+    img, masks = label_of.propose(image)
+    assert masks.sum(0).eq(1).all()                 # disjoint and covering: every pixel in one region
+    expected, _ = _hand_labels(label_of.clip, img, masks, [("cat", "kitty"), ("sky",)], threshold=0.3)
+    expected = torch.nn.functional.interpolate(expected[None, None].float(), size=a.shape[:2], mode="nearest")
+    assert torch.equal(got, expected[0, 0].long())
+    Image.fromarray(a).save(tmp_path / "two.png")
+    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "two.png"), "--out", str(tmp_path / "o"), "--device", "cpu",
+                                   "--text", "cat|kitty, sky", "--proposals", "discover", "--dino",
+                                   "vit_tiny_patch16_224", "--random-dino", "--size", "32", "--k", "4", *TINY_CLIP])
+    assert res.exit_code == 0, res.output
+    lab = np.array(Image.open(tmp_path / "o" / "labels" / "two.png"))
+    assert lab.shape == (40, 56) and lab.max() <= 2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--proposals", "segmenter"], "give --checkpoint RUN"),
+    (["--proposals", "discover", "--embed", "attention", "--mask-prompts", "x.safetensors"], "work on masked crops"),
+    (["--proposals", "discover", "--no-background-prompt"], "no background prompt and no --background-threshold"),
+    (["--mask-prompts", "x.safetensors"], "go with --proposals"),
+])
+def test_predict_proposals_bad_options_one_line(tmp_path, extra, message):
+    Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    res = CliRunner().invoke(cli, ["predict", str(tmp_path / "a.png"), "--out", str(tmp_path / "o"), "--text", "cat",
+                                   *TINY_CLIP, *extra])
+    assert res.exit_code != 0 and message in res.output and "Traceback" not in res.output, res.output

@@ -6,9 +6,11 @@ Segment embeddings, three ways (the same CLIP, the same image):
 - "attention": the whole image goes through CLIP; in the last `mask_layers` blocks the class
   token's attention row gets an additive bias: 0 on itself and the segment's patches,
   log(context) on every other patch. context=0 is purely local (the class token sees only the
-  segment), context=1 is the plain global embedding; in between, outside patches keep that
-  share of their attention weight. Only the class row is biased, so each segment costs the
-  last `mask_layers` blocks, not a whole forward.
+  segment), context=1 is the plain global embedding; in between, each outside patch keeps that
+  factor of its attention weight before the row is renormalised — a per-patch factor, not the
+  total share left to the context: many outside patches can still hold most of it (measured on
+  the toy CLIP, bench_discover.attention_study: context 0.1 leaves 60 % outside). Only the
+  class row is biased, so each segment costs the last `mask_layers` blocks, not a whole forward.
 - "crop": the segment's bounding box, pixels outside the segment set to CLIP's mean colour
   (0 after normalisation), resized to CLIP's input; optionally with mask prompts
   (namedmask.models.mask_prompts) in place of the blanked patches.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from namedmask.models.clip import Clip
+from namedmask.models.dino import IMAGENET_MEAN, IMAGENET_STD, last_layer_keys, patch_size
 from namedmask.ops.bilateral import bilateral_solve_batch
 
 EMBED_MODES = ("attention", "crop", "whole")
@@ -246,6 +249,34 @@ def oversegment(features: torch.Tensor, grid: tuple, image: torch.Tensor, *, k: 
     return Oversegmentation(torch.unique(pixel, return_inverse=True)[1].view(H, W), patch_labels)
 
 
+def working_image(image_hwc: torch.Tensor, size: int, patch: int) -> torch.Tensor:
+    """uint8 [H, W, 3] -> uint8 [3, h, w]: short side `size`, both sides multiples of `patch`."""
+    H, W = image_hwc.shape[:2]
+    s = size / min(H, W)
+    h, w = max(patch, round(H * s / patch) * patch), max(patch, round(W * s / patch) * patch)
+    x = image_hwc.permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def propose_segments(vit, image_hwc: torch.Tensor, *, size: int = 512, k: int = 8, min_area: float = 0.01,
+                     refine: bool = True, seed: int = 0, lap=None) -> tuple:
+    """An image (uint8 [H, W, 3]) -> (the working image uint8 [3, h, w] at short side `size`,
+    its segments int64 [h, w] in 0..S-1): DINO (`vit`) last-layer keys, then `oversegment`.
+    `lap(step)`, when given, is called after "dino" and after "oversegment" (timing)."""
+    dev = next(vit.parameters()).device
+    img = working_image(image_hwc, size, patch_size(vit))
+    x = img[None].to(dev, torch.float32).div(255)
+    x = (x - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    keys, grid = last_layer_keys(vit, x)
+    if lap:
+        lap("dino")
+    labels = oversegment(keys[0].cpu(), grid, img, k=k, min_area=min_area, refine=refine, seed=seed).labels
+    if lap:
+        lap("oversegment")
+    return img, labels
+
+
 # ------------------------------------------------------------------------------ naming
 
 @dataclass
@@ -259,6 +290,27 @@ def name_segments(embeddings: torch.Tensor, text: torch.Tensor, top: int = 3) ->
     sim = embeddings.float() @ text.float().T
     scores, index = sim.topk(min(top, text.shape[0]), dim=1)
     return Naming(index, scores)
+
+
+def classify_segments(embeddings: torch.Tensor, text: torch.Tensor, background: torch.Tensor | None = None, *,
+                      logit_scale: float = 100.0, threshold: float | None = None) -> tuple:
+    """Closed-set naming of segments (two-stage open-vocabulary prediction): embeddings [S, E],
+    class prompts text [C, E], background prompts [B, E] (or None). As the zero-shot dense
+    segmenter (maskclip.MaskClipSegmenter) scores pixels: softmax over every prompt of
+    logit_scale x cosine, summed per label (0 = background, 1..C = the classes); a segment whose
+    best class probability is below `threshold` is background. -> (labels int64 [S] in 0..C,
+    scores float32 [S, 1 + C])."""
+    if threshold is None and (background is None or len(background) == 0):
+        raise ValueError("segment classification needs background prompts and/or a threshold")
+    bg = background.float() if background is not None else text[:0].float()
+    prompts = torch.cat([bg, text.float()])
+    label_of = torch.cat([torch.zeros(len(bg), dtype=torch.long), torch.arange(1, len(text) + 1)])
+    probs = (logit_scale * embeddings.float() @ prompts.T).softmax(1)
+    scores = torch.zeros(len(embeddings), 1 + len(text)).index_add_(1, label_of, probs)
+    labels = scores.argmax(1)
+    if threshold is not None:
+        labels = torch.where(scores[:, 1:].amax(1) < threshold, 0, labels)
+    return labels, scores
 
 
 def adjacent_pairs(labels: torch.Tensor) -> set:

@@ -3,7 +3,8 @@ tuning on NamedMask's own (image, refined mask, category words) triples.
 
 Each archive image with a non-empty mask becomes a masked crop (namedmask.models.zero_guidance
 .masked_crops: the mask's bounding box, outside pixels set to CLIP's mean colour) labelled with
-its category (the archive's duplicate policy decides for an image in two archives). CLIP is
+its category (the archive's duplicate policy decides for an image in two archives). Crops are
+made a batch at a time from the files (RegionFiles), so memory does not grow with the archive. CLIP is
 frozen; the prompt tokens (namedmask.models.mask_prompts) that replace the blank patches are
 trained with cross-entropy over the categories, whose text embeddings are the prompt ensemble of
 every word the archive embedded them with (name + synonyms). `finetune=True` also trains
@@ -69,18 +70,53 @@ class AdaptConfig:
 
 @dataclass
 class Regions:
+    """Masked regions held in memory (small sets, tests, benches)."""
     crops: torch.Tensor    # uint8 [N, 3, S, S]
     masks: torch.Tensor    # bool [N, S, S]
     labels: torch.Tensor   # int64 [N], 0..C-1
     names: list            # category names, index = label
 
+    def batch(self, idx: torch.Tensor) -> tuple:
+        """(uint8 crops [B, 3, S, S], bool masks [B, S, S]) of regions `idx`."""
+        return self.crops[idx], self.masks[idx]
 
-def load_regions(archive_path, masks_dir, size: int, mean: tuple) -> Regions:
-    """Masked crops of every archive image that has a non-empty mask in `masks_dir`."""
+
+class RegionFiles:
+    """The archive's masked regions, read from disk a batch at a time (memory does not grow with
+    the archive): `batch(idx)` decodes those images and masks and makes their masked crops
+    (namedmask.models.zero_guidance.masked_crops) — the same crops `Regions` would hold."""
+
+    def __init__(self, items: list, labels: torch.Tensor, names: list, size: int, mean: tuple):
+        self.items, self.labels, self.names, self.size, self.mean = items, labels, names, size, mean
+
+    def crop(self, i: int) -> tuple:
+        image_path, mask_path = self.items[i]
+        try:
+            image = load_image(image_path)
+            mask = torch.from_numpy(read_label_map(mask_path) == 1)
+        except (ImageDecodeError, LabelMapError) as exc:
+            raise AdaptError(str(exc)) from exc
+        if mask.shape != tuple(image.shape[:2]):
+            raise AdaptError(f"{mask_path}: size {tuple(mask.shape)} differs from its image {tuple(image.shape[:2])}")
+        c, m = zg.masked_crops(image.permute(2, 0, 1), mask[None], self.size, self.mean)
+        return c[0], m[0]
+
+    def batch(self, idx: torch.Tensor) -> tuple:
+        crops, masks = zip(*(self.crop(int(i)) for i in idx))
+        return torch.stack(crops), torch.stack(masks)
+
+    def in_memory(self) -> Regions:
+        crops, masks = self.batch(torch.arange(len(self.labels)))
+        return Regions(crops, masks, self.labels, self.names)
+
+
+def load_regions(archive_path, masks_dir, size: int, mean: tuple) -> RegionFiles:
+    """Every archive image that has a non-empty mask in `masks_dir`, with its category; only the
+    masks are read here (to drop empty ones), images are decoded when a batch needs them."""
     archive = load_archive(archive_path)
     masks = mask_paths(masks_dir)
     names = sorted(archive.categories, key=archive.categories.get)
-    crops, cms, labels, missing = [], [], [], 0
+    items, labels, missing = [], [], 0
     first_category = {}  # an image's category when best_category lacks it: the first archive holding it
     for n in names:
         for e in archive.archives[n]:
@@ -91,24 +127,19 @@ def load_regions(archive_path, masks_dir, size: int, mean: tuple) -> Regions:
             continue
         name = archive.best_category.get(path) or first_category[path]
         try:
-            image = load_image(archive.pool_root / path)
-            mask = torch.from_numpy(read_label_map(masks[path]) == 1)
-        except (ImageDecodeError, LabelMapError) as exc:
+            empty = not (read_label_map(masks[path]) == 1).any()
+        except LabelMapError as exc:
             raise AdaptError(str(exc)) from exc
-        if mask.shape != tuple(image.shape[:2]):
-            raise AdaptError(f"{masks[path]}: size {tuple(mask.shape)} differs from its image {tuple(image.shape[:2])}")
-        if not mask.any():
+        if empty:
             continue
-        c, m = zg.masked_crops(image.permute(2, 0, 1), mask[None], size, mean)
-        crops.append(c[0])
-        cms.append(m[0])
+        items.append((archive.pool_root / path, masks[path]))
         labels.append(names.index(name))
     if missing:
         log.warning("adapt-clip: %d archive images have no mask in %s (skipped)", missing, masks_dir)
-    if len(crops) < 2:
+    if len(items) < 2:
         raise AdaptError(f"{masks_dir}: fewer than 2 archive images with a non-empty mask; "
                          f"pass the refined pseudo-mask folder of this archive")
-    return Regions(torch.stack(crops), torch.stack(cms), torch.tensor(labels), names)
+    return RegionFiles(items, torch.tensor(labels), names, size, mean)
 
 
 def category_text(clip: Clip, archive_path, names: list, templates: tuple) -> torch.Tensor:
@@ -117,14 +148,16 @@ def category_text(clip: Clip, archive_path, names: list, templates: tuple) -> to
     return ensemble_text_embeddings(clip, [words.get(n, [n]) for n in names], templates)
 
 
-def _embed(clip: Clip, regions: Regions, idx: torch.Tensor, prompts: MaskPrompts | None) -> torch.Tensor:
-    x = zg.normalise(clip, regions.crops[idx])
-    e = prompts.forward(clip, x, regions.masks[idx]) if prompts is not None else zg.clip_forward(clip, x)
+def _embed(clip: Clip, regions, idx: torch.Tensor, prompts: MaskPrompts | None) -> torch.Tensor:
+    """Embeddings of regions `idx` of `regions` (Regions or RegionFiles)."""
+    crops, masks = regions.batch(idx)
+    x = zg.normalise(clip, crops)
+    e = prompts.forward(clip, x, masks) if prompts is not None else zg.clip_forward(clip, x)
     return F.normalize(e.float(), dim=-1)
 
 
 @torch.no_grad()
-def accuracy(clip: Clip, regions: Regions, idx: torch.Tensor, text: torch.Tensor, prompts=None, bs: int = 64) -> float:
+def accuracy(clip: Clip, regions, idx: torch.Tensor, text: torch.Tensor, prompts=None, bs: int = 64) -> float:
     if len(idx) == 0:
         return float("nan")
     correct = 0
@@ -141,7 +174,7 @@ def split(n: int, val_fraction: float, seed: int) -> tuple:
     return perm[n_val:], perm[:n_val]
 
 
-def train_prompts(clip: Clip, regions: Regions, text: torch.Tensor, train_idx: torch.Tensor, config: AdaptConfig,
+def train_prompts(clip: Clip, regions, text: torch.Tensor, train_idx: torch.Tensor, config: AdaptConfig,
                   progress: bool = True) -> tuple:
     """Returns (prompts, per-step losses)."""
     torch.manual_seed(config.seed)

@@ -16,15 +16,22 @@ Output folder:
                            and the seconds each step took
   overlays/<stem>.png      the image tinted per segment, legend "id: name"
   segments.json            all images' segments (rewritten at the end of every run)
+  report.html              the report section: totals, seconds per step, the names found (how
+                           many segments and images), per image its overlay and a table of its
+                           segments (rewritten at the end of every run, links are relative)
+  summary.png              a contact sheet of the first SHEET_IMAGES overlays, captioned
 Resumable: an image whose labels and segments files exist is skipped; every write is atomic.
 """
 from __future__ import annotations
 
+import html
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +44,7 @@ from namedmask.data.vocabulary import Vocabulary, load_vocabulary
 from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
-from namedmask.models.dino import IMAGENET_MEAN, IMAGENET_STD, create_dino, last_layer_keys, patch_size
+from namedmask.models.dino import create_dino
 from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
 from namedmask.report import save_overlay
@@ -48,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "discover.json"
 STEPS = ("decode", "dino", "oversegment", "embed", "name", "write")
+SHEET_IMAGES, SHEET_COLUMNS, SHEET_CELL = 48, 4, 256
 
 
 class DiscoverError(NamedMaskError, ValueError):
@@ -69,7 +77,7 @@ class DiscoverConfig:
     min_area: float = 0.01
     refine: bool = True
     embed: str = "attention"           # attention | crop | whole
-    context: float = 0.1               # share of global context the class token keeps
+    context: float = 0.1               # factor on the class token's attention to each outside patch
     mask_layers: int = 3
     mask_prompts: str | None = None    # tokens from `namedmask adapt-clip` (embed crop)
     min_score: float = 0.2             # cosine below which a segment has no name
@@ -134,16 +142,6 @@ def vocabulary_embeddings(clip: Clip, vocab: Vocabulary, templates: tuple, cache
     return text
 
 
-def _working_image(image_hwc: torch.Tensor, size: int, patch: int) -> torch.Tensor:
-    """uint8 [H, W, 3] -> uint8 [3, h, w]: short side `size`, both sides multiples of `patch`."""
-    H, W = image_hwc.shape[:2]
-    s = size / min(H, W)
-    h, w = max(patch, round(H * s / patch) * patch), max(patch, round(W * s / patch) * patch)
-    x = image_hwc.permute(2, 0, 1)[None].float()
-    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
-    return x[0].round().clamp(0, 255).to(torch.uint8)
-
-
 def _masks(labels: torch.Tensor) -> torch.Tensor:
     return labels[None] == torch.arange(int(labels.max()) + 1)[:, None, None]
 
@@ -159,15 +157,8 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
         seconds[step] = seconds.get(step, 0.0) + now - t
         t = now
 
-    dev = models.clip.device
-    img = _working_image(image_hwc, config.size, patch_size(models.vit))
-    x = img[None].to(dev, torch.float32).div(255)
-    x = (x - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
-    keys, grid = last_layer_keys(models.vit, x)
-    lap("dino")
-    labels = zg.oversegment(keys[0].cpu(), grid, img, k=config.k, min_area=config.min_area, refine=config.refine,
-                            seed=config.seed).labels
-    lap("oversegment")
+    img, labels = zg.propose_segments(models.vit, image_hwc, size=config.size, k=config.k, min_area=config.min_area,
+                                      refine=config.refine, seed=config.seed, lap=lap)
 
     def embed_and_name(labels):
         emb = zg.segment_embeddings(models.clip, img, _masks(labels), mode=config.embed, context=config.context,
@@ -239,8 +230,69 @@ def _discover(out: Path, paths: list, config: DiscoverConfig, progress: bool, mo
         io.write_json(out / "segments" / f"{stem}.json",
                       {"image": str(path), "segments": segments,
                        "seconds": {k: round(v, 4) for k, v in seconds.items()}})
-    every = {s: json.loads((out / "segments" / f"{s}.json").read_text())["segments"] for s in stems}
+    records = {s: json.loads((out / "segments" / f"{s}.json").read_text()) for s in stems}
+    every = {s: r["segments"] for s, r in records.items()}
     io.write_json(out / "segments.json", every)
+    write_report(out, records)
     log.info("discover: %d images done, %d already there; results in %s", len(todo), len(paths) - len(todo), out)
     return {"done": len(todo), "skipped": len(paths) - len(todo), "segments": every}
 
+
+
+# ------------------------------------------------------------------------------ report
+
+def write_report(out: Path, records: dict) -> None:
+    """report.html and summary.png of a discover folder; `records`: stem -> segments/<stem>.json."""
+    segments = [seg for r in records.values() for seg in r["segments"]]
+    named = [seg for seg in segments if seg["name"] is not None]
+    by_name = Counter(seg["name"] for seg in named)
+    images_of = Counter(name for r in records.values() for name in {seg["name"] for seg in r["segments"]} if name)
+    steps = Counter()
+    for r in records.values():
+        steps.update(r.get("seconds", {}))
+    total = sum(steps.values()) or 1.0
+    e = html.escape
+    rows = "".join(f"<tr><td>{e(n)}</td><td>{c}</td><td>{images_of[n]}</td></tr>" for n, c in by_name.most_common())
+    timing = "".join(f"<tr><td>{e(k)}</td><td>{v / len(records):.3f}</td><td>{100 * v / total:.1f} %</td></tr>"
+                     for k, v in steps.items())
+    parts = [f"<!doctype html><meta charset='utf-8'><title>namedmask discover: {e(out.name)}</title>",
+             "<style>body{font-family:sans-serif}table{border-collapse:collapse;margin:0.5em 0}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}img{max-width:100%}</style>",
+             f"<h1>Discovered segments: {e(out.name)}</h1>",
+             f"<p>{len(records)} images, {len(segments)} segments ({len(named)} named, "
+             f"{len(segments) - len(named)} without a name), {len(by_name)} distinct names; "
+             f"settings in <a href='{CONFIG_NAME}'>{CONFIG_NAME}</a>, all segments in "
+             f"<a href='segments.json'>segments.json</a>.</p>",
+             "<h2>Seconds per image</h2><table><tr><th>step</th><th>seconds</th><th>share</th></tr>", timing,
+             "</table><h2>Names</h2><table><tr><th>name</th><th>segments</th><th>images</th></tr>", rows, "</table>",
+             "<h2>Images</h2>"]
+    for stem, r in records.items():
+        table = "".join(
+            f"<tr><td>{seg['id']}</td><td>{e(seg['name'] or '(no name)')}</td><td>{seg['score']:.3f}</td>"
+            f"<td>{e(', '.join(f'{n} {v:.3f}' for n, v in seg['runner_ups']))}</td>"
+            f"<td>{100 * seg['area']:.1f} %</td></tr>" for seg in r["segments"])
+        parts.append(f"<h3 id='{e(stem)}'>{e(stem)}</h3><p>{e(str(r['image']))}</p>"
+                     f"<img src='overlays/{e(quote(stem))}.png' alt='{e(stem)}'><table><tr><th>id</th><th>name</th>"
+                     f"<th>score</th><th>runner-ups</th><th>area</th></tr>{table}</table>")
+    io.write_text(out / "report.html", "\n".join(parts) + "\n")
+    _contact_sheet(out, list(records)[:SHEET_IMAGES])
+
+
+def _contact_sheet(out: Path, stems: list) -> None:
+    """summary.png: the overlays (with their name legends) in a grid, each fitted into a
+    SHEET_CELL square and captioned with its stem."""
+    from PIL import Image, ImageDraw
+
+    cols = min(SHEET_COLUMNS, max(1, len(stems)))
+    rows = (len(stems) + cols - 1) // cols
+    cap = 14
+    sheet = Image.new("RGB", (cols * SHEET_CELL, max(1, rows) * (SHEET_CELL + cap)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for i, stem in enumerate(stems):
+        with Image.open(out / "overlays" / f"{stem}.png") as im:
+            im = im.convert("RGB")
+            im.thumbnail((SHEET_CELL, SHEET_CELL))
+            x, y = (i % cols) * SHEET_CELL, (i // cols) * (SHEET_CELL + cap)
+            sheet.paste(im, (x, y + cap))
+        draw.text((x + 2, y + 1), stem[:40], fill=(0, 0, 0))
+    io.save_png(out / "summary.png", sheet)

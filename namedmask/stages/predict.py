@@ -1,8 +1,17 @@
 """`namedmask predict --checkpoint RUN IMAGES... --out DIR`: label PNGs (palette, one class id
-per pixel, at native resolution) and colour overlays with a legend of the class names."""
+per pixel, at native resolution) and colour overlays with a legend of the class names.
+
+Two-stage open vocabulary (`--text ... --proposals discover|segmenter --model CLIP`): region
+proposals first — discover's DINO over-segmentation (namedmask.models.zero_guidance
+.propose_segments) or the masks of a trained segmenter (--checkpoint RUN: one proposal per
+predicted non-background class) — then CLIP names each region among the --text classes and
+background (zero_guidance.classify_segments: the dense zero-shot segmenter's rule applied to one
+embedding per region). Region embeddings: masked crop by default (optionally with mask prompts
+from `namedmask adapt-clip`), or the class-row attention mask."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +23,13 @@ from namedmask.data.categories import get_category_set, voc_palette
 from namedmask.data.classmap import ClassMap
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.errors import NamedMaskError
+from namedmask.models import zero_guidance as zg
+from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import load_segmenter
+from namedmask.models.dino import create_dino
+from namedmask.models.mask_prompts import load_mask_prompts
+from namedmask.models.maskclip import ensemble_text_embeddings
+from namedmask.models.prompts import get_templates
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
@@ -42,26 +57,138 @@ def collect_images(inputs) -> list:
     return paths
 
 
+PROPOSALS = ("discover", "segmenter")
+
+
+@dataclass
+class TwoStageConfig:
+    """`predict --proposals`: where regions come from and how CLIP names them."""
+    proposals: str                      # discover | segmenter
+    model: str                          # the naming CLIP (open_clip name)
+    pretrained: str | None = None
+    templates: str = "namedmask"
+    background: tuple = ("background",)  # background prompts (empty: threshold only)
+    threshold: float | None = None      # best class probability under which a region is background
+    embed: str = "crop"                 # crop | attention | whole (zero_guidance.EMBED_MODES)
+    mask_prompts: str | None = None     # tokens from `namedmask adapt-clip` (embed crop)
+    context: float = 0.1                # attention embedding: factor on each outside patch
+    mask_layers: int = 3
+    dino: str = "vit_small_patch16_224.dino"  # discover proposals: the DINO ViT
+    dino_weights: str | None = None
+    random_dino: bool = False
+    vit_kwargs: dict | None = None      # timm construction arguments of the DINO ViT (toy models)
+    size: int = 512                     # discover proposals: short side for DINO and the solver
+    k: int = 8
+    min_area: float = 0.01
+    seed: int = 0
+
+    def check(self, run_dir) -> None:
+        if self.proposals not in PROPOSALS:
+            raise PredictError(f"--proposals {self.proposals}: must be one of {', '.join(PROPOSALS)}")
+        if self.proposals == "segmenter" and run_dir is None:
+            raise PredictError("--proposals segmenter takes its regions from a trained segmenter: give --checkpoint RUN")
+        if self.proposals == "discover" and run_dir is not None:
+            raise PredictError("--proposals discover takes no --checkpoint (--proposals segmenter uses its masks)")
+        if self.embed not in zg.EMBED_MODES:
+            raise PredictError(f"--embed {self.embed}: must be one of {', '.join(zg.EMBED_MODES)}")
+        if self.mask_prompts and self.embed != "crop":
+            raise PredictError("--mask-prompts work on masked crops: use --embed crop")
+        if self.mask_prompts and not Path(self.mask_prompts).is_file():
+            raise PredictError(f"--mask-prompts {self.mask_prompts}: no such file (make one with `namedmask adapt-clip`)")
+        if self.threshold is None and not self.background:
+            raise PredictError("no background prompt and no --background-threshold: give one")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise PredictError(f"--background-threshold {self.threshold}: must be in [0, 1]")
+        if not 1 <= self.k <= 255 or self.size < 16:
+            raise PredictError(f"--k {self.k} / --size {self.size}: k must be in 1..255 and size at least 16")
+
+
+class TwoStage:
+    """Two-stage open-vocabulary labeller: uint8 [H, W, 3] -> int64 [H, W] (0 = background,
+    i = the i-th --text class). `propose(image)` -> (uint8 [3, h, w] image the regions live on,
+    disjoint bool masks [S, h, w])."""
+
+    def __init__(self, clip, text: torch.Tensor, background: torch.Tensor | None, propose, config: TwoStageConfig,
+                 prompts=None):
+        self.clip, self.text, self.background, self.propose = clip, text, background, propose
+        self.config, self.prompts = config, prompts
+        self.logit_scale = float(clip.model.logit_scale.detach().exp().clamp(max=100))
+
+    @torch.no_grad()
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        img, masks = self.propose(image)
+        out = torch.zeros(img.shape[-2:], dtype=torch.int64)
+        if len(masks):
+            emb = zg.segment_embeddings(self.clip, img, masks, mode=c.embed, context=c.context,
+                                        mask_layers=min(c.mask_layers, zg.clip_depth(self.clip)),
+                                        mask_prompts=self.prompts)
+            labels, _ = zg.classify_segments(emb, self.text, self.background, logit_scale=self.logit_scale,
+                                             threshold=c.threshold)
+            for m, label in zip(masks, labels.tolist()):
+                out[m] = label
+        H, W = image.shape[:2]
+        if tuple(out.shape) != (H, W):
+            out = torch.nn.functional.interpolate(out[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()
+        return out
+
+
+def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu") -> tuple:
+    """(TwoStage labeller, class names with 'background' first). `classes`: (name, words) pairs."""
+    config.check(run_dir)
+    templates = get_templates(config.templates)
+    clip = load_clip(config.model, config.pretrained, device)
+    text = ensemble_text_embeddings(clip, [words for _, words in classes], templates)
+    bg = ensemble_text_embeddings(clip, [(w,) for w in config.background], templates) if config.background else None
+    prompts = load_mask_prompts(config.mask_prompts, clip) if config.mask_prompts else None
+    if config.proposals == "segmenter":
+        segmenter, _ = load_segmenter(resolve_run_dir(run_dir), device)
+
+        def propose(image):
+            label = predict_label(segmenter, image, device)
+            ids = [i for i in label.unique().tolist() if i != 0]
+            return image.permute(2, 0, 1), label[None] == torch.tensor(ids, dtype=torch.int64).view(-1, 1, 1)
+    else:
+        vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_dino,
+                          **(config.vit_kwargs or {})).to(device).eval()
+
+        def propose(image):
+            img, labels = zg.propose_segments(vit, image, size=config.size, k=config.k, min_area=config.min_area,
+                                              seed=config.seed)
+            return img, labels[None] == torch.arange(int(labels.max()) + 1).view(-1, 1, 1)
+    return TwoStage(clip, text, bg, propose, config, prompts), ["background"] + [name for name, _ in classes]
+
+
 def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = True,
             progress: bool = True, classes: str | None = None, ignore_unmapped: bool = False,
-            skip_bad: bool = False, text: str | None = None, zero_shot: dict | None = None) -> list:
+            skip_bad: bool = False, text: str | None = None, zero_shot: dict | None = None,
+            proposals: TwoStageConfig | None = None) -> list:
     """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
     Names are the input stems; a stem seen twice gets the parent folder prefixed. Label ids
     are the model's, or with `classes` (a category set or names file) that set's ids, the
     model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
     cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
-    arguments of stages.openvocab.zero_shot_segmenter), labels those names."""
+    arguments of stages.openvocab.zero_shot_segmenter), labels those names; with `proposals`
+    (and `text`) region proposals named by CLIP do (two-stage, see the module's notes)."""
     out_dir = Path(out_dir)
     # taken (refused, locked) before the model loads, held for the whole run
     with io.output_folder(out_dir, "predict"):
         dev = resolve_device(device)
-        if text or zero_shot is not None:
-            model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
-                                          zero_shot=zero_shot, classes=text_classes(text) if text else None,
-                                          device=dev)
+        if proposals is not None:
+            if not text:
+                raise PredictError("--proposals names regions among classes: give them with --text \"a, b|synonym\"")
+            label_of, names = two_stage(proposals, text_classes(text), run_dir, dev)
         else:
-            model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
-            names = meta["class_names"]
+            if text or zero_shot is not None:
+                model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
+                                              zero_shot=zero_shot, classes=text_classes(text) if text else None,
+                                              device=dev)
+            else:
+                model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
+                names = meta["class_names"]
+
+            def label_of(image):
+                return predict_label(model, image, dev, amp=dev.type == "cuda")
         cmap = None
         if classes:
             target_set = get_category_set(classes)
@@ -69,10 +196,10 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
                             dataset_words={n: target_set.prompt_words(n) for n in target_set.names})
             names = list(target_set.names)
             log.info("label ids of %s: %s", classes, cmap.describe()["model_to_dataset"])
-        return _predict(model, dev, names, cmap, inputs, out_dir, overlays, progress, skip_bad)
+        return _predict(label_of, names, cmap, inputs, out_dir, overlays, progress, skip_bad)
 
 
-def _predict(model, dev, names, cmap, inputs, out_dir: Path, overlays: bool, progress: bool, skip_bad: bool) -> list:
+def _predict(label_of, names, cmap, inputs, out_dir: Path, overlays: bool, progress: bool, skip_bad: bool) -> list:
     """The body of predict, inside its locked output folder."""
     written, seen, bad = [], set(), []
     for path in tqdm(collect_images(inputs), desc="predict", unit="img", disable=not progress):
@@ -86,7 +213,7 @@ def _predict(model, dev, names, cmap, inputs, out_dir: Path, overlays: bool, pro
             log.warning("skipped %s: %s", path, exc)
             bad.append(path)
             continue
-        label = predict_label(model, image, dev, amp=dev.type == "cuda")
+        label = label_of(image)
         if cmap is not None:
             label = cmap.map_prediction(label)
         target = io.inside(out_dir, f"labels/{stem}.png")
