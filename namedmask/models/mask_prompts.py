@@ -30,7 +30,7 @@ class MaskPrompts(torch.nn.Module):
         width = _visual(clip).class_embedding.shape[-1]
         gh, gw = clip_grid(clip)
         if not 1 <= depth <= clip_depth(clip):
-            raise ValueError(f"mask-prompt depth must be in 1..{clip_depth(clip)} for {clip.name}, got {depth}")
+            raise MaskPromptsError(f"mask-prompt depth must be in 1..{clip_depth(clip)} for {clip.name}, got {depth}")
         if tokens is None:
             g = torch.Generator().manual_seed(seed)
             tokens = 0.02 * torch.randn(depth, gh * gw, width, generator=g)

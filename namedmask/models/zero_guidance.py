@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from namedmask.errors import InputError
 from namedmask.models.clip import Clip
 from namedmask.models.dino import IMAGENET_MEAN, IMAGENET_STD, last_layer_keys, patch_size
 from namedmask.ops.bilateral import bilateral_solve_batch
@@ -39,7 +40,7 @@ def _visual(clip: Clip):
     visual = clip.model.visual
     if not hasattr(visual, "transformer") or getattr(visual, "attn_pool", None) is not None \
             or getattr(visual, "pool_type", "tok") != "tok":
-        raise ValueError(f"CLIP {clip.name}: segment embeddings need a ViT with a class token "
+        raise InputError(f"CLIP {clip.name}: segment embeddings need a ViT with a class token "
                          f"(open_clip VisionTransformer, pool_type 'tok', no attentional pooler)")
     return visual
 
@@ -120,7 +121,7 @@ def attention_bias(fractions: torch.Tensor, context: float) -> torch.Tensor:
     segment's patches (coverage >= 0.5, or its best-covered patch when none reaches it),
     log(context) elsewhere (-inf for context 0)."""
     if not 0 <= context <= 1:
-        raise ValueError(f"context share must be in [0, 1], got {context}")
+        raise InputError(f"context share must be in [0, 1], got {context}")
     inside = fractions >= 0.5
     best = fractions.argmax(1)
     inside[torch.arange(len(fractions)), best] = True
@@ -158,7 +159,7 @@ def segment_embeddings(clip: Clip, image: torch.Tensor, masks: torch.Tensor, *, 
     """L2-normalised CLIP embeddings [S, E] of the segments `masks` (bool [S, H, W]) of `image`
     (uint8 [3, H, W]). mode: see EMBED_MODES; mask_prompts: a MaskPrompts for mode "crop"."""
     if mode not in EMBED_MODES:
-        raise ValueError(f"embedding mode must be one of {EMBED_MODES}, got {mode!r}")
+        raise InputError(f"embedding mode must be one of {EMBED_MODES}, got {mode!r}")
     if len(masks) == 0:
         return torch.zeros(0, clip.embed_dim)
     size = clip.image_size
@@ -169,7 +170,7 @@ def segment_embeddings(clip: Clip, image: torch.Tensor, masks: torch.Tensor, *, 
     if mode == "attention":
         depth = clip_depth(clip)
         if not 1 <= mask_layers <= depth:
-            raise ValueError(f"mask_layers must be in 1..{depth} (the depth of {clip.name}), got {mask_layers}")
+            raise InputError(f"mask_layers must be in 1..{depth} (the depth of {clip.name}), got {mask_layers}")
         x = normalise(clip, _resize_uint8(image, size))
         bias = attention_bias(patch_fractions(masks, clip_grid(clip)), context).to(clip.device)
         for i in range(0, len(masks), batch_size):
@@ -301,7 +302,7 @@ def classify_segments(embeddings: torch.Tensor, text: torch.Tensor, background: 
     best class probability is below `threshold` is background. -> (labels int64 [S] in 0..C,
     scores float32 [S, 1 + C])."""
     if threshold is None and (background is None or len(background) == 0):
-        raise ValueError("segment classification needs background prompts and/or a threshold")
+        raise InputError("segment classification needs background prompts and/or a threshold")
     bg = background.float() if background is not None else text[:0].float()
     prompts = torch.cat([bg, text.float()])
     label_of = torch.cat([torch.zeros(len(bg), dtype=torch.long), torch.arange(1, len(text) + 1)])
