@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import open_clip
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from namedmask.errors import InputError, NamedMaskError
 
@@ -76,9 +77,14 @@ class Clip:
 
     @torch.no_grad()
     def encode_texts(self, texts: list, batch_size: int = 256) -> torch.Tensor:
-        """Strings -> float32 L2-normalised [N, D]."""
-        out = [self.model.encode_text(self.tokenizer(texts[i:i + batch_size]).to(self.device)).float()
-               for i in range(0, len(texts), batch_size)]
+        """Strings -> float32 L2-normalised [N, D]. A progress bar when there are many (a
+        vocabulary of thousands of names x 85 templates takes hours on a CPU)."""
+        out = []
+        with tqdm(total=len(texts), unit="prompt", desc=f"{self.name} text", disable=len(texts) <= 4 * batch_size,
+                  leave=False) as bar:
+            for i in range(0, len(texts), batch_size):
+                out.append(self.model.encode_text(self.tokenizer(texts[i:i + batch_size]).to(self.device)).float())
+                bar.update(len(out[-1]))
         return F.normalize(torch.cat(out), dim=-1)
 
 
