@@ -218,7 +218,7 @@ class TextHeadConfig:
     diversify: str = "sample"           # sample (one name per category per iteration) | mix | none
     distill_weight: float = 0.0         # text-guided distillation from dense CLIP (0 = off)
     distill_vocabulary: str | None = None  # file, one word a line, added to the training names for the projection
-    distill_pixels: str = "foreground"  # foreground (pseudo-mask objects, pasted ones included) | all
+    distill_pixels: str = "all"         # all | foreground (the pseudo-mask's objects; worse on the toy world)
     teacher_recipe: str = "value"       # value | maskclip (models/maskclip.py; value is the better teacher on the toy world)
     teacher_short_side: int | None = None  # the teacher's input short side (None: CLIP's image size)
 

@@ -125,7 +125,7 @@ def test_distillation_pixels_are_the_pseudo_mask_objects():
 
 
 def test_text_head_config_checks_choices():
-    assert TextHeadConfig().teacher_recipe == "value" and TextHeadConfig().distill_pixels == "foreground"
+    assert TextHeadConfig().teacher_recipe == "value" and TextHeadConfig().distill_pixels == "all"
     for bad, match in (({"distill_pixels": "background"}, "distill_pixels"), ({"teacher_recipe": "clear"}, "teacher_"),
                        ({"diversify": "off"}, "diversify"), ({"distill_weight": -1.0}, "distill_weight")):
         with pytest.raises(ConfigError, match=match):
