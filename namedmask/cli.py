@@ -106,12 +106,17 @@ def _open_vocab_options(fn):
                      help="Zero-shot: pixels whose best class probability is below this are background."),
         click.option("--no-background-prompt", is_flag=True,
                      help="Zero-shot: no 'background' prompt (needs a threshold)."),
-        click.option("--recipe", type=click.Choice(["maskclip", "value"]), default="maskclip", show_default=True,
-                     help="Zero-shot dense path of the last ViT block (maskclip keeps residual + MLP)."),
+        click.option("--recipe", type=click.Choice(["value", "maskclip"]), default="value", show_default=True,
+                     help="Zero-shot dense path of the last ViT block: value alone, or maskclip (MaskCLIP's code: "
+                          "+ residual + MLP)."),
         click.option("--short-side", type=int, default=None,
                      help="Zero-shot: CLIP input short side (default: its size)."),
-        click.option("--refine", type=click.Choice(["none", "bilateral"]), default="none", show_default=True,
-                     help="Zero-shot: refine the labels with the bilateral solver."),
+        click.option("--refine", type=click.Choice(["none", "bilateral", "dino"]), default="none", show_default=True,
+                     help="Zero-shot: refine the labels with the bilateral solver, or average the scores over "
+                          "DINO-key neighbours (needs --dino/--dino-weights)."),
+        click.option("--dino", default=None, help="Zero-shot --refine dino: a timm DINO name (vit_small_patch8_224)."),
+        click.option("--dino-weights", default=None, type=click.Path(dir_okay=False),
+                     help="Zero-shot --refine dino: that DINO's weights file."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -119,7 +124,7 @@ def _open_vocab_options(fn):
 
 
 def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, background_threshold, no_background_prompt,
-                        recipe, short_side, refine) -> dict | None:
+                        recipe, short_side, refine, dino, dino_weights) -> dict | None:
     """zero_shot_segmenter's keyword arguments when --model asks for zero-shot, else None."""
     if model is None:
         return None
@@ -130,7 +135,7 @@ def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, backgrou
                                "or --zero-shot --dataset (eval)")
     return {"model": model, "pretrained": pretrained, "templates": templates, "threshold": background_threshold,
             "background": () if no_background_prompt else ("background",), "recipe": recipe,
-            "short_side": short_side, "refine": refine}
+            "short_side": short_side, "refine": refine, "dino": dino, "dino_weights": dino_weights}
 
 
 def _config_options(fn):

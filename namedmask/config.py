@@ -218,8 +218,15 @@ class TextHeadConfig:
     diversify: str = "sample"           # sample (one name per category per iteration) | mix | none
     distill_weight: float = 0.0         # text-guided distillation from dense CLIP (0 = off)
     distill_vocabulary: str | None = None  # file, one word a line, added to the training names for the projection
-    teacher_recipe: str = "maskclip"    # maskclip | value (models/maskclip.py)
+    distill_pixels: str = "all"         # all | foreground (the pseudo-mask's objects; worse on the toy world)
+    teacher_recipe: str = "value"       # value | maskclip (models/maskclip.py; value is the better teacher on the toy world)
     teacher_short_side: int | None = None  # the teacher's input short side (None: CLIP's image size)
+
+    def __post_init__(self):
+        _check(self, distill_weight=(0.0, None), teacher_short_side=(16, MAX_SHORT_SIDE))
+        _check_choice(self, "diversify", ("sample", "mix", "none"))
+        _check_choice(self, "distill_pixels", ("foreground", "all"))
+        _check_choice(self, "teacher_recipe", ("value", "maskclip"))
 
 
 @dataclass

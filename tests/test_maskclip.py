@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from namedmask.data.augment import eval_input
 from namedmask.models.clip import load_clip
-from namedmask.models.maskclip import (MaskClipError, MaskClipSegmenter, dense_features, ensemble_text_embeddings,
-                                       parse_text_classes)
+from namedmask.models.dino import build_vit
+from namedmask.models.maskclip import (MaskClipError, MaskClipSegmenter, affinity_refine, dense_features, dino_keys,
+                                       ensemble_text_embeddings, parse_text_classes)
 
 TOL = 1e-5   # float32, same ops in a different order
 
@@ -44,7 +45,7 @@ def test_vit_dense_equals_hand_computation():
     out = F.layer_norm(v[:, 1:], (d,), visual.ln_post.weight, visual.ln_post.bias, visual.ln_post.eps) @ visual.proj
     expected = F.normalize(out, dim=-1).transpose(1, 2).reshape(2, -1, 4, 4)
     with torch.no_grad():
-        got = dense_features(visual, x)
+        got = dense_features(visual, x, "maskclip")
     assert got.shape == (2, clip.embed_dim, 4, 4)
     assert torch.allclose(got, expected, atol=TOL), (got - expected).abs().max()
 
@@ -117,6 +118,34 @@ def test_segmenter_bad_options():
         MaskClipSegmenter(clip, text, threshold=2.0)
     with pytest.raises(MaskClipError, match="refine"):
         MaskClipSegmenter(clip, text, threshold=0.5, refine="crf")
+    with pytest.raises(MaskClipError, match="DINO"):
+        MaskClipSegmenter(clip, text, threshold=0.5, refine="dino")
+
+
+def test_affinity_refine_equals_hand_computation():
+    # 2 x 2 key grid: patches 0, 1 share a direction, patch 2 is 0.5 from them, patch 3 is opposite
+    keys = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.5, 0.75 ** 0.5], [-1.0, 0.0]]).T.reshape(1, 2, 2, 2)
+    scores = torch.tensor([[0.9, 0.1, 0.6, 0.2], [0.1, 0.9, 0.4, 0.8]]).reshape(1, 2, 2, 2)
+    # tau 0.2: W = [[1, 1, .5, 0], [1, 1, .5, 0], [.5, .5, 1, 0], [0, 0, 0, 1]], rows normalised
+    w = torch.tensor([[1, 1, .5, 0], [1, 1, .5, 0], [.5, .5, 1, 0], [0, 0, 0, 1]])
+    expected = (w / w.sum(1, keepdim=True)) @ scores.reshape(2, 4).T
+    got = affinity_refine(scores, keys, tau=0.2)
+    assert torch.allclose(got.reshape(2, 4).T, expected, atol=1e-6)
+    # orthogonal keys: every patch is its own neighbourhood, nothing moves
+    assert torch.allclose(affinity_refine(scores, torch.eye(4).reshape(1, 4, 2, 2)), scores, atol=1e-6)
+
+
+def test_segmenter_dino_refine():
+    clip = load_clip("nm-tiny")
+    vit = build_vit("vit_small_patch8_224", img_size=32, embed_dim=32, depth=1, num_heads=2)
+    text = F.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    x = eval_input(torch.randint(0, 256, (44, 60, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)))
+    plain = MaskClipSegmenter(clip, text[1:], background_embeddings=text[:1])(x)
+    refined = MaskClipSegmenter(clip, text[1:], background_embeddings=text[:1], refine="dino", dino=vit)(x)
+    keys = dino_keys(vit, x)
+    assert keys.shape == (1, 32, 6, 8)   # 44 x 60 -> 48 x 64 at patch 8; keys: embed_dim channels
+    assert refined.shape == plain.shape
+    assert torch.allclose(refined, affinity_refine(plain, keys), atol=1e-6)
 
 
 def test_value_recipe_drops_residual_and_mlp():
@@ -132,6 +161,8 @@ def test_value_recipe_drops_residual_and_mlp():
     expected = F.normalize(out, dim=-1).transpose(1, 2).reshape(2, -1, 4, 4)
     with torch.no_grad():
         got = dense_features(visual, x, "value")
+        default = dense_features(visual, x)
     assert torch.allclose(got, expected, atol=TOL)
+    assert torch.equal(default, got)   # value is the default recipe; maskclip is asked for by name
     with pytest.raises(MaskClipError, match="recipe"):
         dense_features(visual, x, "attention")

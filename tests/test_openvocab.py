@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from namedmask.config import ModelConfig
+from namedmask.config import ConfigError, ModelConfig, TextHeadConfig
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (DeepLabV3Plus, ModelError, OpenVocabSegmenter, TextDeepLabV3Plus,
                                       load_segmenter, save_segmenter)
 from namedmask.models.maskclip import dense_features, to_clip_input
-from namedmask.models.text_head import DenseTeacher, TextBank, text_distillation_loss
+from namedmask.models.text_head import DenseTeacher, TextBank, foreground_pixels, text_distillation_loss
+from namedmask.stages.openvocab import OpenVocabError, zero_shot_segmenter
 
 
 def tiny_cfg() -> ModelConfig:
@@ -108,6 +109,35 @@ def test_distillation_loss():
     s.requires_grad_(True)
     text_distillation_loss(s, t, vocab, 50.0).backward()
     assert s.grad is not None and s.grad.abs().sum() > 0
+
+
+def test_distillation_pixels_are_the_pseudo_mask_objects():
+    # 8 x 8 labels -> the 4 x 4 embedding grid, nearest: every other row and column
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[0, :4, :4] = 3          # an object
+    labels[0, 4:, 4:] = 255        # ignored
+    labels[1, ::2, ::2] = 1        # on the sampled pixels only
+    got = foreground_pixels(labels, (4, 4))
+    expected = torch.zeros(2, 4, 4, dtype=torch.bool)
+    expected[0, :2, :2] = True
+    expected[1] = True
+    assert torch.equal(got, expected)
+
+
+def test_text_head_config_checks_choices():
+    assert TextHeadConfig().teacher_recipe == "value" and TextHeadConfig().distill_pixels == "all"
+    for bad, match in (({"distill_pixels": "background"}, "distill_pixels"), ({"teacher_recipe": "clear"}, "teacher_"),
+                       ({"diversify": "off"}, "diversify"), ({"distill_weight": -1.0}, "distill_weight")):
+        with pytest.raises(ConfigError, match=match):
+            TextHeadConfig(**bad)
+
+
+def test_zero_shot_dino_refine_options():
+    classes = [("dog", ("dog",))]
+    with pytest.raises(OpenVocabError, match="--dino"):
+        zero_shot_segmenter(classes, "nm-tiny", refine="dino")
+    with pytest.raises(OpenVocabError, match="only used by --refine dino"):
+        zero_shot_segmenter(classes, "nm-tiny", dino="vit_small_patch8_224", dino_weights="x.pth")
 
 
 def test_dense_teacher_matches_maskclip_features():

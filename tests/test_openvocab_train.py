@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from namedmask.config import TrainConfig, load_config
+from namedmask.config import ConfigError, TrainConfig, load_config
 from namedmask.models.deeplab import OpenVocabSegmenter, TextDeepLabV3Plus, load_segmenter
 from namedmask.stages.evaluate import evaluate_checkpoint
 from namedmask.stages.openvocab import OpenVocabError, open_vocab_segmenter, text_classes
@@ -79,8 +79,10 @@ def test_bad_text_options(tmp_path, world):
     other.write_text("zebra\n")
     with pytest.raises(OpenVocabError, match="no entry for categories"):
         train(cfg(*TEXT, f"text.names={other}"), progress=False)
-    with pytest.raises(ValueError, match="diversification"):
+    with pytest.raises(ConfigError, match="text.diversify must be one of sample, mix, none, got 'shuffle'"):
         train(cfg(*TEXT, "text.diversify=shuffle"), progress=False)
+    with pytest.raises(ConfigError, match="text.teacher_recipe must be one of value, maskclip"):
+        train(cfg(*TEXT, "text.teacher_recipe=clearclip"), progress=False)
     with pytest.raises(OpenVocabError, match="either"):
         text_classes("a", "voc")
     voc = text_classes(None, "voc")

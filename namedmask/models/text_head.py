@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from namedmask.data.augment import IGNORE
 from namedmask.models.clip import Clip
 from namedmask.models.maskclip import dense_features, ensemble_text_embeddings, stride_of, to_clip_input
 
@@ -83,11 +84,21 @@ def text_distillation_loss(student: torch.Tensor, teacher: torch.Tensor, vocabul
     return kl.mean()
 
 
+def foreground_pixels(labels: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Where distillation applies with `distill_pixels: foreground`: the pseudo-mask's object
+    pixels (labels > 0, not IGNORE), nearest-resized from [B, H, W] to the embeddings' size ->
+    bool [B, h, w]. The idea: dense CLIP names background pixels too (on the toy world its
+    best-class probability is as high there as on objects, 0.79 vs 0.80). Measured on the toy
+    world it does worse than distilling every pixel (README), so `all` is the default."""
+    small = F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+    return (small > 0) & (small != IGNORE)
+
+
 class DenseTeacher:
     """The frozen CLIP image tower's dense embeddings of ImageNet-normalised training crops
     (computed on the augmented crop, so geometry always matches the student's)."""
 
-    def __init__(self, clip: Clip, short_side: int | None = None, recipe: str = "maskclip"):
+    def __init__(self, clip: Clip, short_side: int | None = None, recipe: str = "value"):
         self.clip, self.recipe = clip, recipe
         self.visual = clip.model.visual.eval()
         for p in self.visual.parameters():

@@ -25,9 +25,10 @@ from namedmask.errors import NamedMaskError
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (OpenVocabSegmenter, TextDeepLabV3Plus, load_backbone_weights,
                                       load_segmenter)
+from namedmask.models.dino import create_dino
 from namedmask.models.maskclip import MaskClipSegmenter, ensemble_text_embeddings, parse_text_classes
 from namedmask.models.prompts import get_templates
-from namedmask.models.text_head import DenseTeacher, TextBank, text_distillation_loss
+from namedmask.models.text_head import DenseTeacher, TextBank, foreground_pixels, text_distillation_loss
 from namedmask.runtime import resolve_device
 from namedmask.stages.evaluate import evaluate_model, open_eval_set
 
@@ -52,14 +53,23 @@ def text_classes(text: str | None = None, categories: str | None = None) -> list
 
 def zero_shot_segmenter(classes: list, model: str, pretrained: str | None = None, *, templates: str = "namedmask",
                         background: tuple = BACKGROUND_WORDS, threshold: float | None = None,
-                        short_side: int | None = None, refine: str | None = None, recipe: str = "maskclip",
-                        device="cpu") -> tuple[MaskClipSegmenter, list]:
-    """(segmenter, class names with 'background' first). `classes`: (name, words) pairs."""
+                        short_side: int | None = None, refine: str | None = None, recipe: str = "value",
+                        dino=None, dino_weights: str | None = None, device="cpu") -> tuple[MaskClipSegmenter, list]:
+    """(segmenter, class names with 'background' first). `classes`: (name, words) pairs.
+    refine "dino": `dino` is a DINO ViT module, or a timm name loaded with `dino_weights`."""
+    if refine == "dino":
+        if dino is None:
+            raise OpenVocabError("--refine dino needs --dino (a timm DINO name) and --dino-weights (its file)")
+        if isinstance(dino, str):
+            dino = create_dino(dino, dino_weights).to(device)
+    elif dino is not None or dino_weights is not None:
+        raise OpenVocabError("--dino/--dino-weights are only used by --refine dino")
     clip = load_clip(model, pretrained, device)
     t = get_templates(templates)
     text = ensemble_text_embeddings(clip, [words for _, words in classes], t).to(device)
     bg = ensemble_text_embeddings(clip, [(w,) for w in background], t).to(device) if background else None
-    seg = MaskClipSegmenter(clip, text, bg, threshold=threshold, short_side=short_side, refine=refine, recipe=recipe)
+    seg = MaskClipSegmenter(clip, text, bg, threshold=threshold, short_side=short_side, refine=refine, recipe=recipe,
+                            dino=dino)
     return seg.to(device).eval(), ["background"] + [name for name, _ in classes]
 
 
@@ -95,7 +105,7 @@ class TextObjective:
         self.words = self._words(cfg, archive, class_names)
         self.bank = TextBank.from_words(self.clip, self.words, self.templates, cfg.diversify)
         self.device = torch.device(device)
-        self.weight = float(cfg.distill_weight)
+        self.weight, self.distill_pixels = float(cfg.distill_weight), cfg.distill_pixels
         self.teacher = self.vocabulary = None
         if self.weight > 0:
             self.teacher = DenseTeacher(self.clip, cfg.teacher_short_side, cfg.teacher_recipe)
@@ -106,7 +116,8 @@ class TextObjective:
             self.vocabulary = torch.cat(vocab).to(self.device)
         self.meta = {"clip": {"name": self.clip.name, "pretrained": self.clip.pretrained},
                      "templates": list(self.templates), "class_words": [list(w) for w in self.words],
-                     "diversify": cfg.diversify, "distill_weight": self.weight}
+                     "diversify": cfg.diversify, "distill_weight": self.weight,
+                     "distill_pixels": cfg.distill_pixels, "teacher_recipe": cfg.teacher_recipe}
 
     @staticmethod
     def _words(cfg: TextHeadConfig, archive, class_names: list) -> list:
@@ -138,7 +149,8 @@ class TextObjective:
             loss = logits.float().sum() * 0.0
         if self.teacher is not None:
             teacher = self.teacher(images)
-            loss = loss + self.weight * text_distillation_loss(emb, teacher, self.vocabulary, self.teacher.scale)
+            valid = foreground_pixels(labels, emb.shape[-2:]) if self.distill_pixels == "foreground" else None
+            loss = loss + self.weight * text_distillation_loss(emb, teacher, self.vocabulary, self.teacher.scale, valid)
         return loss
 
 
