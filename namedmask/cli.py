@@ -114,9 +114,11 @@ def _open_vocab_options(fn):
         click.option("--refine", type=click.Choice(["none", "bilateral", "dino"]), default="none", show_default=True,
                      help="Zero-shot: refine the labels with the bilateral solver, or average the scores over "
                           "DINO-key neighbours (needs --dino/--dino-weights)."),
-        click.option("--dino", default=None, help="Zero-shot --refine dino: a timm DINO name (vit_small_patch8_224)."),
+        click.option("--dino", default=None,
+                     help="The DINO ViT (a timm name) of zero-shot --refine dino, or of predict --proposals discover "
+                          "[there default: vit_small_patch16_224.dino]."),
         click.option("--dino-weights", default=None, type=click.Path(dir_okay=False),
-                     help="Zero-shot --refine dino: that DINO's weights file."),
+                     help="That DINO's local weights file (official or timm layout)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -412,17 +414,13 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
               help="--proposals: region embedding (masked crop, class-row attention mask, whole image).")
 @click.option("--mask-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="--proposals with --embed crop: mask-prompt tokens from `namedmask adapt-clip`.")
-@click.option("--dino", default="vit_small_patch16_224.dino", show_default=True,
-              help="--proposals discover: timm name of the DINO ViT.")
-@click.option("--dino-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="--proposals discover: local DINO weights (official or timm layout); else the timm hub.")
 @click.option("--random-dino", is_flag=True, help="--proposals discover: random DINO weights (smoke runs only).")
 @click.option("--size", type=int, default=512, show_default=True,
               help="--proposals discover: short side (px) for DINO and the solver.")
 @click.option("--k", type=int, default=8, show_default=True, help="--proposals discover: most regions per image.")
 @_config_options
 def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, proposals, embed,
-            mask_prompts, dino, dino_weights, random_dino, size, k, config_path, overrides, **zero_shot) -> None:
+            mask_prompts, random_dino, size, k, config_path, overrides, **zero_shot) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.config import PredictConfig, load_config
     from namedmask.stages.predict import TwoStageConfig, predict as run
@@ -439,12 +437,13 @@ def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped,
         two = TwoStageConfig(proposals, zero_shot["model"], zero_shot["pretrained"], zero_shot["templates"],
                              () if zero_shot["no_background_prompt"] else ("background",),
                              zero_shot["background_threshold"], embed=embed,
-                             mask_prompts=mask_prompts and str(mask_prompts), dino=dino,
-                             dino_weights=dino_weights and str(dino_weights), random_dino=random_dino, size=size, k=k)
+                             mask_prompts=mask_prompts and str(mask_prompts),
+                             dino=zero_shot["dino"] or "vit_small_patch16_224.dino",
+                             dino_weights=zero_shot["dino_weights"], random_dino=random_dino, size=size, k=k)
         zs = None
     else:
-        if mask_prompts or dino_weights or random_dino or embed != "crop":
-            raise click.UsageError("--embed, --mask-prompts, --dino-weights and --random-dino go with --proposals")
+        if mask_prompts or random_dino or embed != "crop":
+            raise click.UsageError("--embed, --mask-prompts and --random-dino go with --proposals")
         zs = _zero_shot_settings(run_dir, text, **zero_shot)
         if run_dir is None and zs is None:
             raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from namedmask.data.augment import IGNORE
+from namedmask.errors import InputError
 from namedmask.models.clip import Clip
 from namedmask.models.maskclip import dense_features, ensemble_text_embeddings, stride_of, to_clip_input
 
@@ -29,13 +30,13 @@ class TextBank:
 
     def __init__(self, embeddings: torch.Tensor, category_of_name: torch.Tensor, mode: str = "sample"):
         if mode not in DIVERSIFY:
-            raise ValueError(f"text diversification {mode!r}: expected one of {DIVERSIFY}")
+            raise InputError(f"text diversification {mode!r}: expected one of {DIVERSIFY}")
         self.embeddings = F.normalize(embeddings.float(), dim=1)
         self.category = category_of_name.long()
         self.num_categories = int(self.category.max()) + 1
         self.mode = mode
         if torch.bincount(self.category, minlength=self.num_categories).min() == 0:
-            raise ValueError("every category needs at least one name")
+            raise InputError("every category needs at least one name")
 
     @classmethod
     def from_words(cls, clip: Clip, words: list, templates: tuple, mode: str = "sample") -> "TextBank":
