@@ -76,7 +76,8 @@ class _Stages:
         t0 = time.perf_counter()
         fn()
         seconds = time.perf_counter() - t0
-        io.write_json(marker, {"fingerprint": key, "settings": settings, "seconds": round(seconds, 2)})
+        io.write_json(marker, {"fingerprint": key, "settings": settings, "seconds": round(seconds, 2),
+                               "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
         log.info("[%s] done in %.1f s", name, seconds)
         self.ran.append(name)
 
@@ -133,6 +134,12 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
     train_dir = run / "train"
     if "train" in cfg.stages:
         tcfg = dataclasses.replace(cfg.train, archive=str(archive_json), masks=str(masks), out=str(train_dir))
+        if tcfg.val.dataset is None and cfg.eval_dataset and "eval" in cfg.stages:
+            # The report's validation curve: the run's evaluation set, scored five times during
+            # training. Monitoring only: the model kept is the last iteration's, whatever it scores.
+            tcfg = dataclasses.replace(tcfg, val=dataclasses.replace(
+                tcfg.val, dataset=cfg.eval_dataset, root=cfg.eval_root, split=cfg.eval_split,
+                every=tcfg.val.every or max(1, tcfg.iterations // 5)))
         stages.run("train", to_dict(tcfg), lambda: train(tcfg, progress=progress), train_dir / "model.safetensors")
 
     if "eval" in cfg.stages and cfg.eval_dataset:
@@ -158,9 +165,6 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
 
     facts = {"run directory": run, "stages run now": ", ".join(stages.ran) or "none (all done before)",
              "stages skipped (already done)": ", ".join(stages.skipped) or "none"}
-    metrics = run / "eval" / "metrics.json"
-    if metrics.exists():
-        facts["mIoU"] = f"{100 * json.loads(metrics.read_text())['miou']:.2f}"
     return build_report(run, title=f"namedmask run: {run.name}", warnings=warnings, facts=facts)
 
 

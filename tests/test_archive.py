@@ -140,7 +140,8 @@ def test_contact_sheets(reference):
     sheets = sorted((reference / "report").glob("*.png"))
     assert [s.name for s in sheets][:2] == ["001-aeroplane.png", "002-bicycle.png"] and len(sheets) == 20
     with Image.open(sheets[0]) as img:
-        assert img.size == (8 * 128, 24 + 2 * 128)  # K=12 images on 8 columns
+        # K=12 images on 8 columns of 128 px, 2 px apart, under a 52 px title and legend
+        assert img.size == (8 * 128 + 7 * 2, 52 + 2 * (128 + 2))
 
 
 def test_resume_after_kill_is_byte_identical(reference, small_pool, tmp_path):

@@ -67,8 +67,16 @@ def test_every_artifact_exists_and_is_well_formed(tiny_config, first_run):
     assert label.shape == (160, 224) and label.max() < 4
     assert (run / "predict" / "overlays" / "0000.png").is_file()
     assert yaml.safe_load((run / "config.yaml").read_text())["archive"]["k"] == 3
-    for section in ("Category archives", "Saliency", "Refined", "Training", "Evaluation", "Predictions"):
+    for section in ("Category archives", "Saliency", "Refined", "Training", "Evaluation", "Predictions",
+                    "Stage timings"):
         assert section in html, section
+    # validation on the run's evaluation set, every iterations // 5, drawn beside the loss
+    val = [r["iteration"] for r in map(json.loads, (run / "train" / "metrics.jsonl").read_text().splitlines())
+           if "val_miou" in r]
+    assert val == [1, 2, 3, 4] and "validation mIoU on the run" in html
+    assert "TOY MODELS" not in html  # random nm-tiny weights: the random-weights warning says it
+    for stage in ("archive", "saliency", "experts", "train", "eval", "predict"):
+        assert json.loads((run / ".stages" / f"{stage}.json").read_text())["seconds"] >= 0
 
 
 def test_rerun_does_no_work_twice(tiny_config, first_run, monkeypatch):

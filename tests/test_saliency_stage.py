@@ -207,7 +207,7 @@ def test_cli_with_report(archive, tmp_path):
     sheets = sorted(p.name for p in (out / "report").iterdir())
     assert sheets == ["0001_cat.png", "0002_dog.png"]
     with Image.open(out / "report" / "0001_cat.png") as sheet:
-        assert sheet.mode == "RGB" and sheet.height == 160
+        assert sheet.mode == "RGB" and sheet.height == 46 + 160  # title and legend lines over 160 px tiles
     bad = runner.invoke(cli, ["saliency", "--archive", str(archive), "--out", str(tmp_path / "x"),
                               "--method", "selfmask", "--refine", "none"])
     assert bad.exit_code != 0 and "--checkpoint" in bad.output

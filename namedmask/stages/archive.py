@@ -259,24 +259,35 @@ def _make_archive(categories: CategorySet, paths: list, root: Path, scores: torc
 
 def write_contact_sheets(archive: Archive, folder: Path, per_sheet: int = REPORT_IMAGES, thumb: int = 128,
                          columns: int = 8) -> list:
-    """One PNG per category: its top images, best first, each captioned with rank and score."""
+    """One PNG per category: its top images, best first, each captioned with rank and score; the
+    title names the category and the words it was retrieved with. Drawn at a size meant to be
+    looked at unscaled (the report shows it at its own width)."""
     from PIL import Image, ImageDraw, ImageOps
 
+    from namedmask.report import font
+
+    title_font, words_font, caption_font = font(20), font(14), font(14)
+    words = archive.meta.get("prompt_words", {})
     written = []
     for name, cid in archive.categories.items():
         entries = archive.archives[name][:per_sheet]
         rows = max(1, -(-len(entries) // columns))
-        sheet = Image.new("RGB", (columns * thumb, 24 + rows * thumb), "white")
+        head = 52
+        sheet = Image.new("RGB", (columns * thumb + (columns - 1) * 2, head + rows * (thumb + 2)), "white")
         draw = ImageDraw.Draw(sheet)
-        draw.text((4, 6), f"{cid}: {name}  (top {len(entries)} of {len(archive.archives[name])})", fill="black")
+        draw.text((4, 4), f"{cid}: {name}", fill="black", font=title_font)
+        also = ", ".join(w for w in words.get(name, []) if w != name)
+        draw.text((4, 30), f"top {len(entries)} of {len(archive.archives[name])} retrieved, best first; "
+                           f"score = cosine similarity" + (f"; prompts also name it: {also}" if also else ""),
+                  fill=(60, 60, 60), font=words_font)
         for r, e in enumerate(entries):
             with Image.open(archive.pool_root / e["path"]) as img:
                 img.draft("RGB", (2 * thumb, 2 * thumb))  # JPEG: decode at reduced size, much faster
                 img = ImageOps.fit(ImageOps.exif_transpose(img).convert("RGB"), (thumb, thumb), Image.BICUBIC)
-            x, y = (r % columns) * thumb, 24 + (r // columns) * thumb
+            x, y = (r % columns) * (thumb + 2), head + (r // columns) * (thumb + 2)
             sheet.paste(img, (x, y))
-            draw.rectangle((x, y, x + thumb - 1, y + 13), fill="black")
-            draw.text((x + 2, y + 1), f"#{r + 1} {e['score']:.3f}", fill="white")
+            draw.rectangle((x, y, x + thumb - 1, y + 18), fill="black")
+            draw.text((x + 3, y + 1), f"#{r + 1}  {e['score']:.3f}", fill="white", font=caption_font)
         path = folder / f"{cid:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
         io.save_png(path, sheet)
         written.append(path)

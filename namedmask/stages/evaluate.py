@@ -182,7 +182,7 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
             fg_iou += torch.tensor([float(inter) / float(union) if union > 0 else 1.0, 1.0], dtype=torch.float64)
         confusion += ops.confusion_matrix(pred, gt, n, ignore, backend=backend)
         if overlays_dir is not None and rank == 0 and i < num_overlays:
-            save_overlay(Path(overlays_dir) / f"{Path(item.id).name}.png", image, pred, names)
+            save_overlay(Path(overlays_dir) / f"{Path(item.id).name}.png", image, pred, names, gt=gt)
     if world > 1:
         dist.all_reduce(confusion)
         dist.all_reduce(fg_iou)

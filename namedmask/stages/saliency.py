@@ -34,6 +34,7 @@ from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest, mask_relp
 from namedmask.errors import NamedMaskError
 from namedmask.models.dino import build_vit, create_dino
 from namedmask.runtime import resolve_device
+from namedmask.report import mask_overlay, mask_sheet
 from namedmask.models.saliency import SelfMask, SelfMaskPredictor, TokenCut, load_selfmask, normalize
 
 log = logging.getLogger(__name__)
@@ -271,15 +272,6 @@ def _predict_batch(model, refine, rels: list, images: list, device: str):
                 yield rels[i], None, f"{type(exc).__name__}: {exc}"
 
 
-def overlay(image: torch.Tensor, mask: np.ndarray, height: int = 160) -> Image.Image:
-    """The image with its foreground tinted red, resized to `height`."""
-    img = image.numpy().astype(np.float32)
-    fg = mask.astype(bool)
-    img[fg] = 0.5 * img[fg] + 0.5 * np.array([255.0, 0.0, 0.0])
-    pil = Image.fromarray(img.round().astype(np.uint8))
-    return pil.resize((max(1, round(pil.width * height / pil.height)), height), Image.BILINEAR)
-
-
 def write_report(out: Path, archive: Archive, manifest: dict, per_category: int = 4) -> list:
     """report/<id>_<category>.png: the first `per_category` masks of each archive (best
     ranked first) as overlays side by side."""
@@ -288,13 +280,9 @@ def write_report(out: Path, archive: Archive, manifest: dict, per_category: int 
         rels = [e["path"] for e in archive.archives.get(name, []) if e["path"] in manifest["masks"]][:per_category]
         if not rels:
             continue
-        tiles = [overlay(load_image(archive.pool_root / r), _read_mask(out / manifest["masks"][r]["mask"]))
+        tiles = [mask_overlay(load_image(archive.pool_root / r), _read_mask(out / manifest["masks"][r]["mask"]))
                  for r in rels]
-        sheet = Image.new("RGB", (sum(t.width for t in tiles) + 4 * (len(tiles) - 1), tiles[0].height), "white")
-        x = 0
-        for t in tiles:
-            sheet.paste(t, (x, 0))
-            x += t.width + 4
+        sheet = mask_sheet(tiles, f"{cid}: {name}  (first {len(tiles)} archive images)")
         path = out / "report" / f"{cid:04d}_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.png"
         io.save_png(path, sheet)
         written.append(path)
