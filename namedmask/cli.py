@@ -523,7 +523,8 @@ def config_group() -> None:
 
 CONFIG_KINDS = {"run": "RunConfig", "train": "TrainConfig", "experts": "ExpertsConfig",
                 "build-archive": "ArchiveConfig", "saliency": "SaliencyConfig", "refine": "RefineConfig",
-                "eval": "EvalConfig", "predict": "PredictConfig"}
+                "eval": "EvalConfig", "predict": "PredictConfig", "discover": "DiscoverConfig",
+                "adapt-clip": "AdaptConfig"}
 
 
 @config_group.command("show")
@@ -637,43 +638,49 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Output folder: labels/, segments/, overlays/, segments.json (resumable).")
-@click.option("--vocabulary", default="builtin",
+@click.option("--vocabulary", default=None, show_default="builtin",
               help="'builtin' (~5,800 ImageNet-1k/21k, COCO, COCO-Stuff nouns, see README) or a file: one name a line, "
                    "synonyms after '|'.")
-@click.option("--templates", default="namedmask", help="Prompt templates: namedmask (85), simple, or a file.")
+@click.option("--templates", default=None, show_default="namedmask",
+              help="Prompt templates: namedmask (85), simple, or a file.")
 @click.option("--model", default=None, show_default="ViT-L-14-336", help="open_clip model name (nm-tiny for tests).")
 @click.option("--pretrained", default=None, help="open_clip tag, local checkpoint file, or 'random'.")
-@click.option("--dino", default="vit_small_patch16_224.dino", help="timm name of the DINO ViT.")
+@click.option("--dino", default=None, show_default="vit_small_patch16_224.dino", help="timm name of the DINO ViT.")
 @click.option("--dino-weights", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Local DINO weights (official or timm layout); else the timm hub.")
 @click.option("--random-weights", is_flag=True, help="Random DINO weights: smoke runs only.")
-@click.option("--size", type=int, default=512, help="Short side (px) for DINO and the solver.")
-@click.option("--k", type=int, default=8, help="Most segments per image before merging.")
-@click.option("--embed", type=click.Choice(["attention", "crop", "whole"]), default="attention",
+@click.option("--size", type=int, default=None, show_default="512", help="Short side (px) for DINO and the solver.")
+@click.option("--k", type=int, default=None, show_default="8", help="Most segments per image before merging.")
+@click.option("--embed", type=click.Choice(["attention", "crop", "whole"]), default=None, show_default="attention",
               help="Segment embedding: class-row attention mask in CLIP's last layers, masked crop, or the whole "
                    "image (baseline).")
-@click.option("--context", type=float, default=0.1,
+@click.option("--context", type=float, default=None, show_default="0.1",
               help="Factor (0..1) on the class token's attention to each patch outside the segment: 0 = the segment "
                    "only, 1 = no mask (per patch, not a total share: see README).")
-@click.option("--mask-layers", type=int, default=3, help="Last CLIP blocks that get the attention mask.")
+@click.option("--mask-layers", type=int, default=None, show_default="3",
+              help="Last CLIP blocks that get the attention mask.")
 @click.option("--mask-prompts", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Mask-prompt tokens from `namedmask adapt-clip` (with --embed crop).")
-@click.option("--min-score", type=float, default=0.2, help="Cosine below which a segment gets no name.")
-@click.option("--merge-threshold", type=float, default=0.9,
+@click.option("--min-score", type=float, default=None, show_default="0.2",
+              help="Cosine below which a segment gets no name.")
+@click.option("--merge-threshold", type=float, default=None, show_default="0.9",
               help="Touching segments whose embeddings have at least this cosine are merged.")
 @click.option("--no-refine", is_flag=True, help="No bilateral-solver refinement of the segments.")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
+@_config_options
 def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_weights, random_weights, size, k, embed,
-             context, mask_layers, mask_prompts, min_score, merge_threshold, no_refine, device) -> None:
+             context, mask_layers, mask_prompts, min_score, merge_threshold, no_refine, device, config_path,
+             overrides) -> None:
     """Segments and their names with no query and no class list (zero-guidance segmentation)."""
-    from namedmask.models.clip import DEFAULT_MODEL
-    from namedmask.stages.discover import DiscoverConfig, discover as run
+    from namedmask.config import DiscoverConfig, load_config
+    from namedmask.stages.discover import discover as run
 
-    cfg = DiscoverConfig(vocabulary=vocabulary, templates=templates, model=model or DEFAULT_MODEL,
-                         pretrained=pretrained, dino=dino, dino_weights=dino_weights and str(dino_weights),
-                         random_weights=random_weights, size=size, k=k, refine=not no_refine, embed=embed,
-                         context=context, mask_layers=mask_layers, mask_prompts=mask_prompts and str(mask_prompts),
-                         min_score=min_score, merge_threshold=merge_threshold, device=device)
+    cfg = load_config(DiscoverConfig, config_path, overrides, vocabulary=vocabulary, templates=templates, model=model,
+                      pretrained=pretrained, dino=dino, dino_weights=dino_weights and str(dino_weights),
+                      random_weights=_flag(random_weights), size=size, k=k, refine=False if no_refine else None,
+                      embed=embed, context=context, mask_layers=mask_layers,
+                      mask_prompts=mask_prompts and str(mask_prompts), min_score=min_score,
+                      merge_threshold=merge_threshold, device=device)
     result = run(images, out, cfg)
     n = sum(len(v) for v in result["segments"].values())
     click.echo(f"{result['done']} images segmented ({result['skipped']} already done), {n} segments -> {out}")
@@ -687,23 +694,26 @@ def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_w
               help="Output folder: mask_prompts.safetensors and adapt.json.")
 @click.option("--model", default=None, show_default="ViT-L-14-336", help="open_clip model name (nm-tiny for tests).")
 @click.option("--pretrained", default=None, help="open_clip tag, local checkpoint file, or 'random'.")
-@click.option("--templates", default="namedmask", help="Prompt templates for the category words.")
-@click.option("--depth", type=int, default=1, help="CLIP blocks whose blank-patch tokens are learned prompts.")
-@click.option("--steps", type=int, default=300, help="Training steps.")
-@click.option("--batch-size", type=int, default=32, help="Masked regions per training step.")
-@click.option("--lr", type=float, default=2e-3, help="Learning rate of the prompt tokens.")
-@click.option("--val-fraction", type=float, default=0.2, help="Share of regions held out for the accuracy report.")
+@click.option("--templates", default=None, show_default="namedmask", help="Prompt templates for the category words.")
+@click.option("--depth", type=int, default=None, show_default="1",
+              help="CLIP blocks whose blank-patch tokens are learned prompts.")
+@click.option("--steps", type=int, default=None, show_default="300", help="Training steps.")
+@click.option("--batch-size", type=int, default=None, show_default="32", help="Masked regions per training step.")
+@click.option("--lr", type=float, default=None, show_default="2e-3", help="Learning rate of the prompt tokens.")
+@click.option("--val-fraction", type=float, default=None, show_default="0.2",
+              help="Share of regions held out for the accuracy report.")
 @click.option("--finetune", is_flag=True, help="Also fine-tune CLIP's image tower (off: CLIP stays frozen).")
-@click.option("--device", default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
+@_config_options
 def adapt_clip_cmd(archive, masks, out, model, pretrained, templates, depth, steps, batch_size, lr, val_fraction,
-                   finetune, device) -> None:
+                   finetune, device, config_path, overrides) -> None:
     """Mask prompt tuning: learn tokens for CLIP's blanked patches on the archive's masked regions."""
-    from namedmask.models.clip import DEFAULT_MODEL
-    from namedmask.stages.adapt_clip import AdaptConfig, adapt_clip
+    from namedmask.config import AdaptConfig, load_config
+    from namedmask.stages.adapt_clip import adapt_clip
 
-    cfg = AdaptConfig(model=model or DEFAULT_MODEL, pretrained=pretrained, templates=templates, depth=depth,
-                      steps=steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction, finetune=finetune,
-                      device=device)
+    cfg = load_config(AdaptConfig, config_path, overrides, model=model, pretrained=pretrained, templates=templates,
+                      depth=depth, steps=steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
+                      finetune=_flag(finetune), device=device)
     s = adapt_clip(archive, masks, out, cfg)
     click.echo(f"mask prompts -> {out / 'mask_prompts.safetensors'}; held-out masked-region accuracy "
                f"{s['val_accuracy_plain']} plain, {s['val_accuracy_prompts']} with prompts ({s['val']} regions)")

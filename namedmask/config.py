@@ -303,6 +303,62 @@ class PredictConfig:
     skip_bad: bool = False              # log, list and skip unreadable images
 
 
+@dataclass
+class DiscoverConfig:
+    """`namedmask discover`: zero-guidance segmentation (stages/discover.py)."""
+    vocabulary: str = "builtin"             # builtin | FILE ('name | synonym, ...' lines)
+    templates: str = "namedmask"            # namedmask (85) | simple | FILE
+    model: str = "ViT-L-14-336"             # the naming CLIP (open_clip name)
+    pretrained: str | None = None
+    dino: str = "vit_small_patch16_224.dino"
+    dino_weights: str | None = None
+    random_weights: bool = False            # random DINO (smoke runs only)
+    vit_kwargs: dict | None = None          # timm construction arguments of the DINO ViT (toy models)
+    size: int = 512                         # short side for DINO and the solver
+    k: int = 8                              # most segments before merging (labels are a palette PNG)
+    min_area: float = 0.01
+    refine: bool = True
+    embed: str = "attention"                # attention | crop | whole (models.zero_guidance.EMBED_MODES)
+    context: float = 0.1                    # factor on the class token's attention to each outside patch
+    mask_layers: int = 3
+    mask_prompts: str | None = None         # tokens from `namedmask adapt-clip` (embed crop)
+    min_score: float = 0.2                  # cosine below which a segment has no name
+    merge_threshold: float = 0.9            # cosine of segment embeddings that merges touching segments
+    merge: bool = True                      # off: the over-segmentation is kept as it is (ablations)
+    top: int = 3                            # runner-up names kept per segment
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice(self, "embed", ("attention", "crop", "whole"))
+        _check(self, size=(16, MAX_SHORT_SIDE), k=(1, 255), min_area=(0.0, 1.0), context=(0.0, 1.0),
+               mask_layers=(1, None), merge_threshold=(-1.0, 1.0), top=(1, None))
+        if self.mask_prompts and self.embed != "crop":
+            raise ConfigError("mask_prompts work on masked crops: set embed crop (--embed crop)")
+
+
+@dataclass
+class AdaptConfig:
+    """`namedmask adapt-clip`: mask prompt tuning on the archive's masked regions
+    (stages/adapt_clip.py)."""
+    model: str = "ViT-L-14-336"
+    pretrained: str | None = None
+    templates: str = "namedmask"
+    depth: int = 1                          # blocks whose blank-patch inputs are prompt tokens
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 2e-3
+    val_fraction: float = 0.2               # share of regions held out for the accuracy report
+    finetune: bool = False                  # also train CLIP's image tower (off: CLIP frozen)
+    finetune_lr: float = 1e-5
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self):
+        _check(self, depth=(1, None), steps=(1, None), batch_size=(1, None), lr=(0.0, None),
+               val_fraction=(0.0, 0.9), finetune_lr=(0.0, None))
+
+
 STAGES = ("archive", "saliency", "experts", "train", "eval", "predict")
 
 

@@ -64,3 +64,26 @@ def test_unknown_config_key_is_one_line(run_and_val, tmp_path, command):
     assert res.exit_code != 0 and "unknown config key 'max_imgs'" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "p").exists()
+
+
+def test_discover_and_adapt_clip_configs_match_the_model_default():
+    """Their typed configs live in config.py (the lowest layer), which restates CLIP's default
+    model name instead of importing it: the two must agree."""
+    from namedmask.config import AdaptConfig, ArchiveConfig, DiscoverConfig
+    from namedmask.models.clip import DEFAULT_MODEL
+    from namedmask.models.zero_guidance import EMBED_MODES
+
+    assert DiscoverConfig().model == AdaptConfig().model == ArchiveConfig().model == DEFAULT_MODEL
+    for mode in EMBED_MODES:  # every embedding mode the model offers passes the config's check
+        DiscoverConfig(embed=mode)
+
+
+def test_discover_reads_its_config(tmp_path):
+    """discover --config: the YAML's keys are the DiscoverConfig, --set and options win."""
+    config = tmp_path / "discover.yaml"
+    config.write_text("k: 0\n")
+    res = _invoke(["discover", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config)])
+    assert res.exit_code != 0 and "k must be in [1, 255], got 0" in res.output
+    res = _invoke(["discover", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config), "--k", "300"])
+    assert res.exit_code != 0 and "got 300" in res.output
+    assert not (tmp_path / "o").exists()

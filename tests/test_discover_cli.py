@@ -80,8 +80,8 @@ def test_high_min_score_gives_no_names(tmp_path, images):
 @pytest.mark.parametrize("extra, message", [
     (["--vocabulary", "missing.txt"], "--vocabulary missing.txt: not 'builtin' and not a file"),
     (["--mask-prompts", "nope.safetensors", "--embed", "crop"], "--mask-prompts nope.safetensors: no such file"),
-    (["--mask-prompts", "nope.safetensors"], "--mask-prompts work on masked crops"),
-    (["--k", "0"], "--k 0: must be in 1..255"),
+    (["--mask-prompts", "nope.safetensors"], "mask_prompts work on masked crops"),
+    (["--k", "0"], "k must be in [1, 255], got 0"),
 ])
 def test_bad_inputs_one_line(tmp_path, images, extra, message):
     r = CliRunner().invoke(cli, ["discover", str(images), "--out", str(tmp_path / "o"), *ARGS, *extra])

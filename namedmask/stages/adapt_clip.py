@@ -30,13 +30,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from namedmask import io
+from namedmask.config import AdaptConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.decode import ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, read_label_map
 from namedmask.data.pseudo_masks import mask_paths
 from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
-from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
+from namedmask.models.clip import Clip, load_clip
 from namedmask.models.mask_prompts import MaskPrompts
 from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
@@ -50,22 +51,6 @@ PROMPTS_NAME = "mask_prompts.safetensors"
 
 class AdaptError(NamedMaskError, ValueError):
     """No usable (image, mask) pairs, or an output folder made with other settings."""
-
-
-@dataclass
-class AdaptConfig:
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    templates: str = "namedmask"
-    depth: int = 1                 # blocks whose blank-patch inputs are prompt tokens
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 2e-3
-    val_fraction: float = 0.2
-    finetune: bool = False         # also train CLIP's image tower (off: CLIP frozen)
-    finetune_lr: float = 1e-5
-    seed: int = 0
-    device: str = "auto"
 
 
 @dataclass

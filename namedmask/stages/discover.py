@@ -38,12 +38,13 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from namedmask import io
+from namedmask.config import DiscoverConfig
 from namedmask.data.categories import voc_palette
 from namedmask.data.decode import ImageDecodeError, load_image
 from namedmask.data.vocabulary import Vocabulary, load_vocabulary
 from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
-from namedmask.models.clip import DEFAULT_MODEL, Clip, load_clip
+from namedmask.models.clip import Clip, load_clip
 from namedmask.models.dino import create_dino
 from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
@@ -60,44 +61,6 @@ SHEET_IMAGES, SHEET_COLUMNS, SHEET_CELL = 48, 4, 256
 
 class DiscoverError(NamedMaskError, ValueError):
     """Bad discover settings, an unreadable image or an output folder made with other settings."""
-
-
-@dataclass
-class DiscoverConfig:
-    vocabulary: str = "builtin"
-    templates: str = "namedmask"
-    model: str = DEFAULT_MODEL
-    pretrained: str | None = None
-    dino: str = "vit_small_patch16_224.dino"
-    dino_weights: str | None = None
-    random_weights: bool = False       # random DINO (smoke runs only)
-    vit_kwargs: dict | None = None     # timm construction arguments of the DINO ViT (toy models)
-    size: int = 512                    # short side for DINO and the solver
-    k: int = 8                         # most segments before merging
-    min_area: float = 0.01
-    refine: bool = True
-    embed: str = "attention"           # attention | crop | whole
-    context: float = 0.1               # factor on the class token's attention to each outside patch
-    mask_layers: int = 3
-    mask_prompts: str | None = None    # tokens from `namedmask adapt-clip` (embed crop)
-    min_score: float = 0.2             # cosine below which a segment has no name
-    merge_threshold: float = 0.9       # cosine of segment embeddings that merges touching segments
-    merge: bool = True                 # off: the over-segmentation is kept as it is (ablations)
-    top: int = 3
-    device: str = "auto"
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.embed not in zg.EMBED_MODES:
-            raise DiscoverError(f"--embed {self.embed}: must be one of {', '.join(zg.EMBED_MODES)}")
-        if not 1 <= self.k <= 255:
-            raise DiscoverError(f"--k {self.k}: must be in 1..255 (labels are a palette PNG)")
-        if not 0 <= self.context <= 1:
-            raise DiscoverError(f"--context {self.context}: must be in [0, 1]")
-        if self.mask_prompts and self.embed != "crop":
-            raise DiscoverError("--mask-prompts work on masked crops: add --embed crop")
-        if self.size < 16:
-            raise DiscoverError(f"--size {self.size}: too small (at least 16 px)")
 
 
 @dataclass
@@ -190,7 +153,6 @@ def discover(inputs, out_dir, config: DiscoverConfig | None = None, *, progress:
              models: Models | None = None) -> dict:
     """Runs discovery on image files / folders `inputs`; returns {"done", "skipped", "segments"}."""
     config = config or DiscoverConfig()
-    config.check()
     paths = collect_images(inputs)
     with io.output_folder(out_dir, "discover", legacy=(CONFIG_NAME,)) as out:  # owned, locked, cleaned
         return _discover(out, paths, config, progress, models)
