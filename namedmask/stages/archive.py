@@ -168,7 +168,8 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
         chunk = [root / p for p in paths[first:first + size]]
         position = {str(p): first + i for i, p in enumerate(chunk)}
         embeddings, indices, failed = [], [], []
-        for batch in iter_image_batches(chunk, config.batch_size, resize=resize, on_error="skip"):
+        # Batches arrive on CLIP's device (on a GPU, DALI's output stays there): no host round trip.
+        for batch in iter_image_batches(chunk, config.batch_size, resize=resize, on_error="skip", device=clip.device):
             if batch.indices:
                 embeddings.append(clip.encode_images(batch.images).half().cpu())
             indices += [first + i for i in batch.indices]

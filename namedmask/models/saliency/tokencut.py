@@ -153,5 +153,6 @@ class TokenCut:
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         keys, grid = self.features(images)
-        masks = torch.stack([self.cut(k, grid) for k in keys])
+        # The cut runs on the host (scipy); only the small patch masks go back to the images' device.
+        masks = torch.stack([self.cut(k, grid) for k in keys]).to(images.device)
         return masks.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)  # nearest upsampling
