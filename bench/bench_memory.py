@@ -1,5 +1,5 @@
 """Peak memory of the stages whose cost grows with the input: TokenCut (features + cut) on a very
-wide and a very large photo, bilateral_solve on a 10k x 10k image, and the archive's top-K merge
+wide and a very large photo, SelfMask (ViT-S/8 + decoder) on a 20000x512 panorama, bilateral_solve on a 10k x 10k image, and the archive's top-K merge
 over 128k and 1.28M simulated pool embeddings (random unit vectors, 512-d, shards of 4096 made
 on the fly: the merge, not the disk). Each case runs in a fresh process (peak RSS = VmHWM,
 torch and the model included).
@@ -19,6 +19,7 @@ VOC_MINI = SHARED_DATA / "voc_mini"
 CASES = {
     "tokencut 4000x600": "tokencut(600, 4000)",
     "tokencut 6000x4000": "tokencut(4000, 6000)",
+    "selfmask 20000x512": "selfmask(512, 20000)",
     "bilateral_solve 10000x10000": "bilateral(10000, 10000)",
     "archive top-K merge 128k": "merge(128_000)",
     "archive top-K merge 1.28M": "merge(1_280_000)",
@@ -38,6 +39,20 @@ def tokencut(h, w):
     x = model.prepare(image)
     mask = model.predict(normalize([x]))
     return {"prepared": list(x.shape[:2]), "tokens": (x.shape[0] // 16) * (x.shape[1] // 16),
+            "seconds": time.perf_counter() - t0}
+
+def selfmask(h, w):
+    from namedmask.models.dino import build_vit
+    from namedmask.models.saliency import SelfMask, SelfMaskPredictor
+    from namedmask.models.saliency.common import normalize
+    torch.manual_seed(0)
+    model = SelfMaskPredictor(SelfMask(build_vit("vit_small_patch8_224.dino")))  # ViT-S/8, random weights
+    image = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    x = model.prepare(image)
+    mask = model.predict(normalize([x]))
+    p = model.patch
+    return {"prepared": list(x.shape[:2]), "tokens": -(-x.shape[0] // p) * -(-x.shape[1] // p),
             "seconds": time.perf_counter() - t0}
 
 def bilateral(h, w):
