@@ -21,6 +21,7 @@ CASES = {
     "tokencut 6000x4000": "tokencut(4000, 6000)",
     "selfmask 20000x512": "selfmask(512, 20000)",
     "bilateral_solve 10000x10000": "bilateral(10000, 10000)",
+    "bilateral_solve 10000x10000 noise": "bilateral(10000, 10000, noise=True)",
     "archive top-K merge 128k": "merge(128_000)",
     "archive top-K merge 1.28M": "merge(1_280_000)",
 }
@@ -55,14 +56,17 @@ def selfmask(h, w):
     return {"prepared": list(x.shape[:2]), "tokens": -(-x.shape[0] // p) * -(-x.shape[1] // p),
             "seconds": time.perf_counter() - t0}
 
-def bilateral(h, w):
+def bilateral(h, w, noise=False):
     """A smooth photo-like image (a real photo upsampled when voc_mini is there): a grid vertex
-    per few pixels, as in photos; i.i.d. noise would open a vertex per pixel (worst case)."""
+    per few pixels, as in photos; or i.i.d. noise, a vertex per pixel (the worst case: refused
+    at max_vertices, the peak is what it takes to find out)."""
     from pathlib import Path
     from PIL import Image
     from namedmask import ops
     photos = sorted(Path(VOC_MINI, "JPEGImages").glob("*.jpg"))
-    if photos:
+    if noise:
+        image = torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    elif photos:
         image = torch.from_numpy(__import__("numpy").asarray(Image.open(photos[0]).convert("RGB").resize((w, h), Image.BILINEAR)).copy())
     else:
         ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
@@ -70,8 +74,12 @@ def bilateral(h, w):
     target = torch.zeros(h, w)
     target[h // 4:3 * h // 4, w // 4:3 * w // 4] = 1.0
     t0 = time.perf_counter()
-    ops.bilateral_solve(image, target, backend="cpp")
-    return {"seconds": time.perf_counter() - t0}
+    try:
+        ops.bilateral_solve(image, target, backend="cpp")
+        outcome = "solved"
+    except ValueError as exc:
+        outcome = str(exc)
+    return {"seconds": time.perf_counter() - t0, "outcome": outcome[:120]}
 
 def merge(images, dim=512, categories=21, k=500, shard=4096):
     from namedmask.data.archive import stream_top_k
@@ -109,6 +117,8 @@ def run(names=None) -> list[Row]:
             continue
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         extra = {"peak RSS": f"{got['peak_rss_MiB']:.0f} MiB (process with torch imported: {got['rss_before_MiB']:.0f})"}
+        if "outcome" in got:
+            extra["outcome"] = got["outcome"]
         if "tokens" in got:
             extra["prepared"] = f"{got['prepared'][0]}x{got['prepared'][1]}, {got['tokens']} tokens"
         rows.append(Row(name, "cpu", call, got["seconds"], None, None, extra))
