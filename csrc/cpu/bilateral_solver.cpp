@@ -44,6 +44,11 @@ constexpr int64_t kSplitPixels = 1 << 20;
 constexpr int64_t kBandPixels = 1 << 16;
 constexpr int64_t kPixelGrain = 1 << 16;  // slicing chunk
 constexpr int64_t kImagesPerWorker = 8;
+// On cores idle at the time of the call (idle_helpers_for), smaller work is shared too: a
+// photo's grid bands and slicing from kIdleSplitPixels per worker (two regions per photo; the CG
+// stays on the caller: a region per iteration costs more in wake-ups than its ~10k vertices
+// take), and the photos of a batch one per task.
+constexpr int64_t kIdleSplitPixels = 1 << 16;
 
 template <typename F>
 void for_vertices(int64_t nv, int helpers, F&& f) {
@@ -337,7 +342,9 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
                  const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter,
                  double tol, float* out, bool split, int64_t index, int64_t max_vertices) {
   const int64_t pixels = h * w;
-  const int pixel_helpers = split ? helpers_for(pixels, kSplitPixels) : 0;
+  const int pixel_helpers = !split ? 0
+                            : pixels >= 2 * kSplitPixels ? helpers_for(pixels, kSplitPixels)
+                                                         : idle_helpers_for(pixels, kIdleSplitPixels);
   const std::unique_ptr<int32_t[]> vertex_of_pixel(new int32_t[pixels]);  // every entry is written: no zeroing
   Grid grid;
   try {
@@ -462,8 +469,11 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
                   c.data_ptr<float>() + start * confidence_stride, confidence_stride, batch.height[i], batch.width[i],
                   lam, max_iter, tol, out.data_ptr<float>() + start, split, i, max_vertices);
   };
-  if (across_images)
-    share_tasks(batch.size(), helpers_for(batch.size(), kImagesPerWorker), [&](int64_t i, int) { solve(i, false); });
+  if (across_images) {
+    const int helpers = batch.size() >= 2 * kImagesPerWorker ? helpers_for(batch.size(), kImagesPerWorker)
+                                                              : idle_helpers_for(batch.size(), 1);
+    share_tasks(batch.size(), helpers, [&](int64_t i, int) { solve(i, false); });
+  }
   else
     for (int64_t i = 0; i < batch.size(); ++i) solve(i, true);
   return out;
