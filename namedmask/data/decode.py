@@ -394,20 +394,23 @@ class _DaliDecoder:
         self.pipe.feed_input("encoded", encoded)
         (out,) = self.pipe.run()
         if self.device.type == "cuda":
-            images = [_dali_gpu_to_torch(out[i], self.device) for i in range(len(encoded))]
+            stream = torch.cuda.current_stream(self.device)
+            images = [_dali_gpu_to_torch(out[i], stream) for i in range(len(encoded))]
+            # DALI may reuse or free its output memory (on its own stream) once `out` is released.
+            stream.synchronize()
         else:
             out = out.as_cpu() if self.gpu else out
             images = [torch.from_numpy(np.array(out[i])) for i in range(len(encoded))]
         return [_centre_crop_chw(img, self.crop) for img in images] if self.crop else images
 
 
-def _dali_gpu_to_torch(sample, device: torch.device) -> torch.Tensor:
-    """One sample of a DALI GPU batch as a torch tensor on `device`: copied device to device on
-    torch's current stream into memory torch owns (DALI reuses its output buffers next run)."""
+def _dali_gpu_to_torch(sample, stream) -> torch.Tensor:
+    """One sample of a DALI GPU batch as a torch tensor on the stream's GPU: copied device to
+    device on torch's stream `stream` into memory torch owns."""
     from nvidia.dali.plugin.pytorch import feed_ndarray
 
-    out = torch.empty(sample.shape(), dtype=torch.uint8, device=device)
-    return feed_ndarray(sample, out, cuda_stream=torch.cuda.current_stream(device))
+    out = torch.empty(sample.shape(), dtype=torch.uint8, device=stream.device)
+    return feed_ndarray(sample, out, cuda_stream=stream)
 
 
 def _iter_dali(paths, batch_size, resize, gpu, on_error, threads, device):
