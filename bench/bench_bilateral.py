@@ -130,12 +130,13 @@ def speed_rows(photos: list) -> list[Row]:
             extra = {"vs published scipy": f"{ratio:.1f}x (median of 5 interleaved rounds)"}
             if name == "cpp batch":
                 extra["note"] = (f"one call for the {len(timed)} photos: one image per thread from 16 images, "
-                                 f"else on the calling thread")
+                                 f"else on the calling thread plus the cores idle at the time of the call")
             elif name == "cpp 1 thread":
                 each = sorted(with_threads(1, lambda: per_image(cpp, repeat=5, items=[p])) for p in timed)
                 extra["per photo"] = f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"
             else:
-                extra["note"] = "a photo below 2 M pixels runs on the calling thread (helpers only pay off above)"
+                extra["note"] = ("a photo below 2 M pixels: its grid bands and slicing shared only with cores idle at "
+                                 "the time of the call (none on a busy machine)")
             rows.append(Row("bilateral_solve", name, shape, t_cpp, t_torch / t_cpp, None, extra))
     if torch.cuda.is_available():
         gpu = [(s, x.cuda(), t.cuda(), g) for s, x, t, g in timed]

@@ -26,8 +26,11 @@ TORCH_LIBRARY(namedmask, m) {
   // Fast bilateral solver (Barron & Poole 2016) on a batch flattened into one pixel list:
   // image uint8 [P, 3] RGB, target / confidence float32 [P], sizes int64 [B, 2] = (H, W) per
   // image in order. Grid, bistochastization, PCG and slice per image; returns float32 [P].
+  // An image whose grid would hold more than max_vertices vertices is a ValueError naming it
+  // (memory bound: 2^24 by default, namedmask.ops.bilateral.MAX_VERTICES).
   m.def("bilateral_solve(Tensor image, Tensor target, Tensor confidence, Tensor sizes, float sigma_spatial, "
-        "float sigma_luma, float sigma_chroma, float lam, int max_iter, float tol) -> Tensor");
+        "float sigma_luma, float sigma_chroma, float lam, int max_iter, float tol, int max_vertices=16777216) "
+        "-> Tensor");
 }
 
 // _C is a plain extension module: importing it runs the static registrations above.

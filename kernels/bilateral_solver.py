@@ -13,8 +13,9 @@ import triton.language as tl
 
 from namedmask.kernels._device import on_input_device
 
-from namedmask.kernels.spec import (BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS, RGB_TO_YUV_E6,
-                                    YUV_OFFSET_E6, bilateral_radix)
+from namedmask.kernels.spec import (BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS,
+                                    BILATERAL_MAX_VERTICES, RGB_TO_YUV_E6, YUV_OFFSET_E6, bilateral_radix,
+                                    bilateral_vertex_cap_message)
 
 NEIGHBOURS = 2 * BILATERAL_DIMS
 CENTER = 2.0 * BILATERAL_DIMS
@@ -230,7 +231,8 @@ def _grid_keys(image, sizes, sigma_spatial, sigma_luma, sigma_chroma):
 
 
 @on_input_device
-def bilateral_solve(image, target, confidence, sizes, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol):
+def bilateral_solve(image, target, confidence, sizes, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol,
+                    max_vertices=BILATERAL_MAX_VERTICES):
     device = target.device
     pixels = image.shape[0]
     image, target, confidence = image.contiguous(), target.contiguous(), confidence.contiguous()  # may be expanded
@@ -248,6 +250,9 @@ def bilateral_solve(image, target, confidence, sizes, sigma_spatial, sigma_luma,
     nbr = torch.where(unique_keys[pos] == wanted, pos, -1).to(torch.int32).contiguous()
     vertex_of_pixel = vertex_of_pixel.to(torch.int32)
     vertex_start = torch.searchsorted(unique_keys, torch.arange(batch + 1, device=device) * image_stride).tolist()
+    for i, (h, w) in enumerate(sizes.tolist()):  # the memory bound, before the solver's buffers
+        if vertex_start[i + 1] - vertex_start[i] > max_vertices:
+            raise ValueError(bilateral_vertex_cap_message(i, h, w, max_vertices))
 
     f64 = dict(dtype=torch.float64, device=device)
     m, w, b = (torch.zeros(nv, **f64) for _ in range(3))

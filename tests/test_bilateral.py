@@ -376,3 +376,48 @@ def test_cuda_matches_reference(backend, voc_mini):
     assert_close_to_reference(ops.bilateral_solve(img.cuda(), target.cuda(), backend=backend).cpu(),
                               ops.bilateral_solve(img, target, backend="cpp" if "cpp" in ops.available_backends(
                                   "bilateral_solve", "cpu") else "torch"))
+
+
+# --- memory bound: grid vertices ------------------------------------------------------------------
+
+def _grid_vertices(img, sigma_spatial=16.0, sigma_luma=16.0, sigma_chroma=8.0):
+    from namedmask.ops.reference import bilateral_vertex_coordinates
+    coords = bilateral_vertex_coordinates(img, sigma_spatial, sigma_luma, sigma_chroma)
+    return int(torch.unique(coords, dim=0).shape[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vertex_bound_names_the_image_and_the_option(backend):
+    """An image whose grid exceeds max_vertices is one ValueError naming it (index, size) and the
+    option, in every backend; at exactly the bound it is solved as without one (same bits)."""
+    photo, target = torch.full((40, 48, 3), 90, dtype=torch.uint8), torch.rand(40, 48)  # 3 x 3 cells, 1 colour
+    constant = (torch.zeros(8, 8, 3, dtype=torch.uint8), torch.zeros(8, 8))  # never reaches the op
+    noise = torch.randint(0, 256, (64, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    noise_target = torch.zeros(64, 80)
+    noise_target[16:48, 20:60] = 1.0
+    nv = _grid_vertices(noise)
+    assert nv > 64 * 80 // 2  # i.i.d. noise: about a vertex per pixel
+    with pytest.raises(ValueError, match=r"image 2 \(64x80\) needs more than max_vertices=100 .*larger max_vertices"):
+        ops.bilateral_solve_batch([photo, constant[0], noise], [target, constant[1], noise_target], max_vertices=100,
+                                  backend=backend)
+    with pytest.raises(ValueError, match=f"max_vertices={nv - 1} "):
+        ops.bilateral_solve(noise, noise_target, max_vertices=nv - 1, backend=backend)
+    exact = ops.bilateral_solve(noise, noise_target, max_vertices=nv, backend=backend)
+    assert torch.equal(exact, ops.bilateral_solve(noise, noise_target, backend=backend))
+    for bad in (0, -1, 2 ** 31):
+        with pytest.raises(ValueError, match="max_vertices must be in"):
+            ops.bilateral_solve(photo, target, max_vertices=bad, backend=backend)
+
+
+def test_vertex_bound_in_the_raw_op():
+    _cpp_or_skip()
+    noise = torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    target = torch.zeros(32, 32)
+    target[8:24, 8:24] = 1.0
+    args = (noise.reshape(-1, 3), target.reshape(-1), torch.full((1024,), 0.999), torch.tensor([[32, 32]]),
+            16.0, 16.0, 8.0, 256.0, 25, 1e-5)
+    with pytest.raises(ValueError, match=r"image 0 \(32x32\) needs more than max_vertices=10 "):
+        torch.ops.namedmask.bilateral_solve(*args, 10)
+    with pytest.raises(ValueError, match="max_vertices must be in"):
+        torch.ops.namedmask.bilateral_solve(*args, 0)
+    assert torch.equal(torch.ops.namedmask.bilateral_solve(*args), torch.ops.namedmask.bilateral_solve(*args, 2 ** 24))

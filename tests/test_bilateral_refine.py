@@ -130,3 +130,32 @@ def test_refine_reads_its_config_and_options_win(folders):
     written = json.loads((root / "out" / "refine.json").read_text())
     assert (written["preset"], written["sigma_spatial"], written["sigma_luma"], written["sigma_chroma"],
             written["threshold"]) == ("tokencut", 16, 6, 3, 0.5)
+
+
+def test_image_over_the_memory_bound_is_listed_and_its_batch_refined(folders, monkeypatch):
+    """An image whose bilateral grid exceeds max_vertices (here lowered to what the two smaller
+    photos need) is one named failure; the other photos of its batch are still refined."""
+    import functools
+
+    from namedmask.stages import refine as refine_stage
+
+    root, pairs = folders
+    img, target = pairs["a"]  # 40x52, the largest i.i.d.-noise photo: the most vertices
+    cap = max(_vertices(pairs[s][0]) for s in ("sub/b", "c"))
+    assert _vertices(img) > cap
+    monkeypatch.setattr(refine_stage, "bilateral_solve_batch",
+                        functools.partial(refine_stage.bilateral_solve_batch, max_vertices=cap))
+    with pytest.raises(RefineError) as err:
+        refine_folder(root / "images", root / "masks", root / "out", progress=False)
+    assert "1 bad or missing" in str(err.value) and "a.png" in str(err.value) and "max_vertices" in str(err.value)
+    assert (root / "out" / "c.png").exists() and (root / "out" / "sub" / "b.png").exists()
+    assert not (root / "out" / "a.png").exists()
+
+
+def _vertices(image):
+    """The number of occupied bilateral-grid vertices of `image` under the namedmask preset."""
+    from namedmask.ops.bilateral import PRESETS
+    from namedmask.ops.reference import bilateral_vertex_coordinates
+
+    p = PRESETS["namedmask"]
+    return len(torch.unique(bilateral_vertex_coordinates(image, p.sigma_spatial, p.sigma_luma, p.sigma_chroma), dim=0))

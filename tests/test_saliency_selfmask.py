@@ -117,3 +117,33 @@ def test_decoder_layer_is_detr_post_norm():
         x = ref.norm2(x + ref.multihead_attn(x + pos, memory, memory)[0])
         x = ref.norm3(x + ref.linear2(torch.relu(ref.linear1(x))))
         torch.testing.assert_close(ours(tgt, memory, pos), x)
+
+
+def test_token_cap_lowers_the_short_side_of_elongated_images_only(caplog):
+    """Images up to 4:1 at short side 512 keep it (the ordinary resize, same pixels); a
+    20000x512 panorama is brought to <= MAX_TOKENS padded patch tokens by the documented rule
+    (short side lowered one patch at a time), and logged."""
+    from namedmask.models.saliency.common import normalize, resize_short_side
+    from namedmask.models.saliency.selfmask import MAX_TOKENS, selfmask_short_side
+
+    assert MAX_TOKENS == 16384
+    for h, w in ((375, 500), (500, 375), (512, 2048), (2048, 512), (4000, 6000)):
+        assert selfmask_short_side(h, w, 512, 8) == 512
+    assert selfmask_short_side(512, 20000, 512, 8) == 160  # 160 x 6250: 20 x 782 = 15640 tokens
+    assert selfmask_short_side(600, 4000, 512, 8) == 392
+    for h, w in ((512, 20000), (20000, 512), (600, 4000), (7, 3000)):
+        s = selfmask_short_side(h, w, 512, 8)
+        side = lambda t: -(-t // 8)  # noqa: E731
+        lo, hi = min(h, w), max(h, w)
+        assert side(s) * side(int(s * hi / lo)) <= MAX_TOKENS or s == 8
+        assert s == 512 or side(s + 8) * side(int((s + 8) * hi / lo)) > MAX_TOKENS
+
+    model = SelfMaskPredictor(tiny_selfmask(), short_side=64, max_tokens=200)
+    ordinary = torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.prepare(ordinary), resize_short_side(ordinary, 64))  # 8 x 11 = 88 tokens
+    wide = torch.randint(0, 256, (20, 400, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level("INFO", logger="namedmask.models.saliency.selfmask"):
+        prepared = model.prepare(wide)
+    assert prepared.shape[:2] == (24, 480) and "exceed 200 patch tokens" in caplog.text  # 3 x 60 tokens
+    mask = model.predict(normalize([prepared]))
+    assert mask.shape == (1, 24, 480) and mask.dtype == torch.bool

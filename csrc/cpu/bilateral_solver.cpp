@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <memory>
@@ -43,6 +44,11 @@ constexpr int64_t kSplitPixels = 1 << 20;
 constexpr int64_t kBandPixels = 1 << 16;
 constexpr int64_t kPixelGrain = 1 << 16;  // slicing chunk
 constexpr int64_t kImagesPerWorker = 8;
+// On cores idle at the time of the call (idle_helpers_for), smaller work is shared too: a
+// photo's grid bands and slicing from kIdleSplitPixels per worker (two regions per photo; the CG
+// stays on the caller: a region per iteration costs more in wake-ups than its ~10k vertices
+// take), and the photos of a batch one per task.
+constexpr int64_t kIdleSplitPixels = 1 << 16;
 
 template <typename F>
 void for_vertices(int64_t nv, int helpers, F&& f) {
@@ -184,7 +190,13 @@ struct GridInput {
   std::vector<int64_t> columns, rows;  // cell_starts of the columns and rows
   int64_t cells_x;
   int64_t max_cell_vertices;  // at most a cell's pixels, and at most the colour keys there are
+  int64_t max_vertices;       // the grid may hold at most this many (memory bound; see the op doc)
+  std::atomic<int64_t>* vertices_so_far;  // over all bands of the image
 };
+
+// Thrown (from any band) when the image's grid would exceed max_vertices; solve_image turns it
+// into the error that names the image.
+struct GridTooLarge {};
 
 // Neighbour k (odd: +1 along a dimension) of vertex u is j, -1 for none; then the -1 entry of j
 // along the same dimension is u (written to a spare row when there is no j: no branch).
@@ -243,6 +255,11 @@ Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* 
       // +1 neighbours along luma, U, V lie in this cell; this cell's vertices are the +1 x
       // neighbours of the left cell's and the +1 y neighbours of the upper cell's.
       g.first_vertex[cell + 1] = nv;
+      // The bound is checked per cell, before a cell's neighbours are stored: at most one cell
+      // of vertices beyond it is ever held, whatever the thread count.
+      const int64_t cell_vertices = nv - g.first_vertex[cell];
+      if (in.vertices_so_far->fetch_add(cell_vertices, std::memory_order_relaxed) + cell_vertices > in.max_vertices)
+        throw GridTooLarge{};
       g.neighbours.resize(int64_t(nv) * kNeighbours, -1);
       for (int32_t u = g.first_vertex[cell]; u < nv; ++u)
         for (int d = 2; d < kDims; ++d) link(g.neighbours, u, table.find(colours[u] + in.layout.stride[d]), 2 * d + 1);
@@ -266,9 +283,11 @@ Grid build_band(const GridInput& in, int64_t cy_begin, int64_t cy_end, int32_t* 
 // does not depend on the number of bands), then linked across band boundaries along y.
 Grid build_grid(const GridLayout& layout, const ColourCells& colours, const uint8_t* rgb, const float* target,
                 const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, int32_t* vertex_of_pixel,
-                int helpers) {
+                int helpers, int64_t max_vertices) {
+  std::atomic<int64_t> vertices_so_far{0};
   GridInput in{layout, rgb, target, confidence, confidence_stride, w, colours.luma, colours.chroma,
-               cell_starts(w, layout.sigma_spatial), cell_starts(h, layout.sigma_spatial), 0, 0};
+               cell_starts(w, layout.sigma_spatial), cell_starts(h, layout.sigma_spatial), 0, 0, max_vertices,
+               &vertices_so_far};
   in.cells_x = static_cast<int64_t>(in.columns.size()) - 1;
   // (stride[0], the x stride, is the number of colour keys; a huge sigma_spatial makes huge cells)
   in.max_cell_vertices = std::min(longest_run(in.columns) * longest_run(in.rows), layout.stride[0]);
@@ -321,12 +340,19 @@ Grid build_grid(const GridLayout& layout, const ColourCells& colours, const uint
 // Solves one image of h x w pixels; writes the soft output to out[h * w].
 void solve_image(const GridLayout& layout, const ColourCells& colours, const uint8_t* rgb, const float* target,
                  const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter,
-                 double tol, float* out, bool split) {
+                 double tol, float* out, bool split, int64_t index, int64_t max_vertices) {
   const int64_t pixels = h * w;
-  const int pixel_helpers = split ? helpers_for(pixels, kSplitPixels) : 0;
+  const int pixel_helpers = !split ? 0
+                            : pixels >= 2 * kSplitPixels ? helpers_for(pixels, kSplitPixels)
+                                                         : idle_helpers_for(pixels, kIdleSplitPixels);
   const std::unique_ptr<int32_t[]> vertex_of_pixel(new int32_t[pixels]);  // every entry is written: no zeroing
-  Grid grid = build_grid(layout, colours, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get(),
-                         pixel_helpers);
+  Grid grid;
+  try {
+    grid = build_grid(layout, colours, rgb, target, confidence, confidence_stride, h, w, vertex_of_pixel.get(),
+                      pixel_helpers, max_vertices);
+  } catch (const GridTooLarge&) {
+    TORCH_CHECK_VALUE(false, vertex_cap_message(index, h, w, max_vertices));
+  }
   const int64_t nv = grid.vertices;
   const int helpers = split ? helpers_for(nv, kSplitVertices) : 0;
   for (int32_t& j : grid.neighbours) j = j < 0 ? static_cast<int32_t>(nv) : j;  // the sentinel
@@ -421,8 +447,9 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
 
 at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target, const at::Tensor& confidence,
                                const at::Tensor& sizes, double sigma_spatial, double sigma_luma, double sigma_chroma,
-                               double lam, int64_t max_iter, double tol) {
+                               double lam, int64_t max_iter, double tol, int64_t max_vertices) {
   const BilateralBatch batch = check_bilateral_inputs(image, target, confidence, sizes);
+  check_max_vertices(max_vertices);
   check_bilateral_grid(batch, sigma_spatial, sigma_luma, sigma_chroma);
   const auto img = image.contiguous();
   const auto t = target.contiguous();
@@ -440,10 +467,13 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
     if (batch.height[i] * batch.width[i] > 0)
       solve_image(layout, colours, img.data_ptr<uint8_t>() + 3 * start, t.data_ptr<float>() + start,
                   c.data_ptr<float>() + start * confidence_stride, confidence_stride, batch.height[i], batch.width[i],
-                  lam, max_iter, tol, out.data_ptr<float>() + start, split);
+                  lam, max_iter, tol, out.data_ptr<float>() + start, split, i, max_vertices);
   };
-  if (across_images)
-    share_tasks(batch.size(), helpers_for(batch.size(), kImagesPerWorker), [&](int64_t i, int) { solve(i, false); });
+  if (across_images) {
+    const int helpers = batch.size() >= 2 * kImagesPerWorker ? helpers_for(batch.size(), kImagesPerWorker)
+                                                              : idle_helpers_for(batch.size(), 1);
+    share_tasks(batch.size(), helpers, [&](int64_t i, int) { solve(i, false); });
+  }
   else
     for (int64_t i = 0; i < batch.size(); ++i) solve(i, true);
   return out;

@@ -15,9 +15,12 @@
 
 #include <ATen/Parallel.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <exception>
 #include <memory>
 #include <mutex>
@@ -34,6 +37,24 @@ inline thread_local bool in_shared_tasks = false;  // nested calls run inline
 inline int helpers_for(int64_t work, int64_t min_work) {
   const int64_t wanted = work / std::max<int64_t>(1, min_work) - 1;
   return static_cast<int>(std::clamp<int64_t>(wanted, 0, at::get_num_threads() - 1));
+}
+
+// Helpers for work that pays for them only on cores nobody else is using right now: the cores
+// idle at this instant (Linux: online CPUs minus the runnable threads in /proc/loadavg, this one
+// included), capped by torch's thread count and by work / min_work - 1. 0 where that cannot be
+// read. A call costs a few us (one small read), so callers ask once per call, not per region.
+inline int idle_helpers_for(int64_t work, int64_t min_work) {
+  const int wanted = helpers_for(work, min_work);
+  if (wanted == 0) return 0;
+  std::FILE* f = std::fopen("/proc/loadavg", "r");
+  if (!f) return 0;
+  int running = 0, total = 0;
+  double a1, a5, a15;
+  const bool read = std::fscanf(f, "%lf %lf %lf %d/%d", &a1, &a5, &a15, &running, &total) == 5;
+  std::fclose(f);
+  const long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+  if (!read || running < 1 || cpus < 1) return 0;
+  return static_cast<int>(std::clamp<long>(cpus - running, 0, wanted));
 }
 
 // Runs f(task, worker) for every task in [0, tasks): worker 0 is the calling thread, 1..helpers

@@ -23,8 +23,9 @@ int bit_length(int64_t value) {
 
 at::Tensor bilateral_solve_cuda(const at::Tensor& image, const at::Tensor& target, const at::Tensor& confidence,
                                 const at::Tensor& sizes, double sigma_spatial, double sigma_luma, double sigma_chroma,
-                                double lam, int64_t max_iter, double tol) {
+                                double lam, int64_t max_iter, double tol, int64_t max_vertices) {
   const BilateralBatch shape = check_bilateral_inputs(image, target, confidence, sizes);
+  check_max_vertices(max_vertices);
   check_bilateral_grid(shape, sigma_spatial, sigma_luma, sigma_chroma);
   c10::cuda::CUDAGuard guard(image.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -70,6 +71,9 @@ at::Tensor bilateral_solve_cuda(const at::Tensor& image, const at::Tensor& targe
   // Chunks of kBilateralChunk vertices that never straddle two images.
   const auto starts = vertex_start.cpu();  // sync 2 of 2: per-image vertex ranges
   const int64_t* vs = starts.data_ptr<int64_t>();
+  for (int64_t i = 0; i < batch; ++i)  // the same bound as the CPU kernel's (checked before the solver's buffers)
+    TORCH_CHECK_VALUE(vs[i + 1] - vs[i] <= max_vertices,
+                      vertex_cap_message(i, shape.height[i], shape.width[i], max_vertices));
   std::vector<int32_t> chunk_begin, chunk_end, chunk_image, image_chunks(batch + 1, 0);
   for (int64_t i = 0; i < batch; ++i) {
     for (int64_t v = vs[i]; v < vs[i + 1]; v += kBilateralChunk) {

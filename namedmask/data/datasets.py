@@ -87,7 +87,7 @@ class LabeledSet:
     def read_label(self, item: LabeledItem) -> np.ndarray:
         """H×W class ids (uint8, int32 for ImageNet-S), ignore_index where not scored."""
         if item.label is None:
-            raise ValueError(f"{self.name}: item {item.id} has no label")
+            raise InputError(f"{self.name}: item {item.id} has no label")
         return self.label_reader(item.label, item)
 
 

@@ -11,8 +11,7 @@ Backends (`available_decoders()` says which are live and why not):
   cv2         or via OpenCV; anything else goes through the Pillow path. Decoded pixels are
               identical to Pillow's (same libjpeg-turbo, same settings); resizing is Pillow's.
   dali-cpu    NVIDIA DALI, CPU operators (device_id=None): decode + resize in DALI.
-  dali        NVIDIA DALI "mixed" decode (nvJPEG) + resize on the GPU; needs a GPU. Batches
-              are copied back to host memory (the contract's CPU tensors).
+  dali        NVIDIA DALI "mixed" decode (nvJPEG) + resize on the GPU; needs a GPU.
               For both, the centre crop is a torch slice rounded like torchvision's CenterCrop.
 "auto" picks the fastest live backend (DALI on a GPU, else the CPU order measured by
 bench/bench_decode.py) and logs the choice once.
@@ -24,6 +23,12 @@ BMP files: difference 0); 16-bit PNGs differ by <= 1 level (DALI scales by 255/6
 the top byte). DALI resamples with its own kernel: on the pool, Resize(224, 224) bicubic gives
 a mean |DALI - Pillow| of 0.14 level (worst image 0.19, worst pixel 13); 336 bicubic 0.16
 (0.23); 224 bilinear 0.13 (0.18). tests/test_decode.py holds DALI to <= 0.5 per image.
+
+Where batches land (`device=`): by default every backend returns CPU tensors (the contract
+the CPU stages use). A stage computing on a GPU passes its device instead: "dali" then hands
+its GPU output to torch on that device (a device-to-device copy into memory torch owns, no
+trip through host memory), and the CPU backends copy each decoded batch there once, from
+pinned memory. Pixels do not depend on `device`.
 
 CPU decoding runs in a thread pool (Pillow, OpenCV and simplejpeg release the GIL), with
 the next batches decoded while the caller works on the current one."""
@@ -46,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from namedmask.errors import NamedMaskError
+from namedmask.errors import InputError, NamedMaskError
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +76,9 @@ class Resize:
 
     def __post_init__(self):
         if self.interpolation not in ("bicubic", "bilinear"):
-            raise ValueError(f"Resize.interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
+            raise InputError(f"Resize.interpolation must be 'bicubic' or 'bilinear', got {self.interpolation!r}")
         if self.short_side < 1 or (self.crop is not None and self.crop < 1):
-            raise ValueError(f"Resize sizes must be >= 1, got short_side={self.short_side}, crop={self.crop}")
+            raise InputError(f"Resize sizes must be >= 1, got short_side={self.short_side}, crop={self.crop}")
 
     def output_size(self, width: int, height: int) -> tuple:
         """(width, height) after the short-side resize, before the crop."""
@@ -85,7 +90,8 @@ class Resize:
 class ImageBatch:
     indices: list                   # positions in the input path list of the decoded images
     paths: list                     # their paths
-    images: object                  # uint8 [B, 3, H, W] tensor with a Resize, else a list of [H, W, 3]
+    images: object                  # uint8 [B, 3, H, W] tensor with a Resize, else a list of [H, W, 3],
+    #                                 on the device asked for (the CPU by default)
     failed: list = field(default_factory=list)  # (path, reason) of files that could not be decoded
 
 
@@ -117,7 +123,7 @@ def why_not(backend: str) -> str | None:
         if not torch.cuda.is_available():
             return "needs a CUDA device"
         return _import_error("nvidia.dali", "nvidia-dali-cuda130")
-    raise ValueError(f"unknown decode backend {backend!r}; one of {BACKENDS} or 'auto'")
+    raise InputError(f"unknown decode backend {backend!r}; one of {BACKENDS} or 'auto'")
 
 
 def available_decoders() -> dict:
@@ -229,7 +235,7 @@ def _decode_cpu(path, backend: str = "pil") -> np.ndarray | Image.Image:
 def load_image(path: str | Path, backend: str = "pil") -> torch.Tensor:
     """uint8 RGB tensor [H, W, 3] (CPU decoders: "pil", "simplejpeg", "cv2" - same pixels)."""
     if backend not in _FAST_JPEG and backend != "pil":
-        raise ValueError(f"load_image decodes on CPU: backend 'pil', 'simplejpeg' or 'cv2', got {backend!r}")
+        raise InputError(f"load_image decodes on CPU: backend 'pil', 'simplejpeg' or 'cv2', got {backend!r}")
     return _as_tensor(_decode_cpu(path, backend))
 
 
@@ -259,10 +265,11 @@ def _crop_origin(width: int, height: int, crop: int) -> tuple:
 
 
 def _centre_crop_chw(img: torch.Tensor, crop: int) -> torch.Tensor:
-    """The same centred crop as resize_crop on a [3, H, W] tensor (zero padding if smaller)."""
+    """The same centred crop as resize_crop on a [3, H, W] tensor (zero padding if smaller),
+    on the tensor's device."""
     _, h, w = img.shape
     left, top = _crop_origin(w, h, crop)
-    out = torch.zeros(img.shape[0], crop, crop, dtype=img.dtype)
+    out = torch.zeros(img.shape[0], crop, crop, dtype=img.dtype, device=img.device)
     y0, x0 = max(top, 0), max(left, 0)
     y1, x1 = min(top + crop, h), min(left + crop, w)
     out[:, y0 - top:y1 - top, x0 - left:x1 - left] = img[:, y0:y1, x0:x1]
@@ -278,11 +285,25 @@ def _decode_task(path, backend: str, resize: Resize | None):
     return (_as_tensor(img) if resize is None else resize_crop(img, resize)), None
 
 
-def _stack(images: list, resize: Resize) -> torch.Tensor:
+def _stack(images: list, resize: Resize, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     if images:
         return torch.stack(images)
     c = resize.crop or 0
-    return torch.zeros(0, 3, c, c, dtype=torch.uint8)
+    return torch.zeros(0, 3, c, c, dtype=torch.uint8, device=device)
+
+
+def _to_device(images, device: torch.device):
+    """A decoded batch (a tensor or a list of them) moved to `device`: one copy per batch, from
+    pinned memory to a GPU (asynchronous: the decoding of the next batch overlaps it; torch's
+    pinned allocator keeps the source alive until the copy is done). Tensors already there are
+    returned as they are."""
+    if isinstance(images, list):
+        return [_to_device(img, device) for img in images]
+    if images.device == device:
+        return images
+    if device.type == "cuda" and images.device.type == "cpu":
+        return images.pin_memory().to(device, non_blocking=True)
+    return images.to(device)
 
 
 def decode_threads() -> int:
@@ -293,19 +314,19 @@ def decode_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _iter_cpu(paths, batch_size, resize, backend, on_error, threads, prefetch_batches=2):
+def _iter_cpu(paths, batch_size, resize, backend, on_error, threads, device, prefetch_batches=2):
     threads = threads or decode_threads()
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="decode") as pool:
         pending: deque = deque()
         try:
             yield from _ordered_batches(paths, batch_size, resize, backend, on_error, pool, pending,
-                                        batch_size * (1 + prefetch_batches))
+                                        batch_size * (1 + prefetch_batches), device)
         finally:  # a consumer that stops early (or an error) must not wait for the look-ahead
             for future in pending:
                 future.cancel()
 
 
-def _ordered_batches(paths, batch_size, resize, backend, on_error, pool, pending, limit):
+def _ordered_batches(paths, batch_size, resize, backend, on_error, pool, pending, limit, device):
     """Batches in input order; keeps up to `limit` images decoding ahead of the consumer."""
     next_i = 0
     for start in range(0, len(paths), batch_size):
@@ -327,6 +348,7 @@ def _ordered_batches(paths, batch_size, resize, backend, on_error, pool, pending
             batch.images.append(image)
         if resize is not None:
             batch.images = _stack(batch.images, resize)
+        batch.images = _to_device(batch.images, device)
         yield batch
 
 
@@ -338,10 +360,13 @@ class _DaliDecoder:
     resized (short side, antialiased) and centre-cropped to CHW. device="gpu" decodes with
     nvJPEG ("mixed") and resamples on the GPU."""
 
-    def __init__(self, batch_size: int, resize: Resize | None, gpu: bool, threads: int):
+    def __init__(self, batch_size: int, resize: Resize | None, gpu: bool, threads: int,
+                 device: torch.device = torch.device("cpu")):
         from nvidia.dali import fn, pipeline_def, types
 
-        device_id = torch.cuda.current_device() if gpu else None
+        # A GPU pipeline decodes on the GPU the batches are wanted on (else the current one).
+        device_id = (device.index if device.type == "cuda" and device.index is not None
+                     else torch.cuda.current_device()) if gpu else None
         interp = types.INTERP_CUBIC if resize and resize.interpolation == "bicubic" else types.INTERP_LINEAR
 
         @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, prefetch_queue_depth=1,
@@ -358,23 +383,39 @@ class _DaliDecoder:
             return img
 
         self.gpu = gpu
+        # GPU output handed to torch on its GPU, unless the caller wants host tensors.
+        self.device = torch.device("cuda", device_id) if gpu and device.type == "cuda" else torch.device("cpu")
         self.crop = resize.crop if resize else None
         self.pipe = pipeline()
         self.pipe.build()
 
     def __call__(self, encoded: list) -> list:
-        """Tensors (CPU) for the encoded images, in order; raises if any fails to decode."""
+        """Tensors for the encoded images, in order, on self.device; raises if any fails to decode."""
         self.pipe.feed_input("encoded", encoded)
         (out,) = self.pipe.run()
-        if self.gpu:
-            out = out.as_cpu()
-        images = [torch.from_numpy(np.array(out[i])) for i in range(len(encoded))]
+        if self.device.type == "cuda":
+            stream = torch.cuda.current_stream(self.device)
+            images = [_dali_gpu_to_torch(out[i], stream) for i in range(len(encoded))]
+            # DALI may reuse or free its output memory (on its own stream) once `out` is released.
+            stream.synchronize()
+        else:
+            out = out.as_cpu() if self.gpu else out
+            images = [torch.from_numpy(np.array(out[i])) for i in range(len(encoded))]
         return [_centre_crop_chw(img, self.crop) for img in images] if self.crop else images
 
 
-def _iter_dali(paths, batch_size, resize, gpu, on_error, threads):
+def _dali_gpu_to_torch(sample, stream) -> torch.Tensor:
+    """One sample of a DALI GPU batch as a torch tensor on the stream's GPU: copied device to
+    device on torch's stream `stream` into memory torch owns."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    out = torch.empty(sample.shape(), dtype=torch.uint8, device=stream.device)
+    return feed_ndarray(sample, out, cuda_stream=stream)
+
+
+def _iter_dali(paths, batch_size, resize, gpu, on_error, threads, device):
     threads = threads or decode_threads()
-    decoder = _DaliDecoder(batch_size, resize, gpu, threads)
+    decoder = _DaliDecoder(batch_size, resize, gpu, threads, device)
     name = "dali" if gpu else "dali-cpu"
     for start in range(0, len(paths), batch_size):
         failed = {}                             # index -> reason
@@ -396,7 +437,7 @@ def _iter_dali(paths, batch_size, resize, gpu, on_error, threads):
             images = dict(zip(good, decoder(encoded))) if good else {}
         except Exception as exc:  # DALI fails a whole batch; find the culprits one by one
             log.debug("%s failed on a batch (%s); decoding its images one at a time", name, exc)
-            decoder = _DaliDecoder(batch_size, resize, gpu, threads)
+            decoder = _DaliDecoder(batch_size, resize, gpu, threads, device)
             for k, i in enumerate(good):
                 try:
                     _decode_cpu(paths[i], "pil")  # proves the file is broken, with a clear reason
@@ -409,33 +450,37 @@ def _iter_dali(paths, batch_size, resize, gpu, on_error, threads):
                     images[i] = decoder([encoded[k]])[0]
                 except Exception as dali_exc:  # Pillow reads it, DALI does not: say so, use Pillow
                     log.warning("%s cannot decode %s (%s); decoded with Pillow", name, paths[i], dali_exc)
-                    decoder = _DaliDecoder(batch_size, resize, gpu, threads)
-                    images[i] = _decode_task(paths[i], "pil", resize)[0]
+                    decoder = _DaliDecoder(batch_size, resize, gpu, threads, device)
+                    images[i] = _decode_task(paths[i], "pil", resize)[0].to(decoder.device)
         for i, reason in failed.items():
             log.warning("skipping %s", reason)
         batch = ImageBatch(sorted(images), [paths[i] for i in sorted(images)], [images[i] for i in sorted(images)],
                            [(paths[i], failed[i]) for i in sorted(failed)])
         if resize is not None:
-            batch.images = _stack(batch.images, resize)
+            batch.images = _stack(batch.images, resize, decoder.device)
+        batch.images = _to_device(batch.images, device)  # no-op unless DALI decoded elsewhere
         yield batch
 
 
 # ---------------------------------------------------------------------------------------------
 
 def iter_image_batches(paths: Sequence, batch_size: int, *, resize: Resize | None = None, backend: str = "auto",
-                       on_error: str = "raise", threads: int | None = None) -> Iterator[ImageBatch]:
+                       on_error: str = "raise", threads: int | None = None,
+                       device: str | torch.device | None = None) -> Iterator[ImageBatch]:
     """Decodes `paths` in order, `batch_size` at a time. on_error="skip" logs undecodable
     files and lists them in ImageBatch.failed instead of raising (callers must report them).
-    `threads`: decoding threads (default: decode_threads())."""
+    `threads`: decoding threads (default: decode_threads()). `device`: where the images are
+    returned (default the CPU; a GPU stage passes its own device, see the module notes)."""
     if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        raise InputError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     paths = list(paths)
+    device = torch.device(device if device is not None else "cpu")
     backend = resolve_backend(backend)
     if backend in ("dali", "dali-cpu"):
-        return _iter_dali(paths, batch_size, resize, backend == "dali", on_error, threads)
-    return _iter_cpu(paths, batch_size, resize, backend, on_error, threads)
+        return _iter_dali(paths, batch_size, resize, backend == "dali", on_error, threads, device)
+    return _iter_cpu(paths, batch_size, resize, backend, on_error, threads, device)
 
 
 def load_images(paths: Sequence, resize: Resize | None = None, backend: str = "auto", batch_size: int = 64):

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 
 from namedmask import io
 from namedmask.data.categories import voc_palette
+from namedmask.errors import InputError
 
 SIZE = 96
 
@@ -246,7 +247,7 @@ def write_world(root: str | Path, seed: int = 0, size: str = "full", progress: b
     if done.exists():
         old = json.loads(done.read_text())
         if old != spec:
-            raise ValueError(f"{root}: holds a toy world of seed {old.get('seed')}/{old.get('size')}, not "
+            raise InputError(f"{root}: holds a toy world of seed {old.get('seed')}/{old.get('size')}, not "
                              f"{seed}/{size}; use another --out folder")
         return root
     n = SIZES[size]

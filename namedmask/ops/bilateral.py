@@ -7,15 +7,22 @@ namedmask/ops/reference.py. This module validates inputs, resolves presets and p
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from namedmask.kernels.spec import bilateral_radix
+from namedmask.errors import InputError
+from namedmask.kernels.spec import BILATERAL_MAX_VERTICES, bilateral_radix
 from namedmask.ops.registry import register_op, select
 
 DEFAULT_CONFIDENCE = 0.999  # NamedMask / TokenCut: uniform confidence
+# Memory bound: the solver keeps ~200 bytes per grid vertex (CPU). A photo opens a vertex per 10-30
+# pixels, so ordinary images are far below this; colours as varied as i.i.d. noise open one per
+# pixel (a 10k x 10k noise image: 1e8 vertices, > 15 GiB). An image whose grid would exceed
+# max_vertices is a ValueError naming it; no backend coarsens the grid on its own.
+MAX_VERTICES = BILATERAL_MAX_VERTICES  # 2^24: ~3.5 GiB of solver state at most
 _KEY_LIMIT = 2 ** 62        # grid keys are int64; keep a factor 2 of headroom
 
 
@@ -42,6 +49,15 @@ PRESETS = {
 
 
 register_op("bilateral_solve", "bilateral_solver")
+
+
+class GridTooLargeError(InputError):
+    """One image of a batch would need more than max_vertices grid vertices (the memory bound).
+    `index` is its position in the caller's list, so a stage can name the file and go on."""
+
+    def __init__(self, message: str, index: int):
+        super().__init__(message)
+        self.index = index
 
 
 def resolve_params(preset: str = "namedmask", sigma_spatial: float | None = None, sigma_luma: float | None = None,
@@ -114,7 +130,7 @@ def _flat_cat(tensors: list) -> torch.Tensor:
 def bilateral_solve_batch(images: list, targets: list, confidences: list | None = None, *, preset: str = "namedmask",
                           sigma_spatial: float | None = None, sigma_luma: float | None = None,
                           sigma_chroma: float | None = None, lam: float | None = None, max_iter: int = 25,
-                          tol: float = 1e-5, backend: str = "auto") -> list:
+                          tol: float = 1e-5, backend: str = "auto", max_vertices: int = MAX_VERTICES) -> list:
     """bilateral_solve on many images of different sizes in one native call (one launch
     sequence on GPU). Returns a list of float32 [H_i, W_i] soft outputs."""
     if len(images) != len(targets) or (confidences is not None and len(confidences) != len(images)):
@@ -123,6 +139,8 @@ def bilateral_solve_batch(images: list, targets: list, confidences: list | None 
     params = resolve_params(preset, sigma_spatial, sigma_luma, sigma_chroma, lam)
     if int(max_iter) < 0 or not tol >= 0:
         raise ValueError(f"bilateral_solve: max_iter must be >= 0 and tol >= 0, got {max_iter} and {tol}")
+    if not 1 <= int(max_vertices) < 2 ** 31:
+        raise ValueError(f"bilateral_solve: max_vertices must be in [1, 2^31), got {max_vertices}")
     confidences = confidences if confidences is not None else [None] * len(images)
     constant = [_check_pair(i if len(images) > 1 else -1, img, t, c)
                 for i, (img, t, c) in enumerate(zip(images, targets, confidences))]
@@ -151,8 +169,15 @@ def bilateral_solve_batch(images: list, targets: list, confidences: list | None 
                                    else torch.full(targets[i].shape, DEFAULT_CONFIDENCE, device=device)
                                    for i in todo])
         _, impl = select("bilateral_solve", backend, device)
-        flat = impl(flat_image, flat_target, flat_conf, sizes.to(device), params.sigma_spatial, params.sigma_luma,
-                    params.sigma_chroma, params.lam, int(max_iter), float(tol))
+        try:
+            flat = impl(flat_image, flat_target, flat_conf, sizes.to(device), params.sigma_spatial, params.sigma_luma,
+                        params.sigma_chroma, params.lam, int(max_iter), float(tol), int(max_vertices))
+        except ValueError as exc:  # the op numbers the images it was given: name the caller's image
+            named = re.match(r"bilateral_solve: image (\d+) ", str(exc))
+            if named is None:
+                raise
+            index = todo[int(named.group(1))]
+            raise GridTooLargeError(f"bilateral_solve: image {index} " + str(exc)[named.end():], index) from None
         for i, out in zip(todo, torch.split(flat, [targets[i].numel() for i in todo])):
             outputs[i] = out.reshape(targets[i].shape)
     return outputs
@@ -161,16 +186,18 @@ def bilateral_solve_batch(images: list, targets: list, confidences: list | None 
 def bilateral_solve(image: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor | None = None, *,
                     preset: str = "namedmask", sigma_spatial: float | None = None, sigma_luma: float | None = None,
                     sigma_chroma: float | None = None, lam: float | None = None, max_iter: int = 25,
-                    tol: float = 1e-5, backend: str = "auto") -> torch.Tensor:
+                    tol: float = 1e-5, backend: str = "auto", max_vertices: int = MAX_VERTICES) -> torch.Tensor:
     """Refines `target` (float [H, W] in [0, 1]) along the edges of `image` (uint8 [H, W, 3] RGB).
 
     confidence: float [H, W] >= 0, or None for 0.999 everywhere (as NamedMask). preset is one of
     PRESETS ("namedmask" 16/16/8 λ=256, "tokencut" 16/16/8 λ=256 as TokenCut runs it, "tuned"); explicitly given
     sigma_* / lam override it. Returns the solver's soft output, float32 [H, W]; threshold it at
-    0.5 for a mask. A constant target (all 0 or all 1) is returned unchanged."""
+    0.5 for a mask. A constant target (all 0 or all 1) is returned unchanged. An image whose
+    bilateral grid would hold more than max_vertices vertices (see MAX_VERTICES) is a
+    GridTooLargeError (an InputError, so a ValueError)."""
     return bilateral_solve_batch([image], [target], None if confidence is None else [confidence], preset=preset,
                                  sigma_spatial=sigma_spatial, sigma_luma=sigma_luma, sigma_chroma=sigma_chroma,
-                                 lam=lam, max_iter=max_iter, tol=tol, backend=backend)[0]
+                                 lam=lam, max_iter=max_iter, tol=tol, backend=backend, max_vertices=max_vertices)[0]
 
 
 def _check_key_range(sizes: torch.Tensor, params: BilateralParams) -> None:

@@ -21,7 +21,8 @@ def _register() -> None:
                 torch.empty_like(labels, memory_format=torch.contiguous_format))
 
     @torch.library.register_fake("namedmask::bilateral_solve")
-    def _(image, target, confidence, sizes, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol):
+    def _(image, target, confidence, sizes, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol,
+          max_vertices=1 << 24):
         return target.new_empty((target.shape[0],))
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from namedmask.kernels.spec import (BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS, RGB_TO_YUV_E6,  # noqa: F401
-                                    YUV_OFFSET_E6)
+from namedmask.kernels.spec import (BILATERAL_BISTOCHASTIC_STEPS, BILATERAL_DIAG_MIN, BILATERAL_DIMS,  # noqa: F401
+                                    BILATERAL_MAX_VERTICES, RGB_TO_YUV_E6, YUV_OFFSET_E6,
+                                    bilateral_vertex_cap_message)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int) -> torch.Tensor:
@@ -136,8 +137,11 @@ class _BilateralGrid:
         return out
 
 
-def _bilateral_solve_one(image, target, confidence, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol):
+def _bilateral_solve_one(image, target, confidence, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol,
+                         index=0, max_vertices=BILATERAL_MAX_VERTICES):
     grid = _BilateralGrid(bilateral_vertex_coordinates(image, sigma_spatial, sigma_luma, sigma_chroma))
+    if grid.num_vertices > max_vertices:
+        raise ValueError(bilateral_vertex_cap_message(index, image.shape[0], image.shape[1], max_vertices))
     # Bistochastization: n such that n * B n ≈ m (pixels per vertex); then m made exact.
     m = grid.splat(torch.ones(target.numel()))
     n = torch.ones_like(m)
@@ -177,16 +181,17 @@ def _bilateral_solve_one(image, target, confidence, sigma_spatial, sigma_luma, s
 
 def bilateral_solve(image: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor, sizes: torch.Tensor,
                     sigma_spatial: float, sigma_luma: float, sigma_chroma: float, lam: float, max_iter: int,
-                    tol: float) -> torch.Tensor:
+                    tol: float, max_vertices: int = BILATERAL_MAX_VERTICES) -> torch.Tensor:
     """float32 [P]: the solver's soft output for every pixel of a flattened batch.
 
     image uint8 [P, 3] RGB, target and confidence float32 [P], sizes int64 [B, 2] (H, W) with
-    sum(H * W) == P. Images are solved independently."""
+    sum(H * W) == P. Images are solved independently. An image whose grid has more than
+    max_vertices vertices is a ValueError naming it (the memory bound)."""
     out, start = [], 0
-    for h, w in sizes.tolist():
+    for i, (h, w) in enumerate(sizes.tolist()):
         end = start + h * w
         out.append(_bilateral_solve_one(image[start:end].reshape(h, w, 3).cpu(), target[start:end].cpu(),
                                         confidence[start:end].cpu(), sigma_spatial, sigma_luma, sigma_chroma,
-                                        lam, max_iter, tol))
+                                        lam, max_iter, tol, i, max_vertices))
         start = end
     return torch.cat(out).to(target.device) if out else torch.zeros(0, dtype=torch.float32, device=target.device)

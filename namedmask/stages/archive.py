@@ -40,7 +40,7 @@ from namedmask.data.archive import Archive, merge_top_k, similarity
 from namedmask.data.datasets import DatasetError, list_pool_images
 from namedmask.data.categories import CategorySet, get_category_set
 from namedmask.data.decode import Resize, iter_image_batches
-from namedmask.errors import NamedMaskError
+from namedmask.errors import InputError, NamedMaskError
 from namedmask.models.clip import Clip, load_clip
 from namedmask.models.prompts import get_templates
 from namedmask.runtime import init_distributed, resolve_device
@@ -102,7 +102,7 @@ def _categories_with_synonyms(categories: str, synonyms_file: str | None) -> Cat
     extra = get_category_set(synonyms_file)
     unknown = [n for n in extra.synonyms if n not in cats.names]
     if unknown:
-        raise ValueError(f"{synonyms_file}: synonyms for categories not in {categories!r}: {unknown}")
+        raise InputError(f"{synonyms_file}: synonyms for categories not in {categories!r}: {unknown}")
     return dataclasses.replace(cats, synonyms={**cats.synonyms, **extra.synonyms})
 
 
@@ -168,7 +168,8 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
         chunk = [root / p for p in paths[first:first + size]]
         position = {str(p): first + i for i, p in enumerate(chunk)}
         embeddings, indices, failed = [], [], []
-        for batch in iter_image_batches(chunk, config.batch_size, resize=resize, on_error="skip"):
+        # Batches arrive on CLIP's device (on a GPU, DALI's output stays there): no host round trip.
+        for batch in iter_image_batches(chunk, config.batch_size, resize=resize, on_error="skip", device=clip.device):
             if batch.indices:
                 embeddings.append(clip.encode_images(batch.images).half().cpu())
             indices += [first + i for i in batch.indices]

@@ -28,7 +28,7 @@ from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
 from namedmask.errors import InputError, NamedMaskError
-from namedmask.ops.bilateral import bilateral_solve_batch, resolve_params
+from namedmask.ops.bilateral import GridTooLargeError, bilateral_solve_batch, resolve_params
 from namedmask.runtime import check_backend
 
 log = logging.getLogger(__name__)
@@ -135,10 +135,17 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
                 bar.update(1)
         if not batch:
             continue
-        outputs = bilateral_solve_batch([b[1] for b in batch], [b[2] for b in batch], preset=preset,
-                                        sigma_spatial=params.sigma_spatial, sigma_luma=params.sigma_luma,
-                                        sigma_chroma=params.sigma_chroma, lam=params.lam, backend=backend)
-        for (stem, _, _), soft in zip(batch, outputs):
+        while batch:  # an image over the solver's memory bound is listed, the rest of its batch solved
+            try:
+                outputs = bilateral_solve_batch([b[1] for b in batch], [b[2] for b in batch], preset=preset,
+                                                sigma_spatial=params.sigma_spatial, sigma_luma=params.sigma_luma,
+                                                sigma_chroma=params.sigma_chroma, lam=params.lam, backend=backend)
+                break
+            except GridTooLargeError as exc:
+                stem = batch.pop(exc.index)[0]
+                report.failed.append((stem, f"{images[stem]}: {exc}"))
+                bar.update(1)
+        for (stem, _, _), soft in zip(batch, outputs if batch else []):
             io.save_png(io.inside(out_dir, f"{stem}.png"), (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
             report.refined += 1
             bar.update(1)

@@ -5,6 +5,11 @@ keys, or SelfMask), refined by the bilateral solver at that resolution (threshol
 upsampled (nearest) to its native size and written as a 0/1 PNG in the pseudo-mask folder
 schema of namedmask.data.pseudo_masks. Images of equal prepared size share a forward pass.
 
+Device: images are decoded onto the stage's device and stay there (on a GPU: DALI decode,
+torch resize, model, bilateral solver's CUDA backend, upsampling); only the finished native
+mask is copied to the host, to be written. The GPU resize computes PIL's pixels
+(models/saliency/common.resize_tensor); DALI's decoding is described in data/decode.py.
+
 Resumable: an image whose mask file exists is not recomputed (a mask written just before
 an interruption is picked up from disk); the manifest is rewritten atomically every
 `manifest_every_s` seconds, at the end and on Ctrl-C. Undecodable or failing images are logged and listed under "failed" (retried on the
@@ -194,7 +199,7 @@ def _run(config: SaliencyConfig, archive: Archive, refine, out: Path) -> Salienc
         flushed = time.monotonic()
         try:
             with tqdm(total=len(todo), desc=f"saliency ({config.method})", unit="img") as bar:
-                for batch in iter_image_batches(paths, config.batch_size, on_error="skip"):
+                for batch in iter_image_batches(paths, config.batch_size, on_error="skip", device=config.device):
                     for path, reason in batch.failed:
                         failed.append(_failure(Path(path).relative_to(archive.pool_root).as_posix(), reason))
                     rels = [todo[i] for i in batch.indices]
@@ -250,14 +255,15 @@ def _failure(rel: str, reason: str) -> dict:
 
 
 def _predict_batch(model, refine, rels: list, images: list, device: str):
-    """Yields (relpath, native-resolution uint8 0/1 mask or None, failure reason)."""
+    """Yields (relpath, native-resolution uint8 0/1 mask or None, failure reason). The images
+    stay on their device until the native mask, which is copied to the host once."""
     prepared = [model.prepare(img) for img in images]
     groups = {}
     for i, p in enumerate(prepared):
         groups.setdefault(tuple(p.shape), []).append(i)
     for members in groups.values():
         try:
-            low = model.predict(normalize([prepared[i] for i in members], device)).cpu()
+            low = model.predict(normalize([prepared[i] for i in members], device))
         except Exception as exc:  # one bad group must not end a 500k-image run; it is listed
             for i in members:
                 yield rels[i], None, f"{type(exc).__name__}: {exc}"
@@ -267,7 +273,7 @@ def _predict_batch(model, refine, rels: list, images: list, device: str):
                 if refine is not None:
                     mask = refine(prepared[i], mask)
                 native = F.interpolate(mask[None, None].to(torch.uint8), size=images[i].shape[:2], mode="nearest")
-                yield rels[i], native[0, 0].numpy(), None
+                yield rels[i], native[0, 0].cpu().numpy(), None
             except Exception as exc:
                 yield rels[i], None, f"{type(exc).__name__}: {exc}"
 

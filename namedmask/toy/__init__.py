@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from namedmask import io
+from namedmask.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def saliency_settings(root: Path, backbone: str = "clip_tower") -> dict:
     if backbone == "clip_tower":
         return {"dino": CLIP_TOWER_VIT, "dino_weights": str(root / "clip_tower" / "dino_layout.pth"),
                 "vit_kwargs": dict(CLIP_TOWER_KWARGS)}
-    raise ValueError(f"backbone must be dino or clip_tower, got {backbone!r}")
+    raise InputError(f"backbone must be dino or clip_tower, got {backbone!r}")
 
 
 def write_run_config(root: Path) -> Path:

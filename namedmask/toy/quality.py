@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from namedmask.data.toyworld import CATEGORIES, NAMED
+from namedmask.errors import InputError
 
 
 def _pool_label(world: Path, rel: str) -> np.ndarray:
@@ -117,7 +118,7 @@ def zero_shot_accuracy(model: str, pretrained: str, eval_folder: str | Path, tem
         correct += pred == ids[0]
         total += 1
     if not total:
-        raise ValueError(f"{eval_folder}: no single-object images to score")
+        raise InputError(f"{eval_folder}: no single-object images to score")
     return correct / total
 
 

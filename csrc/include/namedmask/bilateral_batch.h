@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace namedmask {
@@ -58,6 +59,20 @@ inline void check_bilateral_grid(const BilateralBatch& batch, double sigma_spati
                       std::pow(std::floor(255.5 / sigma_chroma) + 3, 2);
   TORCH_CHECK(span < 4.6e18, "bilateral_solve: the bilateral grid of ", batch.size(), " image(s) up to ", batch.max_h,
               "x", batch.max_w, " has too many cells for 64-bit keys; use larger sigmas or fewer images per call");
+}
+
+// Every backend's error when an image's grid would exceed max_vertices (namedmask.ops documents
+// the bound): one line naming the image and the option to change.
+inline std::string vertex_cap_message(int64_t index, int64_t h, int64_t w, int64_t max_vertices) {
+  return "bilateral_solve: image " + std::to_string(index) + " (" + std::to_string(h) + "x" + std::to_string(w) +
+         ") needs more than max_vertices=" + std::to_string(max_vertices) +
+         " bilateral-grid vertices (colours as varied as i.i.d. noise open a vertex per pixel; the solver needs "
+         "~200 bytes per vertex); pass a larger max_vertices or larger sigmas";
+}
+
+inline void check_max_vertices(int64_t max_vertices) {
+  TORCH_CHECK_VALUE(max_vertices >= 1 && max_vertices < (int64_t(1) << 31),
+                    "bilateral_solve: max_vertices must be in [1, 2^31), got ", max_vertices);
 }
 
 }  // namespace namedmask

@@ -9,6 +9,13 @@ per query. Inference: short side 512, pad right/bottom to a multiple of the patc
 upsample the mask probabilities x4 (bilinear), crop the padding, take the query with the
 largest objectness, threshold at 0.5.
 
+Bounded cost on very elongated images: the ViT's attention costs time (and, without a fused
+kernel, memory) quadratic in the patch tokens, and a 20000x512 panorama at short side 512 has
+64 x 2500 = 160k tokens (hours on a CPU). So the tokens are capped at `max_tokens` (default
+16384: images up to 4:1 at short side 512 are unaffected): when the short-side resize would give
+more (padded grid), the short side is lowered one patch at a time until it gives at most that
+(`selfmask_short_side`; 20000x512 -> short side 160, 20 x 782 = 15640 tokens), and logged.
+
 Parameter names follow the official code, so its checkpoint (`{"model": state_dict}`,
 e.g. selfmask_nq20.pt) loads strictly: encoder.* (DINO ViT layout), decoder.layers.N.
 {self_attn, multihead_attn, linear1, linear2, norm1..3}, decoder.norm, query_embed, ffn.layers.N.
@@ -23,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from namedmask.models.dino import DinoWeightsError, build_vit, forward_tokens, patch_size, read_checkpoint
-from namedmask.models.saliency.common import resize_short_side
+from namedmask.models.saliency.common import resize_short_side, short_side_size
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +121,36 @@ def select_masks(masks: torch.Tensor, objectness: torch.Tensor, padded: tuple, s
     return chosen[:, 0, :size[0], :size[1]] > threshold
 
 
+MAX_TOKENS = 16384
+
+
+def selfmask_short_side(height: int, width: int, short_side: int, patch: int, max_tokens: int = MAX_TOKENS) -> int:
+    """The short side to resize to: `short_side`, lowered one patch at a time while the padded
+    patch grid of the resized image would hold more than max_tokens tokens."""
+    def tokens(s: int) -> int:
+        h, w = short_side_size(height, width, s)
+        return -(-h // patch) * -(-w // patch)
+
+    s = short_side
+    while s > patch and tokens(s) > max_tokens:
+        s -= patch
+    return s
+
+
 class SelfMaskPredictor:
     """The saliency-model face of SelfMask (see common.SaliencyModel)."""
     name = "selfmask"
 
-    def __init__(self, model: SelfMask, short_side: int = 512):
-        self.model, self.short_side = model.eval(), short_side
+    def __init__(self, model: SelfMask, short_side: int = 512, max_tokens: int = MAX_TOKENS):
+        self.model, self.short_side, self.max_tokens = model.eval(), short_side, max_tokens
         self.patch = patch_size(model.encoder)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        return resize_short_side(image, self.short_side)
+        side = selfmask_short_side(image.shape[0], image.shape[1], self.short_side, self.patch, self.max_tokens)
+        if side != self.short_side:
+            log.info("SelfMask: a %dx%d image at short side %d would exceed %d patch tokens; short side %d",
+                     image.shape[1], image.shape[0], self.short_side, self.max_tokens, side)
+        return resize_short_side(image, side)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:

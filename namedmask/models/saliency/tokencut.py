@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
+from namedmask.errors import InputError
 from namedmask.models.dino import last_layer_keys, patch_size
 from namedmask.models.saliency.common import resize_short_side
 
@@ -61,10 +62,10 @@ def fiedler_vector(features: torch.Tensor, tau: float = 0.2, eps: float = 1e-5, 
     eigenvalue is solved densely (see the module doc). M is built in place: peak memory
     N² x 9 bytes (float64 M and a bool mask), N <= max_tokens."""
     if solver not in ("arpack", "dense"):
-        raise ValueError(f"solver must be 'arpack' or 'dense', got {solver!r}")
+        raise InputError(f"solver must be 'arpack' or 'dense', got {solver!r}")
     n = features.shape[0]
     if n > max_tokens:
-        raise ValueError(f"TokenCut: {n} patch tokens exceed max_tokens={max_tokens} (the dense affinity would "
+        raise InputError(f"TokenCut: {n} patch tokens exceed max_tokens={max_tokens} (the dense affinity would "
                          f"take {n * n * 9 / 2**30:.1f} GiB); resize the image (TokenCut.prepare does) or raise "
                          "max_tokens")
     f = F.normalize(features.detach().to("cpu", torch.float64), dim=1)
@@ -153,5 +154,6 @@ class TokenCut:
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         keys, grid = self.features(images)
-        masks = torch.stack([self.cut(k, grid) for k in keys])
+        # The cut runs on the host (scipy); only the small patch masks go back to the images' device.
+        masks = torch.stack([self.cut(k, grid) for k in keys]).to(images.device)
         return masks.repeat_interleave(self.patch, 1).repeat_interleave(self.patch, 2)  # nearest upsampling
