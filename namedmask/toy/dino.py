@@ -2,6 +2,10 @@
 trained with the DINO objective (Caron et al. 2021): student and EMA teacher, a projection head
 with a weight-normalised last layer, centring and sharpening of the teacher output, multi-crop
 (2 global 96 px + 2 local 48 px views; the teacher sees only the global ones).
+Options tried for the saliency it gives (README, toy world; none beat the ViT's own random
+initialisation in budget, so the demo runs TokenCut on the tiny CLIP's image tower): crop sizes,
+colour-augmentation strength, and iBOT's masked-image-modelling loss on the patch tokens
+(Zhou et al. 2022; `patch_weight`), which DINO's class-token loss alone barely shapes.
 
 The loss is our own twenty lines rather than lightly's DINOLoss: lightly pulls in its own
 training stack (pytorch-lightning, its API client) for two small functions, and the official
