@@ -13,7 +13,7 @@ from PIL import Image
 from namedmask.cli import cli
 from namedmask.data import toyworld
 from namedmask.data.archive import load_archive
-from namedmask.toy import ToyWorldConfig, build_toy_world, clip_tower_to_dino_layout, quality
+from namedmask.toy import ToyWorldConfig, build_toy_world, clip_tower_to_dino_layout, quality, saliency_settings
 from namedmask.toy.clip import load_images
 from namedmask.toy.dino import (VIT_KWARGS, VIT_NAME, DinoTrainConfig, build_backbone, dino_loss, patch_loss,
                                  train_dino)
@@ -189,8 +189,8 @@ def test_dino_checkpoints_load_through_the_saliency_command(toy, tmp_path):
 
 
 def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
-    """namedmask run on the ci world with the toy models (the demo config with a shorter
-    schedule): retrieval far above chance and a final multi-object mIoU well above the
+    """namedmask run on the ci world with the toy models (the demo config's schedule, K 12):
+    retrieval far above chance and a final multi-object mIoU well above the
     all-background level."""
     import yaml
 
@@ -200,9 +200,10 @@ def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
     cfg.update(out=str(tmp_path / "run"), predict_images=[])
     cfg["archive"]["k"] = 12
     cfg["experts"]["train"]["iterations"] = 30
-    # the fixture trains no DINO (dino steps 0): its random initialisation, which the bench
-    # measured as saliency-equivalent to the trained tiny DINO (README, toy world)
-    cfg["saliency"].update(dino_weights=None, random_weights=True)
+    # saliency on the random-initialised tiny-DINO ViT (the fixture trains no DINO): on the full
+    # world it scored 0.636 refined IoU vs 0.594 for the demo's CLIP tower and 0.627 for the
+    # trained tiny DINO (README, toy world), and it does not depend on the 120-step CLIP
+    cfg["saliency"].update(saliency_settings(toy, "dino"), dino_weights=None, random_weights=True)
     cfg["train"]["iterations"] = 200
     torch.set_num_threads(2)
     run_pipeline(load_run_config(None, cfg), progress=False)

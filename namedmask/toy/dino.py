@@ -296,7 +296,8 @@ def train_dino(images: torch.Tensor, out: str | Path, cfg: DinoTrainConfig, prog
         if step % cfg.save_every == 0 or step == cfg.steps:
             ckpt = {"student": {f"module.{k}": v for k, v in student.state_dict().items()},
                     "teacher": teacher.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                    "dino_loss": {"center": center, "patch_center": patch_center}, "losses": losses, "config": asdict(cfg)}
+                    "dino_loss": {"center": center, "patch_center": patch_center}, "losses": losses,
+                    "config": asdict(cfg)}
             with io.atomic_path(state) as tmp:
                 torch.save(ckpt, tmp)
     bar.close()
