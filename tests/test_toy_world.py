@@ -13,8 +13,10 @@ from PIL import Image
 from namedmask.cli import cli
 from namedmask.data import toyworld
 from namedmask.data.archive import load_archive
-from namedmask.toy import ToyWorldConfig, build_toy_world, clip_tower_to_dino_layout, quality
-from namedmask.toy.dino import VIT_KWARGS, VIT_NAME, DinoTrainConfig, dino_loss, train_dino
+from namedmask.toy import ToyWorldConfig, build_toy_world, clip_tower_to_dino_layout, quality, saliency_settings
+from namedmask.toy.clip import load_images
+from namedmask.toy.dino import (VIT_KWARGS, VIT_NAME, DinoTrainConfig, build_backbone, dino_loss, patch_loss,
+                                 train_dino)
 
 CI_CLIP_STEPS = 120
 
@@ -102,11 +104,61 @@ def test_dino_loss_matches_a_hand_computation():
     torch.testing.assert_close(got, want)
 
 
+def test_patch_loss_matches_a_hand_computation_on_masked_patches_only():
+    torch.manual_seed(1)
+    s, t, c = torch.randn(2, 6, 5), torch.randn(2, 6, 5), torch.randn(1, 1, 5)
+    masks = torch.tensor([[1, 0, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    got = patch_loss(s, t, c, masks, t_temp=0.04, s_temp=0.1)
+    q = torch.softmax((t[0] - c[0]) / 0.04, -1)
+    ce = -(q * torch.log_softmax(s[0] / 0.1, -1)).sum(-1)
+    torch.testing.assert_close(got, (ce[0] + ce[2]) / 2 / 2)  # view 2 has no masked patch: it adds 0
+
+
+def test_a_short_dino_schedule_learns(toy, tmp_path):
+    """The shipped recipe at a CI size (16 steps of batch 8, 64/32 px crops) against the same
+    run with lr 0 (same batches, same centring): the DINO loss, which is not monotonic (the
+    teacher and the centre move too), ends far lower, and the teacher's TokenCut keys move
+    away from the initialisation. Measured: last-8 mean 3.24 vs 4.92 for lr 0."""
+    from namedmask.models.dino import create_dino, last_layer_keys
+    from namedmask.toy.dino import MEAN, STD
+
+    images = load_images([p for p, _ in toyworld.read_captions(toy / "world")[:128]])
+    steps, runs = 16, {}
+    for lr in (DinoTrainConfig.lr, 0.0):
+        cfg = DinoTrainConfig(steps=steps, batch_size=8, global_size=64, local_size=32, warmup=4, lr=lr,
+                              save_every=steps)
+        runs[lr] = train_dino(images, tmp_path / f"lr{lr}", cfg, progress=False)
+    losses = {lr: json.loads((f.parent / "train.json").read_text())["losses"] for lr, f in runs.items()}
+    assert all(len(v) == steps for v in losses.values())
+    trained, control = (np.mean(v[-8:]) for v in losses.values())
+    assert trained < control - 0.5, losses
+    x = (images[:4].float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        before = last_layer_keys(build_backbone().eval(), x)[0]
+    after = last_layer_keys(create_dino(VIT_NAME, runs[DinoTrainConfig.lr], **VIT_KWARGS), x)[0]
+    assert ((after - before).norm() / before.norm()).item() > 0.01
+
+
+def test_ibot_patch_loss_option_trains_and_loads(toy, tmp_path):
+    """patch_weight > 0 (iBOT's masked-patch loss): its extra heads and mask token are saved
+    under head.*, so both official layouts still load into the plain ViT."""
+    from namedmask.models.dino import create_dino
+
+    images = load_images([p for p, _ in toyworld.read_captions(toy / "world")[:16]])
+    flat = train_dino(images, tmp_path / "dino", DinoTrainConfig(steps=2, batch_size=4, global_size=64, local_size=32,
+                                                                 patch_weight=1.0, mask_ratio=0.5, save_every=1),
+                      progress=False)
+    ckpt = torch.load(tmp_path / "dino" / "checkpoint.pth", weights_only=True)
+    assert "head.mask_token" in ckpt["teacher"] and any(k.startswith("head.patch.") for k in ckpt["teacher"])
+    a = create_dino(VIT_NAME, flat, **VIT_KWARGS)
+    b = create_dino(VIT_NAME, tmp_path / "dino" / "checkpoint.pth", **VIT_KWARGS)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
 def test_dino_checkpoints_load_through_the_saliency_command(toy, tmp_path):
     """A few DINO steps; both official layouts (flat backbone, training checkpoint) load."""
     pairs = toyworld.read_captions(toy / "world")[:16]
-    from namedmask.toy.clip import load_images
-
     flat = train_dino(load_images([p for p, _ in pairs]), tmp_path / "dino",
                       DinoTrainConfig(steps=2, batch_size=4, local_crops=2, save_every=1), progress=False)
     ckpt = torch.load(tmp_path / "dino" / "checkpoint.pth", weights_only=True)
@@ -137,8 +189,8 @@ def test_dino_checkpoints_load_through_the_saliency_command(toy, tmp_path):
 
 
 def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
-    """namedmask run on the ci world with the toy models (the demo config with a shorter
-    schedule): retrieval far above chance and a final multi-object mIoU well above the
+    """namedmask run on the ci world with the toy models (the demo config's schedule, K 12):
+    retrieval far above chance and a final multi-object mIoU well above the
     all-background level."""
     import yaml
 
@@ -148,9 +200,10 @@ def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
     cfg.update(out=str(tmp_path / "run"), predict_images=[])
     cfg["archive"]["k"] = 12
     cfg["experts"]["train"]["iterations"] = 30
-    # the fixture trains no DINO (dino steps 0): its random initialisation, which the bench
-    # measured as saliency-equivalent to the trained tiny DINO (README, toy world)
-    cfg["saliency"].update(dino_weights=None, random_weights=True)
+    # saliency on the random-initialised tiny-DINO ViT (the fixture trains no DINO): on the full
+    # world it scored 0.636 refined IoU vs 0.594 for the demo's CLIP tower and 0.627 for the
+    # trained tiny DINO (README, toy world), and it does not depend on the 120-step CLIP
+    cfg["saliency"].update(saliency_settings(toy, "dino"), dino_weights=None, random_weights=True)
     cfg["train"]["iterations"] = 200
     torch.set_num_threads(2)
     run_pipeline(load_run_config(None, cfg), progress=False)

@@ -6,7 +6,8 @@ tiny DINO trained on it, cached per seed under <out>/seed-<N>/:
     dino/dino_toy_pretrain.pth  official DINO layout -> saliency --dino vit_small_patch8_224
                                 --dino-weights FILE (+ the VIT_KWARGS of namedmask.toy.dino)
     clip_tower/dino_layout.pth  the tiny CLIP's image tower in the same flat DINO/timm layout
-                                (the documented alternative saliency backbone, see the README)
+                                (the documented alternative saliency backbone; on the pool's
+                                masks it scores below the tiny DINO, see the README)
     run.yaml                 a `namedmask run` config of the whole pipeline on this world
 
 Every step is skipped when its output exists with the same settings, and the two trainings
