@@ -5,7 +5,7 @@ import importlib
 from bench.common import environment, print_table, save_json
 
 BENCHMARKS = ["confusion_matrix", "copy_paste", "decode", "archive", "saliency", "train", "bilateral", "loaded", "memory",
-              "quality", "openvocab"]
+              "quality", "openvocab", "discover"]
 
 
 def main() -> None:

@@ -204,3 +204,31 @@ def test_category_line_without_a_name_is_an_error(tmp_path):
     f.write_text("dog\n| kitty\n")
     with pytest.raises(ValueError, match=r"cats\.txt:2: empty category name"):
         get_category_set(str(f))
+
+
+def test_imagenet_s_classes_are_prompted_with_their_wordnet_lemmas(tmp_path):
+    """A category line that is a WordNet id keeps the id as its class name (it pairs with
+    ImageNet-S's classes by identity) and is prompted with its lemmas (timm's ImageNet lemma file:
+    n01443537 = goldfish, Carassius auratus); a model trained on plain names pairs with
+    ImageNet-S's ids through the same lemmas."""
+    from namedmask.data.categories import synset_words, wordnet_lemmas
+
+    assert wordnet_lemmas()["n01443537"] == ("goldfish", "Carassius auratus")
+    assert synset_words("n01443537") == ("n01443537", "goldfish", "Carassius auratus") and synset_words("cat") == ()
+    path = tmp_path / "imagenet_s.txt"
+    path.write_text("n01443537\nn03126707 | construction crane\n")
+    cs = get_category_set(str(path))
+    assert cs.names == ("background", "n01443537", "n03126707")
+    assert cs.prompt_words("n01443537") == ("goldfish", "Carassius auratus")
+    assert cs.prompt_words("n03126707") == ("crane", "construction crane")
+    dataset = ["background", "n01443537", "n02012849", "n03126707"]  # goldfish, crane (bird), crane (machine)
+    assert ClassMap(list(cs.names), dataset, ignore_unmapped=True).model_to_dataset == [0, 1, 3]
+    named = ["background", "goldfish"]
+    cmap = ClassMap(named, dataset, dataset_words=category_words("imagenet-s3", dataset), ignore_unmapped=True)
+    assert cmap.model_to_dataset == [0, 1]
+    with pytest.raises(ClassMapError, match="matches several dataset classes"):  # two synsets called 'crane'
+        ClassMap(["background", "crane"], dataset, dataset_words=category_words("imagenet-s3", dataset))
+    bad = tmp_path / "bad.txt"
+    bad.write_text("n00000001\n")
+    with pytest.raises(ValueError, match=r"bad.txt:1: n00000001 is not an ImageNet-21k WordNet id"):
+        get_category_set(str(bad))

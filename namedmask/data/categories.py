@@ -13,6 +13,10 @@ strings "dining table", "potted plant", "tv/monitor". The other built-in sets ar
 their display names, as in the official configs."""
 from __future__ import annotations
 
+import csv
+import functools
+import pkgutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,8 +140,10 @@ def get_category_set(name_or_path: str, synonyms: bool = False) -> CategorySet:
     path = Path(name_or_path)
     if not path.is_file():
         raise InputError(f"unknown category set {name_or_path!r}: not one of {sorted(BUILTIN)} and not a file")
-    names, synonyms = ["background"], {}
+    names, synonyms, prompts = ["background"], {}, {}
     for lineno, name, alts in read_name_lines(path, "category"):
+        if WNID.fullmatch(name):  # an ImageNet(-S) class: the id pairs with the dataset, CLIP gets its lemmas
+            prompts[name], alts = _synset_prompt(path, lineno, name, alts)
         if name in names:
             raise InputError(f"{path}:{lineno}: duplicate category {name!r}")
         names.append(name)
@@ -145,7 +151,34 @@ def get_category_set(name_or_path: str, synonyms: bool = False) -> CategorySet:
             synonyms[name] = alts
     if len(names) == 1:
         raise InputError(f"{path}: no categories found (one name per line)")
-    return CategorySet(path.stem, tuple(names), synonyms)
+    return CategorySet(path.stem, tuple(names), synonyms, prompts)
+
+
+WNID = re.compile(r"n\d{8}")
+
+
+@functools.lru_cache(maxsize=1)
+def wordnet_lemmas() -> dict:
+    """{WordNet id: (lemma, ...)} for the ImageNet-21k synsets, read offline from the file timm
+    ships (timm/data/_info/imagenet_synset_to_lemma.txt): the public names of ImageNet's and
+    ImageNet-S's classes, the first being the usual class name."""
+    text = pkgutil.get_data("timm.data", "_info/imagenet_synset_to_lemma.txt").decode("utf-8")
+    return {wnid: tuple(w.strip() for w in lemmas.split(",") if w.strip())
+            for wnid, lemmas in csv.reader(text.splitlines(), delimiter="\t")}
+
+
+def synset_words(name: str) -> tuple:
+    """A class's words when it is a WordNet id (its lemmas, the id itself first), else ()."""
+    return (name, *wordnet_lemmas().get(name, ())) if WNID.fullmatch(name) else ()
+
+
+def _synset_prompt(path: Path, lineno: int, wnid: str, alts: tuple) -> tuple:
+    """(prompt name, synonyms) of a category line that is a WordNet id: its first lemma, then its
+    other lemmas and the line's own synonyms (text diversification, class pairing)."""
+    lemmas = wordnet_lemmas().get(wnid)
+    if not lemmas:
+        raise InputError(f"{path}:{lineno}: {wnid} is not an ImageNet-21k WordNet id; write its name instead")
+    return lemmas[0], tuple(dict.fromkeys(w for w in (*lemmas[1:], *alts) if w != lemmas[0]))
 
 
 def read_name_lines(path: Path, what: str, error: type = InputError) -> list:

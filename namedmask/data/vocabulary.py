@@ -14,14 +14,13 @@ About 6,200 entries. A file: one entry a line, `name | synonym, synonym` (synony
 blank lines and '#' comments ignored); an entry is embedded with all its words."""
 from __future__ import annotations
 
-import csv
 import functools
 import pkgutil
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from namedmask.data.categories import BUILTIN, VOC_PROMPT_NAMES, read_name_lines
+from namedmask.data.categories import BUILTIN, VOC_PROMPT_NAMES, read_name_lines, wordnet_lemmas
 from namedmask.errors import NamedMaskError
 
 COCO_STUFF = (
@@ -79,10 +78,10 @@ def imagenet21k_nouns() -> tuple:
     def info(name):
         return pkgutil.get_data("timm.data", f"_info/{name}").decode("utf-8")
 
-    lemmas = dict(csv.reader(info("imagenet_synset_to_lemma.txt").splitlines(), delimiter="\t"))
+    lemmas = wordnet_lemmas()
     seen, out = set(), []
     for synset in info("imagenet12k_synsets.txt").split():
-        words = [w.strip() for w in lemmas[synset].split(",")]
+        words = list(lemmas[synset])
         if not common(words[0]) or words[0] in seen:
             continue
         seen.add(words[0])

@@ -161,7 +161,7 @@ def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu",
     binary = bool(getattr(labeled_set, "binary", False))
     ignore = getattr(labeled_set, "ignore_index", 255)
     names = list(getattr(labeled_set, "class_names", None) or model_class_names)
-    cmap = ClassMap(model_class_names, names, dataset_words=category_words(getattr(labeled_set, "name", None)),
+    cmap = ClassMap(model_class_names, names, dataset_words=category_words(getattr(labeled_set, "name", None), names),
                     ignore_index=ignore, ignore_unmapped=ignore_unmapped)
     n = len(names)
     items = [it for it in labeled_set if it.label is not None][:max_images]

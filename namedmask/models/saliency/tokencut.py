@@ -84,9 +84,9 @@ def fiedler_vector(features: torch.Tensor, tau: float = 0.2, eps: float = 1e-5, 
             if vals[1] - vals[0] > TIE_GAP:
                 u = vecs[:, 1]
             else:
-                log.info("TokenCut: tied second eigenvalue on %d tokens (degenerate affinity); solving densely", n)
+                log.debug("TokenCut: tied second eigenvalue on %d tokens (degenerate affinity); solving densely", n)
         except ArpackNoConvergence:
-            log.info("ARPACK did not converge on %d tokens; solving densely", n)
+            log.debug("ARPACK did not converge on %d tokens; solving densely", n)
     if u is None:
         u = scipy.linalg.eigh(m, subset_by_index=[n - 2, n - 2])[1][:, 0]
     return d_inv_sqrt.numpy() * u
