@@ -312,7 +312,7 @@ def plot_curves(run_dir) -> Path | None:
         return None
     fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5, 3.5), squeeze=False)
     axes[0][0].plot(*zip(*loss))
-    axes[0][0].set(xlabel="iteration", ylabel="loss", title="training loss")
+    axes[0][0].set(xlabel="iteration", ylabel="loss", title="training loss (mean over each logging window)")
     if val:
         axes[0][1].plot(*zip(*val), marker="o")
         axes[0][1].set(xlabel="iteration", ylabel="mIoU (%)", title="validation mIoU")

@@ -149,6 +149,24 @@ def test_learning_signal_far_above_chance(trained, world):
     assert np.mean(losses[-10:]) < 0.5 * np.mean(losses[:5])
 
 
+def test_logged_loss_is_the_mean_over_its_window(world, tmp_path):
+    """metrics.jsonl's loss is the mean of the iterations since the last log or checkpoint:
+    the same 8 iterations logged every iteration and every 4 (training is identical: logging
+    does not touch it), and with a checkpoint at 2 the window restarts there."""
+    every = {}
+    for log_every, ckpt in ((1, 8), (4, 8), (4, 2)):
+        out = tmp_path / f"log{log_every}_ckpt{ckpt}"
+        train(config(world, out, 8, f"log_every={log_every}", f"checkpoint_every={ckpt}"), progress=False)
+        every[log_every, ckpt] = [(r["iteration"], r["loss"]) for r in read_metrics(out) if "loss" in r]
+    per_step = dict(every[1, 8])
+    assert [i for i, _ in every[4, 8]] == [4, 8]
+    for it, loss in every[4, 8]:
+        assert loss == pytest.approx(np.mean([per_step[i] for i in range(it - 3, it + 1)]), rel=1e-5)
+    # checkpoints at 2, 4, 6, 8: the window at each log (4, 8) holds the 2 iterations after a checkpoint
+    for it, loss in every[4, 2]:
+        assert loss == pytest.approx(np.mean([per_step[it - 1], per_step[it]]), rel=1e-5)
+
+
 def test_run_directory_contents(trained):
     cfg = yaml.safe_load((trained / "config.yaml").read_text())
     assert cfg["iterations"] == 60 and cfg["model"]["backbone"] == "resnet10t" and cfg["copy_paste"]["p"] == 0.0

@@ -194,6 +194,10 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it",
                disable=not (progress and ctx.is_main) or start >= cfg.iterations)
     t_last, it = time.perf_counter(), start
+    # The logged loss is the mean over the iterations since the last log or checkpoint (one
+    # batch's loss is too noisy to read a curve from); restarting the window at checkpoints keeps
+    # a resumed run's log identical to an uninterrupted one.
+    window_loss, window_steps = torch.zeros((), device=ctx.device), 0
     for it, (images, labels, indices) in enumerate(loader, start=start):
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
@@ -219,8 +223,12 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
         scheduler.step()
         done = it + 1
         bar.update(1)
+        window_loss += loss.detach().float()
+        window_steps += 1
         if done % cfg.log_every == 0 or done == cfg.iterations:
-            mean_loss = float(ctx.all_reduce(loss.detach().float().clone()) / ctx.world)
+            mean_loss = float(ctx.all_reduce(window_loss / window_steps) / ctx.world)
+            window_loss.zero_()
+            window_steps = 0
             now = time.perf_counter()
             if ctx.is_main:
                 _append_metrics(run_dir, {"iteration": done, "loss": mean_loss,
@@ -231,6 +239,8 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
             t_last = now
         if done % cfg.checkpoint_every == 0 or done == cfg.iterations:
             _save_checkpoint(ctx, run_dir, model, optimizer, scheduler, done, cfg, class_names)
+            window_loss.zero_()
+            window_steps = 0
         if val_set is not None and cfg.val.every and done % cfg.val.every == 0 and done < cfg.iterations:
             _validate(ctx, run_dir, net, model, val_set, class_names, done, cfg)
         if on_iteration is not None:
