@@ -94,6 +94,7 @@ class SaliencyConfig:
     random_weights: bool = False       # smoke runs only: meaningless masks
     tau: float = 0.2
     eigen_solver: str = "arpack"      # or "dense"; same eigenvector
+    corner_rule: bool = False          # TokenCut: MaskCut's corner prior for frame-filling objects (not TokenCut's rule)
     device: str = "auto"
     report: bool = False
     report_per_category: int = 4

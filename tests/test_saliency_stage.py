@@ -147,6 +147,15 @@ def test_other_settings_are_refused(archive, tmp_path):
     run_saliency(config(archive, out))
     with pytest.raises(SaliencyError, match="short_side: 48 -> 64"):
         run_saliency(config(archive, out, short_side=64))
+    with pytest.raises(SaliencyError, match="corner_rule: False -> True"):
+        run_saliency(config(archive, out, corner_rule=True))
+    # a manifest written before corner_rule existed was made without it: resuming is allowed
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["config"]["corner_rule"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    run_saliency(config(archive, out))
+    with pytest.raises(SaliencyError, match="corner_rule: False -> True"):
+        run_saliency(config(archive, out, corner_rule=True))
 
 
 def test_selfmask_from_a_checkpoint(archive, tmp_path):

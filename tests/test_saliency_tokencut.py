@@ -59,6 +59,27 @@ def test_flip_rule_puts_the_seed_side_in_front():
     assert flipped.seed == cut.seed
 
 
+def test_corner_rule_keeps_a_frame_filling_object():
+    """A frame-filling object with a thin background strip: TokenCut's rule (the default) takes
+    the strip, where argmax |v| lies; the opt-in corner rule refuses a chosen side holding 3 or 4
+    grid corners and keeps the object, for either sign of the eigenvector; on an ordinary centred
+    object both rules agree."""
+    grid = (8, 8)
+    big = rectangle(grid, 2, 0, 6, 8)  # rows 2..7: the object; rows 0-1 (both top corners) background
+    big[:, 7] = False                  # ...and the right column: 3 corners are background
+    v = np.where(big.reshape(-1), 1.0, -3.0)
+    np.testing.assert_array_equal(bipartition(v, grid).mask, ~big)  # TokenCut: the strip
+    cut = bipartition(v, grid, corner_rule=True)
+    np.testing.assert_array_equal(cut.mask, big)
+    assert big.reshape(-1)[cut.seed] and (cut.eigenvector[big] > 0).all()
+    np.testing.assert_array_equal(bipartition(-v, grid, corner_rule=True).mask, big)  # either sign
+    inverse = np.where(big.reshape(-1), -1.0, 3.0)  # v > mean(v) is the strip: 3 corners -> flipped
+    np.testing.assert_array_equal(bipartition(inverse, grid, corner_rule=True).mask, big)
+    small = rectangle(grid, 2, 2, 3, 3)
+    w = np.where(small.reshape(-1), -3.0, 1.0)
+    np.testing.assert_array_equal(bipartition(w, grid, corner_rule=True).mask, bipartition(w, grid).mask)
+
+
 def test_only_the_seed_component_is_kept():
     grid = (8, 12)
     small, large = rectangle(grid, 1, 1, 2, 2), rectangle(grid, 4, 6, 3, 4)

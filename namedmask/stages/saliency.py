@@ -49,7 +49,9 @@ REFINES = ("bilateral-solver", "none")
 DEFAULT_DINO = {"tokencut": "vit_small_patch16_224.dino", "selfmask": "vit_small_patch8_224.dino"}
 # Settings that change the masks: a folder made with other values is not silently extended.
 RESULT_KEYS = ("method", "refine", "short_side", "dino", "dino_weights", "checkpoint", "random_weights", "tau",
-               "vit_kwargs")
+               "vit_kwargs", "corner_rule")
+# Settings added after masks were first made: an older manifest without them used this value.
+ADDED_KEYS = {"corner_rule": False}
 
 
 class SaliencyError(NamedMaskError, RuntimeError):
@@ -98,7 +100,8 @@ def build_model(config: SaliencyConfig):
         if config.method == "tokencut":
             vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_weights,
                               **config.vit_kwargs)
-            return TokenCut(vit.to(config.device), config.short_side, config.tau, solver=config.eigen_solver)
+            return TokenCut(vit.to(config.device), config.short_side, config.tau, solver=config.eigen_solver,
+                            corner_rule=config.corner_rule)
         if config.checkpoint:
             model = load_selfmask(config.checkpoint)
         elif config.random_weights:
@@ -149,8 +152,8 @@ def _open_manifest(out: Path, config: SaliencyConfig) -> dict:
         return fresh
     old = load_manifest(path)
     before = old.get("config", {})
-    changed = [f"{k}: {before.get(k)!r} -> {getattr(config, k)!r}" for k in RESULT_KEYS
-               if before.get(k) != getattr(config, k)]
+    changed = [f"{k}: {before.get(k, ADDED_KEYS.get(k))!r} -> {getattr(config, k)!r}" for k in RESULT_KEYS
+               if before.get(k, ADDED_KEYS.get(k)) != getattr(config, k)]
     # The masks belong to one archive: another one (other content, or another file for
     # manifests made before its digest was recorded) is a settings change too.
     if old.get("archive_sha256", source) != source or (

@@ -4,7 +4,8 @@ Last-layer key features of the patch tokens, L2-normalised; affinity A = F Fᵀ 
 τ (A > τ -> 1, else ε = 1e-5 so the graph stays connected); the second-smallest generalised
 eigenvector v of (D − A) v = λ D v; bipartition at mean(v); the seed is argmax |v| and the
 partition is flipped if it does not contain the seed; only the seed's 4-connected component
-is kept. The patch mask is upsampled (nearest) to the input resolution.
+is kept (an opt-in `corner_rule`, after MaskCut's, flips a chosen side holding 3 or 4 grid
+corners: see `bipartition`). The patch mask is upsampled (nearest) to the input resolution.
 
 Images are resized to the stage's short side (512) with each side rounded to a multiple
 of the patch size (LANCZOS, as the official resize_pil does at native resolution).
@@ -107,27 +108,38 @@ def token_short_side(height: int, width: int, short_side: int, patch: int, max_t
     return s
 
 
-def bipartition(eigenvector: np.ndarray, grid: tuple) -> Cut:
+def bipartition(eigenvector: np.ndarray, grid: tuple, corner_rule: bool = False) -> Cut:
     """The object side of the cut: v > mean(v), flipped if it misses the seed argmax |v|,
-    reduced to the seed's 4-connected component."""
+    reduced to the seed's 4-connected component.
+
+    corner_rule (off: TokenCut's rule, as its official saliency code): an object prior after
+    MaskCut's (CutLER) for objects that fill the frame, where argmax |v| falls in the thin
+    background: the side chosen by the seed is flipped when it holds at least 3 of the grid's 4
+    corners, and the seed becomes argmax v on the side kept. (MaskCut tests the corners of
+    v > mean(v) before the seed rule, so its outcome depends on the eigenvector's arbitrary sign;
+    testing the chosen side does not.)"""
     v = np.asarray(eigenvector, dtype=np.float64).reshape(-1)
     part = v > v.mean()
     seed = int(np.argmax(np.abs(v)))
     if not part[seed]:
         part, v = ~part, -v
+    if corner_rule:
+        if int(part.reshape(grid)[[0, 0, -1, -1], [0, -1, 0, -1]].sum()) >= 3:
+            part, v = ~part, -v
+        seed = int(np.argmax(v))
     labels, _ = ndimage.label(part.reshape(grid))
     mask = labels == labels.reshape(-1)[seed]
     return Cut(mask, seed, v.reshape(grid))
 
 
 def normalized_cut(features: torch.Tensor, grid: tuple, tau: float = 0.2, eps: float = 1e-5,
-                   solver: str = "arpack", max_tokens: int = MAX_TOKENS) -> Cut:
+                   solver: str = "arpack", max_tokens: int = MAX_TOKENS, corner_rule: bool = False) -> Cut:
     """features [h*w, C] of one image on an (h, w) patch grid -> the TokenCut object cut."""
     if features.shape[0] != grid[0] * grid[1]:
         raise ValueError(f"{features.shape[0]} features do not fill a {grid} grid")
     if features.shape[0] < 3:
         raise ValueError(f"a {grid} patch grid is too small to cut (need >= 3 patches)")
-    return bipartition(fiedler_vector(features, tau, eps, solver, max_tokens), grid)
+    return bipartition(fiedler_vector(features, tau, eps, solver, max_tokens), grid, corner_rule)
 
 
 class TokenCut:
@@ -135,9 +147,9 @@ class TokenCut:
     name = "tokencut"
 
     def __init__(self, vit, short_side: int = 512, tau: float = 0.2, eps: float = 1e-5, solver: str = "arpack",
-                 max_tokens: int = MAX_TOKENS):
+                 max_tokens: int = MAX_TOKENS, corner_rule: bool = False):
         self.vit, self.short_side, self.tau, self.eps, self.solver = vit.eval(), short_side, tau, eps, solver
-        self.patch, self.max_tokens = patch_size(vit), max_tokens
+        self.patch, self.max_tokens, self.corner_rule = patch_size(vit), max_tokens, corner_rule
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         side = token_short_side(image.shape[0], image.shape[1], self.short_side, self.patch, self.max_tokens)
@@ -149,7 +161,8 @@ class TokenCut:
 
     def cut(self, keys: torch.Tensor, grid: tuple) -> torch.Tensor:
         """Keys of one image -> bool patch mask [h/p, w/p]."""
-        return torch.from_numpy(normalized_cut(keys, grid, self.tau, self.eps, self.solver, self.max_tokens).mask)
+        return torch.from_numpy(normalized_cut(keys, grid, self.tau, self.eps, self.solver, self.max_tokens,
+                                               self.corner_rule).mask)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
