@@ -267,10 +267,14 @@ class ExpertsConfig:
     groups: int | None = None           # None: one expert per category; N: k-means over text embeddings
     embeddings: str | None = None       # safetensors/.pt file {category name: text embedding} for grouping
     predict_batch_size: int = 1
+    # An expert whose re-predicted masks cover less than this share of the foreground of the masks
+    # it learnt from has collapsed (towards background); its images then keep their input masks,
+    # with a warning. 0 = off, the official behaviour (the demo sets 0.5).
+    collapse_ratio: float = 0.0
     train: TrainConfig = field(default_factory=expert_train_defaults)
 
     def __post_init__(self):
-        _check(self, groups=(1, MAX_CLASSES), predict_batch_size=(1, None))
+        _check(self, groups=(1, MAX_CLASSES), predict_batch_size=(1, None), collapse_ratio=(0.0, 1.0))
 
 
 @dataclass

@@ -55,6 +55,35 @@ def test_kmeans_groups_by_embedding(tmp_path):
         category_groups(["cat"], 1, None)
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_a_collapsed_expert_keeps_its_input_masks_when_asked(tmp_path, monkeypatch, caplog, ratio):
+    """An expert whose re-predictions are all background (forced here) has collapsed: with
+    collapse_ratio 0 (the default, the official behaviour) its empty masks are written; with 0.5
+    its images keep their input masks (same pixels), with one warning naming it."""
+    from namedmask.stages import experts as experts_stage
+
+    archive, noisy, _ = write_archive(tmp_path / "w", corrupt=flip_pixels, seed=1)
+    monkeypatch.setattr(experts_stage, "predict_label",
+                        lambda model, image, device, amp: torch.zeros(image.shape[:2], dtype=torch.long))
+    cfg = load_config(ExpertsConfig, overrides=["groups=1", f"collapse_ratio={ratio}"]
+                      + [f"train.{o}" for o in tiny_train_overrides(2)])
+    save_file({name: torch.randn(8) for name in CLASSES}, str(tmp_path / "t.safetensors"))
+    cfg.embeddings = str(tmp_path / "t.safetensors")
+    with caplog.at_level("WARNING"):
+        out = refine_with_experts(archive, noisy, tmp_path / "refined", cfg, progress=False)
+    inputs, refined = mask_paths(noisy), mask_paths(out)
+    assert set(refined) == set(inputs)
+    collapsed = [r for r in caplog.records if "collapsed" in r.getMessage()]
+    predicted = json.loads((out / "experts" / "000" / "predicted.json").read_text())
+    if ratio:
+        assert len(collapsed) == 1 and "expert 1/1" in collapsed[0].getMessage()
+        assert all(np.array_equal(np.array(Image.open(refined[k])), np.array(Image.open(inputs[k]))) for k in inputs)
+        assert predicted["kept_input_masks"] is True
+    else:
+        assert not collapsed and all(not np.array(Image.open(p)).any() for p in refined.values())
+        assert predicted["kept_input_masks"] is False
+
+
 def test_experts_improve_noisy_masks(tmp_path):
     """One grouped expert (k-means, 1 group) trained 120 iterations on masks with 20 % of the
     pixels flipped; its re-predictions must be much closer to the true masks (fg IoU)."""

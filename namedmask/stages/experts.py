@@ -15,7 +15,9 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from namedmask import io
@@ -108,6 +110,26 @@ def refine_with_experts(archive_path, masks_dir, out_dir, cfg: ExpertsConfig | N
         return _refine(archive, archive_file, masks_dir, source, saliency, out, cfg, progress)
 
 
+def _keep_input_if_collapsed(out: Path, images: list, saliency: dict, fg: dict, ratio: float, name: str) -> bool:
+    """With ratio > 0: when the expert's masks cover less than `ratio` of the input masks'
+    foreground (mean over its images), writes the input masks in their place (fg updated) and
+    warns; returns whether it did."""
+    if not ratio or not images:
+        return False
+    inputs = {p: np.asarray(Image.open(saliency[p])) for p in images}
+    fg_in = float(np.mean([(m == 1).mean() for m in inputs.values()]))
+    fg_out = float(np.mean([fg[p] for p in images]))
+    if fg_out >= ratio * fg_in:
+        return False
+    log.warning("%s collapsed: its masks cover %.1f%% of the pixels, the masks it learnt from %.1f%% "
+                "(collapse_ratio %.2f); its %d images keep their input masks", name, 100 * fg_out, 100 * fg_in,
+                ratio, len(images))
+    for p, mask in inputs.items():
+        io.save_png(io.inside(out, mask_relpath(p)), mask)
+        fg[p] = float((mask == 1).mean())
+    return True
+
+
 def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict, out: Path, cfg: ExpertsConfig,
             progress: bool) -> Path:
     """The body of refine_with_experts, inside its locked output folder."""
@@ -141,7 +163,9 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
                                      amp=device.type == "cuda").to(torch.uint8)
                 io.save_png(io.inside(out, mask_relpath(p)), mask.numpy())
                 fg[p] = float(mask.float().mean())
-            io.write_json(done, {"categories": cats, "fg_fraction": fg})
+            kept = _keep_input_if_collapsed(out, images, saliency, fg, cfg.collapse_ratio,
+                                            f"expert {g + 1}/{len(groups)} ({', '.join(cats)})")
+            io.write_json(done, {"categories": cats, "fg_fraction": fg, "kept_input_masks": kept})
         for p in images:
             entries[p] = {"mask": mask_relpath(p), "fg_fraction": fg[p],
                           "flag": "empty" if fg[p] == 0 else ("full" if fg[p] == 1 else None)}
