@@ -84,6 +84,27 @@ def test_a_collapsed_expert_keeps_its_input_masks_when_asked(tmp_path, monkeypat
         assert predicted["kept_input_masks"] is False
 
 
+def test_finished_experts_are_not_reused_with_other_settings(tmp_path, monkeypatch):
+    """A finished expert's masks are reused only with the settings they were made with: another
+    schedule in the same output folder is one error naming the folder, nothing rewritten."""
+    from namedmask.errors import InputError
+    from namedmask.stages import experts as experts_stage
+
+    archive, noisy, _ = write_archive(tmp_path / "w", corrupt=flip_pixels, seed=1)
+    monkeypatch.setattr(experts_stage, "predict_label",
+                        lambda model, image, device, amp: torch.ones(image.shape[:2], dtype=torch.long))
+    save_file({name: torch.randn(8) for name in CLASSES}, str(tmp_path / "t.safetensors"))
+    overrides = ["groups=1", f"embeddings={tmp_path / 't.safetensors'}"]
+    cfg = load_config(ExpertsConfig, overrides=overrides + [f"train.{o}" for o in tiny_train_overrides(2)])
+    out = refine_with_experts(archive, noisy, tmp_path / "refined", cfg, progress=False)
+    stamp = {k: p.stat().st_mtime_ns for k, p in mask_paths(out).items()}
+    refine_with_experts(archive, noisy, out, cfg, progress=False)  # same settings: reused
+    other = load_config(ExpertsConfig, overrides=overrides + [f"train.{o}" for o in tiny_train_overrides(3)])
+    with pytest.raises(InputError, match="holds experts made with other settings"):
+        refine_with_experts(archive, noisy, out, other, progress=False)
+    assert {k: p.stat().st_mtime_ns for k, p in mask_paths(out).items()} == stamp
+
+
 def test_experts_improve_noisy_masks(tmp_path):
     """One grouped expert (k-means, 1 group) trained 120 iterations on masks with 20 % of the
     pixels flipped; its re-predictions must be much closer to the true masks (fg IoU)."""

@@ -138,13 +138,23 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
         embeddings = archive_file.parent / "text_embeddings.safetensors"  # build-archive's CLIP text embeddings
     groups = category_groups(list(archive.categories), cfg.groups, embeddings)
     device = resolve_device(cfg.train.device)
+    # What a finished expert's masks depend on (its config, the input masks' settings and list):
+    # a rerun with anything else must not reuse them. Worker and batch counts change nothing.
+    config = to_dict(cfg)
+    config.pop("predict_batch_size", None)
+    config.get("train", {}).pop("num_workers", None)
+    settings = {"config": config, "input_masks": source.get("config"), "images": io.fingerprint(sorted(saliency))}
     entries = {}
     for g, cats in enumerate(groups):
         expert_dir = out / "experts" / f"{g:03d}"
         images = sorted(p for p in archive.images() if archive.best_category.get(p) in cats and p in saliency)
         done = expert_dir / PREDICTED_FILE
         if done.is_file():
-            fg = json.loads(done.read_text())["fg_fraction"]
+            finished = json.loads(done.read_text())
+            if finished.get("settings", settings) != settings:  # files from before "settings" was recorded pass
+                raise InputError(f"{out} holds experts made with other settings or other input masks "
+                                 f"({expert_dir / PREDICTED_FILE}); use another --out or delete that folder")
+            fg = finished["fg_fraction"]
         else:
             trained_on = {e["path"] for c in cats for e in archive.archives.get(c, []) if e["path"] in saliency}
             log.info("expert %d/%d: categories %s, trains on %d images, re-predicts %d", g + 1, len(groups), cats,
@@ -165,7 +175,7 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
                 fg[p] = float(mask.float().mean())
             kept = _keep_input_if_collapsed(out, images, saliency, fg, cfg.collapse_ratio,
                                             f"expert {g + 1}/{len(groups)} ({', '.join(cats)})")
-            io.write_json(done, {"categories": cats, "fg_fraction": fg, "kept_input_masks": kept})
+            io.write_json(done, {"categories": cats, "fg_fraction": fg, "kept_input_masks": kept, "settings": settings})
         for p in images:
             entries[p] = {"mask": mask_relpath(p), "fg_fraction": fg[p],
                           "flag": "empty" if fg[p] == 0 else ("full" if fg[p] == 1 else None)}
