@@ -5,7 +5,8 @@ with torch's default threads, with 1 thread, their ratio, and the ratio to the r
   python -m bench loaded          both conditions
   python -m bench.bench_loaded --only loaded
 
-Medians of interleaved rounds (every method in turn, so that a drift in load hits them alike);
+Medians of interleaved rounds (default and 1-thread calls alternating, each round starting with
+the other, the reference once per round), so that a drift in load hits them alike;
 under load a single call can wait a whole scheduler time slice, so the max is reported too.
 Target: default threads <= 1.5x the 1-thread time under load, for every op."""
 from __future__ import annotations
@@ -93,13 +94,21 @@ def workloads() -> dict:
 def measure(name: str, shape: str, call, ref_name: str, ref, condition: str, rounds: int, reps: int) -> Row:
     default = torch.get_num_threads()
     times = {"default": [], "1 thread": [], "ref": []}
-    for _ in range(rounds):
-        for key in times:
-            for _ in range(reps if key != "ref" else 1):
+    # Default and 1-thread calls alternate call by call, and each round starts with the other
+    # one: under load the scheduler slows whatever runs right after a long burst (the reference,
+    # ~0.1 s), and with the two in blocks the block after it paid for that alone (measured: both
+    # "keys" at 1 thread gave a 2.0 ratio in block order).
+    for r in range(rounds):
+        order = ("default", "1 thread") if r % 2 == 0 else ("1 thread", "default")
+        for _ in range(reps):
+            for key in order:
                 with threads(1 if key == "1 thread" else default):
                     t0 = time.perf_counter()
-                    (ref if key == "ref" else call)()
+                    call()
                     times[key].append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        ref()
+        times["ref"].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     extra = {f"{default} threads (default)": f"median {med['default'] * 1e3:.2f} ms, max {max(times['default']) * 1e3:.2f} ms",
              "1 thread": f"median {med['1 thread'] * 1e3:.2f} ms, max {max(times['1 thread']) * 1e3:.2f} ms",
