@@ -145,12 +145,11 @@ class ClassMap:
 
 def category_words(name: str | None, class_names=()) -> dict:
     """{class name: its words (prompt name, synonyms)} of a built-in category set; for ImageNet-S,
-    whose classes (`class_names`) are WordNet ids, each id's lemmas, so a model trained on named
-    classes pairs with them; else {}."""
+    whose classes (`class_names`) are WordNet ids, each id's lemmas (prompt name first), so a
+    model trained on named classes pairs with them; else {}."""
     if name and re.fullmatch(r"imagenet-s\d*", name):
-        return {n: synset_words(n) for n in class_names if synset_words(n)}
+        return {n: words[1:] for n in class_names if (words := synset_words(n))}
     if name not in BUILTIN:
         return {}
     cs = get_category_set(name)
     return {n: cs.prompt_words(n) for n in cs.names}
-

@@ -116,17 +116,16 @@ def _keep_input_if_collapsed(out: Path, images: list, saliency: dict, fg: dict, 
     warns; returns whether it did."""
     if not ratio or not images:
         return False
-    inputs = {p: np.asarray(Image.open(saliency[p])) for p in images}
-    fg_in = float(np.mean([(m == 1).mean() for m in inputs.values()]))
-    fg_out = float(np.mean([fg[p] for p in images]))
-    if fg_out >= ratio * fg_in:
+    fg_in = {p: float((np.asarray(Image.open(saliency[p])) == 1).mean()) for p in images}
+    mean_in, mean_out = np.mean(list(fg_in.values())), np.mean([fg[p] for p in images])
+    if mean_out >= ratio * mean_in:
         return False
     log.warning("%s collapsed: its masks cover %.1f%% of the pixels, the masks it learnt from %.1f%% "
-                "(collapse_ratio %.2f); its %d images keep their input masks", name, 100 * fg_out, 100 * fg_in,
+                "(collapse_ratio %.2f); its %d images keep their input masks", name, 100 * mean_out, 100 * mean_in,
                 ratio, len(images))
-    for p, mask in inputs.items():
-        io.save_png(io.inside(out, mask_relpath(p)), mask)
-        fg[p] = float((mask == 1).mean())
+    for p in images:  # read again rather than held: an expert may own thousands of masks
+        io.save_png(io.inside(out, mask_relpath(p)), np.asarray(Image.open(saliency[p])))
+    fg.update(fg_in)
     return True
 
 
@@ -151,7 +150,8 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
         done = expert_dir / PREDICTED_FILE
         if done.is_file():
             finished = json.loads(done.read_text())
-            if finished.get("settings", settings) != settings:  # files from before "settings" was recorded pass
+            # compared as canonical JSON (what was written); files from before "settings" was recorded pass
+            if io.fingerprint(finished.get("settings", settings)) != io.fingerprint(settings):
                 raise InputError(f"{out} holds experts made with other settings or other input masks "
                                  f"({expert_dir / PREDICTED_FILE}); use another --out or delete that folder")
             fg = finished["fg_fraction"]

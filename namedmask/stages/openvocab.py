@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from namedmask.config import TextHeadConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE
-from namedmask.data.categories import get_category_set, synset_words
+from namedmask.data.categories import get_category_set
 from namedmask.data.classmap import category_words
 from namedmask.errors import NamedMaskError
 from namedmask.models.clip import load_clip
@@ -172,9 +172,8 @@ def dataset_classes(labeled_set) -> list:
     names = list(getattr(labeled_set, "class_names", None) or [])
     if len(names) < 2:
         raise OpenVocabError("the dataset does not name its classes; give --text or --text-classes FILE")
-    words = category_words(getattr(labeled_set, "name", None), names)
-    # an ImageNet-S class is prompted with its lemmas, not its WordNet id
-    return [(n, tuple(synset_words(n)[1:] or words.get(n) or (n,))) for n in names[1:]]
+    words = category_words(getattr(labeled_set, "name", None), names)  # ImageNet-S: lemmas, not ids
+    return [(n, tuple(words.get(n) or (n,))) for n in names[1:]]
 
 
 def open_segmenter(*, run_dir=None, zero_shot: dict | None = None, classes: list | None = None,

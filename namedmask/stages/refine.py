@@ -135,6 +135,7 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
                 bar.update(1)
         if not batch:
             continue
+        outputs = []
         while batch:  # an image over the solver's memory bound is listed, the rest of its batch solved
             try:
                 outputs = bilateral_solve_batch([b[1] for b in batch], [b[2] for b in batch], preset=preset,
@@ -145,7 +146,7 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
                 stem = batch.pop(exc.index)[0]
                 report.failed.append((stem, f"{images[stem]}: {exc}"))
                 bar.update(1)
-        for (stem, _, _), soft in zip(batch, outputs if batch else []):
+        for (stem, _, _), soft in zip(batch, outputs):
             io.save_png(io.inside(out_dir, f"{stem}.png"), (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
             report.refined += 1
             bar.update(1)
