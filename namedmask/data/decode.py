@@ -293,10 +293,11 @@ def _stack(images: list, resize: Resize, device: torch.device = torch.device("cp
 
 
 def _to_device(images, device: torch.device):
-    """A decoded batch (a tensor or a list of them) moved to `device`: one copy per batch, from
-    pinned memory to a GPU (asynchronous: the decoding of the next batch overlaps it; torch's
-    pinned allocator keeps the source alive until the copy is done). Tensors already there are
-    returned as they are."""
+    """A decoded batch (a tensor or a list of them) moved to `device`. To a GPU: a host copy into
+    pinned memory, then an asynchronous copy to the device (the decoding of the next batch
+    overlaps it; torch's pinned allocator keeps the source alive until the copy is done); a
+    pageable .to() would stage through pinned memory as well, but synchronously. Tensors already
+    there are returned as they are."""
     if isinstance(images, list):
         return [_to_device(img, device) for img in images]
     if images.device == device:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from namedmask.errors import InputError
-from namedmask.kernels.spec import BILATERAL_MAX_VERTICES, bilateral_radix
+from namedmask.kernels.spec import BILATERAL_MAX_VERTICES, bilateral_radix, bilateral_vertex_cap_message
 from namedmask.ops.registry import register_op, select
 
 DEFAULT_CONFIDENCE = 0.999  # NamedMask / TokenCut: uniform confidence
@@ -173,11 +173,12 @@ def bilateral_solve_batch(images: list, targets: list, confidences: list | None 
             flat = impl(flat_image, flat_target, flat_conf, sizes.to(device), params.sigma_spatial, params.sigma_luma,
                         params.sigma_chroma, params.lam, int(max_iter), float(tol), int(max_vertices))
         except ValueError as exc:  # the op numbers the images it was given: name the caller's image
-            named = re.match(r"bilateral_solve: image (\d+) ", str(exc))
-            if named is None:
+            over = re.match(r"bilateral_solve: image (\d+) \(\d+x\d+\) needs more than max_vertices=", str(exc))
+            if over is None:
                 raise
-            index = todo[int(named.group(1))]
-            raise GridTooLargeError(f"bilateral_solve: image {index} " + str(exc)[named.end():], index) from None
+            index = todo[int(over.group(1))]
+            h, w = images[index].shape[:2]
+            raise GridTooLargeError(bilateral_vertex_cap_message(index, h, w, int(max_vertices)), index) from None
         for i, out in zip(todo, torch.split(flat, [targets[i].numel() for i in todo])):
             outputs[i] = out.reshape(targets[i].shape)
     return outputs

@@ -4,6 +4,7 @@ output size follows from the input sizes; nothing depends on the data)."""
 import torch
 
 from namedmask import _native
+from namedmask.kernels.spec import BILATERAL_MAX_VERTICES
 
 
 def _register() -> None:
@@ -22,7 +23,7 @@ def _register() -> None:
 
     @torch.library.register_fake("namedmask::bilateral_solve")
     def _(image, target, confidence, sizes, sigma_spatial, sigma_luma, sigma_chroma, lam, max_iter, tol,
-          max_vertices=1 << 24):
+          max_vertices=BILATERAL_MAX_VERTICES):
         return target.new_empty((target.shape[0],))
 
 

@@ -50,8 +50,8 @@ DEFAULT_DINO = {"tokencut": "vit_small_patch16_224.dino", "selfmask": "vit_small
 # Settings that change the masks: a folder made with other values is not silently extended.
 RESULT_KEYS = ("method", "refine", "short_side", "dino", "dino_weights", "checkpoint", "random_weights", "tau",
                "vit_kwargs", "corner_rule")
-# Settings added after masks were first made: an older manifest without them used this value.
-ADDED_KEYS = {"corner_rule": False}
+# A key missing from an older manifest (added since, e.g. corner_rule) had its default value.
+RESULT_DEFAULTS = {k: getattr(SaliencyConfig(), k) for k in RESULT_KEYS}
 
 
 class SaliencyError(NamedMaskError, RuntimeError):
@@ -152,8 +152,8 @@ def _open_manifest(out: Path, config: SaliencyConfig) -> dict:
         return fresh
     old = load_manifest(path)
     before = old.get("config", {})
-    changed = [f"{k}: {before.get(k, ADDED_KEYS.get(k))!r} -> {getattr(config, k)!r}" for k in RESULT_KEYS
-               if before.get(k, ADDED_KEYS.get(k)) != getattr(config, k)]
+    was = {k: before.get(k, RESULT_DEFAULTS[k]) for k in RESULT_KEYS}
+    changed = [f"{k}: {was[k]!r} -> {getattr(config, k)!r}" for k in RESULT_KEYS if was[k] != getattr(config, k)]
     # The masks belong to one archive: another one (other content, or another file for
     # manifests made before its digest was recorded) is a settings change too.
     if old.get("archive_sha256", source) != source or (

@@ -1,6 +1,8 @@
 """What the saliency stage needs from any detector, and the shared preprocessing."""
 from __future__ import annotations
 
+import functools
+
 from typing import Protocol
 
 import numpy as np
@@ -30,6 +32,21 @@ def short_side_size(height: int, width: int, short_side: int, multiple: int | No
     if multiple:
         nh, nw = (max(multiple, int(round(n / multiple)) * multiple) for n in (nh, nw))
     return nh, nw
+
+
+def capped_short_side(height: int, width: int, short_side: int, patch: int, max_tokens: int,
+                      multiple: int | None = None) -> int:
+    """The short side to resize to: `short_side`, lowered one patch at a time while the patch
+    grid of the resized image (short_side_size with `multiple`; a partial patch padded to a
+    whole one) would hold more than max_tokens tokens."""
+    def tokens(s: int) -> int:
+        h, w = short_side_size(height, width, s, multiple)
+        return -(-h // patch) * -(-w // patch)
+
+    s = short_side
+    while s > patch and tokens(s) > max_tokens:
+        s -= patch
+    return s
 
 
 def resize_short_side(image: torch.Tensor, short_side: int, multiple: int | None = None,
@@ -69,19 +86,16 @@ _PRECISION_BITS = 32 - 8 - 2  # Pillow's 8-bit fixed point
 _GATHER_ELEMENTS = 1 << 24      # int64 scratch per chunk of rows: 128 MiB
 
 
-def _sinc(x: np.ndarray) -> np.ndarray:
-    return np.sinc(x)  # sin(pi x) / (pi x), 1 at 0
-
-
-_FILTERS = {  # Pillow's filters: (support, function)
+_FILTERS = {  # Pillow's filters: (support, function); np.sinc(x) = sin(pi x) / (pi x)
     "bilinear": (1.0, lambda x: np.where(np.abs(x) < 1.0, 1.0 - np.abs(x), 0.0)),
-    "lanczos": (3.0, lambda x: np.where(np.abs(x) < 3.0, _sinc(x) * _sinc(x / 3.0), 0.0)),
+    "lanczos": (3.0, lambda x: np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)),
 }
 
 
-def _resample_last_axis(x: torch.Tensor, out_size: int, resample: str) -> torch.Tensor:
-    """uint8 [..., n] -> uint8 [..., out_size]: Pillow's precompute_coeffs and 8-bit pass."""
-    in_size = x.shape[-1]
+@functools.lru_cache(maxsize=64)
+def _coefficients(in_size: int, out_size: int, resample: str, device: torch.device) -> tuple:
+    """Pillow's fixed-point weights int64 [out_size, ksize] and source indices for one axis,
+    computed once per (sizes, filter, device): saliency resizes every image of a pool alike."""
     support, kernel = _FILTERS[resample]
     scale = in_size / out_size
     filterscale = max(scale, 1.0)
@@ -96,8 +110,16 @@ def _resample_last_axis(x: torch.Tensor, out_size: int, resample: str) -> torch.
     total = weights.sum(1, keepdims=True)
     weights = np.divide(weights, total, out=weights, where=total != 0)
     fixed = np.where(weights < 0, -0.5, 0.5) + weights * (1 << _PRECISION_BITS)
-    fixed = torch.from_numpy(np.trunc(fixed).astype(np.int64)).to(x.device)
-    index = torch.from_numpy(np.minimum(first[:, None] + taps[None, :], in_size - 1)).to(x.device)
+    fixed = torch.from_numpy(np.trunc(fixed).astype(np.int64)).to(device)
+    index = torch.from_numpy(np.minimum(first[:, None] + taps[None, :], in_size - 1)).to(device)
+    return fixed, index
+
+
+def _resample_last_axis(x: torch.Tensor, out_size: int, resample: str) -> torch.Tensor:
+    """uint8 [..., n] -> uint8 [..., out_size]: Pillow's precompute_coeffs and 8-bit pass."""
+    in_size = x.shape[-1]
+    fixed, index = _coefficients(in_size, out_size, resample, x.device)
+    ksize = index.shape[1]
     x = x.contiguous()
     rows = x.reshape(-1, in_size)
     out = torch.empty(rows.shape[0], out_size, dtype=torch.uint8, device=x.device)

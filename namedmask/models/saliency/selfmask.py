@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from namedmask.models.dino import DinoWeightsError, build_vit, forward_tokens, patch_size, read_checkpoint
-from namedmask.models.saliency.common import resize_short_side, short_side_size
+from namedmask.models.saliency.common import capped_short_side, resize_short_side
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,7 @@ MAX_TOKENS = 16384
 def selfmask_short_side(height: int, width: int, short_side: int, patch: int, max_tokens: int = MAX_TOKENS) -> int:
     """The short side to resize to: `short_side`, lowered one patch at a time while the padded
     patch grid of the resized image would hold more than max_tokens tokens."""
-    def tokens(s: int) -> int:
-        h, w = short_side_size(height, width, s)
-        return -(-h // patch) * -(-w // patch)
-
-    s = short_side
-    while s > patch and tokens(s) > max_tokens:
-        s -= patch
-    return s
+    return capped_short_side(height, width, short_side, patch, max_tokens)
 
 
 class SelfMaskPredictor:

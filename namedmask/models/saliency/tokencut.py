@@ -36,7 +36,7 @@ from scipy.sparse.linalg import ArpackNoConvergence, eigsh
 
 from namedmask.errors import InputError
 from namedmask.models.dino import last_layer_keys, patch_size
-from namedmask.models.saliency.common import resize_short_side
+from namedmask.models.saliency.common import capped_short_side, resize_short_side
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,7 @@ def token_short_side(height: int, width: int, short_side: int, patch: int, max_t
     """The short side to resize to: `short_side`, lowered one patch at a time while the patch
     grid of the resized image (sides rounded to multiples of `patch`, as resize_short_side)
     would hold more than max_tokens tokens."""
-    def tokens(s: int) -> int:
-        lo, hi = min(height, width), max(height, width)
-        long_side = int(s * hi / lo)
-        return max(1, round(s / patch)) * max(1, round(long_side / patch))
-
-    s = short_side
-    while s > patch and tokens(s) > max_tokens:
-        s -= patch
-    return s
+    return capped_short_side(height, width, short_side, patch, max_tokens, multiple=patch)
 
 
 def bipartition(eigenvector: np.ndarray, grid: tuple, corner_rule: bool = False) -> Cut:
