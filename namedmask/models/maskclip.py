@@ -162,6 +162,14 @@ def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple) -> torch
     return torch.stack(out)
 
 
+def class_text(clip: Clip, classes: list, background: tuple | list, templates: tuple) -> tuple:
+    """The prompt-ensembled text of (name, words) `classes`, and of the background words (one
+    embedding each; None without any) -> (float32 [C, D], float32 [B, D] or None)."""
+    text = ensemble_text_embeddings(clip, [words for _, words in classes], templates)
+    bg = ensemble_text_embeddings(clip, [(w,) for w in background], templates) if background else None
+    return text, bg
+
+
 def parse_text_classes(text: str) -> list:
     """'dog, cat|kitten, traffic light' -> [("dog",), ("cat", "kitten"), ("traffic light",)]:
     classes separated by commas, a class's synonyms by '|'."""

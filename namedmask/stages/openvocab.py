@@ -26,7 +26,7 @@ from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (OpenVocabSegmenter, TextDeepLabV3Plus, load_backbone_weights,
                                       load_segmenter)
 from namedmask.models.dino import create_dino
-from namedmask.models.maskclip import MaskClipSegmenter, ensemble_text_embeddings, parse_text_classes
+from namedmask.models.maskclip import MaskClipSegmenter, class_text, ensemble_text_embeddings, parse_text_classes
 from namedmask.models.prompts import get_templates
 from namedmask.models.text_head import DenseTeacher, TextBank, foreground_pixels, text_distillation_loss
 from namedmask.runtime import resolve_device
@@ -65,9 +65,7 @@ def zero_shot_segmenter(classes: list, model: str, pretrained: str | None = None
     elif dino is not None or dino_weights is not None:
         raise OpenVocabError("--dino/--dino-weights are only used by --refine dino")
     clip = load_clip(model, pretrained, device)
-    t = get_templates(templates)
-    text = ensemble_text_embeddings(clip, [words for _, words in classes], t).to(device)
-    bg = ensemble_text_embeddings(clip, [(w,) for w in background], t).to(device) if background else None
+    text, bg = class_text(clip, classes, background, get_templates(templates))  # buffers: seg.to(device) moves them
     seg = MaskClipSegmenter(clip, text, bg, threshold=threshold, short_side=short_side, refine=refine, recipe=recipe,
                             dino=dino)
     return seg.to(device).eval(), ["background"] + [name for name, _ in classes]

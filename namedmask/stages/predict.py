@@ -28,7 +28,7 @@ from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.dino import create_dino
 from namedmask.models.mask_prompts import load_mask_prompts
-from namedmask.models.maskclip import ensemble_text_embeddings
+from namedmask.models.maskclip import class_text
 from namedmask.models.prompts import get_templates
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
@@ -138,8 +138,7 @@ def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu")
     config.check(run_dir)
     templates = get_templates(config.templates)
     clip = load_clip(config.model, config.pretrained, device)
-    text = ensemble_text_embeddings(clip, [words for _, words in classes], templates)
-    bg = ensemble_text_embeddings(clip, [(w,) for w in config.background], templates) if config.background else None
+    text, bg = class_text(clip, classes, config.background, templates)
     prompts = load_mask_prompts(config.mask_prompts, clip) if config.mask_prompts else None
     if config.proposals == "segmenter":
         segmenter, _ = load_segmenter(resolve_run_dir(run_dir), device)

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from namedmask import io
 from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from namedmask.errors import InputError
+from namedmask.models.dino import patch_size
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ class DinoTrainConfig:
     mask_ratio: float = 0.3        # largest fraction of a global view's patches the student sees masked
     save_every: int = 20
     seed: int = 0
+
+    def __post_init__(self):
+        # The student groups its crops by size and takes the first group as the global crops,
+        # whose masked patches the iBOT loss scores: equal sizes would mix locals into it.
+        if self.patch_weight and self.global_size == self.local_size:
+            raise InputError(f"patch_weight needs global crops larger than local ones, got global_size = "
+                             f"local_size = {self.global_size}")
 
 
 class DinoHead(nn.Module):
@@ -252,7 +261,7 @@ def train_dino(images: torch.Tensor, out: str | Path, cfg: DinoTrainConfig, prog
             log.info("tiny DINO: resuming at step %d", step)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
     n_crops = 2 + cfg.local_crops
-    patch = student.backbone.patch_embed.patch_size[0]
+    patch = patch_size(student.backbone)
     student.train()
     teacher.train()
     loss = None
@@ -269,14 +278,14 @@ def train_dino(images: torch.Tensor, out: str | Path, cfg: DinoTrainConfig, prog
             s_out, s_patch = student(views, masks)
             with torch.no_grad():
                 t_out, t_patch = teacher(views[:2])
-            loss = (dino_loss(s_out, t_out, center, n_crops, cfg.teacher_temp, cfg.student_temp)
-                    + cfg.patch_weight * patch_loss(s_patch, t_patch, patch_center, torch.cat(masks).flatten(1),
-                                                    cfg.teacher_temp, cfg.student_temp))
         else:
             s_out = student(views)
             with torch.no_grad():
                 t_out = teacher(views[:2])
-            loss = dino_loss(s_out, t_out, center, n_crops, cfg.teacher_temp, cfg.student_temp)
+        loss = dino_loss(s_out, t_out, center, n_crops, cfg.teacher_temp, cfg.student_temp)
+        if cfg.patch_weight:
+            loss = loss + cfg.patch_weight * patch_loss(s_patch, t_patch, patch_center, torch.cat(masks).flatten(1),
+                                                        cfg.teacher_temp, cfg.student_temp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 3.0)
