@@ -15,6 +15,7 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
+import threading
 import time
 from contextlib import contextmanager
 
@@ -91,6 +92,28 @@ def workloads() -> dict:
     return out
 
 
+def settle(timeout: float = 1.0) -> None:
+    """Waits until no other thread of this process is runnable. scipy's OpenBLAS threads spin for
+    ~0.1 s after the reference returns (measured 91-127 ms); the kernels share work only with
+    cores idle at the time of the call, so the calls right after it saw a busy core and ran on
+    one thread even in the "idle" condition."""
+    me = str(threading.get_native_id())
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        try:
+            tasks = [t for t in os.listdir("/proc/self/task") if t != me]
+            states = []
+            for t in tasks:
+                with open(f"/proc/self/task/{t}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except OSError:  # not Linux, or a thread ended while being read
+            time.sleep(0.2)
+            return
+        if "R" not in states:
+            return
+        time.sleep(0.005)
+
+
 def measure(name: str, shape: str, call, ref_name: str, ref, condition: str, rounds: int, reps: int) -> Row:
     default = torch.get_num_threads()
     times = {"default": [], "1 thread": [], "ref": []}
@@ -109,6 +132,7 @@ def measure(name: str, shape: str, call, ref_name: str, ref, condition: str, rou
         t0 = time.perf_counter()
         ref()
         times["ref"].append(time.perf_counter() - t0)
+        settle()
     med = {k: statistics.median(v) for k, v in times.items()}
     extra = {f"{default} threads (default)": f"median {med['default'] * 1e3:.2f} ms, max {max(times['default']) * 1e3:.2f} ms",
              "1 thread": f"median {med['1 thread'] * 1e3:.2f} ms, max {max(times['1 thread']) * 1e3:.2f} ms",

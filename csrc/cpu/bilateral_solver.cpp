@@ -45,24 +45,26 @@ constexpr int64_t kBandPixels = 1 << 16;
 constexpr int64_t kPixelGrain = 1 << 16;  // slicing chunk
 constexpr int64_t kImagesPerWorker = 8;
 // On cores idle at the time of the call (idle_helpers_for), smaller work is shared too: a
-// photo's grid bands and slicing from kIdleSplitPixels per worker (two regions per photo; the CG
-// stays on the caller: a region per iteration costs more in wake-ups than its ~10k vertices
-// take), and the photos of a batch one per task.
+// photo's grid bands and slicing from kIdleSplitPixels per worker, its bistochastization and CG
+// from kIdleSplitVertices per worker (a SpinningTeam: woken once, the helpers spin between the
+// regions, two per CG iteration, which are too short to wake a thread for), and the photos of a
+// batch one per task.
 constexpr int64_t kIdleSplitPixels = 1 << 16;
+constexpr int64_t kIdleSplitVertices = 1 << 11;
 
 template <typename F>
-void for_vertices(int64_t nv, int helpers, F&& f) {
-  share_tasks((nv + kVertexChunk - 1) / kVertexChunk, helpers, [&](int64_t c, int) {
+void for_vertices(int64_t nv, SpinningTeam& team, F&& f) {
+  team.share((nv + kVertexChunk - 1) / kVertexChunk, [&](int64_t c, int) {
     for (int64_t v = c * kVertexChunk, end = std::min(nv, v + kVertexChunk); v < end; ++v) f(v);
   });
 }
 
 // Sums of N values over the vertices, chunk(begin, end) returning those of [begin, end).
 template <int N, typename F>
-std::array<double, N> sum_chunks(int64_t nv, int helpers, F&& chunk) {
+std::array<double, N> sum_chunks(int64_t nv, SpinningTeam& team, F&& chunk) {
   const int64_t chunks = (nv + kVertexChunk - 1) / kVertexChunk;
   std::vector<std::array<double, N>> partial(chunks);
-  share_tasks(chunks, helpers, [&](int64_t c, int) {
+  team.share(chunks, [&](int64_t c, int) {
     partial[c] = chunk(c * kVertexChunk, std::min(nv, (c + 1) * kVertexChunk));
   });
   std::array<double, N> sum{};
@@ -73,8 +75,8 @@ std::array<double, N> sum_chunks(int64_t nv, int helpers, F&& chunk) {
 
 // Sums of N per-vertex values, f(v, acc) adding vertex v's to acc.
 template <int N, typename F>
-std::array<double, N> sum_vertices(int64_t nv, int helpers, F&& f) {
-  return sum_chunks<N>(nv, helpers, [&](int64_t begin, int64_t end) {
+std::array<double, N> sum_vertices(int64_t nv, SpinningTeam& team, F&& f) {
+  return sum_chunks<N>(nv, team, [&](int64_t begin, int64_t end) {
     std::array<double, N> acc{};
     for (int64_t v = begin; v < end; ++v) f(v, acc);
     return acc;
@@ -354,28 +356,35 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
     TORCH_CHECK_VALUE(false, vertex_cap_message(index, h, w, max_vertices));
   }
   const int64_t nv = grid.vertices;
-  const int helpers = split ? helpers_for(nv, kSplitVertices) : 0;
   for (int32_t& j : grid.neighbours) j = j < 0 ? static_cast<int32_t>(nv) : j;  // the sentinel
   std::vector<double>&m = grid.m, &wsplat = grid.w, &b = grid.b;
   const SentinelNeighbours neighbours{grid.neighbours.data()};
-
-  // Bistochastization. Every vector the blur gathers from has a zero entry [nv] (the sentinel).
+  // Every vector the blur gathers from has a zero entry [nv] (the sentinel). All buffers exist
+  // before the team starts: a helper leaves after a while without work, and first-touching tens
+  // of MB (a large image's CG vectors) between two regions took longer than that.
   std::vector<double> n(nv + 1, 1.0), scratch(nv + 1, 0.0);
   n[nv] = 0.0;
+  std::vector<double> diag(nv), lam_n(nv), inv_diag(nv), y(nv), r(nv), u(nv), nu(nv + 1, 0.0), s(nv, 0.0),
+      p(nv, 0.0), q(nv);  // CG; nu = n * u, gathered by the blur
+  // One team for the bistochastization and CG regions (two per CG iteration, too short to wake a
+  // thread for each): its helpers spin between them (share_tasks.h).
+  SpinningTeam team(!split                     ? 0
+                    : nv >= 2 * kSplitVertices ? helpers_for(nv, kSplitVertices)
+                                               : idle_helpers_for(nv, kIdleSplitVertices));
+
+  // Bistochastization.
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
   for (int it = 0; it < kBistochasticSteps; ++it) {
-    for_vertices(nv, helpers, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
+    for_vertices(nv, team, [&](int64_t v) { scratch[v] = bistochastic_step(n[v], m[v], blur_n(v)); });
     std::swap(n, scratch);
   }
-  for_vertices(nv, helpers, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
+  for_vertices(nv, team, [&](int64_t v) { m[v] = n[v] * blur_n(v); });
 
   // Preconditioned CG from y0 = b / w with scipy's stopping rule (before every iteration:
   // stop when |r| < tol |b|; at most max_iter iterations), in the Chronopoulos-Gear arrangement:
   // the same iterates in exact arithmetic, but one elementwise pass and one pass applying A per
   // iteration instead of three passes (s = A p is kept by recurrence).
-  std::vector<double> diag(nv), lam_n(nv), inv_diag(nv), y(nv), r(nv), u(nv), nu(nv + 1, 0.0), s(nv, 0.0),
-      p(nv, 0.0), q(nv);  // nu = n * u, gathered by the blur
-  const double b_norm = std::sqrt(sum_vertices<1>(nv, helpers, [&](int64_t v, std::array<double, 1>& acc) {
+  const double b_norm = std::sqrt(sum_vertices<1>(nv, team, [&](int64_t v, std::array<double, 1>& acc) {
     y[v] = wsplat[v] > 0 ? b[v] / wsplat[v] : 0.0;
     nu[v] = n[v] * y[v];
     diag[v] = a_diagonal(m[v], n[v], wsplat[v], lam);
@@ -397,16 +406,16 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
     acc[0] += r[v] * r[v];
     acc[1] += r[v] * u[v];
   };
-  auto sums = sum_vertices<2>(nv, helpers, [&](int64_t v, std::array<double, 2>& acc) {
+  auto sums = sum_vertices<2>(nv, team, [&](int64_t v, std::array<double, 2>& acc) {
     r[v] = b[v] - apply_a(y, v);
     precondition(v, acc);
   });
-  for_vertices(nv, helpers, [&](int64_t v) { nu[v] = n[v] * u[v]; });
+  for_vertices(nv, team, [&](int64_t v) { nu[v] = n[v] * u[v]; });
   double alpha = 0.0, gamma_prev = 0.0;
   for (int64_t it = 0; it < max_iter; ++it) {
     if (std::sqrt(sums[0]) < atol) break;
     const double gamma = sums[1];
-    const double delta = sum_chunks<1>(nv, helpers, [&](int64_t begin, int64_t end) {
+    const double delta = sum_chunks<1>(nv, team, [&](int64_t begin, int64_t end) {
       double qu = 0.0;
 #pragma omp simd reduction(+ : qu)  // partial sums per lane: no serial chain of adds
       for (int64_t v = begin; v < end; ++v) {
@@ -419,7 +428,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
     const double pap = it == 0 ? delta : delta - beta * gamma / alpha;  // p.Ap of the new direction
     alpha = pap != 0.0 ? gamma / pap : 0.0;  // p.Ap == 0 only when r == 0 (tol == 0)
     gamma_prev = gamma;
-    sums = sum_chunks<2>(nv, helpers, [&](int64_t begin, int64_t end) {
+    sums = sum_chunks<2>(nv, team, [&](int64_t begin, int64_t end) {
       double rr = 0.0, ru = 0.0;
       double *pp = p.data(), *ps = s.data(), *py = y.data(), *pr = r.data(), *pu = u.data(), *pnu = nu.data();
       const double *pq = q.data(), *pinv = inv_diag.data(), *pn = n.data();
