@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import SHARED_DATA, Row, print_table, timeit
+from bench.common import SHARED_DATA, Row, print_table, settle, timeit
 from namedmask import ops
 from namedmask.ops.bilateral import PRESETS
 
@@ -121,6 +121,7 @@ def speed_rows(photos: list) -> list[Row]:
         for _ in range(5):
             for name, measure in methods.items():
                 times[name].append(measure())
+                settle()  # scipy's BLAS threads spin on after it, taking the core the next method may share
         t_scipy = statistics.median(times["scipy"])
         for name in methods:
             if name == "scipy":
@@ -135,8 +136,8 @@ def speed_rows(photos: list) -> list[Row]:
                 each = sorted(with_threads(1, lambda: per_image(cpp, repeat=5, items=[p])) for p in timed)
                 extra["per photo"] = f"median {each[len(each) // 2] * 1e3:.2f} ms, max {each[-1] * 1e3:.2f} ms"
             else:
-                extra["note"] = ("a photo below 2 M pixels: its grid bands and slicing shared only with cores idle at "
-                                 "the time of the call (none on a busy machine)")
+                extra["note"] = ("a photo below 2 M pixels: its grid, slicing, bistochastization and CG shared only "
+                                 "with cores idle at the time of the call (none on a busy machine)")
             rows.append(Row("bilateral_solve", name, shape, t_cpp, t_torch / t_cpp, None, extra))
     if torch.cuda.is_available():
         gpu = [(s, x.cuda(), t.cuda(), g) for s, x, t, g in timed]

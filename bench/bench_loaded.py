@@ -15,14 +15,13 @@ import argparse
 import multiprocessing as mp
 import os
 import statistics
-import threading
 import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
-from bench.common import Row, print_table
+from bench.common import Row, print_table, settle
 from namedmask import ops
 
 
@@ -90,28 +89,6 @@ def workloads() -> dict:
     out["confusion_matrix"] = ("200x375x500 u8, C=21", lambda: ops.confusion_matrix(pred, target, 21, backend="cpp"),
                                "numpy bincount", lambda: bc.numpy_bincount(pred.numpy(), target.numpy(), 21))
     return out
-
-
-def settle(timeout: float = 1.0) -> None:
-    """Waits until no other thread of this process is runnable. scipy's OpenBLAS threads spin for
-    ~0.1 s after the reference returns (measured 91-127 ms); the kernels share work only with
-    cores idle at the time of the call, so the calls right after it saw a busy core and ran on
-    one thread even in the "idle" condition."""
-    me = str(threading.get_native_id())
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        try:
-            tasks = [t for t in os.listdir("/proc/self/task") if t != me]
-            states = []
-            for t in tasks:
-                with open(f"/proc/self/task/{t}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-        except OSError:  # not Linux, or a thread ended while being read
-            time.sleep(0.2)
-            return
-        if "R" not in states:
-            return
-        time.sleep(0.005)
 
 
 def measure(name: str, shape: str, call, ref_name: str, ref, condition: str, rounds: int, reps: int) -> Row:

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,29 @@ def timeit(fn, repeat: int = 5, warmup: int = 1, sync_cuda: bool = False) -> flo
 
 
 _BANDWIDTH = None
+
+
+def settle(timeout: float = 1.0) -> None:
+    """Waits until no other thread of this process is runnable. Call it after a reference that
+    uses NumPy/scipy: their OpenBLAS threads spin for ~0.1 s after it returns (measured 91-127 ms
+    after the scipy bilateral solver), and the CPU kernels share work only with cores idle at the
+    time of the call, so the calls right after it saw a busy core and ran on one thread."""
+    if not os.path.isdir("/proc/self/task"):  # not Linux: give spinning threads time to sleep
+        time.sleep(0.2)
+        return
+    me = str(threading.get_native_id())
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        states = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{task}/stat") as f:
+                    states.append(task != me and f.read().rsplit(")", 1)[1].split()[0] == "R")
+            except OSError:  # the thread ended
+                pass
+        if not any(states):
+            return
+        time.sleep(0.005)
 
 
 def memory_bandwidth() -> float:
