@@ -703,17 +703,20 @@ def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_w
 @click.option("--val-fraction", type=float, default=None, show_default="0.2",
               help="Share of regions held out for the accuracy report.")
 @click.option("--finetune", is_flag=True, help="Also fine-tune CLIP's image tower (off: CLIP stays frozen).")
+@click.option("--negatives", default=None, metavar="builtin|FILE|none", show_default="builtin",
+              help="Train against this vocabulary's other nouns as negatives: give the vocabulary discover will "
+                   "name with ('none': a closed choice among the categories only).")
 @click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
 @_config_options
 def adapt_clip_cmd(archive, masks, out, model, pretrained, templates, depth, steps, batch_size, lr, val_fraction,
-                   finetune, device, config_path, overrides) -> None:
+                   finetune, negatives, device, config_path, overrides) -> None:
     """Mask prompt tuning: learn tokens for CLIP's blanked patches on the archive's masked regions."""
     from namedmask.config import AdaptConfig, load_config
     from namedmask.stages.adapt_clip import adapt_clip
 
     cfg = load_config(AdaptConfig, config_path, overrides, model=model, pretrained=pretrained, templates=templates,
                       depth=depth, steps=steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
-                      finetune=_flag(finetune), device=device)
+                      finetune=_flag(finetune), negatives=negatives, device=device)
     s = adapt_clip(archive, masks, out, cfg)
     click.echo(f"mask prompts -> {out / 'mask_prompts.safetensors'}; held-out masked-region accuracy "
                f"{s['val_accuracy_plain']} plain, {s['val_accuracy_prompts']} with prompts ({s['val']} regions)")

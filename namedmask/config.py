@@ -356,12 +356,20 @@ class AdaptConfig:
     val_fraction: float = 0.2               # share of regions held out for the accuracy report
     finetune: bool = False                  # also train CLIP's image tower (off: CLIP frozen)
     finetune_lr: float = 1e-5
+    # A vocabulary ("builtin" or a names file, as discover's --vocabulary; "none": off) whose
+    # entries that share no word with the categories are trained on as negatives: classes no
+    # region belongs to. Without them the prompts learn a closed choice among the categories and
+    # name worse among many nouns (toy world, 280-noun vocabulary: 0.814 plain -> 0.705 with
+    # such prompts, 0.878 with negatives; README).
+    negatives: str | None = "builtin"
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
         _check(self, depth=(1, None), steps=(1, None), batch_size=(1, None), lr=(0.0, None),
                val_fraction=(0.0, 0.9), finetune_lr=(0.0, None))
+        if isinstance(self.negatives, str) and self.negatives.lower() in ("none", ""):
+            self.negatives = None
 
 
 STAGES = ("archive", "saliency", "experts", "train", "eval", "predict")

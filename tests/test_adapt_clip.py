@@ -12,7 +12,9 @@ from namedmask.cli import cli
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import load_clip
 from namedmask.models.mask_prompts import MaskPrompts, MaskPromptsError, load_mask_prompts
-from namedmask.stages.adapt_clip import AdaptConfig, Regions, accuracy, category_text, load_regions, train_prompts
+from namedmask.models.maskclip import ensemble_text_embeddings
+from namedmask.stages.adapt_clip import (AdaptConfig, AdaptError, Regions, accuracy, category_text, load_regions,
+                                         negative_text, train_prompts)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +166,64 @@ def test_finetune_changes_the_image_tower_and_saves_a_loadable_clip(tmp_path):
     assert torch.equal(sd_t["token_embedding.weight"], sd_p["token_embedding.weight"])
     assert load_mask_prompts(out / "mask_prompts.safetensors", tuned).depth == 1
     assert json.loads((out / "adapt.json").read_text())["settings"]["finetune"] is True
+
+
+def test_negatives_are_the_vocabulary_entries_sharing_no_word_with_the_categories(tmp_path, clip):
+    archive, _ = _run_folder(tmp_path, clip)
+    vocab = tmp_path / "vocab.txt"
+    # "Crimson" is a synonym the archive embedded "red" with; "maroon | BLUE" shares a word too.
+    vocab.write_text("crimson\ngreen | lime\nmaroon | BLUE\nyellow\n")
+    got = negative_text(clip, str(vocab), archive, ["red", "blue"], ("a photo of a {}.",))
+    want = ensemble_text_embeddings(clip, [("green", "lime"), ("yellow",)], ("a photo of a {}.",))
+    torch.testing.assert_close(got, want)
+    vocab.write_text("red\nCrimson | blue\n")
+    with pytest.raises(AdaptError, match="every entry shares a word"):
+        negative_text(clip, str(vocab), archive, ["red", "blue"], ("a photo of a {}.",))
+
+
+def test_negatives_are_extra_classes_of_the_loss(clip):
+    """The first step's loss is the cross-entropy over the category rows followed by the
+    negatives' rows, labels indexing the categories (checked by hand, lr 0)."""
+    regions = _regions(12)
+    g = torch.Generator().manual_seed(1)
+    text = torch.nn.functional.normalize(torch.randn(3, clip.embed_dim, generator=g), dim=-1)
+    negatives = torch.nn.functional.normalize(torch.randn(5, clip.embed_dim, generator=g), dim=-1)
+    cfg = AdaptConfig(steps=1, batch_size=6, lr=0.0, seed=4)
+    prompts, losses = train_prompts(clip, regions, text, torch.arange(12), cfg, progress=False, negatives=negatives)
+    b = torch.arange(12)[torch.randint(12, (6,), generator=torch.Generator().manual_seed(4))]
+    crops, masks = regions.batch(b)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(prompts.forward(clip, zg.normalise(clip, crops), masks).float(), dim=-1)
+        scale = float(clip.model.logit_scale.exp().clamp(max=100))
+        want = torch.nn.functional.cross_entropy(scale * emb @ torch.cat([text, negatives]).T, regions.labels[b])
+        closed = torch.nn.functional.cross_entropy(scale * emb @ text.T, regions.labels[b])
+    assert losses[0] == pytest.approx(float(want), rel=1e-5)
+    assert float(want) > float(closed)  # the negatives take probability from the right category
+
+
+def test_adapt_clip_negatives_option_and_older_folders(tmp_path, clip):
+    archive, masks = _run_folder(tmp_path, clip)
+    (tmp_path / "vocab.txt").write_text("green\nyellow | gold\nred\n")
+    out = tmp_path / "adapt"
+    args = ["adapt-clip", "--archive", str(archive), "--masks", str(masks), "--out", str(out), "--model", "nm-tiny",
+            "--templates", "simple", "--steps", "3", "--batch-size", "4"]
+    r = CliRunner().invoke(cli, args + ["--negatives", str(tmp_path / "vocab.txt")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((out / "adapt.json").read_text())
+    assert summary["negatives"] == 2 and summary["settings"]["negatives"] == str(tmp_path / "vocab.txt")
+    assert (out / "negatives_text.safetensors").is_file()  # the vocabulary's text, kept for a rerun
+    r = CliRunner().invoke(cli, args + ["--negatives", "none"])  # the same folder, other negatives
+    assert r.exit_code == 1 and "other settings" in r.output
+    # A folder finished before the option existed (no "negatives" in its settings) was trained
+    # without negatives: it is finished for --negatives none, refused for the default (builtin).
+    plain = args[:6] + [str(tmp_path / "plain")] + args[7:]
+    r = CliRunner().invoke(cli, plain + ["--negatives", "none"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "plain" / "adapt.json").read_text())
+    assert summary["negatives"] == 0 and summary["settings"]["negatives"] is None
+    del summary["settings"]["negatives"]
+    (tmp_path / "plain" / "adapt.json").write_text(json.dumps(summary))
+    r = CliRunner().invoke(cli, plain + ["--negatives", "none"])
+    assert r.exit_code == 0 and "other settings" not in r.output, r.output
+    r = CliRunner().invoke(cli, plain)
+    assert r.exit_code == 1 and "other settings" in r.output

@@ -18,11 +18,13 @@ segmenter."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from namedmask import io
 from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD  # the segmenters' input normalisation
 from namedmask.errors import NamedMaskError
 from namedmask.models.clip import Clip
@@ -147,10 +149,20 @@ def to_clip_input(x: torch.Tensor, mean: tuple, std: tuple, short_side: int, str
 
 # ---------------------------------------------------------------- text side
 
-def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple) -> torch.Tensor:
+def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple, cache: Path | None = None) -> torch.Tensor:
     """words[i]: the names of class i (a name and its synonyms). Every template x every name
     encoded, L2-normalised, averaged and L2-normalised again (NamedMask's prompt ensemble) ->
-    float32 [len(words), D]."""
+    float32 [len(words), D]. With `cache` (a safetensors file), the result is read from there when
+    it was made for the same model, words and templates, and written there otherwise: a large
+    vocabulary (the builtin one with the 80 templates: ~600 k prompts) is encoded once."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    key = io.fingerprint({"model": clip.describe(), "words": words, "templates": templates})
+    if cache is not None and cache.is_file():
+        with safe_open(str(cache), "pt") as f:
+            if (f.metadata() or {}).get("fingerprint") == key:
+                return f.get_tensor("embeddings")
     prompts = [[t.format(w) for w in ws for t in templates] for ws in words]
     if any(not p for p in prompts):
         raise MaskClipError("every class needs at least one name")
@@ -159,7 +171,11 @@ def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple) -> torch
     for ps in prompts:
         out.append(F.normalize(encoded[start:start + len(ps)].mean(0), dim=0))
         start += len(ps)
-    return torch.stack(out)
+    text = torch.stack(out)
+    if cache is not None:
+        with io.atomic_path(cache) as tmp:
+            save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key})
+    return text
 
 
 def class_text(clip: Clip, classes: list, background: tuple | list, templates: tuple) -> tuple:

@@ -7,14 +7,17 @@ its category (the archive's duplicate policy decides for an image in two archive
 made a batch at a time from the files (RegionFiles), so memory does not grow with the archive. CLIP is
 frozen; the prompt tokens (namedmask.models.mask_prompts) that replace the blank patches are
 trained with cross-entropy over the categories, whose text embeddings are the prompt ensemble of
-every word the archive embedded them with (name + synonyms). `finetune=True` also trains
+every word the archive embedded them with (name + synonyms), and, with `negatives`, over the
+entries of a vocabulary that share no word with them (classes no region belongs to: prompts
+trained on the categories alone learn a closed choice among them). `finetune=True` also trains
 CLIP's image tower and writes it as an open_clip state dict (`--pretrained FILE` loads it).
 
 A held-out share of the pairs (by a seeded permutation) is never trained on: adapt.json reports
 masked-region accuracy there for plain CLIP and with the prompts.
 
 Output: DIR/mask_prompts.safetensors (`discover --embed crop --mask-prompts`), DIR/adapt.json,
-DIR/clip_finetuned.safetensors (finetune only). A finished folder with the same settings is
+DIR/negatives_text.safetensors (the negatives' text embeddings, kept so that a rerun does not
+encode them again), DIR/clip_finetuned.safetensors (finetune only). A finished folder with the same settings is
 left as it is (resumable); other settings in it are refused.
 """
 from __future__ import annotations
@@ -35,6 +38,7 @@ from namedmask.data.archive import load_archive
 from namedmask.data.decode import ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, read_label_map
 from namedmask.data.pseudo_masks import mask_paths
+from namedmask.data.vocabulary import load_vocabulary
 from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import Clip, load_clip
@@ -47,6 +51,9 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapt.json"
 PROMPTS_NAME = "mask_prompts.safetensors"
+NEGATIVES_NAME = "negatives_text.safetensors"  # the negatives vocabulary's text embeddings (a cache)
+# Settings added since the first folders were written, at the value they had before.
+LEGACY_SETTINGS = {"negatives": None}
 
 
 class AdaptError(NamedMaskError, ValueError):
@@ -133,6 +140,22 @@ def category_text(clip: Clip, archive_path, names: list, templates: tuple) -> to
     return ensemble_text_embeddings(clip, [words.get(n, [n]) for n in names], templates)
 
 
+def negative_text(clip: Clip, vocabulary: str, archive_path, names: list, templates: tuple,
+                  cache: Path | None = None) -> torch.Tensor:
+    """[K, E]: the prompt ensembles of the vocabulary's entries that share no word with the
+    categories (name or any synonym the archive embedded them with), for training as negatives.
+    The whole vocabulary is encoded (cached in `cache`, the same embeddings discover makes)."""
+    words = load_archive(archive_path).meta.get("prompt_words", {})
+    taken = {w.lower() for n in names for w in (n, *words.get(n, ()))}
+    vocab = load_vocabulary(vocabulary)
+    kept = [i for i, ws in enumerate(vocab.words) if not taken & {w.lower() for w in ws}]
+    log.info("adapt-clip: %d negatives from %s (%d entries share a word with the categories)",
+             len(kept), vocab.source, len(vocab) - len(kept))
+    if not kept:
+        raise AdaptError(f"adapt-clip: negatives {vocabulary}: every entry shares a word with the categories")
+    return ensemble_text_embeddings(clip, list(vocab.words), templates, cache)[kept]
+
+
 def _embed(clip: Clip, regions, idx: torch.Tensor, prompts: MaskPrompts | None) -> torch.Tensor:
     """Embeddings of regions `idx` of `regions` (Regions or RegionFiles)."""
     crops, masks = regions.batch(idx)
@@ -142,15 +165,17 @@ def _embed(clip: Clip, regions, idx: torch.Tensor, prompts: MaskPrompts | None) 
 
 
 @torch.no_grad()
+def predict(clip: Clip, regions, idx: torch.Tensor, text: torch.Tensor, prompts=None, bs: int = 64) -> torch.Tensor:
+    """[len(idx)] int64: per region, the row of `text` [T, E] its embedding is closest to."""
+    return torch.cat([(_embed(clip, regions, idx[i:i + bs], prompts) @ text.T.to(clip.device)).argmax(1).cpu()
+                      for i in range(0, len(idx), bs)] or [torch.empty(0, dtype=torch.long)])
+
+
 def accuracy(clip: Clip, regions, idx: torch.Tensor, text: torch.Tensor, prompts=None, bs: int = 64) -> float:
+    """Share of regions `idx` whose closest text row is their label (text rows = categories)."""
     if len(idx) == 0:
         return float("nan")
-    correct = 0
-    for i in range(0, len(idx), bs):
-        b = idx[i:i + bs]
-        pred = (_embed(clip, regions, b, prompts) @ text.T.to(clip.device)).argmax(1).cpu()
-        correct += int((pred == regions.labels[b]).sum())
-    return correct / len(idx)
+    return float((predict(clip, regions, idx, text, prompts, bs) == regions.labels[idx]).float().mean())
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple:
@@ -160,8 +185,9 @@ def split(n: int, val_fraction: float, seed: int) -> tuple:
 
 
 def train_prompts(clip: Clip, regions, text: torch.Tensor, train_idx: torch.Tensor, config: AdaptConfig,
-                  progress: bool = True) -> tuple:
-    """Returns (prompts, per-step losses)."""
+                  progress: bool = True, negatives: torch.Tensor | None = None) -> tuple:
+    """Returns (prompts, per-step losses). Cross-entropy over the categories' text rows, and over
+    `negatives` [K, E] as extra classes no region belongs to."""
     torch.manual_seed(config.seed)
     prompts = MaskPrompts(clip, depth=config.depth, seed=config.seed)
     for p in clip.model.parameters():
@@ -174,7 +200,7 @@ def train_prompts(clip: Clip, regions, text: torch.Tensor, train_idx: torch.Tens
         groups.append({"params": visual, "lr": config.finetune_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     scale = float(clip.model.logit_scale.exp().clamp(max=100))
-    text = text.to(clip.device)
+    text = (text if negatives is None else torch.cat([text, negatives.to(text)])).to(clip.device)
     g = torch.Generator().manual_seed(config.seed)
     losses = []
     for _ in tqdm(range(config.steps), desc="adapt-clip", disable=not progress):
@@ -207,7 +233,7 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, progres
     done = out / CONFIG_NAME
     if done.is_file():
         previous = json.loads(done.read_text())
-        if previous.get("settings") != settings:
+        if {**LEGACY_SETTINGS, **previous.get("settings", {})} != settings:
             raise AdaptError(f"{out} holds mask prompts trained with other settings ({done}); use a new --out folder")
         if (out / PROMPTS_NAME).is_file():
             log.info("adapt-clip: %s is finished (same settings), nothing to do", out)
@@ -218,7 +244,9 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, progres
     text = category_text(clip, archive_path, regions.names, templates).cpu()
     train_idx, val_idx = split(len(regions.labels), config.val_fraction, config.seed)
     plain = accuracy(clip, regions, val_idx, text)
-    prompts, losses = train_prompts(clip, regions, text, train_idx, config, progress)
+    negatives = None if config.negatives is None else negative_text(
+        clip, config.negatives, archive_path, regions.names, templates, out / NEGATIVES_NAME)
+    prompts, losses = train_prompts(clip, regions, text, train_idx, config, progress, negatives)
     tuned = accuracy(clip, regions, val_idx, text, prompts)
     prompts.save(out / PROMPTS_NAME)
     if config.finetune:
@@ -230,7 +258,7 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, progres
     summary = {"settings": settings, "categories": regions.names, "train": len(train_idx), "val": len(val_idx),
                "val_accuracy_plain": plain, "val_accuracy_prompts": tuned,
                "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
-               "chance": 1 / len(regions.names)}
+               "chance": 1 / len(regions.names), "negatives": 0 if negatives is None else len(negatives)}
     summary = {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in summary.items()}
     io.write_json(done, summary)
     log.info("adapt-clip: held-out masked-region accuracy %.3f plain -> %.3f with mask prompts (%d regions)",

@@ -90,19 +90,7 @@ def load_models(config: DiscoverConfig, cache: Path | None = None) -> Models:
 
 def vocabulary_embeddings(clip: Clip, vocab: Vocabulary, templates: tuple, cache: Path | None = None) -> torch.Tensor:
     """float32 [V, E]: per entry, every template x every word, encoded, averaged, normalised."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    key = io.fingerprint({"model": clip.describe(), "words": vocab.words, "templates": templates})
-    if cache is not None and cache.is_file():
-        with safe_open(str(cache), "pt") as f:
-            if (f.metadata() or {}).get("fingerprint") == key:
-                return f.get_tensor("embeddings")
-    text = ensemble_text_embeddings(clip, list(vocab.words), templates)
-    if cache is not None:
-        with io.atomic_path(cache) as tmp:
-            save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key})
-    return text
+    return ensemble_text_embeddings(clip, list(vocab.words), templates, cache)
 
 
 def _masks(labels: torch.Tensor) -> torch.Tensor:
