@@ -344,9 +344,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
                  const float* confidence, int64_t confidence_stride, int64_t h, int64_t w, double lam, int64_t max_iter,
                  double tol, float* out, bool split, int64_t index, int64_t max_vertices) {
   const int64_t pixels = h * w;
-  const int pixel_helpers = !split ? 0
-                            : pixels >= 2 * kSplitPixels ? helpers_for(pixels, kSplitPixels)
-                                                         : idle_helpers_for(pixels, kIdleSplitPixels);
+  const int pixel_helpers = split ? helpers_or_idle(pixels, kSplitPixels, kIdleSplitPixels) : 0;
   const std::unique_ptr<int32_t[]> vertex_of_pixel(new int32_t[pixels]);  // every entry is written: no zeroing
   Grid grid;
   try {
@@ -368,9 +366,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
       p(nv, 0.0), q(nv);  // CG; nu = n * u, gathered by the blur
   // One team for the bistochastization and CG regions (two per CG iteration, too short to wake a
   // thread for each): its helpers spin between them (share_tasks.h).
-  SpinningTeam team(!split                     ? 0
-                    : nv >= 2 * kSplitVertices ? helpers_for(nv, kSplitVertices)
-                                               : idle_helpers_for(nv, kIdleSplitVertices));
+  SpinningTeam team(split ? helpers_or_idle(nv, kSplitVertices, kIdleSplitVertices) : 0);
 
   // Bistochastization.
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };
@@ -479,9 +475,8 @@ at::Tensor bilateral_solve_cpu(const at::Tensor& image, const at::Tensor& target
                   lam, max_iter, tol, out.data_ptr<float>() + start, split, i, max_vertices);
   };
   if (across_images) {
-    const int helpers = batch.size() >= 2 * kImagesPerWorker ? helpers_for(batch.size(), kImagesPerWorker)
-                                                              : idle_helpers_for(batch.size(), 1);
-    share_tasks(batch.size(), helpers, [&](int64_t i, int) { solve(i, false); });
+    share_tasks(batch.size(), helpers_or_idle(batch.size(), kImagesPerWorker, 1),
+                [&](int64_t i, int) { solve(i, false); });
   }
   else
     for (int64_t i = 0; i < batch.size(); ++i) solve(i, true);

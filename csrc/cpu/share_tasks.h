@@ -59,6 +59,13 @@ inline int idle_helpers_for(int64_t work, int64_t min_work) {
   return static_cast<int>(std::clamp<long>(cpus - running, 0, wanted));
 }
 
+// helpers_for(work, min_work), or where that gives none (small work), the helpers for cores idle
+// right now with idle_min_work per helper.
+inline int helpers_or_idle(int64_t work, int64_t min_work, int64_t idle_min_work) {
+  const int helpers = helpers_for(work, min_work);
+  return helpers > 0 ? helpers : idle_helpers_for(work, idle_min_work);
+}
+
 // Runs f(task, worker) for every task in [0, tasks): worker 0 is the calling thread, 1..helpers
 // the helpers (a worker runs its tasks one after another, so per-worker buffers need no lock).
 template <typename F>
