@@ -207,6 +207,9 @@ def test_adapt_clip_negatives_option_and_older_folders(tmp_path, clip):
     out = tmp_path / "adapt"
     args = ["adapt-clip", "--archive", str(archive), "--masks", str(masks), "--out", str(out), "--model", "nm-tiny",
             "--templates", "simple", "--steps", "3", "--batch-size", "4"]
+    r = CliRunner().invoke(cli, args + ["--negatives", str(tmp_path / "missing.txt")])
+    assert r.exit_code == 1 and f"--negatives {tmp_path / 'missing.txt'}: not 'builtin'" in r.output, r.output
+    assert not out.exists()  # refused before anything is written
     r = CliRunner().invoke(cli, args + ["--negatives", str(tmp_path / "vocab.txt")])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "adapt.json").read_text())

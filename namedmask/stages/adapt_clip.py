@@ -222,6 +222,9 @@ def adapt_clip(archive_path, masks_dir, out_dir, config: AdaptConfig | None = No
     if config.steps < 1 or config.batch_size < 1 or not 0 <= config.val_fraction < 1:
         raise AdaptError(f"adapt-clip: steps and batch size must be >= 1 and val fraction in [0, 1), got "
                          f"{config.steps}, {config.batch_size}, {config.val_fraction}")
+    if config.negatives not in (None, "builtin") and not Path(config.negatives).is_file():
+        raise AdaptError(f"--negatives {config.negatives}: not 'builtin', 'none' or a vocabulary file "
+                         f"(one name a line, synonyms after '|')")
     with io.output_folder(out_dir, "adapt-clip", legacy=(CONFIG_NAME,)) as out:  # owned, locked, cleaned
         return _adapt_clip(out, archive_path, masks_dir, config, progress)
 
