@@ -366,7 +366,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
       p(nv, 0.0), q(nv);  // CG; nu = n * u, gathered by the blur
   // One team for the bistochastization and CG regions (two per CG iteration, too short to wake a
   // thread for each): its helpers spin between them (share_tasks.h).
-  SpinningTeam team(split ? helpers_or_idle(nv, kSplitVertices, kIdleSplitVertices) : 0);
+  SpinningTeam team = torch_team(split ? helpers_or_idle(nv, kSplitVertices, kIdleSplitVertices) : 0);
 
   // Bistochastization.
   auto blur_n = [&](int64_t v) { return blur_at(neighbours, v, [&](int64_t j) { return n[j]; }); };

@@ -15,23 +15,19 @@
 
 #include <ATen/Parallel.h>
 
+#include "namedmask/spinning_team.h"
+
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <memory>
 #include <mutex>
-#include <thread>
 
 namespace namedmask {
-
-namespace detail {
-inline thread_local bool in_shared_tasks = false;  // nested calls run inline
-}
 
 // Helpers worth starting for `work` units when one helper should have at least `min_work` of
 // them: torch's thread count (minus the caller), but none for small calls (an inline call costs
@@ -110,129 +106,10 @@ void share_tasks(int64_t tasks, int helpers, F&& f) {
   if (state->error) std::rethrow_exception(state->error);
 }
 
-// A team for a call that runs many short regions back to back (a CG solve: two regions per
-// iteration, tens of us each). share_tasks wakes helpers per region, which costs more than such a
-// region; here helpers are woken once per call and then spin between regions, so a region's
-// tasks start on them at once. Same rule as share_tasks: the caller takes tasks itself and waits
-// only for tasks a helper has already claimed, never for a helper; a helper that is descheduled,
-// starts late or has left (after kSpinLimit without a region) just leaves its share to the
-// caller. Spinning takes a core, so callers start a team only on cores idle at the time of the
-// call (idle_helpers_for) or for regions long enough to pay for it anyway. The destructor sends
-// the helpers away; a late helper finds the team closed and returns at once.
-class SpinningTeam {
- public:
-  explicit SpinningTeam(int helpers) : state_(std::make_shared<State>()) {
-    if (detail::in_shared_tasks || at::in_parallel_region()) helpers = 0;
-    helpers_ = helpers;
-    for (int h = 0; h < helpers; ++h) at::launch([state = state_] { help(*state); });
-  }
-  SpinningTeam(const SpinningTeam&) = delete;
-  SpinningTeam& operator=(const SpinningTeam&) = delete;
-  ~SpinningTeam() { state_->closed.store(true, std::memory_order_relaxed); }
-
-  // Runs f(task, worker) for every task in [0, tasks), as share_tasks does.
-  template <typename F>
-  void share(int64_t tasks, F&& f) {
-    if (helpers_ == 0 || tasks < 2 || tasks > kMaxTasks) {
-      for (int64_t i = 0; i < tasks; ++i) f(i, 0);
-      return;
-    }
-    State& s = *state_;
-    const uint64_t generation = ++generation_;
-    Region& region = s.region[generation & 1];
-    region.fn = &f;
-    region.call = [](void* fn, int64_t task, int worker) {
-      (*static_cast<std::remove_reference_t<F>*>(fn))(task, worker);
-    };
-    region.done.store(0, std::memory_order_relaxed);
-    // Publishing the word releases the region: a helper that claims a task of it sees fn and call.
-    s.word.store(generation << 40 | uint64_t(tasks) << 20, std::memory_order_release);
-    while (run_one(s, 0)) {
-    }
-    // Spin, then yield: a helper holds a claimed task for a few us unless it was descheduled.
-    for (int spins = 0; region.done.load(std::memory_order_acquire) < tasks; ++spins) {
-      if (spins < kCallerSpins)
-        pause();
-      else
-        std::this_thread::yield();
-    }
-    if (s.error) std::rethrow_exception(s.error);
-  }
-
- private:
-  static constexpr int64_t kMaxTasks = (1 << 20) - 1;  // tasks and the next task share a word
-  static constexpr int kCallerSpins = 1 << 12;
-  static constexpr std::chrono::microseconds kSpinLimit{500};
-
-  struct Region {
-    void* fn = nullptr;
-    void (*call)(void*, int64_t, int) = nullptr;
-    std::atomic<int64_t> done{0};
-  };
-  // word = generation (24 bits) | tasks (20 bits) | next task (20 bits): a claim (a compare and
-  // swap of the word) names the region and the task together, so a helper holding a stale word
-  // can never claim a task of a region that has ended. A region's slot (generation & 1) is only
-  // reused two regions later, after every task of this one is done.
-  struct State {
-    std::atomic<uint64_t> word{0};
-    std::atomic<bool> closed{false};
-    std::atomic<int> joined{0};
-    Region region[2];
-    std::mutex error_lock;
-    std::exception_ptr error;
-  };
-
-  static void pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-  }
-
-  // Claims and runs one task of the current region; false when none is left.
-  static bool run_one(State& s, int worker) {
-    uint64_t w = s.word.load(std::memory_order_acquire);
-    for (;;) {
-      const int64_t next = int64_t(w & 0xFFFFF), tasks = int64_t(w >> 20 & 0xFFFFF);
-      if (next >= tasks) return false;
-      if (!s.word.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
-      Region& region = s.region[(w >> 40) & 1];
-      try {
-        region.call(region.fn, next, worker);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(s.error_lock);
-        if (!s.error) s.error = std::current_exception();
-      }
-      region.done.fetch_add(1, std::memory_order_release);
-      return true;
-    }
-  }
-
-  static void help(State& s) {
-    const int worker = 1 + s.joined.fetch_add(1);
-    detail::in_shared_tasks = true;
-    // The clock is read every 256 spins; the first reading after a task starts the idle time.
-    std::chrono::steady_clock::time_point idle_since;
-    for (int spins = 0; !s.closed.load(std::memory_order_relaxed);) {
-      if (run_one(s, worker)) {
-        spins = 0;
-        continue;
-      }
-      pause();
-      if (++spins % 256 != 0) continue;
-      const auto now = std::chrono::steady_clock::now();
-      if (spins == 256)
-        idle_since = now;
-      else if (now - idle_since > kSpinLimit)
-        break;  // no region for a while: give the core back
-    }
-    detail::in_shared_tasks = false;
-  }
-
-  std::shared_ptr<State> state_;
-  int helpers_ = 0;
-  uint64_t generation_ = 0;
-};
+// A SpinningTeam (namedmask/spinning_team.h) whose helpers come from torch's inter-op pool; none
+// inside a parallel region or a shared task (nested work runs inline).
+inline SpinningTeam torch_team(int helpers) {
+  return SpinningTeam(at::in_parallel_region() ? 0 : helpers, [](auto&& help) { at::launch(std::move(help)); });
+}
 
 }  // namespace namedmask
