@@ -1,9 +1,10 @@
-"""The CPU ops idle and on a loaded machine (N busy-loop processes, N = cores): per op, the time
+"""The CPU ops idle, on a loaded machine (N busy-loop processes, N = cores) and with that load
+coming and going every 20 ms ("flickering", POSIX): per op, the time
 with torch's default threads, with 1 thread, their ratio, and the ratio to the reference
 (published scipy solver, per-sample NumPy loop, NumPy bincount) timed in the same conditions.
 
-  python -m bench loaded          both conditions
-  python -m bench.bench_loaded --only loaded
+  python -m bench loaded          every condition
+  python -m bench.bench_loaded --only loaded      (idle | loaded | flickering)
 
 Medians of interleaved rounds (default and 1-thread calls alternating, each round starting with
 the other, the reference once per round), so that a drift in load hits them alike;
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
 import statistics
+import threading
 import time
 from contextlib import contextmanager
 
@@ -31,16 +34,36 @@ def _spin() -> None:
 
 
 @contextmanager
-def busy_machine(n: int | None = None):
-    """N busy-loop processes (default: one per core) for the duration of the block."""
+def busy_machine(n: int | None = None, flicker: float | None = None):
+    """N busy-loop processes (default: one per core) for the duration of the block; with
+    `flicker` (seconds, POSIX), they are stopped and continued in turn every `flicker` seconds,
+    so that load comes and goes in the middle of calls (a kernel decides its helpers at the
+    start of a call and must not pay for load that arrives later)."""
     ctx = mp.get_context("spawn")  # no copy of this process's threads or tensors
     procs = [ctx.Process(target=_spin, daemon=True) for _ in range(n or os.cpu_count() or 1)]
     for p in procs:
         p.start()
     time.sleep(0.5)  # let them reach the loop
+    done = threading.Event()
+
+    def toggle():
+        on = True
+        while not done.wait(flicker):
+            on = not on
+            for p in procs:
+                os.kill(p.pid, signal.SIGCONT if on else signal.SIGSTOP)
+
+    toggler = threading.Thread(target=toggle, daemon=True) if flicker else None
+    if toggler:
+        toggler.start()
     try:
         yield len(procs)
     finally:
+        done.set()
+        if toggler:
+            toggler.join()
+            for p in procs:
+                os.kill(p.pid, signal.SIGCONT)
         for p in procs:
             p.terminate()
         for p in procs:
@@ -118,7 +141,11 @@ def measure(name: str, shape: str, call, ref_name: str, ref, condition: str, rou
     return Row(name, f"cpp, {condition}", shape, med["default"], None, None, extra)
 
 
-def run(conditions=("idle", "loaded"), rounds: int = 5, reps: int = 5) -> list[Row]:
+FLICKER_S = 0.02  # load on for 20 ms, off for 20 ms: a few switches per bilateral call
+CONDITIONS = ("idle", "loaded", "flickering")
+
+
+def run(conditions=CONDITIONS, rounds: int = 5, reps: int = 5) -> list[Row]:
     for _, call, _, _ in workloads().values():  # warm up (and load the library) before timing
         call()
     jobs = workloads()
@@ -126,14 +153,18 @@ def run(conditions=("idle", "loaded"), rounds: int = 5, reps: int = 5) -> list[R
     for condition in conditions:
         if condition == "idle":
             rows += [measure(n, *job, "idle", rounds, reps) for n, job in jobs.items()]
+        elif condition == "flickering" and not hasattr(signal, "SIGSTOP"):
+            continue  # not POSIX
         else:
-            with busy_machine() as n:
-                rows += [measure(name, *job, f"loaded ({n} busy)", rounds, reps) for name, job in jobs.items()]
+            flicker = FLICKER_S if condition == "flickering" else None
+            with busy_machine(flicker=flicker) as n:
+                label = f"loaded ({n} busy)" if flicker is None else f"flickering ({n} busy {flicker * 1e3:.0f} ms on/off)"
+                rows += [measure(name, *job, label, rounds, reps) for name, job in jobs.items()]
     return rows
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--only", choices=("idle", "loaded"))
+    parser.add_argument("--only", choices=CONDITIONS)
     args = parser.parse_args()
-    print_table(run((args.only,) if args.only else ("idle", "loaded")), "CPU ops, idle and loaded")
+    print_table(run((args.only,) if args.only else CONDITIONS), "CPU ops, idle, loaded and flickering")
