@@ -315,8 +315,9 @@ def prompt_tuning(root: Path) -> list:
     with tempfile.TemporaryDirectory(prefix="bench_adapt_") as tmp:
         negatives = Path(tmp) / "negatives.txt"
         evaluated = {n.lower() for n in vocab.names}
+        evaluated |= {w.lower() for ws in vocab.words for w in ws}
         negatives.write_text("".join(f"{e[0]} | {', '.join(e[1:])}\n" for e in builtin_entries()
-                                     if e[0].lower() not in evaluated))
+                                     if not evaluated & {w.lower() for w in e}))
         regions = None
         for variant, neg in (("categories only", None), ("with negatives", str(negatives))):
             cfg = AdaptConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), steps=steps, device="cpu",

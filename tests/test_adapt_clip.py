@@ -12,6 +12,7 @@ from namedmask.cli import cli
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import load_clip
 from namedmask.models.mask_prompts import MaskPrompts, MaskPromptsError, load_mask_prompts
+from namedmask.data.vocabulary import load_vocabulary
 from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.stages.adapt_clip import (AdaptConfig, AdaptError, Regions, accuracy, category_text, load_regions,
                                          negative_text, train_prompts)
@@ -173,12 +174,12 @@ def test_negatives_are_the_vocabulary_entries_sharing_no_word_with_the_categorie
     vocab = tmp_path / "vocab.txt"
     # "Crimson" is a synonym the archive embedded "red" with; "maroon | BLUE" shares a word too.
     vocab.write_text("crimson\ngreen | lime\nmaroon | BLUE\nyellow\n")
-    got = negative_text(clip, str(vocab), archive, ["red", "blue"], ("a photo of a {}.",))
+    got = negative_text(clip, load_vocabulary(str(vocab)), archive, ["red", "blue"], ("a photo of a {}.",))
     want = ensemble_text_embeddings(clip, [("green", "lime"), ("yellow",)], ("a photo of a {}.",))
     torch.testing.assert_close(got, want)
     vocab.write_text("red\nCrimson | blue\n")
     with pytest.raises(AdaptError, match="every entry shares a word"):
-        negative_text(clip, str(vocab), archive, ["red", "blue"], ("a photo of a {}.",))
+        negative_text(clip, load_vocabulary(str(vocab)), archive, ["red", "blue"], ("a photo of a {}.",))
 
 
 def test_negatives_are_extra_classes_of_the_loss(clip):
@@ -210,10 +211,14 @@ def test_adapt_clip_negatives_option_and_older_folders(tmp_path, clip):
     r = CliRunner().invoke(cli, args + ["--negatives", str(tmp_path / "missing.txt")])
     assert r.exit_code == 1 and f"--negatives {tmp_path / 'missing.txt'}: not 'builtin'" in r.output, r.output
     assert not out.exists()  # refused before anything is written
+    (tmp_path / "twice.txt").write_text("green\nGreen\n")
+    r = CliRunner().invoke(cli, args + ["--negatives", str(tmp_path / "twice.txt")])
+    assert r.exit_code == 1 and "twice.txt:2: 'Green' is listed twice" in r.output, r.output
+    assert not out.exists()
     r = CliRunner().invoke(cli, args + ["--negatives", str(tmp_path / "vocab.txt")])
     assert r.exit_code == 0, r.output
     summary = json.loads((out / "adapt.json").read_text())
-    assert summary["negatives"] == 2 and summary["settings"]["negatives"] == str(tmp_path / "vocab.txt")
+    assert summary["negatives"] == 2 and summary["settings"]["negatives"] == str((tmp_path / "vocab.txt").resolve())
     assert (out / "negatives_text.safetensors").is_file()  # the vocabulary's text, kept for a rerun
     r = CliRunner().invoke(cli, args + ["--negatives", "none"])  # the same folder, other negatives
     assert r.exit_code == 1 and "other settings" in r.output
@@ -229,4 +234,5 @@ def test_adapt_clip_negatives_option_and_older_folders(tmp_path, clip):
     r = CliRunner().invoke(cli, plain + ["--negatives", "none"])
     assert r.exit_code == 0 and "other settings" not in r.output, r.output
     r = CliRunner().invoke(cli, plain)
-    assert r.exit_code == 1 and "other settings" in r.output
+    assert r.exit_code == 1 and "negatives: None there, 'builtin' now" in r.output, r.output
+    assert "pass --negatives none" in r.output

@@ -444,6 +444,7 @@ void solve_image(const GridLayout& layout, const ColourCells& colours, const uin
     if (alpha == 0.0) break;
   }
 
+  team.close();  // its spinning helpers would hold the cores the slicing's helpers are counted on
   share_tasks((pixels + kPixelGrain - 1) / kPixelGrain, pixel_helpers, [&](int64_t c, int) {
     for (int64_t i = c * kPixelGrain, end = std::min(pixels, i + kPixelGrain); i < end; ++i)
       out[i] = static_cast<float>(y[vertex_of_pixel[i]]);

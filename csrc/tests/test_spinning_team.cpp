@@ -94,18 +94,27 @@ int main() {
     EXPECT_EQ(caught, 100);
     run_regions(team, 2, 1000, 40, 15);  // and regions without errors raise nothing
   }
-  {  // inside a helper's task (nested work), a new team has no helpers
+  {  // inside any task (the caller's or a helper's: nested work), a new team starts no helper
     Threads pool;
     SpinningTeam team(1, pool.launcher());
-    std::atomic<int> nested_helpers{-1};
-    team.share(64, [&](int64_t, int worker) {
-      if (worker == 1) {
-        Threads inner;
-        SpinningTeam nested(3, inner.launcher());
-        nested_helpers.store(static_cast<int>(inner.threads.size()));
-      }
+    std::atomic<int> nested_helpers{0};
+    team.share(64, [&](int64_t, int) {
+      Threads inner;
+      SpinningTeam nested(3, inner.launcher());
+      nested_helpers.fetch_add(static_cast<int>(inner.threads.size()));
     });
-    EXPECT(nested_helpers.load() <= 0);  // -1: the helper took no task (then there is nothing to check)
+    EXPECT_EQ(nested_helpers.load(), 0);
+    SpinningTeam outside(1, pool.launcher());  // and outside a task it does again
+    EXPECT_EQ(static_cast<long long>(pool.threads.size()), 2);
+  }
+  {  // after close(), regions run on the caller alone
+    Threads pool;
+    SpinningTeam team(2, pool.launcher());
+    run_regions(team, 2, 100, 40, 16);
+    team.close();
+    std::atomic<int> on_helpers{0};
+    for (int r = 0; r < 100; ++r) team.share(40, [&](int64_t, int worker) { on_helpers.fetch_add(worker != 0); });
+    EXPECT_EQ(on_helpers.load(), 0);
   }
   return finish("test_spinning_team");
 }

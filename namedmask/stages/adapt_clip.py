@@ -38,7 +38,7 @@ from namedmask.data.archive import load_archive
 from namedmask.data.decode import ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, read_label_map
 from namedmask.data.pseudo_masks import mask_paths
-from namedmask.data.vocabulary import load_vocabulary
+from namedmask.data.vocabulary import Vocabulary, load_vocabulary
 from namedmask.errors import NamedMaskError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import Clip, load_clip
@@ -140,19 +140,18 @@ def category_text(clip: Clip, archive_path, names: list, templates: tuple) -> to
     return ensemble_text_embeddings(clip, [words.get(n, [n]) for n in names], templates)
 
 
-def negative_text(clip: Clip, vocabulary: str, archive_path, names: list, templates: tuple,
+def negative_text(clip: Clip, vocab: Vocabulary, archive_path, names: list, templates: tuple,
                   cache: Path | None = None) -> torch.Tensor:
     """[K, E]: the prompt ensembles of the vocabulary's entries that share no word with the
     categories (name or any synonym the archive embedded them with), for training as negatives.
     The whole vocabulary is encoded (cached in `cache`, the same embeddings discover makes)."""
     words = load_archive(archive_path).meta.get("prompt_words", {})
     taken = {w.lower() for n in names for w in (n, *words.get(n, ()))}
-    vocab = load_vocabulary(vocabulary)
     kept = [i for i, ws in enumerate(vocab.words) if not taken & {w.lower() for w in ws}]
     log.info("adapt-clip: %d negatives from %s (%d entries share a word with the categories)",
              len(kept), vocab.source, len(vocab) - len(kept))
     if not kept:
-        raise AdaptError(f"adapt-clip: negatives {vocabulary}: every entry shares a word with the categories")
+        raise AdaptError(f"--negatives {vocab.source}: every entry shares a word with the categories")
     return ensemble_text_embeddings(clip, list(vocab.words), templates, cache)[kept]
 
 
@@ -175,7 +174,7 @@ def accuracy(clip: Clip, regions, idx: torch.Tensor, text: torch.Tensor, prompts
     """Share of regions `idx` whose closest text row is their label (text rows = categories)."""
     if len(idx) == 0:
         return float("nan")
-    return float((predict(clip, regions, idx, text, prompts, bs) == regions.labels[idx]).float().mean())
+    return int((predict(clip, regions, idx, text, prompts, bs) == regions.labels[idx]).sum()) / len(idx)
 
 
 def split(n: int, val_fraction: float, seed: int) -> tuple:
@@ -225,30 +224,38 @@ def adapt_clip(archive_path, masks_dir, out_dir, config: AdaptConfig | None = No
     if config.negatives not in (None, "builtin") and not Path(config.negatives).is_file():
         raise AdaptError(f"--negatives {config.negatives}: not 'builtin', 'none' or a vocabulary file "
                          f"(one name a line, synonyms after '|')")
+    # Read before anything is written or loaded: a malformed file is one error line naming it.
+    negatives = None if config.negatives is None else load_vocabulary(config.negatives)
     with io.output_folder(out_dir, "adapt-clip", legacy=(CONFIG_NAME,)) as out:  # owned, locked, cleaned
-        return _adapt_clip(out, archive_path, masks_dir, config, progress)
+        return _adapt_clip(out, archive_path, masks_dir, config, negatives, progress)
 
 
-def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, progress: bool) -> dict:
+def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, negative_vocab, progress: bool) -> dict:
     """The body of adapt_clip, inside its locked output folder."""
     settings = {"archive": str(Path(archive_path).resolve()), "masks": str(Path(masks_dir).resolve()),
                 **{k: v for k, v in asdict(config).items() if k != "device"}}
+    if config.negatives not in (None, "builtin"):
+        settings["negatives"] = str(Path(config.negatives).resolve())
     done = out / CONFIG_NAME
     if done.is_file():
-        previous = json.loads(done.read_text())
-        if {**LEGACY_SETTINGS, **previous.get("settings", {})} != settings:
-            raise AdaptError(f"{out} holds mask prompts trained with other settings ({done}); use a new --out folder")
+        previous = {**LEGACY_SETTINGS, **json.loads(done.read_text()).get("settings", {})}
+        changed = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items() if previous.get(k) != v]
+        if changed:
+            hint = " (a folder made before --negatives existed has none: pass --negatives none)" if any(
+                c.startswith("negatives: None") for c in changed) else ""
+            raise AdaptError(f"{out} holds mask prompts trained with other settings ({'; '.join(changed)}); "
+                             f"use a new --out folder{hint}")
         if (out / PROMPTS_NAME).is_file():
             log.info("adapt-clip: %s is finished (same settings), nothing to do", out)
-            return previous
+            return json.loads(done.read_text())
     templates = get_templates(config.templates)
     clip = load_clip(config.model, config.pretrained, resolve_device(config.device))
     regions = load_regions(archive_path, masks_dir, clip.image_size, clip.mean)
     text = category_text(clip, archive_path, regions.names, templates).cpu()
     train_idx, val_idx = split(len(regions.labels), config.val_fraction, config.seed)
     plain = accuracy(clip, regions, val_idx, text)
-    negatives = None if config.negatives is None else negative_text(
-        clip, config.negatives, archive_path, regions.names, templates, out / NEGATIVES_NAME)
+    negatives = None if negative_vocab is None else negative_text(
+        clip, negative_vocab, archive_path, regions.names, templates, out / NEGATIVES_NAME)
     prompts, losses = train_prompts(clip, regions, text, train_idx, config, progress, negatives)
     tuned = accuracy(clip, regions, val_idx, text, prompts)
     prompts.save(out / PROMPTS_NAME)

@@ -39,7 +39,14 @@ class SpinningTeam {
   }
   SpinningTeam(const SpinningTeam&) = delete;
   SpinningTeam& operator=(const SpinningTeam&) = delete;
-  ~SpinningTeam() { state_->closed.store(true, std::memory_order_relaxed); }
+  ~SpinningTeam() { close(); }
+
+  // Sends the helpers away (their cores and threads are free for other work); later regions run
+  // on the caller alone.
+  void close() {
+    state_->closed.store(true, std::memory_order_relaxed);
+    helpers_ = 0;
+  }
 
   // Runs f(task, worker) for every task in [0, tasks), as share_tasks does.
   template <typename F>
@@ -58,8 +65,11 @@ class SpinningTeam {
     region.done.store(0, std::memory_order_relaxed);
     // Publishing the word releases the region: a helper that claims a task of it sees fn and call.
     s.word.store(generation << 40 | uint64_t(tasks) << 20, std::memory_order_release);
+    // The caller's tasks, like the helpers', run nested work inline.
+    const bool nested = std::exchange(detail::in_shared_tasks, true);
     while (run_one(s, 0)) {
     }
+    detail::in_shared_tasks = nested;
     // Spin, then yield: a helper holds a claimed task for a few us unless it was descheduled.
     for (int spins = 0; region.done.load(std::memory_order_acquire) < tasks; ++spins) {
       if (spins < kCallerSpins)
