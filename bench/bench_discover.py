@@ -314,8 +314,7 @@ def prompt_tuning(root: Path) -> list:
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_adapt_") as tmp:
         negatives = Path(tmp) / "negatives.txt"
-        evaluated = {n.lower() for n in vocab.names}
-        evaluated |= {w.lower() for ws in vocab.words for w in ws}
+        evaluated = {w.lower() for ws in vocab.words for w in ws}
         negatives.write_text("".join(f"{e[0]} | {', '.join(e[1:])}\n" for e in builtin_entries()
                                      if not evaluated & {w.lower() for w in e}))
         regions = None

@@ -77,25 +77,16 @@ void share_tasks(int64_t tasks, int helpers, F&& f) {
     std::atomic<int64_t> next{0}, done{0};
     std::atomic<int> joined{0};
     int64_t tasks = 0;
-    void* fn = nullptr;
-    void (*call)(void*, int64_t, int) = nullptr;
-    std::mutex error_lock;
-    std::exception_ptr error;
+    detail::TaskFn task;
+    detail::FirstError errors;
   };
   auto state = std::make_shared<State>();
   state->tasks = tasks;
-  state->fn = &f;
-  state->call = [](void* fn, int64_t task, int worker) { (*static_cast<std::remove_reference_t<F>*>(fn))(task, worker); };
+  state->task.bind(f);
   auto work = [](State& s, int worker) {
     detail::in_shared_tasks = true;
-    for (int64_t i; (i = s.next.fetch_add(1)) < s.tasks; s.done.fetch_add(1), s.done.notify_all()) {
-      try {
-        s.call(s.fn, i, worker);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(s.error_lock);
-        if (!s.error) s.error = std::current_exception();
-      }
-    }
+    for (int64_t i; (i = s.next.fetch_add(1)) < s.tasks; s.done.fetch_add(1), s.done.notify_all())
+      s.errors.run(s.task, i, worker);
     detail::in_shared_tasks = false;
   };
   for (int h = 0; h < helpers; ++h)
@@ -103,7 +94,7 @@ void share_tasks(int64_t tasks, int helpers, F&& f) {
   work(*state, 0);
   // Sleep, not spin: a spinning caller takes the CPU from the helper it waits for.
   for (int64_t d; (d = state->done.load()) < tasks;) state->done.wait(d);
-  if (state->error) std::rethrow_exception(state->error);
+  state->errors.rethrow();
 }
 
 // A SpinningTeam (namedmask/spinning_team.h) whose helpers come from torch's inter-op pool; none

@@ -109,13 +109,14 @@ def builtin_names() -> tuple:
     return tuple(e[0] for e in builtin_entries())
 
 
-def load_vocabulary(name_or_path: str = "builtin") -> Vocabulary:
+def load_vocabulary(name_or_path: str = "builtin", option: str = "--vocabulary") -> Vocabulary:
+    """The builtin vocabulary or a names file; errors name the file or the command's `option`."""
     if name_or_path == "builtin":
         entries = builtin_entries()
         return Vocabulary("builtin", tuple(e[0] for e in entries), entries)
     path = Path(name_or_path)
     if not path.is_file():
-        raise VocabularyError(f"--vocabulary {name_or_path}: not 'builtin' and not a file "
+        raise VocabularyError(f"{option} {name_or_path}: not 'builtin' and not a file "
                               f"(one name a line, synonyms after '|')")
     names, words, seen = [], [], set()
     for lineno, name, alts in read_name_lines(path, "vocabulary", VocabularyError):

@@ -221,11 +221,8 @@ def adapt_clip(archive_path, masks_dir, out_dir, config: AdaptConfig | None = No
     if config.steps < 1 or config.batch_size < 1 or not 0 <= config.val_fraction < 1:
         raise AdaptError(f"adapt-clip: steps and batch size must be >= 1 and val fraction in [0, 1), got "
                          f"{config.steps}, {config.batch_size}, {config.val_fraction}")
-    if config.negatives not in (None, "builtin") and not Path(config.negatives).is_file():
-        raise AdaptError(f"--negatives {config.negatives}: not 'builtin', 'none' or a vocabulary file "
-                         f"(one name a line, synonyms after '|')")
-    # Read before anything is written or loaded: a malformed file is one error line naming it.
-    negatives = None if config.negatives is None else load_vocabulary(config.negatives)
+    # Read before anything is written or loaded: a missing or malformed file is one error line.
+    negatives = None if config.negatives is None else load_vocabulary(config.negatives, "--negatives")
     with io.output_folder(out_dir, "adapt-clip", legacy=(CONFIG_NAME,)) as out:  # owned, locked, cleaned
         return _adapt_clip(out, archive_path, masks_dir, config, negatives, progress)
 
@@ -238,16 +235,18 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, negativ
         settings["negatives"] = str(Path(config.negatives).resolve())
     done = out / CONFIG_NAME
     if done.is_file():
-        previous = {**LEGACY_SETTINGS, **json.loads(done.read_text()).get("settings", {})}
-        changed = [f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in settings.items() if previous.get(k) != v]
+        summary = json.loads(done.read_text())
+        previous = {**LEGACY_SETTINGS, **summary.get("settings", {})}
+        changed = {k: v for k, v in settings.items() if previous.get(k) != v}
         if changed:
-            hint = " (a folder made before --negatives existed has none: pass --negatives none)" if any(
-                c.startswith("negatives: None") for c in changed) else ""
-            raise AdaptError(f"{out} holds mask prompts trained with other settings ({'; '.join(changed)}); "
+            hint = (" (a folder made before --negatives existed has none: pass --negatives none)"
+                    if "negatives" in changed and previous["negatives"] is None else "")
+            differences = "; ".join(f"{k}: {previous.get(k)!r} there, {v!r} now" for k, v in changed.items())
+            raise AdaptError(f"{out} holds mask prompts trained with other settings ({differences}); "
                              f"use a new --out folder{hint}")
         if (out / PROMPTS_NAME).is_file():
             log.info("adapt-clip: %s is finished (same settings), nothing to do", out)
-            return json.loads(done.read_text())
+            return summary
     templates = get_templates(config.templates)
     clip = load_clip(config.model, config.pretrained, resolve_device(config.device))
     regions = load_regions(archive_path, masks_dir, clip.image_size, clip.mean)

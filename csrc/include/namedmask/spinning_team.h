@@ -18,7 +18,41 @@ namespace namedmask {
 
 namespace detail {
 inline thread_local bool in_shared_tasks = false;  // set on helpers: nested calls run inline
-}
+
+// The caller's task function f(task, worker) behind one pointer: it lives on the caller's stack,
+// and the caller waits until every claimed task is done.
+struct TaskFn {
+  void* fn = nullptr;
+  void (*call)(void*, int64_t, int) = nullptr;
+
+  template <typename F>
+  void bind(F& f) {
+    fn = const_cast<void*>(static_cast<const void*>(&f));  // F may be const; call casts it back
+    call = [](void* p, int64_t task, int worker) { (*static_cast<F*>(p))(task, worker); };
+  }
+};
+
+// Keeps the first exception a task threw (the others are dropped) for the caller to rethrow.
+class FirstError {
+ public:
+  void run(const TaskFn& f, int64_t task, int worker) {
+    try {
+      f.call(f.fn, task, worker);
+    } catch (...) {
+      std::lock_guard<std::mutex> guard(lock_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+  // Once every task is done (no writer left): rethrows the first exception, once.
+  void rethrow() {
+    if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
+  }
+
+ private:
+  std::mutex lock_;
+  std::exception_ptr error_;
+};
+}  // namespace detail
 
 // A team for a call that runs many short regions back to back (a CG solve: two regions per
 // iteration, tens of us each). share_tasks wakes helpers per region, which costs more than such a
@@ -58,10 +92,7 @@ class SpinningTeam {
     State& s = *state_;
     const uint64_t generation = ++generation_;
     Region& region = s.region[generation & 1];
-    region.fn = &f;
-    region.call = [](void* fn, int64_t task, int worker) {
-      (*static_cast<std::remove_reference_t<F>*>(fn))(task, worker);
-    };
+    region.task.bind(f);
     region.done.store(0, std::memory_order_relaxed);
     // Publishing the word releases the region: a helper that claims a task of it sees fn and call.
     s.word.store(generation << 40 | uint64_t(tasks) << 20, std::memory_order_release);
@@ -77,7 +108,7 @@ class SpinningTeam {
       else
         std::this_thread::yield();
     }
-    if (s.error) std::rethrow_exception(std::exchange(s.error, nullptr));  // every task is done: no writer
+    s.errors.rethrow();
   }
 
  private:
@@ -86,8 +117,7 @@ class SpinningTeam {
   static constexpr std::chrono::microseconds kSpinLimit{500};
 
   struct Region {
-    void* fn = nullptr;
-    void (*call)(void*, int64_t, int) = nullptr;
+    detail::TaskFn task;
     std::atomic<int64_t> done{0};
   };
   // word = generation (24 bits) | tasks (20 bits) | next task (20 bits): a claim (a compare and
@@ -99,8 +129,7 @@ class SpinningTeam {
     std::atomic<bool> closed{false};
     std::atomic<int> joined{0};
     Region region[2];
-    std::mutex error_lock;
-    std::exception_ptr error;
+    detail::FirstError errors;
   };
 
   static void pause() {
@@ -119,12 +148,7 @@ class SpinningTeam {
       if (next >= tasks) return false;
       if (!s.word.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
       Region& region = s.region[(w >> 40) & 1];
-      try {
-        region.call(region.fn, next, worker);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(s.error_lock);
-        if (!s.error) s.error = std::current_exception();
-      }
+      s.errors.run(region.task, next, worker);
       region.done.fetch_add(1, std::memory_order_release);
       return true;
     }
