@@ -150,7 +150,7 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
                                          progress=progress, **options)
             write_report(report, run / "eval" / "metrics.json")
             iou_bar_chart(run / "eval" / "metrics.json", run / "eval" / "per_class_iou.png")
-            log.info("mIoU %.2f on %s (%d images)", 100 * report.metrics.miou, cfg.eval_dataset, report.num_images)
+            log.info("mIoU %.4f on %s (%d images)", report.metrics.miou, cfg.eval_dataset, report.num_images)
 
         stages.run("eval", {"dataset": cfg.eval_dataset, "root": cfg.eval_root, **options,
                             "model": _fingerprint_file(train_dir / "model.safetensors")}, evaluate,

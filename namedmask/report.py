@@ -15,7 +15,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from namedmask import io
-from namedmask.data.categories import voc_palette
 
 METRICS_FILE = "metrics.jsonl"   # a training run's log: one JSON object per logged iteration / validation
 
@@ -25,19 +24,26 @@ TOY_WARNING = ("TOY MODELS: this run's CLIP ({clip}) and DINO are tiny models tr
                "CLIP and DINO weights.")
 MASK_LEGEND = "pseudo-mask foreground in full colour, outlined in cyan; background dimmed"
 
-# (section title, folder inside the run dir, what it shows, css class of its images)
-SECTIONS = (
+# (section title, folder inside the run dir, what it shows, css class of its images): results first,
+# then the stages that made them.
+RESULT_SECTIONS = (
+    ("Evaluation examples", "eval", "Image | prediction | ground truth, labels in solid colours with a legend of the "
+                                    "classes in either map.", "grid"),
+    ("Predictions", "predict/overlays", "Predicted segments named with the category set.", "grid"),
+)
+STAGE_SECTIONS = (
     ("Category archives (CLIP retrieval)", "archive/report",
-     "Top retrieved pool images per category, best first, each with its rank and cosine score.", "wide"),
+     "The first retrieved pool images per category, best first, each with its rank and cosine score "
+     "(click a strip for the whole sheet).", "fold"),
     ("Saliency pseudo-masks (DINO)", "saliency/report", f"Class-agnostic object masks of archive images: {MASK_LEGEND}.",
      "grid"),
     ("Refined pseudo-masks (category experts)", "refined/report",
      f"Masks re-predicted by the category experts: {MASK_LEGEND}.", "grid"),
     ("Training", "train", None, "grid"),
-    ("Evaluation", "eval", "Per-class IoU, and image | prediction | ground truth for the first evaluation images.",
-     "grid"),
-    ("Predictions", "predict/overlays", "Predicted segments named with the category set.", "grid"),
 )
+NOT_EXAMPLES = {"per_class_iou.png"}   # shown beside the per-class table, not among the examples
+
+
 def iou_bar_chart(metrics_json: str | Path, out_png: str | Path) -> Path:
     """Horizontal bar chart of per-class IoU from an eval metrics.json."""
     import matplotlib
@@ -47,14 +53,14 @@ def iou_bar_chart(metrics_json: str | Path, out_png: str | Path) -> Path:
 
     data = json.loads(Path(metrics_json).read_text())
     names = data.get("class_names") or [str(i) for i in range(data["num_classes"])]
-    ious = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else 100 * v for v in data["per_class_iou"]]
+    ious = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in data["per_class_iou"]]
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
     ax.barh(range(len(names)), ious, color="#3b7dd8")
     ax.set_yticks(range(len(names)), names)
     ax.invert_yaxis()
-    ax.set_xlim(0, 100)
-    ax.set_xlabel("IoU (%)")
-    ax.set_title(f"mIoU {100 * data['miou']:.1f}  ({data['num_images']} images)")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("IoU")
+    ax.set_title(f"mIoU {data['miou']:.3f}  ({data['num_images']} images)")
     fig.tight_layout()
     with io.atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
@@ -63,60 +69,100 @@ def iou_bar_chart(metrics_json: str | Path, out_png: str | Path) -> Path:
 
 
 def build_report(run_dir: str | Path, title: str = "namedmask run", warnings: list | None = None,
-                 facts: dict | None = None, max_images: int = 12) -> Path:
-    """Writes <run_dir>/index.html from what the stages left in the run directory: the PNGs of
-    each stage, the stage timings (.stages/*.json), the final mIoU (eval/metrics.json), the
-    ablation tables (ablations/*.json) and, for a toy-world run, what its numbers do not mean."""
+                 facts: dict | None = None, max_images: int = 24) -> Path:
+    """Writes <run_dir>/index.html from what the stages left in the run directory. Results come
+    first (the final mIoU and other facts, the per-class IoU table with numbers, many image |
+    prediction | ground truth examples, predictions), then how the run got there (stage timings,
+    archive sheets folded to their first row of thumbnails with the full sheet one click away,
+    pseudo-masks, training curves, ablations). mIoU is a fraction in [0, 1] everywhere (report,
+    logs, metrics.json), as in eval/metrics.json."""
     run_dir = Path(run_dir)
     e = html.escape
     parts = [f"<!doctype html><meta charset='utf-8'><title>{e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
              "img{max-width:100%;border:1px solid #ccc;margin:4px}"
              ".warn{background:#fff3cd;border:3px solid #d39e00;padding:1em;font-size:1.4em;font-weight:bold}"
-             ".toy{background:#e8f1fb;border:3px solid #3b7dd8;padding:1em;font-size:1.2em}"
+             ".toy{background:#e8f1fb;border:2px solid #3b7dd8;padding:0.6em;font-size:1em}"
              "table{border-collapse:collapse;margin:0.5em 0}td,th{padding:2px 10px;border-bottom:1px solid #eee;"
              "text-align:left}td.num{text-align:right}"
+             ".headline{font-size:2em;font-weight:bold;margin:0.3em 0}"
              ".grid{display:flex;flex-wrap:wrap;align-items:flex-start}.grid img{max-width:680px}"
-             ".wide img{display:block}</style>",
+             ".fold{display:block;max-height:150px;overflow:hidden;margin-bottom:6px}.fold img{display:block}"
+             "</style>",
              f"<h1>{e(title)}</h1>"]
-    clip = toy_clip(run_dir)
-    if clip:
-        parts.append(f"<div class='toy'>{e(TOY_WARNING.format(clip=clip))}</div>")
     for w in warnings or []:
         parts.append(f"<div class='warn'>{e(w)}</div>")
     facts = dict(facts or {})
-    metrics = run_dir / "eval" / "metrics.json"
-    if metrics.is_file() and "mIoU" not in facts:
-        facts["mIoU"] = f"{100 * json.loads(metrics.read_text())['miou']:.2f}"
+    metrics_path = run_dir / "eval" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+    if metrics is not None and "mIoU" not in facts:
+        facts["mIoU"] = f"{metrics['miou']:.3f}"
+    parts.append("<h2>Results</h2>")
+    if "mIoU" in facts:
+        parts.append(f"<p class='headline'>mIoU {e(str(facts['mIoU']))}</p>")
     if facts:
         parts.append(_table(None, [[k, v] for k, v in facts.items()]))
+    if metrics is not None:
+        parts.append(_per_class_table(metrics))
+    clip = toy_clip(run_dir)
+    if clip:
+        parts.append(f"<div class='toy'>{e(TOY_WARNING.format(clip=clip))}</div>")
+    for heading, folder, caption, css in RESULT_SECTIONS:
+        parts += _image_section(run_dir, heading, folder, caption, css, max_images)
+    parts.append("<h2>How the run got there</h2>")
     timings = stage_timings(run_dir)
     if timings:
         rows = [[t["stage"], f"{t['seconds']:.1f}", t["finished"]] for t in timings]
-        parts.append("<h2>Stage timings</h2>" + _table(["stage", "wall time (s)", "finished (UTC)"], rows)
+        parts.append("<h3>Stage timings</h3>" + _table(["stage", "wall time (s)", "finished (UTC)"], rows)
                      + f"<p>Total {sum(t['seconds'] for t in timings):.1f} s. A stage skipped on a later run "
                        "keeps the time of the run that made it.</p>")
-    for heading, folder, caption, css in SECTIONS:
-        pngs = sorted((run_dir / folder).glob("*.png")) if (run_dir / folder).is_dir() else []
-        if not pngs:
-            continue
-        if caption is None:
-            caption = _training_caption(run_dir / folder)
-        parts.append(f"<h2>{e(heading)}</h2><p>{e(caption)}</p><div class='{css}'>")
-        for p in pngs[:max_images]:
-            rel = p.relative_to(run_dir).as_posix()
-            parts.append(f"<a href='{e(rel)}'><img src='{e(rel)}' title='{e(p.name)}'></a>")
-        if len(pngs) > max_images:
-            parts.append(f"<p>... and {len(pngs) - max_images} more in {e(folder)}/</p>")
-        parts.append("</div>")
+    for heading, folder, caption, css in STAGE_SECTIONS:
+        parts += _image_section(run_dir, heading, folder, caption, css, max_images)
     ablations = sorted((run_dir / "ablations").glob("*.json")) if (run_dir / "ablations").is_dir() else []
     if ablations:
-        parts.append("<h2>Ablations</h2>")
+        parts.append("<h3>Ablations</h3>")
         for path in ablations:
             parts.append(_ablation_table(json.loads(path.read_text())))
     out = run_dir / "index.html"
     io.write_text(out, "\n".join(parts) + "\n")
     return out
+
+
+def _image_section(run_dir: Path, heading: str, folder: str, caption: str | None, css: str, max_images: int) -> list:
+    """The HTML of one section of PNGs (none when the folder has none); `fold` shows each PNG's
+    top strip, linked to the whole picture."""
+    e = html.escape
+    pngs = sorted(p for p in (run_dir / folder).glob("*.png") if p.name not in NOT_EXAMPLES) \
+        if (run_dir / folder).is_dir() else []
+    if not pngs:
+        return []
+    if caption is None:
+        caption = _training_caption(run_dir / folder)
+    parts = [f"<h3>{e(heading)}</h3><p>{e(caption)}</p><div class='{css}'>"]
+    for p in pngs[:max_images]:
+        rel = e(p.relative_to(run_dir).as_posix())
+        parts.append(f"<a class='fold' href='{rel}'><img src='{rel}' title='{e(p.name)}'></a>" if css == "fold"
+                     else f"<a href='{rel}'><img src='{rel}' title='{e(p.name)}'></a>")
+    if len(pngs) > max_images:
+        parts.append(f"<p>... and {len(pngs) - max_images} more in {e(folder)}/</p>")
+    parts.append("</div>")
+    return parts
+
+
+def _per_class_table(metrics: dict) -> str:
+    """Per-class IoU and accuracy as numbers (a bar chart alone hides them), classes absent from
+    both prediction and ground truth shown as '-'."""
+    names = metrics.get("class_names") or [str(i) for i in range(metrics["num_classes"])]
+    accs = metrics.get("per_class_acc") or [None] * len(names)
+
+    def number(v):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+    rows = [[name, number(iou), number(acc)] for name, iou, acc in zip(names, metrics["per_class_iou"], accs)]
+    chart = "eval/per_class_iou.png"
+    return ("<div class='grid'><div>" + _table(["class", "IoU", "accuracy"], rows)
+            + f"<p>{metrics.get('num_images', '?')} images, one confusion matrix over all of them.</p></div>"
+            + f"<a href='{chart}'><img src='{chart}' style='max-width:520px'></a></div>")
 
 
 def _table(header: list | None, rows: list) -> str:
@@ -177,12 +223,35 @@ def toy_clip(run_dir: str | Path) -> str | None:
 
 # ------------------------------------------------------------------------------- overlays
 
+# Kelly's colours of maximum contrast, in his order: classes next to each other in a list (and so
+# often in one picture) get colours far apart, and none of them is close to background black.
+# Label PNGs on disk keep the VOC palette (the datasets' convention); pictures for people use this.
+_KELLY = ("F3C300 875692 F38400 A1CAF1 BE0032 C2B280 848482 008856 E68FAC 0067A5 F99379 604E97 F6A600 "
+          "B3446C DCD300 882D17 8DB600 654522 E25822 2B3D26").split()
+
+
+def report_palette() -> np.ndarray:
+    """256 x 3 uint8 colours for pictures: 0 (background) black, 255 (ignore) white, classes 1-20
+    Kelly's colours, beyond them hues stepped by the golden ratio at alternating lightness."""
+    import colorsys
+
+    colours = np.zeros((256, 3), np.uint8)
+    for c in range(1, 255):
+        if c <= len(_KELLY):
+            colours[c] = [int(_KELLY[c - 1][i:i + 2], 16) for i in (0, 2, 4)]
+        else:
+            r, g, b = colorsys.hls_to_rgb((c * 0.618033988749895) % 1.0, (0.45, 0.65)[c % 2], 0.75)
+            colours[c] = [round(255 * v) for v in (r, g, b)]
+    colours[255] = 255
+    return colours
+
+
 def _colours() -> np.ndarray:
-    return np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return report_palette()
 
 
 def overlay_image(image: torch.Tensor, label: torch.Tensor, class_names: list, alpha: float = 0.5) -> Image.Image:
-    """RGB image with non-background classes tinted by the VOC palette and, on the right,
+    """RGB image with non-background classes tinted by the report palette and, on the right,
     a legend (colour swatch + name) of the classes present."""
     img = image.numpy().astype(np.float32)
     lab = label.numpy().astype(np.int64)
@@ -222,7 +291,7 @@ def font(size: int):
 
 
 def label_colours(label: torch.Tensor | np.ndarray) -> np.ndarray:
-    """H x W x 3 uint8: each class in its VOC palette colour, ignore (255) white."""
+    """H x W x 3 uint8: each class in its report-palette colour, ignore (255) white."""
     lab = np.asarray(label).astype(np.int64)
     out = _colours()[lab.clip(0, 255)]
     out[lab == 255] = 255
@@ -307,7 +376,7 @@ def plot_curves(run_dir) -> Path | None:
 
     records = read_metrics(run_dir)
     loss = [(r["iteration"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["iteration"], 100 * r["val_miou"]) for r in records if "val_miou" in r]
+    val = [(r["iteration"], r["val_miou"]) for r in records if "val_miou" in r]
     if not loss:
         return None
     fig, axes = plt.subplots(1, 2 if val else 1, figsize=(10 if val else 5, 3.5), squeeze=False)
@@ -315,7 +384,7 @@ def plot_curves(run_dir) -> Path | None:
     axes[0][0].set(xlabel="iteration", ylabel="loss", title="training loss (mean over each logging window)")
     if val:
         axes[0][1].plot(*zip(*val), marker="o")
-        axes[0][1].set(xlabel="iteration", ylabel="mIoU (%)", title="validation mIoU")
+        axes[0][1].set(xlabel="iteration", ylabel="mIoU", title="validation mIoU")
     fig.tight_layout()
     path = Path(run_dir) / "curves.png"
     with io.atomic_path(path) as tmp:

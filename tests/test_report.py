@@ -69,20 +69,20 @@ def test_toy_run_report_shows_every_piece(tmp_path, data):
     assert "ViT-L/14" in page
     # stage timings, in the order they finished, with their seconds
     assert [t["stage"] for t in stage_timings(run)] == ["archive", "saliency", "train"]
-    timings = page.split("<h2>Stage timings</h2>")[1].split("</table>")[0]
+    timings = page.split("<h3>Stage timings</h3>")[1].split("</table>")[0]
     assert "<td>saliency</td><td class='num'>3.0</td>" in timings and "Total 9.0 s" in page
     # the ablation table with measured rows and the reference rows marked as such
-    ablation = page.split("<h2>Ablations</h2>")[1]
+    ablation = page.split("<h3>Ablations</h3>")[1]
     assert "Copy-paste augmentation" in ablation and "<td class='num'>40.25</td>" in ablation
     assert "(paper, with)" in ablation and "same seed" in ablation
     # the training caption promises validation only because validation ran
     assert "validation mIoU" in page and (run / "train" / "curves.png").is_file()
     curves = Image.open(run / "train" / "curves.png")
     assert curves.width > 2 * curves.height  # two panels: loss and validation mIoU
-    # archive sheets: one per category, shown at their own width (not shrunk into the grid)
+    # archive sheets: one per category, folded to their first strip, the whole sheet behind a link
     sheets = sorted((run / "archive" / "report").glob("*.png"))
     assert len(sheets) == len(CLASSES) and Image.open(sheets[0]).width >= 1000
-    assert "<div class='wide'>\n<a href='archive/report/" in page
+    assert "<div class='fold'>\n<a class='fold' href='archive/report/" in page
     assert MASK_LEGEND in page and "saliency/report/" in page
 
 
@@ -132,3 +132,40 @@ def test_comparison_shows_prediction_beside_ground_truth_with_a_legend():
     for c in (0, 1, 3):  # every class of either map has its swatch; square appears in neither
         assert (legend == colours[c]).all(axis=1).any(), c
     assert not (legend == colours[2]).all(axis=1).any()
+
+
+def test_the_report_leads_with_results(tmp_path, data):
+    """The final mIoU, the per-class IoU as numbers and the examples come before any stage."""
+    run = _run_folder(tmp_path, data, TOY_CLIP)
+    names = ["background", "ball", "box"]
+    io.write_json(run / "eval" / "metrics.json", {"miou": 0.6466, "per_class_iou": [0.9, 0.5, float("nan")],
+                                                   "per_class_acc": [0.95, 0.6, float("nan")], "num_images": 7,
+                                                   "num_classes": 3, "class_names": names})
+    image = torch.full((16, 16, 3), 90, dtype=torch.uint8)
+    io.save_png(run / "eval" / "0000.png", comparison_image(image, torch.ones(16, 16, dtype=torch.int64),
+                                                           torch.ones(16, 16, dtype=torch.int64), names))
+    page = build_report(run, title="t").read_text()
+    results, stages = page.split("<h2>How the run got there</h2>")
+    assert "mIoU 0.647" in results                                  # one unit: a fraction, as metrics.json
+    assert "<td>ball</td><td class='num'>0.500</td><td class='num'>0.600</td>" in results
+    assert "<td>box</td><td>-</td><td>-</td>" in results            # absent class: no number, not 0
+    assert "eval/0000.png" in results and "archive/report/" not in results
+    assert "Stage timings" in stages and "archive/report/" in stages
+
+
+def test_report_palette_neighbours_differ():
+    """Classes next to each other differ clearly (the VOC palette drew ball and moon, ids 1 and 8,
+    as two dark reds on black), and no class looks like background or ignore."""
+    from namedmask.report import report_palette
+
+    colours = report_palette().astype(int)
+    assert tuple(colours[0]) == (0, 0, 0) and tuple(colours[255]) == (255, 255, 255)
+    for c in range(1, 21):
+        assert np.abs(colours[c] - colours[c + 1]).sum() >= 100, c
+        for step in (2, 3):  # ids close together are often in one picture
+            assert np.abs(colours[c] - colours[c + step]).sum() >= 60, (c, step)
+        assert colours[c].sum() >= 100 and np.abs(colours[c] - 255).sum() >= 60, c
+    assert np.abs(colours[1] - colours[8]).sum() >= 300  # the toy world's ball and moon
+    classes = colours[1:21]
+    distances = np.abs(classes[:, None] - classes[None]).sum(-1) + 1000 * np.eye(20, dtype=int)
+    assert distances.min() >= 30  # no two of the first 20 classes alike (Kelly's yellows 1 and 13 are the closest)

@@ -57,17 +57,17 @@ class EvalReport:
         width = max(12, max(len(n) for n in names) + 2)
         lines = [f"{'class':<{width}}{'IoU':>8}{'acc':>8}", "-" * (width + 16)]
         for name, iou, acc in zip(names, self.metrics.per_class_iou, self.metrics.per_class_acc):
-            f = (lambda v: "     -  " if math.isnan(v) else f"{100 * v:8.2f}")
+            f = (lambda v: "     -  " if math.isnan(v) else f"{v:8.4f}")
             lines.append(f"{name:<{width}}{f(iou)}{f(acc)}")
         lines += ["-" * (width + 16),
-                  f"{'mIoU':<{width}}{100 * self.metrics.miou:8.2f}",
-                  f"{'pixel acc':<{width}}{100 * self.metrics.pixel_acc:8.2f}",
-                  f"{'mean acc':<{width}}{100 * self.metrics.mean_acc:8.2f}",
+                  f"{'mIoU':<{width}}{self.metrics.miou:8.4f}",
+                  f"{'pixel acc':<{width}}{self.metrics.pixel_acc:8.4f}",
+                  f"{'mean acc':<{width}}{self.metrics.mean_acc:8.4f}",
                   f"{'images':<{width}}{self.num_images:8d}"]
         if self.bad:
             lines.append(f"{'skipped':<{width}}{len(self.bad):8d}")
         for key, value in self.extra.items():
-            lines.append(f"{key:<{width}}{100 * value:8.2f}")
+            lines.append(f"{key:<{width}}{value:8.4f}")
         if self.class_map is not None and not (self.class_map.is_identity and not self.class_map.ignored_pixels):
             lines.append(self.class_map.summary())
         return "\n".join(lines)

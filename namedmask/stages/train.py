@@ -290,7 +290,7 @@ def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) ->
     if ctx.is_main:
         _append_metrics(run_dir, {"iteration": iteration, "val_miou": report.metrics.miou,
                                   "val_pixel_acc": report.metrics.pixel_acc})
-        log.info("iteration %d: val mIoU %.2f", iteration, 100 * report.metrics.miou)
+        log.info("iteration %d: val mIoU %.4f", iteration, report.metrics.miou)
         plot_curves(run_dir)  # the plot follows the run, not only its end
 
 
