@@ -51,7 +51,7 @@ def _toy_categories(root: Path) -> list:
 def _toy_vocabulary(root: Path):
     from namedmask.data.vocabulary import Vocabulary, builtin_names
 
-    from namedmask.data.toyworld import CATEGORIES, names_of
+    from namedmask.toy.world import CATEGORIES, names_of
 
     words = [w for c in CATEGORIES for w in names_of(c)]  # all ten categories, held-out ones too
     taken = {w.lower() for w in words}

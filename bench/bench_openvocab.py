@@ -1,4 +1,4 @@
-"""Open vocabulary on the toy world (namedmask.data.toyworld, its tiny trained CLIP):
+"""Open vocabulary on the toy world (namedmask.toy.world, its tiny trained CLIP):
 
 - zero-shot dense CLIP (MaskCLIP, both dense recipes, background by a "background" prompt or a
   0.5 probability threshold, with and without the DINO-key refinement by the toy DINO) on
@@ -72,7 +72,7 @@ def _write_open_split(folder: Path, count: int = 96) -> Path:
     import numpy as np
 
     from namedmask import io
-    from namedmask.data import toyworld as tw
+    from namedmask.toy import world as tw
     from namedmask.data.categories import voc_palette
 
     if (folder / "done").is_file():
@@ -124,7 +124,8 @@ def _score(model, names: list, folder: Path, held_out: tuple = ()) -> tuple[floa
     paired with the folder's by name."""
     import math
 
-    from namedmask.stages.evaluate import FolderLabeledSet, evaluate_model
+    from namedmask.data.datasets import FolderLabeledSet
+    from namedmask.evaluation import evaluate_model
 
     report = evaluate_model(model, FolderLabeledSet(folder, names), names, progress=False)
     per = report.metrics.per_class_iou
@@ -138,7 +139,7 @@ def _train(out: Path, archive: Path, masks: Path, root: Path, iterations: int, *
     import yaml
 
     from namedmask.config import TrainConfig, load_config
-    from namedmask.stages.train import train
+    from namedmask.training import train
 
     base = yaml.safe_load((root / "run.yaml").read_text())["train"]
     base.update(iterations=iterations, checkpoint_every=iterations, log_every=50, archive=str(archive),
@@ -218,13 +219,13 @@ def _two_stage_seconds(seg, clip, text, images: list) -> float:
 def run() -> list:
     import torch
 
-    from namedmask.data import toyworld as tw
+    from namedmask.toy import world as tw
     from namedmask.data.decode import load_image
     from namedmask.models.clip import load_clip
     from namedmask.models.deeplab import load_segmenter
     from namedmask.models.maskclip import ensemble_text_embeddings
     from namedmask.models.prompts import get_templates
-    from namedmask.stages.openvocab import open_vocab_segmenter, zero_shot_segmenter
+    from namedmask.models.openvocab import open_vocab_segmenter, zero_shot_segmenter
 
     torch.set_num_threads(2)
     root = _toy_root()

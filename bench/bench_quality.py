@@ -1,4 +1,4 @@
-"""Quality on the toy world (namedmask.data.toyworld): does NamedMask segment and name objects
+"""Quality on the toy world (namedmask.toy.world): does NamedMask segment and name objects
 when its foundation models know something? Builds (or reuses) `namedmask toy-world` for a seed,
 runs the pipeline of its run.yaml, and scores every stage against ground truth and trivial
 baselines:
@@ -111,7 +111,7 @@ def copy_paste_ablation(world: Path, cfg: dict, main: Path, bench_dir: Path) -> 
     from namedmask.config import TrainConfig, from_dict
     from namedmask.report import build_report
     from namedmask.stages.evaluate import evaluate_checkpoint
-    from namedmask.stages.train import train
+    from namedmask.training import train
     from namedmask.toy import quality as q
 
     masks = main / "refined" if (main / "refined" / "manifest.json").exists() else main / "saliency"

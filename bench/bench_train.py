@@ -18,7 +18,7 @@ from bench.common import Row, print_table
 from namedmask import ops
 from namedmask.config import TrainConfig, load_config
 from namedmask.models.deeplab import build_model
-from namedmask.stages.train import TrainSamples, apply_copy_paste, archive_items
+from namedmask.training import TrainSamples, apply_copy_paste, archive_items
 
 POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "pool"
 

@@ -22,7 +22,7 @@ _LAZY = {
     "NamedMaskError": "namedmask.errors", "load_config": "namedmask.config",
     "build_archive": "namedmask.stages.archive", "run_saliency": "namedmask.stages.saliency",
     "refine_folder": "namedmask.stages.refine", "refine_with_experts": "namedmask.stages.experts",
-    "train": "namedmask.stages.train", "evaluate_checkpoint": "namedmask.stages.evaluate",
+    "train": "namedmask.training", "evaluate_checkpoint": "namedmask.stages.evaluate",
     "evaluate_label_maps": "namedmask.stages.evaluate", "predict": "namedmask.stages.predict",
     "run_pipeline": "namedmask.pipeline", "ops": None,
 }

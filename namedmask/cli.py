@@ -195,7 +195,8 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
     from namedmask.config import EvalConfig, load_config
     from namedmask.data.categories import get_category_set
-    from namedmask.stages.evaluate import evaluate_label_maps, write_report
+    from namedmask.evaluation import write_report
+    from namedmask.stages.evaluate import evaluate_label_maps
 
     cfg = load_config(EvalConfig, config_path, overrides, device=device, max_images=max_images, backend=backend,
                       ignore_unmapped=_flag(ignore_unmapped))
@@ -207,7 +208,7 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
     zs = _zero_shot_settings(run_dir, text or ("dataset" if zero_shot else None), **zs_options)
     if run_dir is not None or zs is not None:
         from namedmask.stages.evaluate import evaluate_checkpoint
-        from namedmask.stages.openvocab import evaluate_open
+        from namedmask.stages.evaluate import evaluate_open
 
         if dataset is None or root is None:
             raise click.UsageError("--checkpoint / --zero-shot need --dataset and --root")
@@ -385,7 +386,7 @@ def saliency(archive, out, method, checkpoint, dino, dino_weights, refine, short
 def train(archive, masks, out, iterations, batch_size, config_path, overrides) -> None:
     """Train the DeepLabv3+ segmenter on archives + pseudo-masks (torchrun for DDP)."""
     from namedmask.config import TrainConfig, load_config
-    from namedmask.stages.train import train as run
+    from namedmask.training import train as run
 
     cfg = load_config(TrainConfig, config_path, overrides, archive=archive, masks=masks, out=out,
                       iterations=iterations, batch_size=batch_size)

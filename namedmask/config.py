@@ -1,5 +1,5 @@
 """Dataclass configs, one per stage, and RunConfig made of them: defaults (NamedMask's recipe,
-DESIGN.md §2) ⊕ a YAML file (or a built-in config by name) ⊕ `--set key=value` overrides ⊕
+docs/differences.md and the paper) ⊕ a YAML file (or a built-in config by name) ⊕ `--set key=value` overrides ⊕
 command-line options, merged deeply by the one `load_config`. The resolved config is written
 into every run directory, so a run can be reproduced and resumed from its folder alone."""
 from __future__ import annotations
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import yaml
 
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 
 
 log = logging.getLogger(__name__)
 
 
-class ConfigError(NamedMaskError, ValueError):
+class ConfigError(BadInputError):
     """An unknown key, a value of the wrong type or an unreadable config file."""
 
 
@@ -211,7 +211,7 @@ class ValConfig:
 
 @dataclass
 class TextHeadConfig:
-    """train.head: text (open-vocabulary NamedMask, stages/openvocab.py). None = the archive's."""
+    """train.head: text (open-vocabulary NamedMask, models/openvocab.py). None = the archive's."""
     clip_model: str | None = None       # CLIP whose text space the head projects into
     clip_pretrained: str | None = None
     templates: str | None = None        # namedmask | simple | FILE

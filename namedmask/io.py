@@ -10,14 +10,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError, OutputStateError
 
 # The name pattern of atomic_path's temporaries: ".<name>.<random>.tmp<suffix>".
 _TEMPORARY_GLOB = ".*.tmp*"
 _LOCK_FILE = ".namedmask.lock"
 
 
-class OutputFolderError(NamedMaskError, RuntimeError):
+class OutputFolderError(OutputStateError):
     """An output folder that a stage may not write into (not ours, locked, unwritable),
     or an output path that escapes its folder. The message names the path."""
 
@@ -67,7 +67,7 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-class InputFileError(NamedMaskError, ValueError):
+class InputFileError(BadInputError):
     """A user's input file that cannot be read as text; the message names it."""
 
 

@@ -24,15 +24,16 @@ from namedmask.config import STAGES, ConfigError, RunConfig, builtin_configs, du
 from namedmask.data.archive import load_archive
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import write_dataset
-from namedmask.errors import NamedMaskError
+from namedmask.errors import OutputStateError
 from namedmask.report import build_report, iou_bar_chart
 from namedmask.stages.archive import build_archive
-from namedmask.stages.evaluate import evaluate_checkpoint, write_report
+from namedmask.evaluation import write_report
+from namedmask.stages.evaluate import evaluate_checkpoint
 from namedmask.stages.experts import refine_with_experts
 from namedmask.stages.predict import predict
 from namedmask.stages.saliency import run_saliency
 from namedmask.stages.saliency import write_report as write_mask_report
-from namedmask.stages.train import train
+from namedmask.training import train
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ RANDOM_WEIGHTS_WARNING = ("RANDOM WEIGHTS: this run uses untrained CLIP/DINO mod
                           "(see the configs in namedmask/configs/) for meaningful archives, masks and mIoU.")
 
 
-class PipelineError(NamedMaskError, RuntimeError):
+class PipelineError(OutputStateError):
     """A run configuration that cannot work; the message says which key to fix."""
 
 

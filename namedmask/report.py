@@ -208,7 +208,7 @@ def toy_clip(run_dir: str | Path) -> str | None:
     archive's own record, else the run's config), else None."""
     import yaml
 
-    from namedmask.toy.clip import MODEL as TOY_CLIP
+    from namedmask.models.clip import TOY_MODEL as TOY_CLIP
 
     run_dir = Path(run_dir)
     archive, config = run_dir / "archive" / "archive.json", run_dir / "config.yaml"

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from namedmask.errors import NamedMaskError
+from namedmask.errors import UnavailableError
 
 
-class DeviceError(NamedMaskError, RuntimeError):
+class DeviceError(UnavailableError):
     """A device that is asked for but not present."""
 
 

@@ -13,7 +13,7 @@ from namedmask.config import TrainConfig, load_config
 from namedmask.errors import NamedMaskError
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label
-from namedmask.stages.train import train
+from namedmask.training import train
 from synthetic import CLASSES, one_thread, tiny_train_overrides, write_archive
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -15,7 +15,7 @@ from namedmask.config import ModelConfig, from_dict, parse_overrides
 from namedmask.data.categories import VOC, get_category_set, voc_palette
 from namedmask.data.classmap import ClassMap, ClassMapError, category_words
 from namedmask.models.deeplab import build_model, save_segmenter
-from namedmask.stages.evaluate import predict_label
+from namedmask.models.inference import predict_label
 from synthetic import one_thread, tiny_model_overrides
 
 

@@ -24,17 +24,17 @@ CASES = [
      "build_archive", "namedmask.stages.archive:ArchiveBuildError"),
     (["saliency", "--archive", "a", "--out", "o"], "namedmask.stages.saliency", "run_saliency",
      "namedmask.stages.saliency:SaliencyError"),
-    (["train", "--archive", "a", "--masks", "m", "--out", "o"], "namedmask.stages.train", "train",
-     "namedmask.stages.train:TrainError"),
+    (["train", "--archive", "a", "--masks", "m", "--out", "o"], "namedmask.training", "train",
+     "namedmask.training:TrainError"),
     (["predict", "--checkpoint", "r", "x.png", "--out", "o"], "namedmask.stages.predict", "predict",
      "namedmask.stages.predict:PredictError"),
     (["refine-experts", "--archive", "a", "--masks", "m", "--out", "o"], "namedmask.stages.experts",
      "refine_with_experts", "namedmask.data.pseudo_masks:PseudoMaskError"),
     (["experts", "--archive", "a", "--masks", "m", "--out", "o"], "namedmask.stages.experts",
-     "refine_with_experts", "namedmask.stages.train:TrainError"),
+     "refine_with_experts", "namedmask.training:TrainError"),
     (["refine", "--images", "i", "--masks", "m", "--out", "o"], "namedmask.stages.refine", "refine_folder",
      "namedmask.stages.refine:RefineError"),
-    (["run", "--out", "o"], "namedmask.pipeline", "run_pipeline", "namedmask.stages.train:TrainError"),
+    (["run", "--out", "o"], "namedmask.pipeline", "run_pipeline", "namedmask.training:TrainError"),
     (["config", "show"], "namedmask.pipeline", "load_run_config", "namedmask.config:ConfigError"),
     (["toy-world", "--out", "o"], "namedmask.toy", "build_toy_world", "namedmask.config:ConfigError"),
     (["discover", "x.png", "--out", "o"], "namedmask.stages.discover", "discover",
@@ -85,7 +85,7 @@ def test_a_named_mask_error_is_one_line(args, module, attr, error, monkeypatch, 
 
 def test_a_bug_is_not_disguised(monkeypatch, tmp_path):
     """Anything else (a bug) keeps its traceback: the group only catches what a user can fix."""
-    import namedmask.stages.train as stage
+    import namedmask.training as stage
 
     monkeypatch.setattr(stage, "train", _raiser(ZeroDivisionError))
     res = CliRunner().invoke(cli, ["train", "--archive", "a", "--masks", "m", "--out", str(tmp_path)])

@@ -50,7 +50,7 @@ def test_verbosity_levels(verbose, quiet, root, ours, restore_levels):
     setup_logging(verbose, quiet)
     assert logging.getLogger().level == root and logging.getLogger("namedmask").level == ours
     assert logging.getLogger("open_clip").getEffectiveLevel() == root
-    assert logging.getLogger("namedmask.stages.train").getEffectiveLevel() == ours
+    assert logging.getLogger("namedmask.training").getEffectiveLevel() == ours
 
 
 def test_devices_default_to_auto():

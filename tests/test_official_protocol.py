@@ -15,7 +15,7 @@ from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD, train_transform
 from namedmask.data.categories import get_category_set
 from namedmask.data.datasets import open_dataset
 from namedmask.models.dino import build_vit, forward_tokens, resample_pos_embed
-from namedmask.stages.evaluate import evaluate_model
+from namedmask.evaluation import evaluate_model
 
 TINY = dict(embed_dim=48, depth=2, num_heads=3)
 

@@ -10,7 +10,7 @@ from namedmask.models.deeplab import (DeepLabV3Plus, ModelError, OpenVocabSegmen
                                       load_segmenter, save_segmenter)
 from namedmask.models.maskclip import dense_features, to_clip_input
 from namedmask.models.text_head import DenseTeacher, TextBank, foreground_pixels, text_distillation_loss
-from namedmask.stages.openvocab import OpenVocabError, zero_shot_segmenter
+from namedmask.models.openvocab import OpenVocabError, zero_shot_segmenter
 
 
 def tiny_cfg() -> ModelConfig:

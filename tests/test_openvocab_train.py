@@ -9,8 +9,8 @@ import torch
 from namedmask.config import ConfigError, TrainConfig, load_config
 from namedmask.models.deeplab import OpenVocabSegmenter, TextDeepLabV3Plus, load_segmenter
 from namedmask.stages.evaluate import evaluate_checkpoint
-from namedmask.stages.openvocab import OpenVocabError, open_vocab_segmenter, text_classes
-from namedmask.stages.train import TrainError, train
+from namedmask.models.openvocab import OpenVocabError, open_vocab_segmenter, text_classes
+from namedmask.training import TrainError, train
 from synthetic import CLASSES, one_thread, tiny_train_overrides, write_archive, write_labeled_folder
 
 TEXT = ["head=text", "text.clip_model=nm-tiny", "text.clip_pretrained=random", "text.templates=simple"]
@@ -91,7 +91,7 @@ def test_bad_text_options(tmp_path, world):
 
 
 def test_evaluate_open_zero_shot_and_text_run(trained, world):
-    from namedmask.stages.openvocab import evaluate_open
+    from namedmask.stages.evaluate import evaluate_open
 
     names = ", ".join(CLASSES)
     zs = evaluate_open("folder", world["val"], zero_shot={"model": "nm-tiny", "pretrained": "random",

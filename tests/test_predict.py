@@ -9,13 +9,13 @@ from PIL import Image
 
 from namedmask.cli import cli
 from namedmask.config import ModelConfig, from_dict, parse_overrides
-from namedmask.data.categories import voc_palette
 from namedmask.data.datasets import FolderLabeledSet, LabeledItem
 from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.data.classmap import ClassMap, ClassMapError
 from namedmask.models.inference import predict_label
-from namedmask.report import overlay_image
-from namedmask.stages.evaluate import evaluate_checkpoint, evaluate_label_maps, evaluate_model
+from namedmask.report import overlay_image, report_palette
+from namedmask.evaluation import evaluate_model
+from namedmask.stages.evaluate import evaluate_checkpoint, evaluate_label_maps
 from synthetic import one_thread, tiny_model_overrides, write_labeled_folder
 
 NAMES = ["background", "disc", "square", "triangle"]
@@ -70,7 +70,7 @@ def test_overlay_legend_lists_present_classes():
     label = torch.zeros(20, 30, dtype=torch.long)
     label[5:10, 5:10] = 3
     out = np.array(overlay_image(image, label, NAMES))
-    colours = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    colours = report_palette()  # pictures use the report palette; label PNGs keep VOC's
     assert np.array_equal(out[7, 7], ((100 + colours[3].astype(float)) / 2).round().astype(np.uint8))
     assert np.array_equal(out[0, 0], [100, 100, 100])
     legend = out[:, 30:].reshape(-1, 3)

@@ -169,3 +169,38 @@ def test_report_palette_neighbours_differ():
     classes = colours[1:21]
     distances = np.abs(classes[:, None] - classes[None]).sum(-1) + 1000 * np.eye(20, dtype=int)
     assert distances.min() >= 30  # no two of the first 20 classes alike (Kelly's yellows 1 and 13 are the closest)
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_report_first_screen_shows_the_results(tmp_path, data):
+    """As a person opens it: headless Chromium renders index.html at 1400 x 900, and that first
+    screen holds the evaluation example (its prediction panel's colour), not archive sheets."""
+    import subprocess
+
+    from namedmask.report import report_palette
+
+    run = _run_folder(tmp_path, data, TOY_CLIP)
+    names = ["background", "ball"]
+    io.write_json(run / "eval" / "metrics.json", {"miou": 0.5, "per_class_iou": [0.9, 0.1], "per_class_acc": [1, 0.2],
+                                                   "num_images": 1, "num_classes": 2, "class_names": names})
+    label = torch.ones(64, 64, dtype=torch.int64)
+    io.save_png(run / "eval" / "0000.png", comparison_image(torch.zeros(64, 64, 3, dtype=torch.uint8), label, label,
+                                                           names, height=160))
+    page = build_report(run, title="t")
+    shot = tmp_path / "screen.png"
+    subprocess.run([_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars", f"--screenshot={shot}",
+                    "--window-size=1400,900", page.resolve().as_uri()],
+                   check=True, capture_output=True, timeout=300)
+    screen = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert screen.shape[:2] == (900, 1400)
+    ball = report_palette()[1].astype(int)
+    shown = (np.abs(screen - ball).sum(-1) <= 6).sum()
+    assert shown >= 2 * 100 * 100, shown   # two 160-px panels of the class colour, at least

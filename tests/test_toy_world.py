@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from namedmask.cli import cli
-from namedmask.data import toyworld
+from namedmask.toy import world as toyworld
 from namedmask.data.archive import load_archive
 from namedmask.toy import ToyWorldConfig, build_toy_world, clip_tower_to_dino_layout, quality, saliency_settings
 from namedmask.toy.clip import load_images

@@ -25,7 +25,7 @@ from namedmask.models.deeplab import load_segmenter
 from namedmask.data.training import TrainError, TrainSamples, archive_items
 from namedmask.report import read_metrics
 from namedmask.stages.evaluate import evaluate_checkpoint
-from namedmask.stages.train import apply_copy_paste, state_digest, train
+from namedmask.training import apply_copy_paste, state_digest, train
 from synthetic import CLASSES, one_thread, tiny_train_overrides, write_archive, write_labeled_folder
 
 HAS_COPY_PASTE = hasattr(ops, "random_copy_paste")

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from namedmask import io
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 
 SCHEMA_VERSION = 1
 
 
-class ArchiveError(NamedMaskError, ValueError):
+class ArchiveError(BadInputError):
     """archive.json is missing, malformed or of another schema version."""
 
 

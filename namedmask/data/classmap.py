@@ -29,10 +29,10 @@ from typing import Mapping, Sequence
 import torch
 
 from namedmask.data.categories import BUILTIN, get_category_set, synset_words
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 
 
-class ClassMapError(NamedMaskError, ValueError):
+class ClassMapError(BadInputError):
     """Class lists that cannot be paired, or a label id the map cannot place."""
 
 

@@ -42,7 +42,7 @@ from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_categor
 from namedmask.data.coco import coco_paths
 from namedmask.data.decode import IMAGE_SUFFIXES
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
-from namedmask.errors import InputError, NamedMaskError
+from namedmask.errors import BadInputError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s", "fo
 _WNID = re.compile(r"^n\d{8}$")
 
 
-class DatasetError(NamedMaskError, FileNotFoundError):
+class DatasetError(BadInputError, FileNotFoundError):
     """A dataset folder that does not have the expected layout; the message says what is missing."""
 
 

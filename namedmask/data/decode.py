@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from namedmask.errors import InputError, NamedMaskError
+from namedmask.errors import InputError, SkippableItemError
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ CPU_PREFERENCE = ("simplejpeg", "cv2", "pil", "dali-cpu")
 _EXIF_ORIENTATION = 0x0112
 
 
-class ImageDecodeError(NamedMaskError, ValueError):
+class ImageDecodeError(SkippableItemError):
     """A file that is not a decodable image; the message names it."""
 
 
@@ -93,6 +93,21 @@ class ImageBatch:
     images: object                  # uint8 [B, 3, H, W] tensor with a Resize, else a list of [H, W, 3],
     #                                 on the device asked for (the CPU by default)
     failed: list = field(default_factory=list)  # (path, reason) of files that could not be decoded
+
+
+def collect_images(inputs) -> list:
+    """Image files given directly or found (recursively) in the given folders, in order."""
+    paths = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise InputError(f"{p}: no such file or folder")
+    if not paths:
+        raise InputError(f"no images found in {[str(p) for p in inputs]}")
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from namedmask.errors import NamedMaskError
+from namedmask.errors import SkippableItemError
 
 LABEL_SUFFIXES = (".png",)
 
 
-class LabelMapError(NamedMaskError, ValueError):
+class LabelMapError(SkippableItemError):
     """A label map file that cannot be used; the message names the file."""
 
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from namedmask import io
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 
 SCHEMA_VERSION = 1
 
 
-class PseudoMaskError(NamedMaskError, ValueError):
+class PseudoMaskError(BadInputError):
     """A pseudo-mask folder that is missing or malformed."""
 
 

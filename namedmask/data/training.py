@@ -23,12 +23,12 @@ from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE, train_transform
 from namedmask.data.decode import load_image
 from namedmask.data.pseudo_masks import mask_paths
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
 
-class TrainError(NamedMaskError, RuntimeError):
+class TrainError(BadInputError, RuntimeError):
     """Inputs or a run directory that training cannot use; the message says what to do."""
 
 

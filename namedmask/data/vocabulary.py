@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from namedmask.data.categories import BUILTIN, VOC_PROMPT_NAMES, read_name_lines, wordnet_lemmas
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 
 COCO_STUFF = (
     "banner", "blanket", "branch", "bridge", "building", "bush", "cabinet", "cage", "cardboard", "carpet",
@@ -37,7 +37,7 @@ COCO_STUFF = (
 )
 
 
-class VocabularyError(NamedMaskError, ValueError):
+class VocabularyError(BadInputError):
     """A vocabulary file that is missing, empty or malformed."""
 
 

@@ -20,18 +20,19 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from namedmask.errors import InputError, NamedMaskError
+from namedmask.errors import InputError, UnavailableError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-L-14-336"
 TINY_MODEL = "nm-tiny"
+TOY_MODEL = "nm-toy"     # the toy world's tiny CLIP (namedmask/toy), trained here on generated data
 RANDOM = "random"        # --pretrained value: random weights from RANDOM_SEED
 RANDOM_SEED = 0
 _CONFIG_DIR = Path(__file__).with_name("open_clip_configs")
 
 
-class WeightsUnavailableError(NamedMaskError, RuntimeError):
+class WeightsUnavailableError(UnavailableError):
     """Pretrained weights are not cached and cannot be downloaded."""
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from namedmask import io
 from namedmask.config import ModelConfig, from_dict, to_dict
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ TORCHVISION_RESNETS = ("resnet50", "resnet101", "resnet152")
 WEIGHTS_FILE, META_FILE = "model.safetensors", "model.json"
 
 
-class ModelError(NamedMaskError, ValueError):
+class ModelError(BadInputError):
     """A backbone name, weight file or run directory that cannot be used."""
 
 

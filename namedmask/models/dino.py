@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from namedmask.errors import InputError, NamedMaskError
+from namedmask.errors import InputError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class DinoWeightsError(NamedMaskError, RuntimeError):
+class DinoWeightsError(UnavailableError):
     """DINO weights that cannot be obtained or do not fit the model; the message says what to do."""
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from namedmask import io
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 from namedmask.models.clip import Clip
 from namedmask.models.zero_guidance import _visual, clip_depth, clip_forward, clip_grid, patch_fractions
 
 SCHEMA = "namedmask-mask-prompts/1"
 
 
-class MaskPromptsError(NamedMaskError, ValueError):
+class MaskPromptsError(BadInputError):
     """A mask-prompt file that is missing, of another schema or made for another CLIP."""
 
 

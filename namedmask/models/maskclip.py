@@ -26,7 +26,7 @@ from torch import nn
 
 from namedmask import io
 from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD  # the segmenters' input normalisation
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 from namedmask.models.clip import Clip
 from namedmask.models.dino import last_layer_keys, patch_size
 from namedmask.ops import bilateral_solve
@@ -37,7 +37,7 @@ RECIPES = ("value", "maskclip")   # the first is the default (see value_path)
 REFINES = ("none", "bilateral", "dino")
 
 
-class MaskClipError(NamedMaskError, ValueError):
+class MaskClipError(BadInputError):
     """A CLIP image tower or option the dense path cannot use; the message says why."""
 
 

@@ -39,7 +39,7 @@ from namedmask.data.decode import ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, read_label_map
 from namedmask.data.pseudo_masks import mask_paths
 from namedmask.data.vocabulary import Vocabulary, load_vocabulary
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import Clip, load_clip
 from namedmask.models.mask_prompts import MaskPrompts
@@ -56,7 +56,7 @@ NEGATIVES_NAME = "negatives_text.safetensors"  # the negatives vocabulary's text
 LEGACY_SETTINGS = {"negatives": None}
 
 
-class AdaptError(NamedMaskError, ValueError):
+class AdaptError(BadInputError):
     """No usable (image, mask) pairs, or an output folder made with other settings."""
 
 

@@ -40,7 +40,7 @@ from namedmask.data.archive import Archive, merge_top_k, similarity
 from namedmask.data.datasets import DatasetError, list_pool_images
 from namedmask.data.categories import CategorySet, get_category_set
 from namedmask.data.decode import Resize, iter_image_batches
-from namedmask.errors import InputError, NamedMaskError
+from namedmask.errors import InputError, OutputStateError
 from namedmask.models.clip import Clip, load_clip
 from namedmask.models.prompts import get_templates
 from namedmask.runtime import init_distributed, resolve_device
@@ -51,7 +51,7 @@ REPORT_IMAGES = 40          # images per contact sheet
 _SHARD = "shard-{:06d}.safetensors"
 
 
-class ArchiveBuildError(NamedMaskError, RuntimeError):
+class ArchiveBuildError(OutputStateError):
     """The pool or the out directory cannot be used; the message says why and what to do."""
 
 

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.config import DiscoverConfig
 from namedmask.data.categories import voc_palette
-from namedmask.data.decode import ImageDecodeError, load_image
+from namedmask.data.decode import ImageDecodeError, collect_images, load_image
 from namedmask.data.vocabulary import Vocabulary, load_vocabulary
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import Clip, load_clip
 from namedmask.models.dino import create_dino
@@ -50,7 +50,6 @@ from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
-from namedmask.stages.predict import collect_images
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ STEPS = ("decode", "dino", "oversegment", "embed", "name", "write")
 SHEET_IMAGES, SHEET_COLUMNS, SHEET_CELL = 48, 4, 256
 
 
-class DiscoverError(NamedMaskError, ValueError):
+class DiscoverError(BadInputError):
     """Bad discover settings, an unreadable image or an output folder made with other settings."""
 
 

@@ -1,76 +1,25 @@
-"""Stage (E): mIoU from one dataset-level confusion matrix."""
+"""Stage (E), `namedmask eval`: mIoU of prediction files, of a trained run, or of an
+open-vocabulary segmenter (zero-shot dense CLIP or a text-head run with new names) on a dataset.
+The scoring itself (one dataset-level confusion matrix) is namedmask/evaluation.py."""
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from namedmask import io, ops
-from namedmask.data.classmap import ClassMap, category_words
-from namedmask.data.datasets import FolderLabeledSet, open_dataset
-from namedmask.data.decode import load_image
+from namedmask import ops
+from namedmask.data.classmap import ClassMap
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
-from namedmask.errors import InputError, NamedMaskError
+from namedmask.errors import InputError
+from namedmask.evaluation import EvalReport, EvaluationError, evaluate_model, open_eval_set
 from namedmask.models.deeplab import load_segmenter
-from namedmask.models.inference import predict_label, resolve_run_dir
-from namedmask.report import save_overlay
+from namedmask.models.inference import resolve_run_dir
+from namedmask.models.openvocab import dataset_classes, open_segmenter, text_classes
 from namedmask.runtime import check_backend, resolve_device
 
 log = logging.getLogger(__name__)
-
-
-class EvaluationError(NamedMaskError, RuntimeError):
-    """Bad or missing input files; the message lists them by name."""
-
-
-@dataclass
-class EvalReport:
-    metrics: ops.SegmentationMetrics
-    confusion: torch.Tensor
-    num_images: int
-    class_names: list | None = None
-    bad: list = field(default_factory=list)  # (name, reason) of skipped pairs
-    extra: dict = field(default_factory=dict)  # additional top-level keys (e.g. mean_fg_iou of binary sets)
-    class_map: ClassMap | None = None  # model -> dataset classes: what was scored, what was left out
-
-    def to_dict(self) -> dict:
-        m = self.metrics
-        out = {"miou": m.miou, "pixel_acc": m.pixel_acc, "mean_acc": m.mean_acc,
-               "per_class_iou": m.per_class_iou, "per_class_acc": m.per_class_acc,
-               "num_images": self.num_images, "num_classes": m.num_classes}
-        if self.class_names:
-            out["class_names"] = list(self.class_names)
-        out["skipped"] = [{"name": n, "reason": r} for n, r in self.bad]
-        out["confusion_matrix"] = self.confusion.tolist()
-        out.update(self.extra)
-        if self.class_map is not None:
-            out.update(self.class_map.describe())
-        return out
-
-    def table(self) -> str:
-        names = self.class_names or [str(i) for i in range(self.metrics.num_classes)]
-        width = max(12, max(len(n) for n in names) + 2)
-        lines = [f"{'class':<{width}}{'IoU':>8}{'acc':>8}", "-" * (width + 16)]
-        for name, iou, acc in zip(names, self.metrics.per_class_iou, self.metrics.per_class_acc):
-            f = (lambda v: "     -  " if math.isnan(v) else f"{v:8.4f}")
-            lines.append(f"{name:<{width}}{f(iou)}{f(acc)}")
-        lines += ["-" * (width + 16),
-                  f"{'mIoU':<{width}}{self.metrics.miou:8.4f}",
-                  f"{'pixel acc':<{width}}{self.metrics.pixel_acc:8.4f}",
-                  f"{'mean acc':<{width}}{self.metrics.mean_acc:8.4f}",
-                  f"{'images':<{width}}{self.num_images:8d}"]
-        if self.bad:
-            lines.append(f"{'skipped':<{width}}{len(self.bad):8d}")
-        for key, value in self.extra.items():
-            lines.append(f"{key:<{width}}{value:8.4f}")
-        if self.class_map is not None and not (self.class_map.is_identity and not self.class_map.ignored_pixels):
-            lines.append(self.class_map.summary())
-        return "\n".join(lines)
 
 
 def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: int, ignore_index: int = 255,
@@ -129,72 +78,6 @@ def evaluate_label_maps(pred_dir: str | Path, gt_dir: str | Path, num_classes: i
     return EvalReport(ops.miou(confusion), confusion, scored, class_names, bad, class_map=cmap)
 
 
-def write_report(report: EvalReport, path: str | Path) -> None:
-    io.write_json(path, report.to_dict())
-
-
-# ------------------------------------------------------------------- model-based evaluation
-
-def open_eval_set(name: str, root: str | Path, split: str = "val"):
-    """A LabeledSet: 'folder' (images/ + labels/ under root) or a named benchmark
-    (voc, coco-object, coca, cityscapes-object, imagenet-s) via namedmask.data.datasets."""
-    if root is None:
-        raise EvaluationError(f"dataset {name!r} needs a root folder (--root)")
-    if name == "folder":
-        return FolderLabeledSet(root)
-    return open_dataset(name, root, split=split)
-
-
-@torch.no_grad()
-def evaluate_model(model, labeled_set, model_class_names: list, *, device="cpu", amp: bool = False,
-                   max_images: int | None = None, rank: int = 0, world: int = 1, progress: bool = True,
-                   backend: str = "auto", overlays_dir: str | Path | None = None,
-                   num_overlays: int = 4, ignore_unmapped: bool = False) -> EvalReport:
-    """Native resolution, single scale, argmax; one confusion matrix over the split in the
-    dataset's class ids (each rank scores items[rank::world], matrices are all-reduced). Model
-    classes are paired with the dataset's by name (namedmask.data.classmap; the report says
-    which were scored). Binary sets (CoCA: one object per image) are scored the same way, as
-    a (1 + C)-class mIoU, and also report the mean per-image foreground IoU."""
-    check_backend("confusion_matrix", backend, torch.device(device))
-    was_training = model.training
-    model.eval()
-    binary = bool(getattr(labeled_set, "binary", False))
-    ignore = getattr(labeled_set, "ignore_index", 255)
-    names = list(getattr(labeled_set, "class_names", None) or model_class_names)
-    cmap = ClassMap(model_class_names, names, dataset_words=category_words(getattr(labeled_set, "name", None), names),
-                    ignore_index=ignore, ignore_unmapped=ignore_unmapped)
-    n = len(names)
-    items = [it for it in labeled_set if it.label is not None][:max_images]
-    confusion = torch.zeros(n, n, dtype=torch.int64)
-    fg_iou = torch.zeros(2, dtype=torch.float64)  # sum of per-image fg IoU, images
-    for i, item in enumerate(tqdm(items[rank::world], desc="eval", unit="img", disable=not progress)):
-        image = load_image(item.image)
-        gt = torch.from_numpy(labeled_set.read_label(item).astype("int64"))
-        if gt.shape != image.shape[:2]:
-            raise EvaluationError(f"{item.label}: label size {tuple(gt.shape)[::-1]} differs from image "
-                                  f"{item.image} {tuple(image.shape[:2])[::-1]} (width x height)")
-        gt = cmap.map_ground_truth(gt, str(item.label))
-        pred = cmap.map_prediction(predict_label(model, image, device, amp))
-        if binary:  # beside the mIoU: foreground (any class) vs background, per image
-            valid = gt != ignore
-            inter = ((pred > 0) & (gt > 0) & valid).sum()
-            union = (((pred > 0) | (gt > 0)) & valid).sum()
-            fg_iou += torch.tensor([float(inter) / float(union) if union > 0 else 1.0, 1.0], dtype=torch.float64)
-        confusion += ops.confusion_matrix(pred, gt, n, ignore, backend=backend)
-        if overlays_dir is not None and rank == 0 and i < num_overlays:
-            save_overlay(Path(overlays_dir) / f"{Path(item.id).name}.png", image, pred, names, gt=gt)
-    if world > 1:
-        dist.all_reduce(confusion)
-        dist.all_reduce(fg_iou)
-    model.train(was_training)
-    if not items:
-        raise EvaluationError("no labelled images to evaluate")
-    report = EvalReport(ops.miou(confusion), confusion, len(items), names, class_map=cmap)
-    if binary:
-        report.extra["mean_fg_iou"] = float(fg_iou[0] / fg_iou[1])
-    return report
-
-
 def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, split: str = "val",
                         device: str = "auto", max_images: int | None = None, overlays_dir=None,
                         num_overlays: int = 4, backend: str = "auto", progress: bool = True,
@@ -207,3 +90,24 @@ def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, 
     return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=False,
                           max_images=max_images, progress=progress, backend=backend,
                           overlays_dir=overlays_dir, num_overlays=num_overlays, ignore_unmapped=ignore_unmapped)
+
+
+def evaluate_open(dataset: str, root, *, run_dir=None, zero_shot: dict | None = None, text: str | None = None,
+                  class_set: str | None = None, split: str = "val", device: str = "auto",
+                  max_images: int | None = None, overlays_dir=None, backend: str = "auto", progress: bool = True,
+                  ignore_unmapped: bool = False):
+    """`namedmask eval --dataset D --root R` with --zero-shot, or with --checkpoint of a text-head
+    run and new text. Classes: --text, a category set / names file (`class_set`), or
+    class_set="dataset" (and by default with --zero-shot) the dataset's own classes. Scored
+    exactly as evaluate_checkpoint scores a closed-set run."""
+    dev = resolve_device(device)
+    labeled_set = open_eval_set(dataset, root, split)
+    if text or (class_set and class_set != "dataset"):
+        classes = text_classes(text, None if class_set == "dataset" else class_set)
+    elif zero_shot is not None or class_set == "dataset":
+        classes = dataset_classes(labeled_set)
+    else:
+        classes = None
+    model, names = open_segmenter(run_dir=run_dir, zero_shot=zero_shot, classes=classes, device=dev)
+    return evaluate_model(model, labeled_set, names, device=dev, amp=False, max_images=max_images, progress=progress,
+                          backend=backend, overlays_dir=overlays_dir, ignore_unmapped=ignore_unmapped)

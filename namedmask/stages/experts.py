@@ -29,7 +29,7 @@ from namedmask.errors import InputError
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label
 from namedmask.runtime import resolve_device
-from namedmask.stages.train import train
+from namedmask.training import train
 
 log = logging.getLogger(__name__)
 

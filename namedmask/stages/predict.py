@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.data.categories import get_category_set, voc_palette
 from namedmask.data.classmap import ClassMap
-from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
-from namedmask.errors import NamedMaskError
+from namedmask.data.decode import ImageDecodeError, collect_images, load_image
+from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import load_segmenter
@@ -33,28 +33,13 @@ from namedmask.models.prompts import get_templates
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
-from namedmask.stages.openvocab import open_segmenter, text_classes
+from namedmask.models.openvocab import open_segmenter, text_classes
 
 log = logging.getLogger(__name__)
 
 
-class PredictError(NamedMaskError, ValueError):
+class PredictError(BadInputError):
     """No images to predict, or an input that cannot be read; the message names it."""
-
-
-def collect_images(inputs) -> list:
-    """Image files given directly or found (recursively) in the given folders, in order."""
-    paths = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise PredictError(f"{p}: no such file or folder")
-    if not paths:
-        raise PredictError(f"no images found in {[str(p) for p in inputs]}")
-    return paths
 
 
 PROPOSALS = ("discover", "segmenter")
@@ -167,7 +152,7 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
     are the model's, or with `classes` (a category set or names file) that set's ids, the
     model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
     cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
-    arguments of stages.openvocab.zero_shot_segmenter), labels those names; with `proposals`
+    arguments of models.openvocab.zero_shot_segmenter), labels those names; with `proposals`
     (and `text`) region proposals named by CLIP do (two-stage, see the module's notes)."""
     out_dir = Path(out_dir)
     # taken (refused, locked) before the model loads, held for the whole run

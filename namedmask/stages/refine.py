@@ -27,7 +27,7 @@ from namedmask import io
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
-from namedmask.errors import InputError, NamedMaskError
+from namedmask.errors import BadInputError, InputError
 from namedmask.ops.bilateral import GridTooLargeError, bilateral_solve_batch, resolve_params
 from namedmask.runtime import check_backend
 
@@ -37,7 +37,7 @@ METHODS = ("bilateral-solver",)
 CONFIG_NAME = "refine.json"
 
 
-class RefineError(NamedMaskError, RuntimeError):
+class RefineError(BadInputError, RuntimeError):
     """Bad or missing inputs, or an output folder made with other settings; the message names them."""
 
 

@@ -36,7 +36,7 @@ from namedmask.config import SaliencyConfig
 from namedmask.data.archive import Archive, load_archive
 from namedmask.data.decode import iter_image_batches, load_image
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest, mask_relpath
-from namedmask.errors import NamedMaskError
+from namedmask.errors import OutputStateError
 from namedmask.models.dino import build_vit, create_dino
 from namedmask.runtime import resolve_device
 from namedmask.report import mask_overlay, mask_sheet
@@ -54,7 +54,7 @@ RESULT_KEYS = ("method", "refine", "short_side", "dino", "dino_weights", "checkp
 RESULT_DEFAULTS = {k: getattr(SaliencyConfig(), k) for k in RESULT_KEYS}
 
 
-class SaliencyError(NamedMaskError, RuntimeError):
+class SaliencyError(OutputStateError):
     """A problem the user must fix (bad settings, missing weights or op); the message says how."""
 
 

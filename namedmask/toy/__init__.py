@@ -1,7 +1,7 @@
-"""`namedmask toy-world`: the generated world (namedmask.data.toyworld) plus a tiny CLIP and a
+"""`namedmask toy-world`: the generated world (namedmask.toy.world) plus a tiny CLIP and a
 tiny DINO trained on it, cached per seed under <out>/seed-<N>/:
 
-    world/                   the splits (see namedmask.data.toyworld)
+    world/                   the splits (see namedmask.toy.world)
     clip/nm-toy.pt           open_clip checkpoint  -> build-archive --model nm-toy --pretrained FILE
     dino/dino_toy_pretrain.pth  official DINO layout -> saliency --dino vit_small_patch8_224
                                 --dino-weights FILE (+ the VIT_KWARGS of namedmask.toy.dino)
@@ -47,7 +47,7 @@ def seed_dir(out: str | Path, seed: int) -> Path:
 
 def build_toy_world(cfg: ToyWorldConfig, progress: bool = True) -> Path:
     """Builds (or finds) the world and both models; returns <out>/seed-<N>."""
-    from namedmask.data.toyworld import read_captions, write_world
+    from namedmask.toy.world import read_captions, write_world
     from namedmask.toy.clip import ClipTrainConfig, load_images, train_clip
     from namedmask.toy.dino import DinoTrainConfig, train_dino
 

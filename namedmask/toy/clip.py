@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from namedmask import io
+from namedmask.models.clip import TOY_MODEL as MODEL
 
 log = logging.getLogger(__name__)
 
-MODEL = "nm-toy"
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from namedmask.data.toyworld import CATEGORIES, NAMED
+from namedmask.toy.world import CATEGORIES, NAMED
 from namedmask.errors import InputError
 
 

@@ -1,7 +1,7 @@
 """Open vocabulary: the segmenters that answer any text.
 
 - `zero_shot_segmenter`: dense CLIP (MaskCLIP, models/maskclip.py), no training.
-- `TextObjective`: what `train.head: text` adds to training (stages/train.py): the
+- `TextObjective`: what `train.head: text` adds to training (namedmask/training.py): the
   TextDeepLabV3Plus model, per-iteration text diversification, and the optional text-guided
   distillation from the frozen dense CLIP (computed on the augmented crop each iteration).
 - `open_vocab_segmenter`: a trained text-head run bound to new names (its CLIP's text tower
@@ -21,7 +21,7 @@ from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE
 from namedmask.data.categories import get_category_set
 from namedmask.data.classmap import category_words
-from namedmask.errors import NamedMaskError
+from namedmask.errors import BadInputError
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (OpenVocabSegmenter, TextDeepLabV3Plus, load_backbone_weights,
                                       load_segmenter)
@@ -29,13 +29,11 @@ from namedmask.models.dino import create_dino
 from namedmask.models.maskclip import MaskClipSegmenter, class_text, ensemble_text_embeddings, parse_text_classes
 from namedmask.models.prompts import get_templates
 from namedmask.models.text_head import DenseTeacher, TextBank, foreground_pixels, text_distillation_loss
-from namedmask.runtime import resolve_device
-from namedmask.stages.evaluate import evaluate_model, open_eval_set
 
 BACKGROUND_WORDS = ("background",)
 
 
-class OpenVocabError(NamedMaskError, ValueError):
+class OpenVocabError(BadInputError):
     """A text option, class list or run that the open-vocabulary path cannot use."""
 
 
@@ -186,24 +184,3 @@ def open_segmenter(*, run_dir=None, zero_shot: dict | None = None, classes: list
             raise OpenVocabError("zero-shot segmentation needs class names (--text or --text-classes)")
         return zero_shot_segmenter(classes, device=device, **zero_shot)
     return open_vocab_segmenter(run_dir, classes, device)
-
-
-def evaluate_open(dataset: str, root, *, run_dir=None, zero_shot: dict | None = None, text: str | None = None,
-                  class_set: str | None = None, split: str = "val", device: str = "auto",
-                  max_images: int | None = None, overlays_dir=None, backend: str = "auto", progress: bool = True,
-                  ignore_unmapped: bool = False):
-    """`namedmask eval --dataset D --root R` with --zero-shot, or with --checkpoint of a text-head
-    run and new text. Classes: --text, a category set / names file (`class_set`), or
-    class_set="dataset" (and by default with --zero-shot) the dataset's own classes. Scored
-    exactly as evaluate_checkpoint scores a closed-set run."""
-    dev = resolve_device(device)
-    labeled_set = open_eval_set(dataset, root, split)
-    if text or (class_set and class_set != "dataset"):
-        classes = text_classes(text, None if class_set == "dataset" else class_set)
-    elif zero_shot is not None or class_set == "dataset":
-        classes = dataset_classes(labeled_set)
-    else:
-        classes = None
-    model, names = open_segmenter(run_dir=run_dir, zero_shot=zero_shot, classes=classes, device=dev)
-    return evaluate_model(model, labeled_set, names, device=dev, amp=False, max_images=max_images, progress=progress,
-                          backend=backend, overlays_dir=overlays_dir, ignore_unmapped=ignore_unmapped)

@@ -30,8 +30,8 @@ from namedmask.data.training import IterationBatches, TrainError, TrainSamples, 
 from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.report import METRICS_FILE, plot_curves
 from namedmask.runtime import setup_distributed, sync_buffers
-from namedmask.stages.evaluate import evaluate_model
-from namedmask.stages.openvocab import TextObjective
+from namedmask.evaluation import evaluate_model
+from namedmask.models.openvocab import TextObjective
 
 log = logging.getLogger(__name__)
 
