@@ -76,3 +76,12 @@ def _fresh_threads():
         os.environ.pop("NAMEDMASK_THREADS", None)
     else:
         os.environ["NAMEDMASK_THREADS"] = env
+
+
+@pytest.fixture(scope="session")
+def ci_world(tmp_path_factory) -> Path:
+    """The ci-size toy world of seed 0 (namedmask.data.toyworld), written once per session (~30 s
+    on a busy 2-core machine); link it into a toy-world folder as <out>/seed-0/world."""
+    from namedmask.data.toyworld import write_world
+
+    return write_world(tmp_path_factory.mktemp("ci-world") / "world", 0, "ci", progress=False)

@@ -22,9 +22,11 @@ CI_CLIP_STEPS = 120
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, ci_world):
     """The ci world with a tiny CLIP trained for CI_CLIP_STEPS steps (no DINO)."""
     out = tmp_path_factory.mktemp("toy")
+    (out / "seed-0").mkdir()
+    (out / "seed-0" / "world").symlink_to(ci_world)  # the session's ci world (conftest), written once
     return build_toy_world(ToyWorldConfig(str(out), seed=0, size="ci", clip={"steps": CI_CLIP_STEPS},
                                           dino={"steps": 0}), progress=False)
 
