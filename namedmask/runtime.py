@@ -206,6 +206,9 @@ def resolve_threads(setting="auto") -> tuple:
     omp = os.environ.get("OMP_NUM_THREADS", "").strip()
     if omp.isdigit() and int(omp) >= 1:
         return int(omp), "$OMP_NUM_THREADS"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: the ranks on this machine share its cores
+    if local > 1:
+        return max(1, available_cores() // local), f"auto (cores available / {local} local ranks)"
     return available_cores(), "auto (cores available: affinity and cgroup quota)"
 
 

@@ -31,6 +31,9 @@ def test_thread_settings_resolve_explicit_before_automatic(monkeypatch):
     assert 1 <= cores <= len(os.sched_getaffinity(0))
     assert runtime.resolve_threads("auto") == (cores, "auto (cores available: affinity and cgroup quota)")
     assert runtime.resolve_threads(None)[0] == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun ranks on one machine share its cores
+    assert runtime.resolve_threads("auto")[0] == max(1, cores // 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert runtime.resolve_threads("auto") == (3, "$OMP_NUM_THREADS")
     assert runtime.resolve_threads(5) == (5, "config")
