@@ -213,18 +213,14 @@ def resolve_threads(setting="auto") -> tuple:
 
 
 def configure_threads(setting="auto") -> dict:
-    """Sets torch's intra-op threads (resolve_threads) and, where torch still allows it, its
-    inter-op threads (the pool the CPU kernels' helpers come from) to the same number; returns
-    what was decided, for the run's JSON. Called at the start of every command (cli.py) and of
-    `namedmask run` (pipeline.py, the config's `threads` key)."""
+    """Sets torch's intra-op threads (resolve_threads); returns what was decided, for the run's
+    JSON. Called at the start of every command (cli.py), of `namedmask run` (pipeline.py, the
+    config's `threads` key) and of toy-world. torch's inter-op pool is left as torch sizes it: the
+    CPU kernels take their helpers from it but never more than the intra-op count minus one
+    (csrc/cpu/share_tasks.h, helpers_for), so --threads 1 means one thread there too."""
     intra, source = resolve_threads(setting)
     if torch.get_num_threads() != intra:
         torch.set_num_threads(intra)
-    try:  # only possible before the inter-op pool starts, once per process
-        if torch.get_num_interop_threads() != intra:
-            torch.set_num_interop_threads(intra)
-    except RuntimeError:
-        pass
     return thread_record(source)
 
 
