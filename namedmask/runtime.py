@@ -107,7 +107,7 @@ def init_distributed() -> tuple[int, int, bool]:
 #   the same config on the same machine gives the same bits however busy it is.
 # - what does not change results may follow the load: the CPU kernels pick their helpers per call
 #   from the cores idle right now (csrc/cpu/share_tasks.h, idle_helpers_for); idle_cores() below
-#   is the same reading, recorded in the run's JSON.
+#   is the same reading, only recorded in the run's JSON.
 # A busy machine is then handled by the OpenMP runtime's wait policy (PASSIVE, set at import in
 # namedmask/__init__.py): torch's threads sleep at a barrier instead of spinning, so they do not
 # take the cores from the threads (ours or other processes') they wait for.
@@ -169,8 +169,8 @@ def available_cores() -> int:
 def idle_cores() -> int | None:
     """The cores idle at this instant, the CPU kernels' reading (csrc/cpu/share_tasks.h,
     idle_helpers_for): online CPUs minus the runnable threads in /proc/loadavg (this one
-    included), plus this thread's own; None where /proc/loadavg cannot be read. Recorded, and
-    used only for choices that do not change results."""
+    included), plus this thread's own; None where /proc/loadavg cannot be read. Recorded in the
+    run's JSON (what the machine looked like); no thread count is chosen from it."""
     try:
         with open("/proc/loadavg") as f:
             running = int(f.read().split()[3].split("/")[0])

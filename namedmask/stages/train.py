@@ -29,6 +29,7 @@ from namedmask.data.datasets import open_dataset
 from namedmask.data.training import IterationBatches, TrainError, TrainSamples, _seed, archive_items
 from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.report import METRICS_FILE, plot_curves
+from namedmask.envinfo import environment
 from namedmask.runtime import dataloader_workers, setup_distributed, sync_buffers, thread_record
 from namedmask.stages.evaluate import evaluate_model
 from namedmask.stages.openvocab import TextObjective
@@ -250,7 +251,7 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
         log.info("%s is already trained (%d iterations)", run_dir, cfg.iterations)
     elif val_set is not None:
         _validate(ctx, run_dir, net, model, val_set, class_names, cfg.iterations, cfg)
-    _finish(ctx, run_dir, model, cfg)
+    _finish(ctx, run_dir, model, cfg, resumed=start > 0)
     if ctx.owns_group:
         dist.destroy_process_group()
     return run_dir
@@ -293,7 +294,7 @@ def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) ->
         plot_curves(run_dir)  # the plot follows the run, not only its end
 
 
-def _finish(ctx, run_dir: Path, model, cfg) -> None:
+def _finish(ctx, run_dir: Path, model, cfg, resumed: bool = False) -> None:
     """Checks the ranks ended with identical weights, writes summary.json and the curves plot."""
     sync_buffers(ctx, model)
     digest = state_digest(model)
@@ -304,7 +305,7 @@ def _finish(ctx, run_dir: Path, model, cfg) -> None:
     if ctx.is_main:
         io.write_json(run_dir / "summary.json", {"iterations": cfg.iterations, "world_size": ctx.world,
                                                  "rank_digests": digests, "weights": "model.safetensors",
-                                                 "threads": thread_record()})
+                                                 "environment": environment(thread_record(), resumed)})
         plot_curves(run_dir)
     if len(set(digests)) > 1:
         raise TrainError(f"DDP ranks ended with different weights: {digests}")
