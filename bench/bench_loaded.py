@@ -384,12 +384,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=CONDITIONS)
     parser.add_argument("--stages", action="store_true", help="whole stages on a ci toy world (run_stages)")
-    parser.add_argument("--rounds", type=int, default=1, help="--stages: runs per setting and condition")
+    parser.add_argument("--rounds", type=int, default=1, help="--stages/--wait-policy: runs per setting and condition")
     parser.add_argument("--wait-policy", action="store_true", help="OpenMP wait policy: default vs PASSIVE")
     args = parser.parse_args()
     if args.wait_policy:
         conditions = (args.only,) if args.only in ("idle", "loaded") else ("idle", "loaded")
-        print_table(run_wait_policy(conditions), "OpenMP wait policy, a training step")
+        print_table(run_wait_policy(conditions, args.rounds), "OpenMP wait policy, a training step")
     elif args.stages:
         conditions = (args.only,) if args.only in ("idle", "loaded") else ("idle", "loaded")
         print_table(run_stages(conditions, args.rounds), "whole stages, automatic threads vs 1 thread")
