@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.namedmask-installed
 NATIVE := $(shell find csrc -type f 2>/dev/null) setup.py
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ test: install
 
 bench: install
 	$(BIN)/python -m bench
+
+# On a machine with a GPU (docs/gpu.md): builds the CUDA kernels, runs the cuda tests, DALI GPU
+# decoding, the toy chain on the GPU and the GPU benchmark rows; one JSON + a summary under
+# bench/results/gpu-check/ (~8 min on one H100). `python bench/gpu_check.py --dry-run` shows the plan.
+gpu-check: install
+	$(BIN)/python bench/gpu_check.py
 
 clean:
 	rm -rf build namedmask/_C*.so *.egg-info

@@ -12,13 +12,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("names", nargs="*", default=BENCHMARKS, help=f"any of {BENCHMARKS}")
     parser.add_argument("--json", default="bench/results/latest.json", help="write all rows here")
+    parser.add_argument("--stages", action="store_true",
+                        help="with loaded: whole stages (archive .. discover) on a ci toy world, not the ops")
     args = parser.parse_args()
     env = environment()
     print("environment:", ", ".join(f"{k}={v}" for k, v in env.items()))
     rows = []
     for name in args.names:
         module = importlib.import_module(f"bench.bench_{name}")
-        part = module.run()
+        part = module.run_stages() if args.stages and name == "loaded" else module.run()
         print_table(part, name)
         rows += part
     save_json(rows, args.json)

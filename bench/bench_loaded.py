@@ -9,7 +9,15 @@ with torch's default threads, with 1 thread, their ratio, and the ratio to the r
 Medians of interleaved rounds (default and 1-thread calls alternating, each round starting with
 the other, the reference once per round), so that a drift in load hits them alike;
 under load a single call can wait a whole scheduler time slice, so the max is reported too.
-Target: default threads <= 1.5x the 1-thread time under load, for every op."""
+Target: default threads <= 1.5x the 1-thread time under load, for every op.
+
+  python -m bench loaded --stages   whole stages instead (run_stages below)
+
+Whole stages (archive, saliency, experts, train, eval, discover) on a ci-size toy world, each
+run in a fresh process (`namedmask run` for the first five, discover in the same process after
+it), with namedmask's automatic threads and with --threads 1, idle and under one busy loop per
+core. Target: automatic <= 1.2x the 1-thread time under load, within 10 % of the better setting
+idle. The same runs check which stage outputs depend on the thread count."""
 from __future__ import annotations
 
 import argparse
@@ -20,7 +28,9 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
+import namedmask  # noqa: F401  first: it sets the OpenMP wait policy before torch loads (as for users)
 import numpy as np
 import torch
 
@@ -163,8 +173,225 @@ def run(conditions=CONDITIONS, rounds: int = 5, reps: int = 5) -> list[Row]:
     return rows
 
 
+# ------------------------------------------------------------------------------ whole stages
+
+STAGE_NAMES = ("archive", "saliency", "experts", "train", "eval", "discover")
+PIPELINE_STAGES = "archive,saliency,experts,train,eval"
+DISCOVER_IMAGES = 6
+
+
+def stages_world(cache: Path) -> Path:
+    """A ci-size toy world with briefly trained CLIP and DINO (built once into `cache`)."""
+    import subprocess
+    import sys
+
+    root = cache / "seed-0"
+    if not (root / "run.yaml").is_file():
+        subprocess.run([sys.executable, "-m", "namedmask", "-q", "--threads", "2", "toy-world", "--out", str(cache),
+                        "--size", "ci", "--clip-steps", "60", "--dino-steps", "30"], check=True)
+    return root
+
+
+def stages_config(root: Path) -> Path:
+    """The world's run.yaml with schedules fit for a benchmark round (~1 min idle on 2 cores)."""
+    import yaml
+
+    cfg = yaml.safe_load((root / "run.yaml").read_text())
+    cfg["archive"]["k"] = 12
+    cfg["experts"]["train"]["iterations"] = 30
+    cfg["train"].update(iterations=100, log_every=20, checkpoint_every=50)
+    cfg["predict_images"] = []
+    path = root.parent / "bench-stages.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _stage_child(config: str, out: str, threads: str) -> None:
+    """In a fresh process: the pipeline's stages, then discover on a few eval images; prints one
+    JSON line {stage: seconds, "threads": record, "digests": {output: sha256}}."""
+    import hashlib
+    import json
+    from pathlib import Path as P
+
+    from namedmask.pipeline import load_run_config, run_pipeline
+    from namedmask.runtime import configure_threads
+
+    os.environ["NAMEDMASK_THREADS"] = threads
+    record = configure_threads(threads)
+    cfg = load_run_config(config, {"out": out, "stages": PIPELINE_STAGES.split(",")})
+    run_pipeline(cfg, progress=False)
+    run = P(out)
+    seconds = {st: json.loads((run / ".stages" / f"{st}.json").read_text())["seconds"]
+               for st in PIPELINE_STAGES.split(",") if (run / ".stages" / f"{st}.json").is_file()}
+    seconds["discover"], labels = _discover(P(config).parent / "seed-0")
+    digests = {"discover": hashlib.sha256(labels).hexdigest()[:16]}
+    for name, files in (("archive", [run / "archive" / "archive.json"]),
+                        ("saliency", sorted((run / "saliency").rglob("*.png"))),
+                        ("experts", sorted((run / "refined").rglob("*.png"))),
+                        ("train", [run / "train" / "model.safetensors"]),
+                        ("eval", [run / "eval" / "metrics.json"])):
+        h = hashlib.sha256()
+        for f in files:
+            h.update(f.read_bytes() if f.suffix != ".json" else _without_paths(f))
+        digests[name] = h.hexdigest()[:16]
+    print(json.dumps({"seconds": seconds, "threads": record, "digests": digests}))
+
+
+def _without_paths(path: Path) -> bytes:
+    """A JSON output without the keys that name folders (the runs live in different ones)."""
+    import json
+
+    def strip(v):
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items() if k not in ("pool_root", "root", "archive", "out", "run_dir")}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        return v
+    return json.dumps(strip(json.loads(path.read_text())), sort_keys=True).encode()
+
+
+def _discover(root: Path) -> tuple:
+    """Seconds of discover on DISCOVER_IMAGES eval images of the toy world (models loaded
+    before the clock starts), and the label maps' bytes."""
+    from bench.bench_discover import _toy_models
+    from namedmask.config import DiscoverConfig
+    from namedmask.data.decode import load_image
+    from namedmask.stages.discover import discover_image
+    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
+
+    cfg = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
+                         dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
+                         size=96, templates="simple", device="cpu")
+    models = _toy_models(root, cfg)
+    images = sorted((root / "world" / "eval" / "multi" / "images").glob("*"))[:DISCOVER_IMAGES]
+    out = b""
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for path in images:
+            labels, _, _ = discover_image(models, load_image(path), cfg)
+            out += labels.to(torch.int64).numpy().tobytes()
+    return time.perf_counter() - t0, out
+
+
+def _child(config: Path, out: Path, threads: str) -> dict:
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.rmtree(out, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NAMEDMASK_THREADS")}
+    res = subprocess.run([sys.executable, "-m", "bench.bench_loaded", "--child", str(config), str(out), threads],
+                         env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"stage run failed ({threads} threads):\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_stages(conditions=("idle", "loaded"), rounds: int = 1, cache: Path | None = None) -> list[Row]:
+    """Per stage and condition: seconds with automatic threads and with 1 thread, their ratio;
+    whether the two settings' outputs were equal (digests of the stage's files)."""
+    cache = Path(cache or Path(__file__).resolve().parent / "results" / "stages-toy")
+    root = stages_world(cache)
+    config = stages_config(root)
+    rows, equal = [], {}
+    for condition in conditions:
+        times = {"auto": {st: [] for st in STAGE_NAMES}, "1": {st: [] for st in STAGE_NAMES}}
+        with (busy_machine() if condition == "loaded" else _nothing()) as busy:
+            label = f"loaded ({busy} busy)" if condition == "loaded" else "idle"
+            for r in range(rounds):
+                results = {}
+                for setting in (("auto", "1") if r % 2 == 0 else ("1", "auto")):
+                    results[setting] = _child(config, cache / f"run-{condition}-{setting}", setting)
+                    for st in STAGE_NAMES:
+                        times[setting][st].append(results[setting]["seconds"][st])
+                for st in STAGE_NAMES:
+                    equal.setdefault(st, set()).add(results["auto"]["digests"][st] == results["1"]["digests"][st])
+        auto_threads = results["auto"]["threads"]["intra_op"]
+        for st in STAGE_NAMES:
+            a, one = statistics.median(times["auto"][st]), statistics.median(times["1"][st])
+            rows.append(Row(f"stage {st}", f"{label}", "ci toy world", a, None, None, {
+                f"auto ({auto_threads} threads)": f"{a:.2f} s", "1 thread": f"{one:.2f} s",
+                "auto / 1 thread": f"{a / one:.2f}",
+                "outputs equal (auto vs 1 thread)": "yes" if equal[st] == {True} else "no"}))
+    return rows
+
+
+@contextmanager
+def _nothing():
+    yield 0
+
+
+# A training step of a small conv net (forward, backward, Adam): many short OpenMP regions, like
+# the stages' tiny DeepLabs. Run in a fresh process per setting: the OpenMP runtime reads its
+# wait policy once, when torch loads it.
+_PROBE = """
+import os, sys, time
+import torch, torch.nn as nn
+torch.set_num_threads(int(sys.argv[1]))
+torch.manual_seed(0)
+net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                    nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+                    nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 2, 1))
+opt = torch.optim.Adam(net.parameters(), 1e-3)
+x, y = torch.randn(4, 3, 96, 96), torch.randint(0, 2, (4, 48, 48))
+def step():
+    loss = nn.functional.cross_entropy(net(x), y); opt.zero_grad(); loss.backward(); opt.step(); return loss
+for _ in range(3): step()
+t = time.perf_counter()
+for _ in range(20): loss = step()
+print((time.perf_counter() - t) / 20, loss.item())
+"""
+
+
+def run_wait_policy(conditions=("idle", "loaded"), rounds: int = 3) -> list[Row]:
+    """Seconds per training step of _PROBE with 1 thread and with all cores, under OpenMP's
+    default (spinning) wait policy and PASSIVE, idle and with one busy loop per core; and whether
+    the loss is the same across the settings of one thread count (the policy never changes bits)."""
+    import subprocess
+    import sys
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    settings = [(1, None), (1, "PASSIVE"), (cores, None), (cores, "PASSIVE")]
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")}
+    rows = []
+    for condition in conditions:
+        times, losses = {s: [] for s in settings}, {s: set() for s in settings}
+        with (busy_machine() if condition == "loaded" else _nothing()) as busy:
+            for r in range(rounds):
+                for threads, policy in (settings if r % 2 == 0 else settings[::-1]):
+                    env = dict(base, **({"OMP_WAIT_POLICY": policy} if policy else {}))
+                    out = subprocess.run([sys.executable, "-c", _PROBE, str(threads)], env=env, capture_output=True,
+                                         text=True, check=True).stdout.split()
+                    times[(threads, policy)].append(float(out[0]))
+                    losses[(threads, policy)].add(out[1])
+        label = f"loaded ({busy} busy)" if condition == "loaded" else "idle"
+        one = statistics.median(times[(1, None)])
+        for (threads, policy), t in times.items():
+            med = statistics.median(t)
+            rows.append(Row("train step (small conv net)", label, f"{threads} thread(s), wait {policy or 'default'}",
+                            med, None, None, {"ms/step": f"{med * 1e3:.1f}", "vs 1 thread default": f"{med / one:.2f}",
+                                              "loss": "/".join(sorted(losses[(threads, policy)]))}))
+    return rows
+
+
 if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+        _stage_child(*sys.argv[2:])
+        sys.exit(0)
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", choices=CONDITIONS)
+    parser.add_argument("--stages", action="store_true", help="whole stages on a ci toy world (run_stages)")
+    parser.add_argument("--rounds", type=int, default=1, help="--stages/--wait-policy: runs per setting and condition")
+    parser.add_argument("--wait-policy", action="store_true", help="OpenMP wait policy: default vs PASSIVE")
     args = parser.parse_args()
-    print_table(run((args.only,) if args.only else CONDITIONS), "CPU ops, idle, loaded and flickering")
+    if args.wait_policy:
+        conditions = (args.only,) if args.only in ("idle", "loaded") else ("idle", "loaded")
+        print_table(run_wait_policy(conditions, args.rounds), "OpenMP wait policy, a training step")
+    elif args.stages:
+        conditions = (args.only,) if args.only in ("idle", "loaded") else ("idle", "loaded")
+        print_table(run_stages(conditions, args.rounds), "whole stages, automatic threads vs 1 thread")
+    else:
+        print_table(run((args.only,) if args.only else CONDITIONS), "CPU ops, idle, loaded and flickering")

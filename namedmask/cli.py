@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -74,11 +75,25 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
               help="More logging: -v adds other libraries' INFO (open_clip, timm) and namedmask's DEBUG; "
                    "-vv DEBUG everywhere and tracebacks of errors.")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--threads", default=None, envvar="NAMEDMASK_THREADS", metavar="N|auto",
+              help="torch threads of every stage: N, or auto = the cores this process may use (affinity, cgroup "
+                   "quota) [default: a run config's 'threads', else $OMP_NUM_THREADS, else auto]. Training "
+                   "results depend on it; it is recorded in each run's JSON (docs/reproducibility.md).")
 @click.version_option(__version__, "--version", prog_name="namedmask")
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, quiet: bool) -> None:
+def cli(ctx: click.Context, verbose: int, quiet: bool, threads: str | None) -> None:
     """namedmask: segment and name objects without pixel labels (NamedMask)."""
     setup_logging(verbose, quiet)
+    if ctx.invoked_subcommand not in (None, "bench", "config"):  # bench sets its own; config computes nothing
+        from namedmask import runtime
+
+        if threads is not None:
+            try:
+                runtime.parse_threads(threads)
+            except NamedMaskError as exc:
+                raise click.BadParameter(str(exc), param_hint="--threads") from None
+            os.environ[runtime.THREADS_ENV] = threads  # wins over a config's `threads` (runtime.resolve_threads)
+        runtime.configure_threads(threads)
     # Log lines go above the progress bars instead of through them, while the command runs.
     ctx.with_resource(logging_redirect_tqdm())
 

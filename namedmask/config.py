@@ -394,6 +394,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    # torch threads of every stage: auto (or null: the cores this process may use) or N. Training
+    # results depend on it (docs/reproducibility.md); --threads / $NAMEDMASK_THREADS win over it.
+    threads: int | str | None = None
+
+    def __post_init__(self):
+        t = self.threads
+        if not (t is None or t == "auto" or (isinstance(t, int) and not isinstance(t, bool) and t >= 1)):
+            raise ConfigError(f"threads: expected auto or a positive integer, got {t!r}")
 
 
 def to_dict(cfg) -> dict:

@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import os
 import platform
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,7 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "torch_threads": torch.get_num_threads(),
+        "environment": environment(),
         "native_extension": "loaded" if _native.LOAD_ERROR is None else f"not loaded: {_native.LOAD_ERROR}",
         "triton": _version("triton"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
@@ -54,11 +56,93 @@ def collect() -> dict:
     return info
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit(start: Path | None = None) -> str | None:
+    """The commit of the git checkout namedmask runs from (+ '-dirty' with uncommitted changes to
+    tracked files); None when it is not a checkout (an installed wheel) or git is missing."""
+    import subprocess
+
+    folder = Path(start or Path(__file__).resolve().parent)
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+
+
+def _config_version(pattern: str) -> str | None:
+    """A library version from torch's build summary (torch.__config__.show())."""
+    import re
+
+    m = re.search(pattern, torch.__config__.show())
+    return m.group(1) if m else None
+
+
+def _mkl_version() -> str | None:
+    return _config_version(r"Math Kernel Library Version (\S+)") if torch.backends.mkl.is_available() else None
+
+
+def _onednn_version() -> str | None:
+    return _config_version(r"(?:MKL-DNN|oneDNN) v?(\d[\w.]*)") if torch.backends.mkldnn.is_available() else None
+
+
+def environment(threads: dict | None = None, resumed: bool | None = None) -> dict:
+    """What a run's numbers depend on besides its config and seed, for its JSON: the code
+    (commit), the libraries whose kernels compute the floats (torch, MKL, oneDNN), the CPU and the
+    instruction set torch dispatches to, the threads (runtime.thread_record), and whether the run
+    was resumed. Two runs whose records and configs are equal are expected to give equal bits."""
+    from namedmask import runtime
+
+    record = {
+        "namedmask": __version__,
+        "commit": _git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "mkl": _mkl_version(),
+        "onednn": _onednn_version(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available()
+        else [],
+        "native_extension": _native.LOAD_ERROR is None,
+        "threads": threads or runtime.thread_record(),
+    }
+    if resumed is not None:
+        record["resumed"] = resumed
+    return record
+
+
+def format_environment(env: dict) -> str:
+    """One line of environment(): what a reader needs to compare two runs."""
+    t = env.get("threads", {})
+    return (f"namedmask {env.get('namedmask')} ({env.get('commit') or 'not a git checkout'}), torch {env.get('torch')}, "
+            f"oneDNN {env.get('onednn') or '-'}, {env.get('cpu')} [{env.get('cpu_capability')}], "
+            f"threads {t.get('intra_op')} intra-op / {t.get('inter_op')} inter-op ({t.get('source')}), "
+            f"OpenMP wait {t.get('omp_wait_policy') or 'default'}"
+            + ("" if env.get("resumed") is None else f", resumed: {'yes' if env['resumed'] else 'no'}"))
+
+
 def format_info(info: dict) -> str:
     lines = [f"namedmask {info['namedmask']}  (python {info['python']}, {info['machine']})",
              f"torch {info['torch']}  CUDA build: {info['torch_cuda_build'] or 'no'}  "
              f"GPU: {', '.join(info['gpus']) if info['gpus'] else 'none'}  threads: {info['torch_threads']}",
              f"native extension: {info['native_extension']}",
+             f"reproducibility: {format_environment(info['environment'])}",
              f"triton: {info['triton'] or 'not installed'}{'  (TRITON_INTERPRET=1)' if info['triton_interpret'] else ''}"
              f"   DALI: {info['dali'] or 'not installed'}   open_clip: {info['open_clip'] or '-'}"
              f"   timm: {info['timm'] or '-'}",

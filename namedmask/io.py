@@ -107,6 +107,20 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | No
         f.write(text + b" " * (size - len(text)))
 
 
+def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save, atomically and byte-identical for equal objects. torch.save to a path names
+    the records inside its zip archive after the file, and atomic_path's temporary file has a
+    random name, so every write differed; saved to memory the archive is named `archive`
+    whatever the file is called (torch.load does not care), then written atomically."""
+    import io as _io
+
+    import torch
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
 def read_json(path: str | os.PathLike, error: type, missing: str) -> Any:
     """JSON from `path`; a missing or malformed file raises `error` naming the file
     (`missing` tells the user what to do when it does not exist)."""

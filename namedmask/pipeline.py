@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import write_dataset
 from namedmask.errors import OutputStateError
 from namedmask.report import build_report, iou_bar_chart
+from namedmask.runtime import configure_threads
 from namedmask.stages.archive import build_archive
 from namedmask.evaluation import write_report
 from namedmask.stages.evaluate import evaluate_checkpoint
@@ -57,11 +59,20 @@ def load_run_config(path: str | Path | None = None, overrides: dict | list | Non
         raise PipelineError(str(exc)) from None
 
 
-class _Stages:
-    """Runs a stage unless it finished before with the same settings."""
+HEARTBEAT_S = 30.0  # how often a running stage's time is saved (what a hard kill can lose)
 
-    def __init__(self, run: Path):
+
+class _Stages:
+    """Runs a stage unless it finished before with the same settings. A stage's recorded time
+    is the sum of all its parts: a run interrupted (Ctrl-C, an error, a kill) and resumed counts
+    every part, not only the last one. While a stage runs, <run>/.stages/<stage>.parts holds its
+    parts so far (the running one saved every HEARTBEAT_S seconds, so a hard kill loses less
+    than that); the finished marker <stage>.json carries the parts, their sum and the
+    environment of the run (envinfo.environment: commit, versions, CPU, threads, resumed)."""
+
+    def __init__(self, run: Path, threads: dict | None = None):
         self.folder = run / ".stages"
+        self.threads = threads
         self.ran: list = []
         self.skipped: list = []
 
@@ -73,14 +84,65 @@ class _Stages:
             log.info("[%s] already done with these settings; skipping", name)
             self.skipped.append(name)
             return
-        log.info("[%s] running", name)
+        parts_file = self.folder / f"{name}.parts"
+        parts = _read_parts(parts_file)
+        for part in parts:
+            if part.get("end") == "running":  # its process died without a word (killed)
+                part["end"] = f"killed (time to its last save, at most {HEARTBEAT_S:.0f} s short)"
+        part = {"started": _utc(), "seconds": 0.0, "end": "running", "fingerprint": key}
+        parts.append(part)
+        log.info("[%s] running%s", name, f" (part {len(parts)}: resuming)" if len(parts) > 1 else "")
         t0 = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - t0
-        io.write_json(marker, {"fingerprint": key, "settings": settings, "seconds": round(seconds, 2),
-                               "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())})
-        log.info("[%s] done in %.1f s", name, seconds)
+
+        def save(end: str | None = None):
+            part["seconds"] = round(time.perf_counter() - t0, 2)
+            if end:
+                part["end"] = end
+            io.write_json(parts_file, parts)
+
+        save()
+        stop = threading.Event()
+
+        def heartbeat():
+            while not stop.wait(HEARTBEAT_S):
+                save()
+
+        beat = threading.Thread(target=heartbeat, daemon=True, name=f"namedmask-{name}-time")
+        beat.start()
+        try:
+            fn()
+        except BaseException as exc:
+            stop.set()
+            beat.join()
+            save("interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed ({type(exc).__name__})")
+            raise
+        stop.set()
+        beat.join()
+        save("finished")
+        from namedmask import envinfo
+
+        seconds = round(sum(p["seconds"] for p in parts), 2)
+        io.write_json(marker, {"fingerprint": key, "settings": settings, "seconds": seconds, "parts": parts,
+                               "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                               "environment": envinfo.environment(self.threads, resumed=len(parts) > 1)})
+        parts_file.unlink(missing_ok=True)
+        log.info("[%s] done in %.1f s%s", name, seconds,
+                 f" ({len(parts)} parts, this one {part['seconds']:.1f} s)" if len(parts) > 1 else "")
         self.ran.append(name)
+
+
+def _utc() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+
+
+def _read_parts(path: Path) -> list:
+    """The parts a stage ran so far ([] when none, or when the file is unreadable: its time is
+    then lost, the stage is not)."""
+    try:
+        parts = json.loads(path.read_text())
+        return parts if isinstance(parts, list) and all(isinstance(p, dict) for p in parts) else []
+    except (OSError, ValueError):
+        return []
 
 
 def run_pipeline(cfg: RunConfig, progress: bool = True) -> Path:
@@ -99,10 +161,12 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
             eval_dataset=cfg.eval_dataset or "folder", eval_root=cfg.eval_root or str(data / "eval"),
             predict_images=cfg.predict_images or [str(p) for p in sorted((data / "eval" / "images").glob("*.jpg"))[:3]])
     io.write_text(run / "config.yaml", dump_yaml(cfg))
+    threads = configure_threads(cfg.threads)
+    log.info("threads: %d intra-op, %d inter-op (%s)", threads["intra_op"], threads["inter_op"], threads["source"])
     warnings = _weight_warnings(cfg)
     for w in warnings:
         log.warning("\n%s\n%s\n%s", "!" * 100, w, "!" * 100)
-    stages = _Stages(run)
+    stages = _Stages(run, threads)
     archive_json = run / "archive" / "archive.json"
     masks = run / "saliency"
 

@@ -112,10 +112,22 @@ def build_report(run_dir: str | Path, title: str = "namedmask run", warnings: li
     parts.append("<h2>How the run got there</h2>")
     timings = stage_timings(run_dir)
     if timings:
-        rows = [[t["stage"], f"{t['seconds']:.1f}", t["finished"]] for t in timings]
-        parts.append("<h3>Stage timings</h3>" + _table(["stage", "wall time (s)", "finished (UTC)"], rows)
-                     + f"<p>Total {sum(t['seconds'] for t in timings):.1f} s. A stage skipped on a later run "
-                       "keeps the time of the run that made it.</p>")
+        rows = [[t["stage"], f"{t['seconds']:.1f}", t["parts"], t["finished"]] for t in timings]
+        parts.append("<h3>Stage timings</h3>" + _table(["stage", "wall time (s)", "parts", "finished (UTC)"], rows)
+                     + f"<p>Total {sum(t['seconds'] for t in timings):.1f} s. A stage's time is the sum of all "
+                       "its parts: a stage interrupted and resumed counts every part, not only the last "
+                       "(a part ended by a hard kill counts up to its last save, at most 30 s short). A stage "
+                       "skipped on a later run keeps the time of the run that made it.</p>")
+        envs = {t["stage"]: t["environment"] for t in timings if t.get("environment")}
+        if envs:
+            from namedmask.envinfo import format_environment
+
+            lines = sorted({format_environment(env) for env in envs.values()})
+            parts.append("<h3>Environment</h3><p>What these numbers depend on besides the config and seed "
+                         "(docs/reproducibility.md):</p><ul>"
+                         + "".join(f"<li>{e(line)}" + (" &mdash; " + e(", ".join(
+                             st for st, env in envs.items() if format_environment(env) == line))
+                             if len(lines) > 1 else "") + "</li>" for line in lines) + "</ul>")
     for heading, folder, caption, css in STAGE_SECTIONS:
         parts += _image_section(run_dir, heading, folder, caption, css, max_images)
     ablations = sorted((run_dir / "ablations").glob("*.json")) if (run_dir / "ablations").is_dir() else []
@@ -193,13 +205,16 @@ def _training_caption(train_dir: Path) -> str:
 
 
 def stage_timings(run_dir: str | Path) -> list:
-    """[{stage, seconds, finished}] from the markers the pipeline writes (.stages/<stage>.json),
-    in the order the stages finished."""
+    """[{stage, seconds, parts, finished, environment}] from the markers the pipeline writes
+    (.stages/<stage>.json), in the order the stages finished. `seconds` sums all the parts of a
+    stage that was interrupted and resumed."""
     rows = []
     for path in (Path(run_dir) / ".stages").glob("*.json") if (Path(run_dir) / ".stages").is_dir() else []:
         marker = json.loads(path.read_text())
         if "seconds" in marker:
-            rows.append({"stage": path.stem, "seconds": float(marker["seconds"]), "finished": marker.get("finished", "")})
+            rows.append({"stage": path.stem, "seconds": float(marker["seconds"]),
+                         "parts": len(marker.get("parts") or [None]), "finished": marker.get("finished", ""),
+                         "environment": marker.get("environment")})
     return sorted(rows, key=lambda r: (r["finished"], r["stage"]))
 
 

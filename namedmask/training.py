@@ -29,9 +29,10 @@ from namedmask.data.datasets import open_dataset
 from namedmask.data.training import IterationBatches, TrainError, TrainSamples, _seed, archive_items
 from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.report import METRICS_FILE, plot_curves
-from namedmask.runtime import setup_distributed, sync_buffers
+from namedmask.envinfo import environment
 from namedmask.evaluation import evaluate_model
 from namedmask.models.openvocab import TextObjective
+from namedmask.runtime import dataloader_workers, setup_distributed, sync_buffers, thread_record
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     amp = _amp_enabled(cfg, ctx.device)
     loader = DataLoader(TrainSamples(items, cfg),
                         batch_sampler=IterationBatches(start, cfg.iterations, local_batch, ctx.rank, ctx.world),
-                        num_workers=cfg.num_workers, pin_memory=ctx.device.type == "cuda",
+                        num_workers=dataloader_workers(cfg.num_workers), pin_memory=ctx.device.type == "cuda",
                         generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
     val_set = _open_val_set(cfg, class_names) if cfg.val.dataset else None
 
@@ -250,7 +251,7 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
         log.info("%s is already trained (%d iterations)", run_dir, cfg.iterations)
     elif val_set is not None:
         _validate(ctx, run_dir, net, model, val_set, class_names, cfg.iterations, cfg)
-    _finish(ctx, run_dir, model, cfg)
+    _finish(ctx, run_dir, model, cfg, resumed=start > 0)
     if ctx.owns_group:
         dist.destroy_process_group()
     return run_dir
@@ -270,8 +271,7 @@ def _save_checkpoint(ctx, run_dir, model, optimizer, scheduler, iteration, cfg, 
     state = {"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": {"torch": rngs}, "config": json.dumps(to_dict(cfg)),
              "class_names": list(class_names), "world_size": ctx.world}
-    with io.atomic_path(run_dir / CHECKPOINT_FILE) as tmp:
-        torch.save(state, tmp)
+    io.save_torch(state, run_dir / CHECKPOINT_FILE)
     save_segmenter(run_dir, model, class_names, extra={"iteration": iteration})
     log.info("checkpoint at iteration %d written to %s", iteration, run_dir)
 
@@ -294,7 +294,7 @@ def _validate(ctx, run_dir, net, model, val_set, class_names, iteration, cfg) ->
         plot_curves(run_dir)  # the plot follows the run, not only its end
 
 
-def _finish(ctx, run_dir: Path, model, cfg) -> None:
+def _finish(ctx, run_dir: Path, model, cfg, resumed: bool = False) -> None:
     """Checks the ranks ended with identical weights, writes summary.json and the curves plot."""
     sync_buffers(ctx, model)
     digest = state_digest(model)
@@ -304,7 +304,8 @@ def _finish(ctx, run_dir: Path, model, cfg) -> None:
         dist.all_gather_object(digests, digest)
     if ctx.is_main:
         io.write_json(run_dir / "summary.json", {"iterations": cfg.iterations, "world_size": ctx.world,
-                                                 "rank_digests": digests, "weights": "model.safetensors"})
+                                                 "rank_digests": digests, "weights": "model.safetensors",
+                                                 "environment": environment(thread_record(), resumed)})
         plot_curves(run_dir)
     if len(set(digests)) > 1:
         raise TrainError(f"DDP ranks ended with different weights: {digests}")

@@ -1,6 +1,13 @@
 """Test environment: Triton runs in its interpreter without a GPU (must be set before any
 @triton.jit function is defined), model hubs are never contacted, real data is found at
-../shared/data next to the checkout (or $NAMEDMASK_SHARED_DATA) and skipped when absent."""
+../shared/data next to the checkout (or $NAMEDMASK_SHARED_DATA) and skipped when absent.
+
+Threads: torch's OpenMP threads sleep at barriers (OMP_WAIT_POLICY=PASSIVE, as namedmask sets it
+for its users; set here because this file imports torch before namedmask), so a test that uses
+several threads does not spin away the cores its own threads wait for on a busy machine (a
+2-thread test was measured ~4x slower than its 1-thread time with one busy loop per core under
+the default spinning policy, and timed out). Each test starts with the session's thread count and
+$NAMEDMASK_THREADS, whatever an earlier test (or an in-process CLI call with --threads) set."""
 import os
 from pathlib import Path
 
@@ -8,6 +15,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # before torch loads its OpenMP runtime (read once, then)
 try:
     import torch
 
@@ -52,3 +61,27 @@ def pool_dir(shared_data) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not found")
     return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_threads():
+    """torch's intra-op threads and $NAMEDMASK_THREADS as the session started, for every test."""
+    import torch
+
+    threads, env = torch.get_num_threads(), os.environ.get("NAMEDMASK_THREADS")
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if env is None:
+        os.environ.pop("NAMEDMASK_THREADS", None)
+    else:
+        os.environ["NAMEDMASK_THREADS"] = env
+
+
+@pytest.fixture(scope="session")
+def ci_world(tmp_path_factory) -> Path:
+    """The ci-size toy world of seed 0 (namedmask.toy.world), written once per session (~30 s
+    on a busy 2-core machine); link it into a toy-world folder as <out>/seed-0/world."""
+    from namedmask.toy.world import write_world
+
+    return write_world(tmp_path_factory.mktemp("ci-world") / "world", 0, "ci", progress=False)

@@ -22,9 +22,11 @@ CI_CLIP_STEPS = 120
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(tmp_path_factory, ci_world):
     """The ci world with a tiny CLIP trained for CI_CLIP_STEPS steps (no DINO)."""
     out = tmp_path_factory.mktemp("toy")
+    (out / "seed-0").mkdir()
+    (out / "seed-0" / "world").symlink_to(ci_world)  # the session's ci world (conftest), written once
     return build_toy_world(ToyWorldConfig(str(out), seed=0, size="ci", clip={"steps": CI_CLIP_STEPS},
                                           dino={"steps": 0}), progress=False)
 
@@ -205,7 +207,7 @@ def test_full_chain_on_the_ci_world_segments_and_names_objects(toy, tmp_path):
     # trained tiny DINO (README, toy world), and it does not depend on the 120-step CLIP
     cfg["saliency"].update(saliency_settings(toy, "dino"), dino_weights=None, random_weights=True)
     cfg["train"]["iterations"] = 200
-    torch.set_num_threads(2)
+    cfg["threads"] = 2  # the numbers below were measured with 2 threads (recorded in .stages/*.json)
     run_pipeline(load_run_config(None, cfg), progress=False)
     prec = quality.archive_precision(tmp_path / "run" / "archive" / "archive.json", toy / "world")
     assert np.mean(list(prec.values())) >= 0.5, prec

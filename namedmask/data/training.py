@@ -24,6 +24,7 @@ from namedmask.data.augment import IGNORE, train_transform
 from namedmask.data.decode import load_image
 from namedmask.data.pseudo_masks import mask_paths
 from namedmask.errors import BadInputError
+from namedmask.runtime import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ class TrainSamples(Dataset):
         image = load_image(item.image).permute(2, 0, 1)
         label = read_training_label(item, image.shape[-2:])
         g = torch.Generator().manual_seed(_seed(self.cfg.seed, -1, k))
-        image, label = train_transform(image, label, self.cfg.augment, g)
+        with one_thread():  # the same bits whatever the thread count and the number of workers
+            image, label = train_transform(image, label, self.cfg.augment, g)
         return image, label, index
 
 

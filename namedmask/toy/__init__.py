@@ -38,6 +38,8 @@ class ToyWorldConfig:
     size: str = "full"               # full | ci (a reduced world for tests)
     clip: dict = field(default_factory=dict)   # ClipTrainConfig fields
     dino: dict = field(default_factory=dict)   # DinoTrainConfig fields
+    # torch threads of the two trainings: fixed (not the machine's cores) so that a seed gives the same
+    # models everywhere; --threads / $NAMEDMASK_THREADS win over it (recorded in clip|dino/train.json)
     threads: int = 2
 
 
@@ -51,7 +53,10 @@ def build_toy_world(cfg: ToyWorldConfig, progress: bool = True) -> Path:
     from namedmask.toy.clip import ClipTrainConfig, load_images, train_clip
     from namedmask.toy.dino import DinoTrainConfig, train_dino
 
-    torch.set_num_threads(cfg.threads)
+    from namedmask.runtime import configure_threads
+
+    threads = configure_threads(cfg.threads)  # an explicit setting (default 2): the same bits on every machine
+    log.info("toy world: %d torch threads (%s)", threads["intra_op"], threads["source"])
     root = seed_dir(cfg.out, cfg.seed)
     world = write_world(root / "world", cfg.seed, cfg.size, progress)
     pairs = read_captions(world)
@@ -76,8 +81,7 @@ def clip_tower_to_dino_layout(clip_file: Path, out: Path) -> Path:
     sd = _convert_openai_clip(torch.load(clip_file, map_location="cpu", weights_only=True), None)
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
     build_vit(CLIP_TOWER_VIT, **CLIP_TOWER_KWARGS).load_state_dict(sd)  # fails loudly if the layout drifts
-    with io.atomic_path(out) as tmp:
-        torch.save(sd, tmp)
+    io.save_torch(sd, out)
     return out
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from namedmask import io
 from namedmask.models.clip import TOY_MODEL as MODEL
+from namedmask.runtime import restore_rng, rng_snapshot
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,14 @@ def _lr(cfg: ClipTrainConfig, step: int) -> float:
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
 
 
+def warn_thread_change(what: str, saved: int | None, now: int) -> None:
+    """A training resumed with another torch thread count continues on other bits (float sums in
+    another order): allowed, but said."""
+    if saved is not None and saved != now:
+        log.warning("%s: resuming with %d torch threads, the run so far had %d; the result will differ in its "
+                    "last bits from an uninterrupted run (pin them with --threads %d)", what, now, saved, saved)
+
+
 def train_clip(pairs: list, out: str | Path, cfg: ClipTrainConfig, progress: bool = True) -> Path:
     """pairs: [(image path, caption)]. Returns the checkpoint path (out/nm-toy.pt)."""
     import open_clip
@@ -67,19 +76,22 @@ def train_clip(pairs: list, out: str | Path, cfg: ClipTrainConfig, progress: boo
     tokenizer = open_clip.get_tokenizer(MODEL)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     step, state = 0, out / "train_state.pt"
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)
+    threads = torch.get_num_threads()
     if state.exists():
         saved = torch.load(state, map_location="cpu", weights_only=True)
-        if saved["config"] == asdict(cfg):
+        if saved["config"] == asdict(cfg) and "rng" in saved:  # older states (no rng) restart
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             step = saved["step"]
+            restore_rng(saved["rng"], gen)  # continues the very random stream an uninterrupted run draws
+            warn_thread_change("tiny CLIP", saved.get("threads"), threads)
             log.info("tiny CLIP: resuming at step %d", step)
     images = load_images([p for p, _ in pairs])
     tokens = tokenizer([t for _, t in pairs])
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
     loss_fn = ClipLoss()
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)  # resumed runs continue deterministically
     model.train()
     loss = None
     bar = tqdm(total=cfg.steps, initial=step, desc="tiny CLIP", unit="step", disable=not progress)
@@ -102,12 +114,11 @@ def train_clip(pairs: list, out: str | Path, cfg: ClipTrainConfig, progress: boo
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if step % cfg.save_every == 0 or step == cfg.steps:
-            with io.atomic_path(state) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                            "config": asdict(cfg)}, tmp)
+            io.save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                           "config": asdict(cfg), "rng": rng_snapshot(gen), "threads": threads}, state)
     bar.close()
-    with io.atomic_path(final) as tmp:
-        torch.save(model.state_dict(), tmp)
-    io.write_json(meta, {"config": asdict(cfg), "model": MODEL, "final_loss": None if loss is None else float(loss.item())})
+    io.save_torch(model.state_dict(), final)
+    io.write_json(meta, {"config": asdict(cfg), "model": MODEL, "final_loss": None if loss is None else float(loss.item()),
+                         "threads": threads})
     state.unlink(missing_ok=True)
     return final

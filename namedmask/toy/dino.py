@@ -33,6 +33,8 @@ from namedmask import io
 from namedmask.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from namedmask.errors import InputError
 from namedmask.models.dino import patch_size
+from namedmask.runtime import restore_rng, rng_snapshot
+from namedmask.toy.clip import warn_thread_change
 
 log = logging.getLogger(__name__)
 
@@ -249,17 +251,20 @@ def train_dino(images: torch.Tensor, out: str | Path, cfg: DinoTrainConfig, prog
     center = torch.zeros(1, cfg.out_dim)
     patch_center = torch.zeros(1, 1, cfg.out_dim)
     step, losses = 0, []  # losses: one per step (train.json), kept across resumes
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)
+    threads = torch.get_num_threads()
     if state.exists():
         saved = torch.load(state, map_location="cpu", weights_only=True)
-        if saved.get("config") == asdict(cfg):
+        if saved.get("config") == asdict(cfg) and "rng" in saved:  # older states (no rng) restart
             student.load_state_dict({k.removeprefix("module."): v for k, v in saved["student"].items()})
             teacher.load_state_dict(saved["teacher"])
             opt.load_state_dict(saved["optimizer"])
             center, step = saved["dino_loss"]["center"], saved["step"]
             patch_center = saved["dino_loss"].get("patch_center", patch_center)
             losses = list(saved.get("losses", []))
+            restore_rng(saved["rng"], gen)  # continues the very random stream an uninterrupted run draws
+            warn_thread_change("tiny DINO", saved.get("threads"), threads)
             log.info("tiny DINO: resuming at step %d", step)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + step)
     n_crops = 2 + cfg.local_crops
     patch = patch_size(student.backbone)
     student.train()
@@ -306,13 +311,11 @@ def train_dino(images: torch.Tensor, out: str | Path, cfg: DinoTrainConfig, prog
             ckpt = {"student": {f"module.{k}": v for k, v in student.state_dict().items()},
                     "teacher": teacher.state_dict(), "optimizer": opt.state_dict(), "step": step,
                     "dino_loss": {"center": center, "patch_center": patch_center}, "losses": losses,
-                    "config": asdict(cfg)}
-            with io.atomic_path(state) as tmp:
-                torch.save(ckpt, tmp)
+                    "config": asdict(cfg), "rng": rng_snapshot(gen), "threads": threads}
+            io.save_torch(ckpt, state)
     bar.close()
-    with io.atomic_path(final) as tmp:
-        torch.save(teacher.backbone.state_dict(), tmp)
-    io.write_json(meta, {"config": asdict(cfg), "vit": VIT_NAME, "vit_kwargs": VIT_KWARGS,
+    io.save_torch(teacher.backbone.state_dict(), final)
+    io.write_json(meta, {"config": asdict(cfg), "vit": VIT_NAME, "vit_kwargs": VIT_KWARGS, "threads": threads,
                          "final_loss": None if loss is None else float(loss.item()),
                          "ln_out_dim": math.log(cfg.out_dim), "losses": losses})
     return final

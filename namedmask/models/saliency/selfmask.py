@@ -156,12 +156,11 @@ class SelfMaskPredictor:
 def save_selfmask(model: SelfMask, path: str | Path, encoder: str = OFFICIAL["encoder"], encoder_kwargs: dict | None = None) -> None:
     """Official layout {"model": state_dict} plus a "config" with the architecture, so
     non-default (e.g. tiny test) models load without being told their shape."""
-    from namedmask.io import atomic_path
+    from namedmask.io import save_torch
 
     config = {"encoder": encoder, "encoder_kwargs": dict(encoder_kwargs or {}),
               "n_queries": model.query_embed.shape[0], "n_decoder_layers": len(model.decoder.layers)}
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "config": config}, tmp)
+    save_torch({"model": model.state_dict(), "config": config}, path)
 
 
 def load_selfmask(path: str | Path) -> SelfMask:

@@ -1,0 +1,295 @@
+"""Numbers anyone can reproduce (docs/reproducibility.md): thread settings decided from the
+configuration and the machine, never the load; a stage run under load equals the same stage idle;
+an interrupted and resumed toy-world build equals an uninterrupted one; `.pt` files are
+byte-stable; a stage's recorded time sums all its resumed parts; every run records its
+environment."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from namedmask import envinfo, io, runtime
+from namedmask.cli import cli
+from namedmask.config import RunConfig, TrainConfig, load_config
+from namedmask.pipeline import _Stages
+from namedmask.report import build_report, stage_timings
+
+from synthetic import tiny_train_overrides, write_archive
+
+# --------------------------------------------------------------------------------- threads
+
+
+def test_thread_settings_resolve_explicit_before_automatic(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = runtime.available_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    assert runtime.resolve_threads("auto") == (cores, "auto (cores available: affinity and cgroup quota)")
+    assert runtime.resolve_threads(None)[0] == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun ranks on one machine share its cores
+    assert runtime.resolve_threads("auto")[0] == max(1, cores // 2)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert runtime.resolve_threads("auto") == (3, "$OMP_NUM_THREADS")
+    assert runtime.resolve_threads(5) == (5, "config")
+    monkeypatch.setenv(runtime.THREADS_ENV, "4")
+    assert runtime.resolve_threads(5) == (4, f"--threads/${runtime.THREADS_ENV}")
+    monkeypatch.setenv(runtime.THREADS_ENV, "auto")  # auto there defers to the config
+    assert runtime.resolve_threads(5) == (5, "config")
+    for bad in (0, -1, "two", "1.5", True):
+        with pytest.raises(runtime.ThreadsError, match="auto or a positive integer"):
+            runtime.parse_threads(bad)
+
+
+def test_configure_threads_sets_torch_and_records_it(monkeypatch):
+    monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+    record = runtime.configure_threads(1)
+    assert torch.get_num_threads() == 1 and record["intra_op"] == 1 and record["source"] == "config"
+    assert record["cores_available"] == runtime.available_cores()
+    assert record["dataloader_workers_max"] == max(0, runtime.available_cores() - 1)
+    # workers never exceed the cores less the training loop's own
+    assert runtime.dataloader_workers(4) == min(4, max(0, runtime.available_cores() - 1))
+    assert runtime.dataloader_workers(0) == 0
+    idle = runtime.idle_cores()
+    assert idle is None or 1 <= idle <= runtime.available_cores()
+
+
+def test_cgroup_quota_caps_the_cores(monkeypatch):
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 1.5)
+    assert runtime.available_cores() == min(2, len(os.sched_getaffinity(0)))
+    monkeypatch.setattr(runtime, "_cgroup_quota", lambda: 0.2)
+    assert runtime.available_cores() == 1
+
+
+def test_run_config_threads_key_and_cli_option():
+    assert load_config(RunConfig, None, ["threads=2"]).threads == 2
+    assert load_config(RunConfig, None, ["threads=auto"]).threads == "auto"
+    with pytest.raises(Exception, match="threads"):
+        load_config(RunConfig, None, ["threads=0"])
+    result = CliRunner().invoke(cli, ["--threads", "zero", "info"])
+    assert result.exit_code != 0 and "--threads" in result.output and "positive integer" in result.output
+
+
+def test_the_openmp_wait_policy_is_passive_unless_the_user_chose():
+    code = "import namedmask, os; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")}
+    cwd = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=cwd, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"}, cwd=cwd,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
+
+
+def test_augmentation_gives_the_same_bits_on_any_thread_count(tmp_path):
+    """A sample is augmented on one thread (runtime.one_thread) in the main process as in a
+    DataLoader worker: without it, 2 threads changed some pixels of the same sample."""
+    from namedmask.data.training import TrainSamples, archive_items
+
+    archive, masks, _ = write_archive(tmp_path, per_class=1, size=320)
+    cfg = load_config(TrainConfig, overrides=["augment.crop_size=256"], archive=str(archive), masks=str(masks))
+    items, _ = archive_items(archive, masks)
+    samples = TrainSamples(items, cfg)
+    outs = {}
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        outs[n] = [samples[k] for k in range(6)]
+    for a, b in zip(outs[1], outs[2]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------- load never matters
+
+def _train_once(world: dict, out: Path) -> dict:
+    """The files of one training run in `out` (which is then cleared: the checkpoint records its
+    folder, so both runs use the same one)."""
+    import shutil
+
+    from namedmask.training import train
+
+    cfg = load_config(TrainConfig, overrides=tiny_train_overrides(4, batch=4, crop=32) + ["checkpoint_every=2"],
+                      archive=str(world["archive"]), masks=str(world["masks"]), out=str(out))
+    train(cfg, progress=False)
+    files = {name: (out / name).read_bytes() for name in ("model.safetensors", "checkpoint.pt")}
+    shutil.rmtree(out)
+    return files
+
+
+def test_a_stage_under_a_busy_loop_equals_the_same_stage_idle(tmp_path):
+    """The training stage on 2 threads, idle and with one spinning process per core: the same
+    weights and the same checkpoint, byte for byte (the kernels decide their helpers from the load,
+    torch's threads are the setting; neither changes a bit)."""
+    archive, masks, _ = write_archive(tmp_path / "world", per_class=4)
+    world = {"archive": archive, "masks": masks}
+    torch.set_num_threads(2)
+    idle = _train_once(world, tmp_path / "run")
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(runtime.available_cores())]
+    try:
+        loaded = _train_once(world, tmp_path / "run")
+    finally:
+        for p in spinners:
+            p.kill()
+        for p in spinners:
+            p.wait()
+    assert loaded == idle
+
+
+# ------------------------------------------------------------------------ byte-stable files
+
+def test_two_writes_of_the_same_checkpoint_are_byte_identical(tmp_path):
+    state = {"model": {"w": torch.randn(4, 3), "b": torch.arange(3)}, "step": 7, "rng": runtime.rng_snapshot()}
+    io.save_torch(state, tmp_path / "a.pt")
+    io.save_torch(state, tmp_path / "b.pt")
+    io.save_torch(state, tmp_path / "a.pt")  # rewritten in place: same bytes again
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    back = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert back["step"] == 7 and torch.equal(back["model"]["w"], state["model"]["w"])
+    assert not list(tmp_path.glob(".*.tmp*"))
+    # what it replaces: torch.save through atomic_path wrote the temporary's random name inside
+    names = set()
+    for _ in range(2):
+        with io.atomic_path(tmp_path / "c.pt") as tmp:
+            torch.save(state, tmp)
+        names.add((tmp_path / "c.pt").read_bytes())
+    assert len(names) == 2
+
+
+def test_rng_snapshot_restores_every_generator():
+    import random
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=gen)
+    snap = runtime.rng_snapshot(gen)
+    first = (torch.rand(3, generator=gen), torch.rand(3), np.random.rand(3), random.random())
+    runtime.restore_rng(torch.load(_roundtrip(snap), weights_only=True), gen)
+    again = (torch.rand(3, generator=gen), torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    assert np.array_equal(first[2], again[2]) and first[3] == again[3]
+
+
+def _roundtrip(obj):
+    import io as _io
+
+    buffer = _io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+# -------------------------------------------------------- toy world: interrupted == uninterrupted
+
+class _Stop(KeyboardInterrupt):
+    pass
+
+
+SMALL = {"clip": {"steps": 4, "batch_size": 16, "save_every": 2, "warmup": 2},
+         "dino": {"steps": 4, "batch_size": 8, "save_every": 2, "warmup": 2, "global_size": 64, "local_size": 32,
+                  "local_crops": 2}}
+
+
+def test_an_interrupted_toy_world_build_equals_an_uninterrupted_one(ci_world, tmp_path, monkeypatch):
+    """A ci-size build stopped after 3 CLIP steps (state saved at 2), resumed and stopped again
+    after 3 DINO steps, then finished, gives the very models of an uninterrupted build: every
+    tensor equal and every .pt file byte-identical (the generators' state is in the checkpoints;
+    before, a resume reseeded the data generator with seed*1000+step and drew other batches)."""
+    from namedmask.toy import ToyWorldConfig, build_toy_world
+
+    def build(out):
+        return build_toy_world(ToyWorldConfig(str(out), seed=0, size="ci", **SMALL), progress=False)
+
+    for run in ("a", "b"):  # the session's ci world (deterministic), not written again
+        (tmp_path / run / "seed-0").mkdir(parents=True)
+        os.symlink(ci_world, tmp_path / run / "seed-0" / "world")
+    a = build(tmp_path / "a")
+
+    calls = {"n": 0, "stop_at": 3}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            raise _Stop
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    with pytest.raises(_Stop):  # CLIP stops in its 3rd step; its state at step 2 is on disk
+        build(tmp_path / "b")
+    assert torch.load(tmp_path / "b/seed-0/clip/train_state.pt", weights_only=True)["step"] == 2
+    calls.update(n=0, stop_at=2 + 3)  # CLIP's last 2 steps, then DINO stops in its 3rd
+    with pytest.raises(_Stop):
+        build(tmp_path / "b")
+    assert torch.load(tmp_path / "b/seed-0/dino/checkpoint.pth", weights_only=True)["step"] == 2
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    b = build(tmp_path / "b")
+
+    for rel in ("clip/nm-toy.pt", "dino/dino_toy_pretrain.pth", "clip_tower/dino_layout.pth"):
+        sa, sb = (torch.load(root / rel, weights_only=True) for root in (a, b))
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), rel
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    la, lb = (json.loads((root / "dino" / "train.json").read_text()) for root in (a, b))
+    assert la["losses"] == lb["losses"] and len(la["losses"]) == 4
+    assert la["threads"] == lb["threads"] == 2
+
+
+# -------------------------------------------------------------------- timings and environment
+
+def test_a_stage_time_sums_all_its_resumed_parts(tmp_path):
+    """A stage interrupted (Ctrl-C), killed (its process gone: a part left 'running') and finished
+    records the sum of the three parts, and the report says it counted parts."""
+    import time
+
+    run = tmp_path / "run"
+    out = run / "stage" / "done.txt"
+    stages = _Stages(run, runtime.thread_record("test"))
+
+    def interrupted():
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stages.run("stage", {"a": 1}, interrupted, out)
+    parts = json.loads((run / ".stages" / "stage.parts").read_text())
+    assert [p["end"] for p in parts] == ["interrupted"] and parts[0]["seconds"] >= 0.2
+    # a part whose process was killed: left as 'running' with its time to its last save
+    parts.append({"started": "x", "seconds": 5.0, "end": "running", "fingerprint": "f"})
+    io.write_json(run / ".stages" / "stage.parts", parts)
+
+    def finish():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("ok")
+
+    stages.run("stage", {"a": 1}, finish, out)
+    marker = json.loads((run / ".stages" / "stage.json").read_text())
+    assert [p["end"].split(" ")[0] for p in marker["parts"]] == ["interrupted", "killed", "finished"]
+    assert marker["seconds"] == pytest.approx(sum(p["seconds"] for p in marker["parts"]), abs=0.011)
+    assert marker["seconds"] >= 5.2
+    assert marker["environment"]["resumed"] is True
+    assert marker["environment"]["threads"]["source"] == "test"
+    assert not (run / ".stages" / "stage.parts").exists()
+    timing, = stage_timings(run)
+    assert timing["parts"] == 3 and timing["seconds"] == marker["seconds"]
+    html = build_report(run).read_text()
+    assert "sum of all its parts" in html and "resumed: yes" in html
+    # done with the same settings: skipped, its time kept
+    stages.run("stage", {"a": 1}, lambda: pytest.fail("ran again"), out)
+    assert json.loads((run / ".stages" / "stage.json").read_text())["seconds"] == marker["seconds"]
+
+
+def test_the_environment_record_names_what_results_depend_on():
+    env = envinfo.environment(resumed=False)
+    assert env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["threads"]["intra_op"] == torch.get_num_threads()
+    assert env["resumed"] is False
+    assert env["commit"] is None or len(env["commit"].removesuffix("-dirty")) == 40
+    if torch.backends.mkldnn.is_available():
+        assert env["onednn"] and env["onednn"][0].isdigit()
+    line = envinfo.format_environment(env)
+    assert env["cpu_capability"] in line and "intra-op" in line
