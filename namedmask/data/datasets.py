@@ -136,7 +136,7 @@ def _open_voc(root: Path, split: str) -> LabeledSet:
     voc = _voc_root(root)
     split_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
     _require(voc / "JPEGImages", voc / "SegmentationClass", split_file)
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in io.read_user_text(split_file, DatasetError).splitlines() if line.strip()]
     items = [LabeledItem(i, voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClass" / f"{i}.png") for i in ids]
     _check_items_exist(items, f"VOC {split} ({split_file})")
     return LabeledSet("voc", voc, get_category_set("voc").names, items, _read_index_png)

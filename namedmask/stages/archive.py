@@ -180,8 +180,8 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
         tensors = {"embeddings": torch.cat(embeddings) if embeddings else torch.zeros(0, clip.embed_dim,
                                                                                       dtype=torch.float16),
                    "indices": torch.tensor(indices, dtype=torch.int64)}
-        with io.atomic_path(embed_dir / _SHARD.format(n)) as tmp:
-            io.save_safetensors(tensors, tmp, metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
+        io.save_safetensors(tensors, embed_dir / _SHARD.format(n),
+                            metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
     bar.close()
 
 
@@ -206,8 +206,7 @@ def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cach
         out.append(mean / mean.norm())
         start += len(prompts[n])
     text = torch.stack(out)
-    with io.atomic_path(cache) as tmp:
-        io.save_safetensors({"embeddings": text}, tmp, metadata={"fingerprint": key, "names": json.dumps(names)})
+    io.save_safetensors({"embeddings": text}, cache, metadata={"fingerprint": key, "names": json.dumps(names)})
     return text
 
 

@@ -28,8 +28,8 @@ from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
 from namedmask.errors import InputError, NamedMaskError
-from namedmask.ops.bilateral import GridTooLargeError, bilateral_solve_batch, resolve_params
-from namedmask.runtime import check_backend
+from namedmask.ops.bilateral import GridTooLargeError, KeyRangeError, bilateral_solve_batch, resolve_params
+from namedmask.runtime import check_backend, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be in [0, 1], got {threshold}")
     params = resolve_params(preset, sigma_spatial, sigma_luma, sigma_chroma, lam)
+    device = str(resolve_device(device))  # an absent GPU: one line before any work, not a driver traceback
     check_backend("bilateral_solve", backend, device)
     config = {"method": method, "preset": preset, **asdict(params), "threshold": threshold}
     source = pseudo_mask_source(masks_dir)
@@ -135,17 +136,26 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
                 bar.update(1)
         if not batch:
             continue
-        outputs = []
-        while batch:  # an image over the solver's memory bound is listed, the rest of its batch solved
-            try:
-                outputs = bilateral_solve_batch([b[1] for b in batch], [b[2] for b in batch], preset=preset,
-                                                sigma_spatial=params.sigma_spatial, sigma_luma=params.sigma_luma,
-                                                sigma_chroma=params.sigma_chroma, lam=params.lam, backend=backend)
-                break
-            except GridTooLargeError as exc:
-                stem = batch.pop(exc.index)[0]
-                report.failed.append((stem, f"{images[stem]}: {exc}"))
-                bar.update(1)
+        def solve(batch):  # -> (batch solved, outputs)
+            while batch:  # an image over the solver's memory bound is listed, the rest of its batch solved
+                try:
+                    return batch, bilateral_solve_batch(
+                        [b[1] for b in batch], [b[2] for b in batch], preset=preset, sigma_spatial=params.sigma_spatial,
+                        sigma_luma=params.sigma_luma, sigma_chroma=params.sigma_chroma, lam=params.lam,
+                        backend=backend)
+                except GridTooLargeError as exc:
+                    stem = batch.pop(exc.index)[0]
+                    report.failed.append((stem, f"{images[stem]}: {exc}"))
+                    bar.update(1)
+                except KeyRangeError:  # the keys of one image fit where a batch's do not: halve it
+                    if len(batch) == 1:
+                        raise  # the sigmas themselves: one error line, nothing of this batch written
+                    half = len(batch) // 2
+                    (a, out_a), (b, out_b) = solve(batch[:half]), solve(batch[half:])
+                    return a + b, out_a + out_b
+            return [], []
+
+        batch, outputs = solve(batch)
         for (stem, _, _), soft in zip(batch, outputs):
             io.save_png(io.inside(out_dir, f"{stem}.png"), (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
             report.refined += 1
