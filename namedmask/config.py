@@ -67,6 +67,17 @@ def _check_choices(cfg) -> None:
             _check_choice(cfg, f.name, allowed)
 
 
+def _check_numbers(cfg, key: str, length: int | None, lo: float, hi: float, integer: bool = False) -> None:
+    """A tuple of `length` (None: at least one) finite numbers in [lo, hi] (integers if asked)."""
+    values = getattr(cfg, key)
+    kind = "integers" if integer else "numbers"
+    ok = isinstance(values, (tuple, list)) and (len(values) == length if length else len(values) >= 1) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+        and (not integer or float(v).is_integer()) for v in values)
+    if not ok:
+        raise ConfigError(f"{key} must be {length or 'one or more'} {kind} in [{lo}, {hi}], got {values}")
+
+
 def _check_range_pair(cfg, key: str, lo: float, hi: float) -> None:
     pair = getattr(cfg, key)
     if pair is None:
@@ -166,6 +177,7 @@ class ModelConfig:
 
     def __post_init__(self):
         _check_choices(self)
+        _check_numbers(self, "aspp_rates", None, 1, 1024, integer=True)
         _check(self, aspp_channels=(1, None), low_level_channels=(1, None), bn_momentum=(0.0, 1.0),
                dropout=(0.0, 0.999), decoder_convs=(1, None))
 
@@ -185,6 +197,9 @@ class AugmentConfig:
     def __post_init__(self):
         _check(self, crop_size=(1, None), hflip_p=(0.0, 1.0), jitter_p=(0.0, 1.0), grayscale_p=(0.0, 1.0),
                blur_p=(0.0, 1.0), blur_kernel_fraction=(0.0, 1.0))
+        _check_numbers(self, "jitter", 4, 0.0, 1e6)
+        if self.jitter[3] > 0.5:
+            raise ConfigError(f"jitter's hue (the 4th value) must be <= 0.5, got {self.jitter[3]}")
         _check_range_pair(self, "scale", 1e-6, 1e6)
         _check_range_pair(self, "blur_sigma", 0.0, 1e6)
 
@@ -344,7 +359,7 @@ class ZeroShotConfig:
         _check_choices(self)
         _check(self, threshold=(0.0, 1.0), short_side=(16, MAX_SHORT_SIDE))
         if self.threshold is None and not self.background:
-            raise ConfigError("no background prompt and no background threshold: give --background-threshold")
+            raise ConfigError("no background prompt and no --background-threshold: give one")
 
 
 @dataclass
@@ -374,7 +389,7 @@ class TwoStageConfig:
         _check(self, threshold=(0.0, 1.0), context=(0.0, 1.0), mask_layers=(1, None), size=(16, MAX_SHORT_SIDE),
                k=(1, 255), min_area=(0.0, 1.0), seed=(0, None))
         if self.threshold is None and not self.background:
-            raise ConfigError("no background prompt and no background threshold: give --background-threshold")
+            raise ConfigError("no background prompt and no --background-threshold: give one")
         if self.mask_prompts and self.embed != "crop":
             raise ConfigError("mask_prompts work on masked crops: use embed crop (--embed crop)")
 

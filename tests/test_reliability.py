@@ -124,7 +124,7 @@ def assert_one_line_error(result, *needles):
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output, result.output
     # (a progress bar may precede the error on its line)
-    errors = [m.group(1) for m in re.finditer(r"(?:^|[^A-Za-z])(Error: .*)", result.output, re.M)]
+    errors = [m.group(1) for m in re.finditer(r"(?:^|[^A-Za-z]|\x1b\[A)(Error: .*)", result.output, re.M)]
     assert len(errors) == 1, result.output
     for needle in needles:
         assert needle in errors[0], result.output
@@ -600,7 +600,7 @@ def test_another_image_of_the_same_name_is_never_already_done(world, tmp_path, c
         result = run_cli(PER_IMAGE_COMMANDS[command](world, [image.parent], out))
         assert result.exit_code == 0, result.output
         assert label_size(out, "photo") == Image.open(image).size
-    assert json.loads((out / "sources" / "photo.json").read_text())["sha256"] == \
+    assert json.loads((out / "sources" / "photo.json").read_text())["image"]["sha256"] == \
         hashlib.sha256(second.read_bytes()).hexdigest()
 
 
@@ -1115,3 +1115,30 @@ def test_confusion_matrix_rejects_a_fractional_class_count():
     with pytest.raises(TypeError, match="ignore_index"):
         ops.confusion_matrix(a, a, num_classes=2, ignore_index=0.5)
     assert ops.confusion_matrix(a, a, num_classes=np.int64(2)).tolist() == [[4, 0], [0, 0]]
+
+
+@pytest.mark.parametrize("cls,key", _fields(lambda v, f: isinstance(v, tuple) and v and all(
+    isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)))
+def test_every_tuple_of_numbers_rejects_nan(cls, key):
+    from namedmask.config import ConfigError
+
+    value = getattr(cls() if cls.__name__ != "ToyWorldConfig" else cls(out="x"), key)
+    with pytest.raises(ConfigError, match=key):
+        _build(cls, key, [float("nan")] + list(value[1:]))
+
+
+def test_refine_never_takes_another_pair_of_the_same_name_as_done(world, tmp_path):
+    """refine --masks M1 then --masks M2 (other masks, same names) into one --out: every mask
+    is refined again (the image's and mask's sha256 are recorded), the rerun of M2 skips all."""
+    other = mask_variant(world, tmp_path, "inverted", lambda m: (1 - m).astype(np.uint8))
+    out = tmp_path / "refined"
+    base = ["refine", "--images", world["root"] / "pool", "--out", out, "--backend", "torch"]
+    n = len(list((world["masks"] / "masks").rglob("*.png")))
+    first = run_cli([*base, "--masks", world["masks"] / "masks"])
+    assert f"refined {n}, already done 0" in first.output, first.output
+    before = digest_tree(out, skip=("refine.json",))
+    second = run_cli([*base, "--masks", other / "masks"])
+    assert f"refined {n}, already done 0" in second.output, second.output
+    assert digest_tree(out, skip=("refine.json",)) != before
+    third = run_cli([*base, "--masks", other / "masks"])
+    assert f"refined 0, already done {n}" in third.output, third.output

@@ -17,7 +17,8 @@ discover) finds its images and names, claims and fills its output folder.
   refused before the first image); each finished image records its input's identity (sha256
   of the file) in `sources/<name>.json`, written last, so an image is "already done" only when
   that record names the same bytes and every output file exists: a different image of the same
-  name (another folder, an edited file) is computed again.
+  name (another folder, an edited file) is computed again. `write_record`/`is_recorded` are
+  that record for commands whose inputs are pairs (refine: image and mask).
 - Bad images (`load`): an unreadable file does not stop the others; at the end (`finish`) they
   are one error listing each (rc 1), or with skip_bad logged and listed (rc 0).
 """
@@ -129,12 +130,38 @@ def output_names(found: list) -> list:
     return out
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def file_digest(path: str | os.PathLike) -> str | None:
+    """sha256 of a file's bytes (None when it cannot be read)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
     return h.hexdigest()
+
+
+def record_path(out: Path, name: str) -> Path:
+    return io.inside(out, f"{SOURCES}/{name}.json")
+
+
+def write_record(out: Path, name: str, inputs: dict) -> None:
+    """sources/<name>.json: {kind: {"path", "sha256"}} of the inputs `name` was computed from
+    (`inputs`: {kind: (path, sha256)}); written after the outputs, it marks them finished."""
+    io.write_json(record_path(out, name), {k: {"path": str(p), "sha256": d} for k, (p, d) in inputs.items()})
+
+
+def is_recorded(out: Path, name: str, inputs: dict) -> bool:
+    """Whether sources/<name>.json names exactly these inputs' bytes ({kind: (path, sha256)};
+    the paths may differ: a moved folder is still done, another image of that name is not)."""
+    try:
+        recorded = json.loads(record_path(out, name).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and all(
+        d is not None and isinstance(recorded.get(k), dict) and recorded[k].get("sha256") == d
+        for k, (_, d) in inputs.items()) and set(recorded) == set(inputs)
 
 
 @dataclass
@@ -147,9 +174,12 @@ class Item:
     def digest(self) -> str | None:
         """sha256 of the file (None when it cannot be read)."""
         if self._digest is None:
-            with contextlib.suppress(OSError):
-                self._digest = file_digest(self.path)
+            self._digest = file_digest(self.path)
         return self._digest
+
+    @property
+    def inputs(self) -> dict:
+        return {"image": (self.path, self.digest)}
 
 
 class ImageOutputs:
@@ -163,20 +193,11 @@ class ImageOutputs:
         """The output file of kind `kind` (a key of `outputs`) of `item`, proven inside the folder."""
         return io.inside(self.out, self.outputs[kind].format(item.name))
 
-    def _record(self, item: Item) -> Path:
-        return io.inside(self.out, f"{SOURCES}/{item.name}.json")
-
     def done(self, item: Item, kinds=None) -> bool:
         """Whether `item` was finished from the same bytes and its output files (of `kinds`,
         default all) exist."""
-        record = self._record(item)
-        if not record.is_file():
-            return False
-        try:
-            recorded = json.loads(record.read_text()).get("sha256")
-        except (OSError, ValueError):
-            return False
-        return recorded == item.digest and all(self.path(k, item).is_file() for k in (kinds or self.outputs))
+        return is_recorded(self.out, item.name, item.inputs) and all(
+            self.path(k, item).is_file() for k in (kinds or self.outputs))
 
     def load(self, item: Item):
         """The image (uint8 [H, W, 3]), or None when it cannot be read (listed for `finish`)."""
@@ -190,7 +211,7 @@ class ImageOutputs:
 
     def record(self, item: Item) -> None:
         """Marks `item` finished (after its outputs are written): its input's identity."""
-        io.write_json(self._record(item), {"image": str(item.path), "sha256": item.digest})
+        write_record(self.out, item.name, item.inputs)
 
     def finish(self, done: int) -> None:
         """Unreadable images: one error listing them (the others are finished), or with
@@ -212,8 +233,8 @@ def claim_image_outputs(out_dir, stage: str, inputs, outputs: dict, *, legacy: t
     the images of `inputs` outside it and names them. `outputs`: {kind: "folder/{}.suffix"}, the
     files written per image; their folders (and sources/) must stay inside the output folder."""
     out = Path(out_dir)
-    found = find_images(inputs, exclude=out)           # a missing input fails before anything is made
-    with io.output_folder(out, stage, legacy=legacy):
+    with io.output_folder(out, stage, legacy=legacy):  # a folder not ours is refused first
+        found = find_images(inputs, exclude=out)
         for pattern in (*outputs.values(), f"{SOURCES}/{{}}"):  # a symlinked subfolder leading out: refused now
             folder = Path(pattern.format("x")).parent
             if str(folder) != ".":

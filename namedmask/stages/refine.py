@@ -5,7 +5,9 @@ the suffix, refines each mask and writes `out/<same relative path>.png`: uint8, 
 1 = foreground (the pseudo-mask contract, namedmask/data/pseudo_masks.py). A mask pixel is
 foreground when it is non-zero (0/1, 0/255 and palette masks all work). Resumable: finished
 outputs are skipped, every write is atomic, and `out/refine.json` records the settings so a
-resumed run cannot mix two settings in one folder.
+resumed run cannot mix two settings in one folder; `out/sources/<path>.json` records the sha256
+of each output's image and mask (namedmask.data.image_outputs), so a pair of the same name from
+other folders (or an edited mask) is refined again, never "already done".
 
 When the masks come from a pseudo-mask folder (`namedmask saliency --refine none`: --masks is
 that folder or its masks/ subfolder), `out` becomes a pseudo-mask folder of the same schema
@@ -25,6 +27,7 @@ from tqdm.auto import tqdm
 
 from namedmask import io
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
+from namedmask.data.image_outputs import file_digest, is_recorded, write_record
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
 from namedmask.errors import InputError, NamedMaskError
@@ -114,11 +117,13 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
     report = RefineReport(config=config)
     report.failed = [(stem, f"no image {Path(images_dir) / stem}.* for mask {masks[stem]}")
                      for stem in masks if stem not in images]
-    todo = []
+    todo, sources = [], {}
     for stem in masks:
         if stem not in images:
             continue
-        if io.inside(out_dir, f"{stem}.png").exists() and not overwrite:
+        sources[stem] = {"image": (images[stem], file_digest(images[stem])), "mask": (masks[stem], file_digest(masks[stem]))}
+        # done: the output exists and was refined from these very bytes (not another pair of that name)
+        if io.inside(out_dir, f"{stem}.png").exists() and not overwrite and is_recorded(out_dir, stem, sources[stem]):
             report.skipped_done += 1
         else:
             todo.append(stem)
@@ -158,6 +163,7 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
         batch, outputs = solve(batch)
         for (stem, _, _), soft in zip(batch, outputs):
             io.save_png(io.inside(out_dir, f"{stem}.png"), (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
+            write_record(out_dir, stem, sources[stem])
             report.refined += 1
             bar.update(1)
     bar.close()
