@@ -1142,3 +1142,19 @@ def test_refine_never_takes_another_pair_of_the_same_name_as_done(world, tmp_pat
     assert digest_tree(out, skip=("refine.json",)) != before
     third = run_cli([*base, "--masks", other / "masks"])
     assert f"refined 0, already done {n}" in third.output, third.output
+
+
+def test_build_archive_into_its_own_pool_does_not_embed_its_outputs(world, tmp_path):
+    """--out inside --pool with --report: the contact sheets of the first run are not pool
+    images of the second (before: 'holds embeddings of another run')."""
+    import shutil
+
+    pool = tmp_path / "pool"
+    shutil.copytree(world["root"] / "pool", pool)
+    args = ["build-archive", "--pool", pool, "--categories", "voc", "--out", pool / "archive", "--model", "nm-tiny",
+            "--pretrained", "random", "--k", "3", "--device", "cpu", "--report"]
+    for _ in range(2):
+        result = run_cli(args)
+        assert result.exit_code == 0, result.output
+    archive = json.loads((pool / "archive" / "archive.json").read_text())
+    assert not any(e["path"].startswith("archive/") for entries in archive["archives"].values() for e in entries)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator
 
 from namedmask import io
+from namedmask.data.datasets import list_files
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
 from namedmask.errors import NamedMaskError
 
@@ -52,8 +53,8 @@ class Found:
     relative: str       # its path relative to the folder it was found in (posix), or its file name
 
 
-def _within(path: Path, folder: Path | None) -> bool:
-    if folder is None:
+def _within(path: Path | None, folder: Path) -> bool:
+    if path is None:
         return False
     real, root = os.path.realpath(path), os.path.realpath(folder)
     return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
@@ -63,19 +64,12 @@ def find_images(inputs, exclude: str | os.PathLike | None = None) -> list:
     """[Found] of the image files given and found (recursively, sorted) in the folders given;
     hidden files and folders and anything inside `exclude` (the output folder) are left out."""
     exclude = Path(exclude) if exclude is not None else None
-    found, seen, left_out = [], set(), 0
+    found, seen, left_out = [], set(), False
     for given in map(Path, inputs):
         if given.is_dir():
-            candidates = []
-            for p in sorted(given.rglob("*")):
-                rel = p.relative_to(given)
-                if p.suffix.lower() not in IMAGE_SUFFIXES or any(part.startswith(".") for part in rel.parts):
-                    continue
-                if _within(p, exclude):
-                    left_out += 1
-                    continue
-                if p.is_file():
-                    candidates.append(Found(p, rel.as_posix()))
+            left_out = left_out or _within(exclude, given)
+            candidates = [Found(p, p.relative_to(given).as_posix())
+                          for p in list_files(given, IMAGE_SUFFIXES, exclude) if p.is_file()]
         elif given.is_file():
             candidates = [Found(given, given.name)]
         else:
@@ -86,7 +80,7 @@ def find_images(inputs, exclude: str | os.PathLike | None = None) -> list:
                 seen.add(key)
                 found.append(f)
     if left_out:
-        log.info("left out %d image(s) inside the output folder %s", left_out, exclude)
+        log.info("the output folder %s is not searched for input images", exclude)
     if not found:
         raise ImageInputError(f"no images found in {[str(p) for p in inputs]}"
                               + (" (outside the output folder)" if left_out else ""))

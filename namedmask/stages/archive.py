@@ -73,7 +73,7 @@ def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | Non
 def _build(config: ArchiveConfig, out: Path, categories, templates, rank: int, world: int, progress: bool):
     """The body of build_archive, inside its locked output folder."""
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    root, paths = _list_pool_images(config.pool)
+    root, paths = _list_pool_images(config.pool, exclude=out)  # an --out inside the pool is not pool
     clip = load_clip(config.model, config.pretrained, device)
     embed_dir = out / "embeddings"
     key = _prepare_embeddings_dir(embed_dir, clip, root, paths, config.shard_size, rank == 0)
@@ -106,10 +106,10 @@ def _categories_with_synonyms(categories: str, synonyms_file: str | None) -> Cat
     return dataclasses.replace(cats, synonyms={**cats.synonyms, **extra.synonyms})
 
 
-def _list_pool_images(pool: str | Path) -> tuple[Path, list]:
+def _list_pool_images(pool: str | Path, exclude=None) -> tuple[Path, list]:
     """(absolute root, sorted relative paths) of a folder tree, list file or ImageNet root."""
     try:
-        listing = list_pool_images(pool)
+        listing = list_pool_images(pool, exclude)
     except DatasetError as exc:
         raise ArchiveBuildError(str(exc)) from None
     return listing.root, list(listing)
