@@ -142,7 +142,10 @@ def _open_vocab_options(fn):
 
 def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, background_threshold, no_background_prompt,
                         recipe, short_side, refine, dino, dino_weights) -> dict | None:
-    """zero_shot_segmenter's keyword arguments when --model asks for zero-shot, else None."""
+    """zero_shot_segmenter's keyword arguments when --model asks for zero-shot, else None
+    (checked as config.ZeroShotConfig before any work)."""
+    from namedmask.config import ZeroShotConfig
+
     if model is None:
         return None
     if run_dir is not None:
@@ -150,9 +153,10 @@ def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, backgrou
     if not text:
         raise click.UsageError("zero-shot dense CLIP needs class names: --text \"a, b|synonym\" (predict) "
                                "or --zero-shot --dataset (eval)")
-    return {"model": model, "pretrained": pretrained, "templates": templates, "threshold": background_threshold,
-            "background": () if no_background_prompt else ("background",), "recipe": recipe,
-            "short_side": short_side, "refine": refine, "dino": dino, "dino_weights": dino_weights}
+    return dataclasses.asdict(ZeroShotConfig(
+        model=model, pretrained=pretrained, templates=templates, threshold=background_threshold,
+        background=() if no_background_prompt else ("background",), recipe=recipe, short_side=short_side,
+        refine=refine, dino=dino, dino_weights=dino_weights))
 
 
 def _config_options(fn):
@@ -683,9 +687,10 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
               help="Touching segments whose embeddings have at least this cosine are merged.")
 @click.option("--no-refine", is_flag=True, help="No bilateral-solver refinement of the segments.")
 @click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing at the end.")
 @_config_options
 def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_weights, random_weights, size, k, embed,
-             context, mask_layers, mask_prompts, min_score, merge_threshold, no_refine, device, config_path,
+             context, mask_layers, mask_prompts, min_score, merge_threshold, no_refine, device, skip_bad, config_path,
              overrides) -> None:
     """Segments and their names with no query and no class list (zero-guidance segmentation)."""
     from namedmask.config import DiscoverConfig, load_config
@@ -696,10 +701,11 @@ def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_w
                       random_weights=_flag(random_weights), size=size, k=k, refine=False if no_refine else None,
                       embed=embed, context=context, mask_layers=mask_layers,
                       mask_prompts=mask_prompts and str(mask_prompts), min_score=min_score,
-                      merge_threshold=merge_threshold, device=device)
+                      merge_threshold=merge_threshold, device=device, skip_bad=_flag(skip_bad))
     result = run(images, out, cfg)
     n = sum(len(v) for v in result["segments"].values())
-    click.echo(f"{result['done']} images segmented ({result['skipped']} already done), {n} segments -> {out}")
+    bad = f", {result['bad']} unreadable skipped" if result["bad"] else ""
+    click.echo(f"{result['done']} images segmented ({result['skipped']} already done{bad}), {n} segments -> {out}")
 
 
 @cli.command("adapt-clip")

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from namedmask.errors import BadInputError
+from namedmask.io import read_user_text
 
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def _check(cfg, **rules) -> None:
         value = getattr(cfg, key)
         if value is None:
             continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # a None default takes any YAML type
+            raise ConfigError(f"{key} must be a number, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key} must be a finite number, got {value}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -48,6 +51,31 @@ def _check(cfg, **rules) -> None:
 def _check_choice(cfg, key: str, choices: tuple) -> None:
     if getattr(cfg, key) not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {getattr(cfg, key)!r}")
+
+
+def choice(default, *values):
+    """A field whose value must be one of `values` (the default first): checked by
+    _check_choices in __post_init__ whether it comes from a flag, --set or YAML; the CLI's
+    click.Choice of the same option must list the same values (tests/test_reliability.py)."""
+    return field(default=default, metadata={"choices": (default, *(v for v in values if v != default))})
+
+
+def _check_choices(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        allowed = f.metadata.get("choices")
+        if allowed is not None:
+            _check_choice(cfg, f.name, allowed)
+
+
+def _check_numbers(cfg, key: str, length: int | None, lo: float, hi: float, integer: bool = False) -> None:
+    """A tuple of `length` (None: at least one) finite numbers in [lo, hi] (integers if asked)."""
+    values = getattr(cfg, key)
+    kind = "integers" if integer else "numbers"
+    ok = isinstance(values, (tuple, list)) and (len(values) == length if length else len(values) >= 1) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
+        and (not integer or float(v).is_integer()) for v in values)
+    if not ok:
+        raise ConfigError(f"{key} must be {length or 'one or more'} {kind} in [{lo}, {hi}], got {values}")
 
 
 def _check_range_pair(cfg, key: str, lo: float, hi: float) -> None:
@@ -84,8 +112,8 @@ class SaliencyConfig:
     """Stage (B), `namedmask saliency`."""
     archive: str | None = None
     out: str | None = None
-    method: str = "tokencut"
-    refine: str = "bilateral-solver"
+    method: str = choice("tokencut", "selfmask")
+    refine: str = choice("bilateral-solver", "none")
     short_side: int = 512
     batch_size: int = 8
     dino: str | None = None            # timm name of the DINO ViT; None = the method's default
@@ -93,7 +121,7 @@ class SaliencyConfig:
     checkpoint: str | None = None      # SelfMask checkpoint
     random_weights: bool = False       # smoke runs only: meaningless masks
     tau: float = 0.2
-    eigen_solver: str = "arpack"      # or "dense"; same eigenvector
+    eigen_solver: str = choice("arpack", "dense")  # same eigenvector
     corner_rule: bool = False          # TokenCut: MaskCut's corner prior for frame-filling objects (not TokenCut's rule)
     device: str = "auto"
     report: bool = False
@@ -102,6 +130,7 @@ class SaliencyConfig:
     manifest_every_s: float = 30.0     # manifest rewrite interval while running
 
     def __post_init__(self):
+        _check_choices(self)
         _check(self, short_side=(16, MAX_SHORT_SIDE), batch_size=(1, None), manifest_every_s=(0, None),
                report_per_category=(0, None))
         if not (math.isfinite(self.tau) and 0 < self.tau <= 1):
@@ -115,7 +144,7 @@ class RefineConfig:
     images: str | None = None
     masks: str | None = None
     out: str | None = None
-    preset: str = "namedmask"           # namedmask | tokencut | tuned
+    preset: str = choice("namedmask", "tokencut", "tuned")  # namedmask.ops.bilateral.PRESETS
     sigma_spatial: float | None = None
     sigma_luma: float | None = None
     sigma_chroma: float | None = None
@@ -128,6 +157,7 @@ class RefineConfig:
     skip_bad: bool = False
 
     def __post_init__(self):
+        _check_choices(self)
         _check(self, threshold=(0.0, 1.0), batch_size=(1, None), sigma_spatial=(1e-6, None),
                sigma_luma=(1e-6, None), sigma_chroma=(1e-6, None), lam=(0.0, None))
 
@@ -136,7 +166,7 @@ class RefineConfig:
 class ModelConfig:
     backbone: str = "resnet50"          # torchvision resnet50/101/152 (DINO-RN50 key layout) or any timm ResNet
     backbone_args: dict = field(default_factory=dict)  # extra timm arguments, e.g. channels for a tiny test net
-    output_stride: int = 8              # 8: layer3 dilation 2, layer4 dilation 4
+    output_stride: int = choice(8, 16, 32)  # 8: layer3 dilation 2, layer4 dilation 4
     pretrained: str | None = None       # local backbone file in torchvision key layout (dino_resnet50_pretrain.pth)
     aspp_rates: tuple = (12, 24, 36)
     aspp_channels: int = 256
@@ -146,7 +176,8 @@ class ModelConfig:
     decoder_convs: int = 1              # separable 3x3 convs after the concat: 1 = official, 2 = extra capacity
 
     def __post_init__(self):
-        _check_choice(self, "output_stride", (8, 16, 32))
+        _check_choices(self)
+        _check_numbers(self, "aspp_rates", None, 1, 1024, integer=True)
         _check(self, aspp_channels=(1, None), low_level_channels=(1, None), bn_momentum=(0.0, 1.0),
                dropout=(0.0, 0.999), decoder_convs=(1, None))
 
@@ -166,6 +197,9 @@ class AugmentConfig:
     def __post_init__(self):
         _check(self, crop_size=(1, None), hflip_p=(0.0, 1.0), jitter_p=(0.0, 1.0), grayscale_p=(0.0, 1.0),
                blur_p=(0.0, 1.0), blur_kernel_fraction=(0.0, 1.0))
+        _check_numbers(self, "jitter", 4, 0.0, 1e6)
+        if self.jitter[3] > 0.5:
+            raise ConfigError(f"jitter's hue (the 4th value) must be <= 0.5, got {self.jitter[3]}")
         _check_range_pair(self, "scale", 1e-6, 1e6)
         _check_range_pair(self, "blur_sigma", 0.0, 1e6)
 
@@ -216,18 +250,16 @@ class TextHeadConfig:
     clip_pretrained: str | None = None
     templates: str | None = None        # namedmask | simple | FILE
     names: str | None = None            # "name | synonym, ..." file, or a built-in set (voc: + its synonym sets)
-    diversify: str = "sample"           # sample (one name per category per iteration) | mix | none
+    diversify: str = choice("sample", "mix", "none")  # sample: one name per category per iteration
     distill_weight: float = 0.0         # text-guided distillation from dense CLIP (0 = off)
     distill_vocabulary: str | None = None  # file, one word a line, added to the training names for the projection
-    distill_pixels: str = "all"         # all | foreground (the pseudo-mask's objects; worse on the toy world)
-    teacher_recipe: str = "value"       # value | maskclip (models/maskclip.py; value is the better teacher on the toy world)
+    distill_pixels: str = choice("all", "foreground")  # foreground: the pseudo-mask's objects (worse on the toy world)
+    teacher_recipe: str = choice("value", "maskclip")  # models/maskclip.py; value is the better teacher on the toy world
     teacher_short_side: int | None = None  # the teacher's input short side (None: CLIP's image size)
 
     def __post_init__(self):
+        _check_choices(self)
         _check(self, distill_weight=(0.0, None), teacher_short_side=(16, MAX_SHORT_SIDE))
-        _check_choice(self, "diversify", ("sample", "mix", "none"))
-        _check_choice(self, "distill_pixels", ("foreground", "all"))
-        _check_choice(self, "teacher_recipe", ("value", "maskclip"))
 
 
 @dataclass
@@ -240,7 +272,7 @@ class TrainConfig:
     num_workers: int = 4
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
-    amp: str = "auto"                   # auto (bf16 on CUDA) | bf16 | off
+    amp: str = choice("auto", "bf16", "off")  # auto: bf16 on CUDA
     log_every: int = 50
     checkpoint_every: int = 1000
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -248,13 +280,13 @@ class TrainConfig:
     copy_paste: CopyPasteConfig = field(default_factory=CopyPasteConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     val: ValConfig = field(default_factory=ValConfig)
-    head: str = "linear"                # linear (closed set, NamedMask) | text (open vocabulary)
+    head: str = choice("linear", "text")  # linear (closed set, NamedMask) | text (open vocabulary)
     text: TextHeadConfig = field(default_factory=TextHeadConfig)
 
     def __post_init__(self):
+        _check_choices(self)
         _check(self, iterations=(1, None), batch_size=(1, None), num_workers=(0, None), log_every=(1, None),
-               checkpoint_every=(1, None))
-        _check_choice(self, "amp", ("auto", "bf16", "off"))
+               checkpoint_every=(1, None), seed=(0, None))
 
 
 def expert_train_defaults() -> TrainConfig:
@@ -309,6 +341,60 @@ class PredictConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot dense CLIP (`predict`/`eval --model M --text ...`, models.openvocab
+    .zero_shot_segmenter's keyword arguments)."""
+    model: str | None = None
+    pretrained: str | None = None
+    templates: str = "namedmask"
+    threshold: float | None = None          # --background-threshold
+    background: tuple = ("background",)     # background prompts (empty: threshold only)
+    recipe: str = choice("value", "maskclip")
+    short_side: int | None = None           # None: CLIP's input size
+    refine: str | None = choice("none", "bilateral", "dino", None)
+    dino: str | None = None
+    dino_weights: str | None = None
+
+    def __post_init__(self):
+        _check_choices(self)
+        _check(self, threshold=(0.0, 1.0), short_side=(16, MAX_SHORT_SIDE))
+        if self.threshold is None and not self.background:
+            raise ConfigError("no background prompt and no --background-threshold: give one")
+
+
+@dataclass
+class TwoStageConfig:
+    """`predict --proposals`: where regions come from and how CLIP names them (stages/predict.py)."""
+    proposals: str = choice("discover", "segmenter")
+    model: str | None = None                # the naming CLIP (open_clip name)
+    pretrained: str | None = None
+    templates: str = "namedmask"
+    background: tuple = ("background",)     # background prompts (empty: threshold only)
+    threshold: float | None = None          # best class probability under which a region is background
+    embed: str = choice("crop", "attention", "whole")  # namedmask.models.zero_guidance.EMBED_MODES
+    mask_prompts: str | None = None         # tokens from `namedmask adapt-clip` (embed crop)
+    context: float = 0.1                    # attention embedding: factor on each outside patch
+    mask_layers: int = 3
+    dino: str = "vit_small_patch16_224.dino"  # discover proposals: the DINO ViT
+    dino_weights: str | None = None
+    random_dino: bool = False
+    vit_kwargs: dict | None = None          # timm construction arguments of the DINO ViT (toy models)
+    size: int = 512                         # discover proposals: short side for DINO and the solver
+    k: int = 8
+    min_area: float = 0.01
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choices(self)
+        _check(self, threshold=(0.0, 1.0), context=(0.0, 1.0), mask_layers=(1, None), size=(16, MAX_SHORT_SIDE),
+               k=(1, 255), min_area=(0.0, 1.0), seed=(0, None))
+        if self.threshold is None and not self.background:
+            raise ConfigError("no background prompt and no --background-threshold: give one")
+        if self.mask_prompts and self.embed != "crop":
+            raise ConfigError("mask_prompts work on masked crops: use embed crop (--embed crop)")
+
+
+@dataclass
 class DiscoverConfig:
     """`namedmask discover`: zero-guidance segmentation (stages/discover.py)."""
     vocabulary: str = "builtin"             # builtin | FILE ('name | synonym, ...' lines)
@@ -323,7 +409,7 @@ class DiscoverConfig:
     k: int = 8                              # most segments before merging (labels are a palette PNG)
     min_area: float = 0.01
     refine: bool = True
-    embed: str = "attention"                # attention | crop | whole (models.zero_guidance.EMBED_MODES)
+    embed: str = choice("attention", "crop", "whole")  # models.zero_guidance.EMBED_MODES
     context: float = 0.1                    # factor on the class token's attention to each outside patch
     mask_layers: int = 3
     mask_prompts: str | None = None         # tokens from `namedmask adapt-clip` (embed crop)
@@ -333,11 +419,13 @@ class DiscoverConfig:
     top: int = 3                            # runner-up names kept per segment
     device: str = "auto"
     seed: int = 0
+    skip_bad: bool = False                  # log, list and skip unreadable images (not a result setting)
 
     def __post_init__(self):
-        _check_choice(self, "embed", ("attention", "crop", "whole"))
+        _check_choices(self)
         _check(self, size=(16, MAX_SHORT_SIDE), k=(1, 255), min_area=(0.0, 1.0), context=(0.0, 1.0),
-               mask_layers=(1, None), merge_threshold=(-1.0, 1.0), top=(1, None))
+               mask_layers=(1, None), min_score=(-1.0, 1.0), merge_threshold=(-1.0, 1.0), top=(1, None),
+               seed=(0, None))
         if self.mask_prompts and self.embed != "crop":
             raise ConfigError("mask_prompts work on masked crops: set embed crop (--embed crop)")
 
@@ -368,7 +456,7 @@ class AdaptConfig:
 
     def __post_init__(self):
         _check(self, depth=(1, None), steps=(1, None), batch_size=(1, None), lr=(0.0, None),
-               val_fraction=(0.0, 0.9), finetune_lr=(0.0, None))
+               val_fraction=(0.0, 0.9), finetune_lr=(0.0, None), seed=(0, None))
         if isinstance(self.negatives, str) and self.negatives.lower() in ("none", ""):
             self.negatives = None
 
@@ -468,13 +556,24 @@ def parse_overrides(overrides) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr_head=1e-3)")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: not a valid YAML value ({_yaml_problem(exc)})") from None
         node = out
         parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return out
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """A YAML error in one line: its problem and where (PyYAML's own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def builtin_configs() -> list:
@@ -488,15 +587,15 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
         text = resources.files("namedmask.configs").joinpath(f"{path}.yaml").read_text()
         where = f"built-in config {str(path)!r}"
     else:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+        if not Path(path).is_file():
+            hint = f"; built-in configs: {', '.join(builtin_configs())}" if "/" not in str(path) else ""
+            raise ConfigError(f"{path}: no such config file{hint}")
+        text = read_user_text(path, ConfigError)  # like every user file: encoding errors name it
         where = str(path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({exc})") from exc
+        raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a YAML mapping at top level")
     return expand_env(data, where), where

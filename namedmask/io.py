@@ -51,7 +51,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+        try:
+            with open(tmp, "wb") as f:  # (the module's `open`: every write of ours goes through it)
+                f.write(data)
+        except OSError as exc:  # a full disk: Python's message names no file
+            raise OSError(exc.errno, f"{exc.strerror or exc}: cannot write {path}") from None
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -72,11 +76,13 @@ class InputFileError(BadInputError):
 
 
 def read_user_text(path: str | os.PathLike, error: type = InputFileError) -> str:
-    """The UTF-8 text of a user's file; undecodable bytes are an `error` naming the file and
-    the byte offset (Python's own message names neither)."""
+    """The UTF-8 text of a user's file (every word list, category, template and config file is
+    read here); a leading byte-order mark (editors' "UTF-8 with BOM") is dropped, so the first
+    name is not "\ufeffcat"; undecodable bytes are an `error` naming the file and the byte
+    offset (Python's own message names neither)."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise error(f"{path}: not a UTF-8 text file (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
                     f"save it as UTF-8") from None
@@ -84,41 +90,52 @@ def read_user_text(path: str | os.PathLike, error: type = InputFileError) -> str
         raise error(f"{path}: cannot read ({exc.strerror})") from None
 
 
-def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
-    """safetensors' save_file, byte-identical for equal inputs: the library writes the
+def safetensors_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    """safetensors' serialisation, byte-identical for equal inputs: the library writes the
     metadata keys in a per-process hash order, so the header is rewritten with them sorted
     (same JSON, same length; only the order of the keys changes)."""
     import struct
 
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file(tensors, str(path), metadata=metadata)
+    data = bytearray(save(tensors, metadata=metadata))
     if not metadata or len(metadata) < 2:
-        return
-    with open(path, "r+b") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        raw = f.read(size)
-        header = json.loads(raw)
-        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        if len(text) != len(raw.rstrip(b" ")):
-            return  # not the serialisation this expects: keep the library's bytes
-        f.seek(8)
-        f.write(text + b" " * (size - len(text)))
+        return bytes(data)
+    (size,) = struct.unpack("<Q", data[:8])
+    raw = bytes(data[8:8 + size])
+    header = json.loads(raw)
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) != len(raw.rstrip(b" ")):
+        return bytes(data)  # not the serialisation this expects: keep the library's bytes
+    data[8:8 + size] = text + b" " * (size - len(text))
+    return bytes(data)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict | None = None) -> None:
+    """Writes a safetensors file atomically and byte-identically for equal inputs (see
+    safetensors_bytes). The bytes go through Python's file writes, so a full disk is an OSError
+    naming the file (one line in the CLI), not the library's SafetensorError; nothing is left
+    half-written."""
+    write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
     """torch.save, atomically and byte-identical for equal objects. torch.save to a path names
     the records inside its zip archive after the file, and atomic_path's temporary file has a
     random name, so every write differed; saved to memory the archive is named `archive`
-    whatever the file is called (torch.load does not care), then written atomically."""
+    whatever the file is called (torch.load does not care), then written atomically. A write
+    that fails (a full disk) is an OSError naming the file, and nothing is left half-written."""
     import io as _io
 
     import torch
 
     buffer = _io.BytesIO()
     torch.save(obj, buffer)
-    write_bytes(path, buffer.getbuffer())
+    try:
+        write_bytes(path, buffer.getbuffer())
+    except OSError as exc:
+        raise OSError(exc.errno, f"{exc.strerror or exc}: cannot write {path}") from None
 
 
 def read_json(path: str | os.PathLike, error: type, missing: str) -> Any:
@@ -152,7 +169,8 @@ def inside(root: str | os.PathLike, relative: str | os.PathLike) -> Path:
     root = Path(root)
     candidate = root / relative
     if Path(relative).is_absolute() or not _is_within(candidate, root):
-        raise OutputFolderError(f"{relative}: leads outside {root}; input paths must stay inside their root")
+        raise OutputFolderError(f"{relative}: leads outside {root} (a '..', an absolute path or a symlinked folder); "
+                                f"paths must stay inside it")
     return candidate
 
 

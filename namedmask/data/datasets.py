@@ -94,11 +94,21 @@ class LabeledSet:
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
-def _files(folder: Path, suffixes) -> list:
-    """Sorted files under `folder` (recursive, symlinks followed, hidden names skipped)."""
+def list_files(folder: Path, suffixes, exclude: str | os.PathLike | None = None) -> list:
+    """Sorted files under `folder` (recursive, symlinks followed, hidden names skipped), none of
+    them inside `exclude` (a command's own output folder below its input folder: its outputs are
+    not inputs of the next run)."""
+    excluded = os.path.realpath(exclude) if exclude is not None else None
+
+    def kept(path: str) -> bool:
+        if excluded is None:
+            return True
+        real = os.path.realpath(path)
+        return real != excluded and not real.startswith(excluded.rstrip(os.sep) + os.sep)
+
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and kept(os.path.join(dirpath, d))]
         out += [Path(dirpath, f) for f in filenames if not f.startswith(".") and f.lower().endswith(suffixes)]
     return sorted(out)
 
@@ -136,7 +146,7 @@ def _open_voc(root: Path, split: str) -> LabeledSet:
     voc = _voc_root(root)
     split_file = voc / "ImageSets" / "Segmentation" / f"{split}.txt"
     _require(voc / "JPEGImages", voc / "SegmentationClass", split_file)
-    ids = [line.split()[0] for line in split_file.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in io.read_user_text(split_file, DatasetError).splitlines() if line.strip()]
     items = [LabeledItem(i, voc / "JPEGImages" / f"{i}.jpg", voc / "SegmentationClass" / f"{i}.png") for i in ids]
     _check_items_exist(items, f"VOC {split} ({split_file})")
     return LabeledSet("voc", voc, get_category_set("voc").names, items, _read_index_png)
@@ -155,8 +165,8 @@ def _open_coco_object(root: Path, split: str) -> LabeledSet:
         raise DatasetError(f"{paths['masks']}: COCO-Object masks not built yet; run "
                            f"`namedmask prepare coco-object --root {root} --split {split}` "
                            f"(needs {paths['instances']})")
-    images = {p.stem: p for p in _files(paths["images"], (".jpg", ".jpeg", ".png"))}
-    labels = {p.stem: p for p in _files(paths["masks"], (".png",))}
+    images = {p.stem: p for p in list_files(paths["images"], (".jpg", ".jpeg", ".png"))}
+    labels = {p.stem: p for p in list_files(paths["masks"], (".png",))}
     return LabeledSet("coco-object", root, get_category_set("coco-object").names,
                       _pair(images, labels, f"COCO-Object {split}"), _read_index_png)
 
@@ -166,8 +176,8 @@ def _open_coca(root: Path, split: str) -> LabeledSet:
     names = get_category_set("coca").names
     ids = {n: i for i, n in enumerate(names)}
     images = {p.relative_to(root / "image").with_suffix("").as_posix(): p
-              for p in _files(root / "image", (".jpg", ".jpeg", ".png"))}
-    labels = {p.relative_to(root / "binary").with_suffix("").as_posix(): p for p in _files(root / "binary", (".png",))}
+              for p in list_files(root / "image", (".jpg", ".jpeg", ".png"))}
+    labels = {p.relative_to(root / "binary").with_suffix("").as_posix(): p for p in list_files(root / "binary", (".png",))}
     unknown = sorted({i.split("/")[0] for i in images} - set(ids))
     if unknown:
         raise DatasetError(f"{root / 'image'}: folder(s) {unknown[:5]} are not CoCA categories")
@@ -183,9 +193,9 @@ def _open_cityscapes(root: Path, split: str) -> LabeledSet:
     img_dir, gt_dir = root / "leftImg8bit" / split, root / "gtFine" / split
     _require(img_dir, gt_dir)
     images = {p.relative_to(img_dir).as_posix()[:-len("_leftImg8bit.png")]: p
-              for p in _files(img_dir, ("_leftimg8bit.png",))}
+              for p in list_files(img_dir, ("_leftimg8bit.png",))}
     labels = {p.relative_to(gt_dir).as_posix()[:-len("_gtFine_labelIds.png")]: p
-              for p in _files(gt_dir, ("_gtfine_labelids.png",))}
+              for p in list_files(gt_dir, ("_gtfine_labelids.png",))}
     lut = np.zeros(256, dtype=np.uint8)
     for label_id, object_id in CITYSCAPES_LABEL_ID_TO_OBJECT.items():
         lut[label_id] = object_id
@@ -218,8 +228,8 @@ def _open_imagenet_s(root: Path, split: str) -> LabeledSet:
     img_dir, seg_dir = root / img_name, root / seg_name
     _require(img_dir, seg_dir)
     wnids = sorted(d.name for d in seg_dir.iterdir() if d.is_dir() and _WNID.match(d.name))
-    images = {p.relative_to(img_dir).with_suffix("").as_posix(): p for p in _files(img_dir, (".jpeg", ".jpg"))}
-    labels = {p.relative_to(seg_dir).with_suffix("").as_posix(): p for p in _files(seg_dir, (".png",))}
+    images = {p.relative_to(img_dir).with_suffix("").as_posix(): p for p in list_files(img_dir, (".jpeg", ".jpg"))}
+    labels = {p.relative_to(seg_dir).with_suffix("").as_posix(): p for p in list_files(seg_dir, (".png",))}
     images = {k: v for k, v in images.items() if k in labels}  # the image folder may be all of ImageNet val
     return LabeledSet(f"imagenet-s{len(wnids)}", root, ("background",) + tuple(wnids),
                       [LabeledItem(k, images[k], labels[k]) for k in sorted(images)], _read_imagenet_s,
@@ -340,7 +350,7 @@ def check_dataset(name: str, root: str | Path, split: str = "val") -> CheckRepor
     built = all(p.exists() for p, what in layout if "(for prepare)" not in what)
     for path, what in layout:
         if path.is_dir():
-            files = _files(path, IMAGE_SUFFIXES)
+            files = list_files(path, IMAGE_SUFFIXES)
             report.found.append(f"{path}/  ({len(files)} image files; expected {what})")
             report.missing += _unreadable(files)
         elif path.is_file():
@@ -374,10 +384,11 @@ class ImagePool(list):
         return [self.root / p for p in self]
 
 
-def list_pool_images(path: str | Path) -> ImagePool:
-    """The images of an unlabelled pool: a folder tree (every image below it), a text file
-    listing one image path per line (relative to the file's folder, '#' comments), or an
-    ImageNet root (only train/<wnid>/*.JPEG, as 'train/<wnid>/<file>'). Sorted, relative."""
+def list_pool_images(path: str | Path, exclude: str | os.PathLike | None = None) -> ImagePool:
+    """The images of an unlabelled pool: a folder tree (every image below it but those inside
+    `exclude`, the output folder), a text file listing one image path per line (relative to the
+    file's folder, '#' comments), or an ImageNet root (only train/<wnid>/*.JPEG, as
+    'train/<wnid>/<file>'). Sorted, relative."""
     path = Path(path).expanduser().resolve()
     if path.is_file():
         if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -412,9 +423,9 @@ def list_pool_images(path: str | Path) -> ImagePool:
         raise DatasetError(f"{path}: not a folder or a list file of images")
     train = path / "train"
     if train.is_dir() and any(_WNID.match(d.name) for d in os.scandir(train) if d.is_dir()):
-        files = _files(train, IMAGE_SUFFIXES)
+        files = list_files(train, IMAGE_SUFFIXES, exclude)
     else:
-        files = _files(path, IMAGE_SUFFIXES)
+        files = list_files(path, IMAGE_SUFFIXES, exclude)
     if not files:
         raise DatasetError(f"{path}: no images ({', '.join(IMAGE_SUFFIXES)}) found")
     return ImagePool(path, sorted(p.relative_to(path).as_posix() for p in files))

@@ -95,21 +95,6 @@ class ImageBatch:
     failed: list = field(default_factory=list)  # (path, reason) of files that could not be decoded
 
 
-def collect_images(inputs) -> list:
-    """Image files given directly or found (recursively) in the given folders, in order."""
-    paths = []
-    for p in map(Path, inputs):
-        if p.is_dir():
-            paths += sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file())
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise InputError(f"{p}: no such file or folder")
-    if not paths:
-        raise InputError(f"no images found in {[str(p) for p in inputs]}")
-    return paths
-
-
 # ---------------------------------------------------------------------------------------------
 # Backend availability
 

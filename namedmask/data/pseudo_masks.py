@@ -18,10 +18,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from namedmask import io
 from namedmask.errors import BadInputError
 
 SCHEMA_VERSION = 1
+MASK_VALUES = (0, 1, 255)   # background, foreground, ignore
 
 
 class PseudoMaskError(BadInputError):
@@ -39,6 +42,38 @@ def load_manifest(folder: str | Path) -> dict:
     if data.get("schema_version") != SCHEMA_VERSION or "masks" not in data:
         raise PseudoMaskError(f"{path}: not a pseudo-mask manifest of schema {SCHEMA_VERSION}")
     return data
+
+
+def read_pseudo_mask(path: str | Path, error: type = PseudoMaskError, check_values: bool = True) -> np.ndarray:
+    """A pseudo-mask as an H×W uint8 array, checked against the schema: one channel, values 0, 1
+    and 255 only. Every command that reads pseudo-masks (train, experts, adapt-clip) reads them
+    here, so a 0/255 or 0/7 mask is named the same way everywhere (`error` names the file).
+    check_values=False skips the value check (masks checked once already, read again per sample)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            mask = np.array(img)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise error(f"{path}: cannot read pseudo-mask ({exc})") from exc
+    if mask.ndim != 2:
+        raise error(f"{path}: pseudo-mask is {mode} ({mask.shape[-1]} channels); it must be a single-channel "
+                    f"PNG of values 0/1 (255 = ignore)")
+    if not check_values:
+        return mask
+    values = np.unique(mask)
+    bad = [int(v) for v in values if int(v) not in MASK_VALUES]
+    if bad:
+        raise error(f"{path}: pseudo-mask value {bad[0]} (values {[int(v) for v in values][:6]}); "
+                    f"allowed are 0 = background, 1 = foreground, 255 = ignore")
+    return mask
+
+
+def no_foreground_message(folder, count: int) -> str:
+    """The error when none of `count` pseudo-masks of `folder` has a foreground pixel."""
+    return (f"{folder}: none of the {count} pseudo-masks has a foreground pixel (value 1); "
+            f"masks saved as 0/255 mark every object 'ignore' — write 0/1")
 
 
 def mask_paths(folder: str | Path) -> dict:

@@ -15,14 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from namedmask.config import TrainConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE, train_transform
 from namedmask.data.decode import load_image
-from namedmask.data.pseudo_masks import mask_paths
+from namedmask.data.pseudo_masks import mask_paths, no_foreground_message, read_pseudo_mask
 from namedmask.errors import BadInputError
 from namedmask.runtime import one_thread
 
@@ -68,44 +67,26 @@ def archive_items(archive_path, masks_dir, categories=None, binary: bool = False
     return items, names
 
 
-MASK_VALUES = (0, 1, IGNORE)   # the pseudo-mask schema (namedmask/data/pseudo_masks.py)
-
-
-def _mask_array(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            mode = img.mode
-            mask = np.array(img)
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"{path}: cannot read pseudo-mask ({exc})") from exc
-    if mask.ndim != 2:
-        raise TrainError(f"{path}: pseudo-mask is {mode} ({mask.shape[-1]} channels); it must be a single-channel "
-                         f"PNG of values 0/1 (255 = ignore)")
-    return mask
+def _mask_array(path: Path, check_values: bool = True) -> np.ndarray:
+    return read_pseudo_mask(path, TrainError, check_values)
 
 
 def check_masks(items: list, masks_dir, require_foreground: bool = True) -> None:
-    """Every pseudo-mask read once before the first step: values other than 0, 1 and 255 are
-    an error naming file and value (0/255 masks would train every foreground pixel as
-    'ignore'), and so is a folder whose masks have no foreground at all."""
+    """Every pseudo-mask read once before the first step (data.pseudo_masks.read_pseudo_mask:
+    values other than 0, 1 and 255 are an error naming file and value, since 0/255 masks would
+    train every foreground pixel as 'ignore'); so is a folder whose masks have no foreground."""
     foreground = False
     for item in items:
-        values = np.unique(_mask_array(item.mask))
-        bad = [int(v) for v in values if int(v) not in MASK_VALUES]
-        if bad:
-            raise TrainError(f"{item.mask}: pseudo-mask value {bad[0]} (values {[int(v) for v in values][:6]}); "
-                             f"allowed are 0 = background, 1 = foreground, 255 = ignore")
-        foreground = foreground or bool((values == 1).any())
+        foreground = foreground or bool((_mask_array(item.mask) == 1).any())
     if not foreground and not require_foreground:  # an expert of objects saliency missed: said, not fatal
         log.warning("%s: none of the %d pseudo-masks of this expert has foreground", masks_dir, len(items))
     elif not foreground:
-        raise TrainError(f"{masks_dir}: none of the {len(items)} pseudo-masks has a foreground pixel (value 1); "
-                         f"masks saved as 0/255 mark every object 'ignore' — write 0/1")
+        raise TrainError(no_foreground_message(masks_dir, len(items)))
 
 
 def read_training_label(item: TrainItem, image_size: tuple) -> torch.Tensor:
     """uint8 [H, W]: class id where mask == 1, 0 where 0, 255 where 255."""
-    mask = _mask_array(item.mask)
+    mask = _mask_array(item.mask, check_values=False)  # checked once by check_masks before training
     if mask.shape != tuple(image_size):
         raise TrainError(f"{item.mask}: mask size {mask.shape[::-1]} differs from image {item.image} "
                          f"{tuple(image_size)[::-1]} (width x height); masks must be at native resolution")

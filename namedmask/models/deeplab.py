@@ -256,13 +256,10 @@ def build_model(cfg: ModelConfig, num_classes: int) -> DeepLabV3Plus:
 def save_segmenter(run_dir: str | Path, model: nn.Module, class_names: list, class_ids: list | None = None,
                    extra: dict | None = None) -> None:
     """model.safetensors + model.json (model config, class names and ids)."""
-    from safetensors.torch import save_file
-
     run_dir = Path(run_dir)
     model = getattr(model, "module", model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with io.atomic_path(run_dir / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
+    io.save_safetensors(state, run_dir / WEIGHTS_FILE)
     if isinstance(model, TextDeepLabV3Plus):
         extra = {"head": "text", "embed_dim": model.embed_dim, **getattr(model, "text_meta", {}), **(extra or {})}
     meta = {"format": "namedmask-deeplabv3plus", "model": to_dict(model.cfg), "num_classes": model.num_classes,

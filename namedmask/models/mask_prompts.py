@@ -52,13 +52,11 @@ class MaskPrompts(torch.nn.Module):
         return clip_forward(clip, x, prompts=self.tokens, blank=self.blank_patches(clip, masks))
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
+        """Atomic and byte-identical for equal tokens (io.save_safetensors sorts the metadata)."""
         gh, gw = self.grid
-        with io.atomic_path(path) as tmp:
-            save_file({"tokens": self.tokens.detach().float().cpu().contiguous()}, str(tmp),
-                      metadata={"schema": SCHEMA, "model": self.model_name, "grid": f"{gh},{gw}",
-                                "width": str(self.tokens.shape[2])})
+        io.save_safetensors({"tokens": self.tokens.detach().float().cpu().contiguous()}, path,
+                            metadata={"schema": SCHEMA, "model": self.model_name, "grid": f"{gh},{gw}",
+                                      "width": str(self.tokens.shape[2])})
 
 
 def load_mask_prompts(path: str | Path, clip: Clip) -> MaskPrompts:

@@ -156,7 +156,6 @@ def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple, cache: P
     it was made for the same model, words and templates, and written there otherwise: a large
     vocabulary (the builtin one with the 80 templates: ~600 k prompts) is encoded once."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     key = io.fingerprint({"model": clip.describe(), "words": words, "templates": templates})
     if cache is not None and cache.is_file():
@@ -173,8 +172,7 @@ def ensemble_text_embeddings(clip: Clip, words: list, templates: tuple, cache: P
         start += len(ps)
     text = torch.stack(out)
     if cache is not None:
-        with io.atomic_path(cache) as tmp:
-            save_file({"embeddings": text}, str(tmp), metadata={"fingerprint": key})
+        io.save_safetensors({"embeddings": text}, cache, metadata={"fingerprint": key})
     return text
 
 

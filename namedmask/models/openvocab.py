@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from namedmask.config import TextHeadConfig
+from namedmask.config import TextHeadConfig, ZeroShotConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE
 from namedmask.data.categories import get_category_set
 from namedmask.data.classmap import category_words
 from namedmask.errors import BadInputError
+from namedmask.io import read_user_text
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (OpenVocabSegmenter, TextDeepLabV3Plus, load_backbone_weights,
                                       load_segmenter)
@@ -54,7 +55,10 @@ def zero_shot_segmenter(classes: list, model: str, pretrained: str | None = None
                         short_side: int | None = None, refine: str | None = None, recipe: str = "value",
                         dino=None, dino_weights: str | None = None, device="cpu") -> tuple[MaskClipSegmenter, list]:
     """(segmenter, class names with 'background' first). `classes`: (name, words) pairs.
-    refine "dino": `dino` is a DINO ViT module, or a timm name loaded with `dino_weights`."""
+    refine "dino": `dino` is a DINO ViT module, or a timm name loaded with `dino_weights`.
+    The settings are checked as config.ZeroShotConfig (short side capped like saliency's, ...)."""
+    ZeroShotConfig(model=model, pretrained=pretrained, templates=templates, threshold=threshold,
+                   background=tuple(background), recipe=recipe, short_side=short_side, refine=refine)
     if refine == "dino":
         if dino is None:
             raise OpenVocabError("--refine dino needs --dino (a timm DINO name) and --dino-weights (its file)")
@@ -154,7 +158,8 @@ def _read_words(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise OpenVocabError(f"train.text.distill_vocabulary {path}: no such file (one word a line)")
-    words = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip() and not w.startswith("#")]
+    words = [w.strip() for w in read_user_text(path, OpenVocabError).splitlines()
+             if w.strip() and not w.strip().startswith("#")]
     if not words:
         raise OpenVocabError(f"{path}: no words (one a line)")
     return words

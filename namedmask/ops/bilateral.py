@@ -51,6 +51,11 @@ PRESETS = {
 register_op("bilateral_solve", "bilateral_solver")
 
 
+class KeyRangeError(InputError):
+    """Sigmas so small for the image sizes that the grid's cells overflow its 64-bit keys: a
+    setting to change (larger sigmas, fewer images per call), not a bad input file."""
+
+
 class GridTooLargeError(InputError):
     """One image of a batch would need more than max_vertices grid vertices (the memory bound).
     `index` is its position in the caller's list, so a stage can name the file and go on."""
@@ -64,16 +69,16 @@ def resolve_params(preset: str = "namedmask", sigma_spatial: float | None = None
                    sigma_chroma: float | None = None, lam: float | None = None) -> BilateralParams:
     """The preset's values with every explicitly given one overriding it."""
     if preset not in PRESETS:
-        raise ValueError(f"bilateral_solve: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
+        raise InputError(f"bilateral_solve: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     overrides = {k: float(v) for k, v in (("sigma_spatial", sigma_spatial), ("sigma_luma", sigma_luma),
                                           ("sigma_chroma", sigma_chroma), ("lam", lam)) if v is not None}
     params = replace(PRESETS[preset], **overrides)
     for name in ("sigma_spatial", "sigma_luma", "sigma_chroma"):
         value = getattr(params, name)
         if not value > 0 or value == float("inf"):
-            raise ValueError(f"bilateral_solve: {name} must be a positive finite number, got {value}")
+            raise InputError(f"bilateral_solve: {name} must be a positive finite number, got {value}")
     if not 0 <= params.lam < float("inf"):
-        raise ValueError(f"bilateral_solve: lam must be >= 0 and finite, got {params.lam}")
+        raise InputError(f"bilateral_solve: lam must be >= 0 and finite, got {params.lam}")
     return params
 
 
@@ -209,6 +214,6 @@ def _check_key_range(sizes: torch.Tensor, params: BilateralParams) -> None:
     for r in radix:
         span *= r
     if span >= _KEY_LIMIT:
-        raise ValueError(f"bilateral_solve: the bilateral grid of {len(sizes)} image(s) up to {max_h}x{max_w} with "
+        raise KeyRangeError(f"bilateral_solve: the bilateral grid of {len(sizes)} image(s) up to {max_h}x{max_w} with "
                          f"sigmas {params.sigma_spatial}/{params.sigma_luma}/{params.sigma_chroma} has too many cells "
                          f"for 64-bit keys; use larger sigmas or fewer images per call")

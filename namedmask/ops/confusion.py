@@ -1,6 +1,8 @@
 """confusion_matrix: the dataset-level confusion matrix behind every mIoU we report."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from namedmask.ops.registry import register_op, select
@@ -31,13 +33,26 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if pred.device != target.device:
         raise ValueError(f"confusion_matrix: pred and target must be on the same device, "
                          f"got {pred.device} and {target.device}")
-    if int(num_classes) < 1:
+    num_classes = _integer("num_classes", num_classes)
+    ignore_index = _integer("ignore_index", ignore_index)
+    if num_classes < 1:
         raise ValueError(f"confusion_matrix: num_classes must be >= 1, got {num_classes}")
     _, impl = select("confusion_matrix", backend, pred.device)
     hist = impl(pred, target, int(num_classes), int(ignore_index))
     if int(hist[:, num_classes].sum()) > 0:
         _raise_bad_prediction(pred, target, num_classes, ignore_index)
     return hist[:, :num_classes].contiguous()
+
+
+def _integer(name: str, value) -> int:
+    """An integer argument (a Python or NumPy int, a 0-d integer tensor); 2.7, "3" or True are a
+    TypeError naming it, not a silent int() or an IndexError further on."""
+    if isinstance(value, bool):
+        raise TypeError(f"confusion_matrix: {name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"confusion_matrix: {name} must be an integer, got {value!r}") from None
 
 
 def _raise_bad_prediction(pred, target, num_classes, ignore_index):

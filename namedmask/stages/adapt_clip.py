@@ -36,8 +36,7 @@ from namedmask import io
 from namedmask.config import AdaptConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.decode import ImageDecodeError, load_image
-from namedmask.data.labelmaps import LabelMapError, read_label_map
-from namedmask.data.pseudo_masks import mask_paths
+from namedmask.data.pseudo_masks import mask_paths, no_foreground_message, read_pseudo_mask
 from namedmask.data.vocabulary import Vocabulary, load_vocabulary
 from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
@@ -85,9 +84,9 @@ class RegionFiles:
         image_path, mask_path = self.items[i]
         try:
             image = load_image(image_path)
-            mask = torch.from_numpy(read_label_map(mask_path) == 1)
-        except (ImageDecodeError, LabelMapError) as exc:
+        except ImageDecodeError as exc:
             raise AdaptError(str(exc)) from exc
+        mask = torch.from_numpy(read_pseudo_mask(mask_path, AdaptError) == 1)
         if mask.shape != tuple(image.shape[:2]):
             raise AdaptError(f"{mask_path}: size {tuple(mask.shape)} differs from its image {tuple(image.shape[:2])}")
         c, m = zg.masked_crops(image.permute(2, 0, 1), mask[None], self.size, self.mean)
@@ -108,7 +107,7 @@ def load_regions(archive_path, masks_dir, size: int, mean: tuple) -> RegionFiles
     archive = load_archive(archive_path)
     masks = mask_paths(masks_dir)
     names = sorted(archive.categories, key=archive.categories.get)
-    items, labels, missing = [], [], 0
+    items, labels, missing, read = [], [], 0, 0
     first_category = {}  # an image's category when best_category lacks it: the first archive holding it
     for n in names:
         for e in archive.archives[n]:
@@ -118,16 +117,15 @@ def load_regions(archive_path, masks_dir, size: int, mean: tuple) -> RegionFiles
             missing += 1
             continue
         name = archive.best_category.get(path) or first_category[path]
-        try:
-            empty = not (read_label_map(masks[path]) == 1).any()
-        except LabelMapError as exc:
-            raise AdaptError(str(exc)) from exc
-        if empty:
+        read += 1  # the schema's reader (as train's): 0/255 and foreign values are named, not taken as empty
+        if not (read_pseudo_mask(masks[path], AdaptError) == 1).any():
             continue
         items.append((archive.pool_root / path, masks[path]))
         labels.append(names.index(name))
     if missing:
         log.warning("adapt-clip: %d archive images have no mask in %s (skipped)", missing, masks_dir)
+    if read and not items:
+        raise AdaptError(no_foreground_message(masks_dir, read))
     if len(items) < 2:
         raise AdaptError(f"{masks_dir}: fewer than 2 archive images with a non-empty mask; "
                          f"pass the refined pseudo-mask folder of this archive")
@@ -259,10 +257,8 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, negativ
     tuned = accuracy(clip, regions, val_idx, text, prompts)
     prompts.save(out / PROMPTS_NAME)
     if config.finetune:
-        from safetensors.torch import save_file
-
-        with io.atomic_path(out / "clip_finetuned.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(tmp))
+        io.save_safetensors({k: v.detach().cpu().contiguous() for k, v in clip.model.state_dict().items()},
+                            out / "clip_finetuned.safetensors")
     k = max(1, min(10, len(losses) // 10))
     summary = {"settings": settings, "categories": regions.names, "train": len(train_idx), "val": len(val_idx),
                "val_accuracy_plain": plain, "val_accuracy_prompts": tuned,

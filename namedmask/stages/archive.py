@@ -73,7 +73,7 @@ def build_archive(config: ArchiveConfig, progress: bool = True) -> Archive | Non
 def _build(config: ArchiveConfig, out: Path, categories, templates, rank: int, world: int, progress: bool):
     """The body of build_archive, inside its locked output folder."""
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    root, paths = _list_pool_images(config.pool)
+    root, paths = _list_pool_images(config.pool, exclude=out)  # an --out inside the pool is not pool
     clip = load_clip(config.model, config.pretrained, device)
     embed_dir = out / "embeddings"
     key = _prepare_embeddings_dir(embed_dir, clip, root, paths, config.shard_size, rank == 0)
@@ -106,10 +106,10 @@ def _categories_with_synonyms(categories: str, synonyms_file: str | None) -> Cat
     return dataclasses.replace(cats, synonyms={**cats.synonyms, **extra.synonyms})
 
 
-def _list_pool_images(pool: str | Path) -> tuple[Path, list]:
+def _list_pool_images(pool: str | Path, exclude=None) -> tuple[Path, list]:
     """(absolute root, sorted relative paths) of a folder tree, list file or ImageNet root."""
     try:
-        listing = list_pool_images(pool)
+        listing = list_pool_images(pool, exclude)
     except DatasetError as exc:
         raise ArchiveBuildError(str(exc)) from None
     return listing.root, list(listing)
@@ -180,8 +180,8 @@ def _embed_pool(clip: Clip, root: Path, paths: list, embed_dir: Path, key: str, 
         tensors = {"embeddings": torch.cat(embeddings) if embeddings else torch.zeros(0, clip.embed_dim,
                                                                                       dtype=torch.float16),
                    "indices": torch.tensor(indices, dtype=torch.int64)}
-        with io.atomic_path(embed_dir / _SHARD.format(n)) as tmp:
-            io.save_safetensors(tensors, tmp, metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
+        io.save_safetensors(tensors, embed_dir / _SHARD.format(n),
+                            metadata={"fingerprint": key, "failed": json.dumps(sorted(failed))})
     bar.close()
 
 
@@ -206,8 +206,7 @@ def _text_embeddings(clip: Clip, categories: CategorySet, templates: tuple, cach
         out.append(mean / mean.norm())
         start += len(prompts[n])
     text = torch.stack(out)
-    with io.atomic_path(cache) as tmp:
-        io.save_safetensors({"embeddings": text}, tmp, metadata={"fingerprint": key, "names": json.dumps(names)})
+    io.save_safetensors({"embeddings": text}, cache, metadata={"fingerprint": key, "names": json.dumps(names)})
     return text
 
 

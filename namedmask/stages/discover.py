@@ -10,17 +10,22 @@ and named again.
 Output folder:
   discover.json            the settings (a resumed run must use the same ones)
   text_embeddings.safetensors  vocabulary embeddings (a cache keyed by a fingerprint)
-  labels/<stem>.png        segment ids 1..S (palette PNG), native resolution
-  segments/<stem>.json     per segment: id, name (null = no name: best score < min_score),
+  labels/<name>.png        segment ids 1..S (palette PNG), native resolution; <name>: the image's
+                           path relative to its input folder without the suffix (with it where
+                           stems collide: photo.jpg, photo.png; namedmask.data.image_outputs)
+  segments/<name>.json     per segment: id, name (null = no name: best score < min_score),
                            score, runner-ups [[name, score], ...], area (fraction of the image);
                            and the seconds each step took
-  overlays/<stem>.png      the image tinted per segment, legend "id: name"
+  overlays/<name>.png      the image tinted per segment, legend "id: name"
   segments.json            all images' segments (rewritten at the end of every run)
   report.html              the report section: totals, seconds per step, the names found (how
                            many segments and images), per image its overlay and a table of its
                            segments (rewritten at the end of every run, links are relative)
   summary.png              a contact sheet of the first SHEET_IMAGES overlays, captioned
-Resumable: an image whose labels and segments files exist is skipped; every write is atomic.
+  sources/<name>.json      the input's sha256, written last
+Resumable: an image whose outputs exist and whose source record names the same bytes is skipped
+(another image of the same name is computed again); every write is atomic. Unreadable images do
+not stop the others: listed at the end as one error, or skipped with skip_bad (--skip-bad).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from tqdm.auto import tqdm
 from namedmask import io
 from namedmask.config import DiscoverConfig
 from namedmask.data.categories import voc_palette
-from namedmask.data.decode import ImageDecodeError, collect_images, load_image
+from namedmask.data.image_outputs import ImageOutputs, claim_image_outputs
 from namedmask.data.vocabulary import Vocabulary, load_vocabulary
 from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
@@ -136,55 +141,62 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
     return native, segments, seconds
 
 
+OUTPUTS = {"labels": "labels/{}.png", "segments": "segments/{}.json", "overlays": "overlays/{}.png"}
+# Settings that do not change the results (not compared with an earlier run's).
+RUN_ONLY = ("device", "skip_bad")
+
+
 def discover(inputs, out_dir, config: DiscoverConfig | None = None, *, progress: bool = True,
              models: Models | None = None) -> dict:
-    """Runs discovery on image files / folders `inputs`; returns {"done", "skipped", "segments"}."""
+    """Runs discovery on image files / folders `inputs`; returns {"done", "skipped", "bad", "segments"}.
+    The output folder, the input scan and the output names: namedmask.data.image_outputs."""
     config = config or DiscoverConfig()
-    paths = collect_images(inputs)
-    with io.output_folder(out_dir, "discover", legacy=(CONFIG_NAME,)) as out:  # owned, locked, cleaned
-        return _discover(out, paths, config, progress, models)
+    with claim_image_outputs(out_dir, "discover", inputs, OUTPUTS, legacy=(CONFIG_NAME,),
+                             skip_bad=config.skip_bad) as outs:  # owned, locked, cleaned
+        return _discover(outs, config, progress, models)
 
 
-def _discover(out: Path, paths: list, config: DiscoverConfig, progress: bool, models: Models | None) -> dict:
+def _discover(outs: ImageOutputs, config: DiscoverConfig, progress: bool, models: Models | None) -> dict:
     """The body of discover, inside its locked output folder."""
-    settings = {k: v for k, v in asdict(config).items() if k != "device"}
+    out = outs.out
+    settings = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
     previous = out / CONFIG_NAME
     if previous.is_file() and json.loads(previous.read_text()) != settings:
         raise DiscoverError(f"{out} holds results made with other settings ({previous}); use a new --out folder")
     io.write_json(previous, settings)
-    stems, seen = [], set()
-    for p in paths:
-        stem = p.stem if p.stem not in seen else f"{p.parent.name}_{p.stem}"
-        seen.add(stem)
-        stems.append(stem)
-    todo = [(p, s) for p, s in zip(paths, stems)
-            if not ((out / "labels" / f"{s}.png").is_file() and (out / "segments" / f"{s}.json").is_file())]
+    todo = [item for item in outs.items if not outs.done(item)]
     if todo and models is None:
         models = load_models(config, out / "text_embeddings.safetensors")
-    for path, stem in tqdm(todo, desc="discover", unit="img", disable=not progress):
+    done = 0
+    for item in tqdm(todo, desc="discover", unit="img", disable=not progress):
         t0 = time.perf_counter()
-        try:
-            image = load_image(path)
-        except ImageDecodeError as exc:
-            raise DiscoverError(str(exc)) from exc
+        image = outs.load(item)
+        if image is None:
+            continue
         decode = time.perf_counter() - t0
         with torch.no_grad():
             labels, segments, seconds = discover_image(models, image, config)
         t1 = time.perf_counter()
         label = (labels + 1).to(torch.uint8)
-        io.save_png(out / "labels" / f"{stem}.png", label.numpy(), palette=voc_palette())
+        io.save_png(outs.path("labels", item), label.numpy(), palette=voc_palette())
         legend = [""] + [f"{s['id']}: {s['name'] or '?'}" for s in segments]
-        save_overlay(out / "overlays" / f"{stem}.png", image, label.long(), legend)
+        save_overlay(outs.path("overlays", item), image, label.long(), legend)
         seconds = {"decode": decode, **seconds, "write": time.perf_counter() - t1}
-        io.write_json(out / "segments" / f"{stem}.json",
-                      {"image": str(path), "segments": segments,
+        io.write_json(outs.path("segments", item),
+                      {"image": str(item.path), "segments": segments,
                        "seconds": {k: round(v, 4) for k, v in seconds.items()}})
-    records = {s: json.loads((out / "segments" / f"{s}.json").read_text()) for s in stems}
+        outs.record(item)
+        done += 1
+    bad = {str(p) for p, _ in outs.bad}
+    finished = [item for item in outs.items if str(item.path) not in bad]
+    records = {item.name: json.loads(outs.path("segments", item).read_text()) for item in finished}
     every = {s: r["segments"] for s, r in records.items()}
     io.write_json(out / "segments.json", every)
     write_report(out, records)
-    log.info("discover: %d images done, %d already there; results in %s", len(todo), len(paths) - len(todo), out)
-    return {"done": len(todo), "skipped": len(paths) - len(todo), "segments": every}
+    skipped = len(outs.items) - len(todo)
+    log.info("discover: %d images done, %d already there; results in %s", done, skipped, out)
+    outs.finish(done)
+    return {"done": done, "skipped": skipped, "bad": len(outs.bad), "segments": every}
 
 
 

@@ -11,7 +11,6 @@ from `namedmask adapt-clip`), or the class-row attention mask."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from namedmask import io
+from namedmask.config import TwoStageConfig
 from namedmask.data.categories import get_category_set, voc_palette
 from namedmask.data.classmap import ClassMap
-from namedmask.data.decode import ImageDecodeError, collect_images, load_image
+from namedmask.data.image_outputs import ImageOutputs, claim_image_outputs
 from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import load_clip
@@ -45,47 +45,14 @@ class PredictError(BadInputError):
 PROPOSALS = ("discover", "segmenter")
 
 
-@dataclass
-class TwoStageConfig:
-    """`predict --proposals`: where regions come from and how CLIP names them."""
-    proposals: str                      # discover | segmenter
-    model: str                          # the naming CLIP (open_clip name)
-    pretrained: str | None = None
-    templates: str = "namedmask"
-    background: tuple = ("background",)  # background prompts (empty: threshold only)
-    threshold: float | None = None      # best class probability under which a region is background
-    embed: str = "crop"                 # crop | attention | whole (zero_guidance.EMBED_MODES)
-    mask_prompts: str | None = None     # tokens from `namedmask adapt-clip` (embed crop)
-    context: float = 0.1                # attention embedding: factor on each outside patch
-    mask_layers: int = 3
-    dino: str = "vit_small_patch16_224.dino"  # discover proposals: the DINO ViT
-    dino_weights: str | None = None
-    random_dino: bool = False
-    vit_kwargs: dict | None = None      # timm construction arguments of the DINO ViT (toy models)
-    size: int = 512                     # discover proposals: short side for DINO and the solver
-    k: int = 8
-    min_area: float = 0.01
-    seed: int = 0
-
-    def check(self, run_dir) -> None:
-        if self.proposals not in PROPOSALS:
-            raise PredictError(f"--proposals {self.proposals}: must be one of {', '.join(PROPOSALS)}")
-        if self.proposals == "segmenter" and run_dir is None:
-            raise PredictError("--proposals segmenter takes its regions from a trained segmenter: give --checkpoint RUN")
-        if self.proposals == "discover" and run_dir is not None:
-            raise PredictError("--proposals discover takes no --checkpoint (--proposals segmenter uses its masks)")
-        if self.embed not in zg.EMBED_MODES:
-            raise PredictError(f"--embed {self.embed}: must be one of {', '.join(zg.EMBED_MODES)}")
-        if self.mask_prompts and self.embed != "crop":
-            raise PredictError("--mask-prompts work on masked crops: use --embed crop")
-        if self.mask_prompts and not Path(self.mask_prompts).is_file():
-            raise PredictError(f"--mask-prompts {self.mask_prompts}: no such file (make one with `namedmask adapt-clip`)")
-        if self.threshold is None and not self.background:
-            raise PredictError("no background prompt and no --background-threshold: give one")
-        if self.threshold is not None and not 0 <= self.threshold <= 1:
-            raise PredictError(f"--background-threshold {self.threshold}: must be in [0, 1]")
-        if not 1 <= self.k <= 255 or self.size < 16:
-            raise PredictError(f"--k {self.k} / --size {self.size}: k must be in 1..255 and size at least 16")
+def check_two_stage(config: TwoStageConfig, run_dir) -> None:
+    """What TwoStageConfig cannot check alone (its values are checked when it is built)."""
+    if config.proposals == "segmenter" and run_dir is None:
+        raise PredictError("--proposals segmenter takes its regions from a trained segmenter: give --checkpoint RUN")
+    if config.proposals == "discover" and run_dir is not None:
+        raise PredictError("--proposals discover takes no --checkpoint (--proposals segmenter uses its masks)")
+    if config.mask_prompts and not Path(config.mask_prompts).is_file():
+        raise PredictError(f"--mask-prompts {config.mask_prompts}: no such file (make one with `namedmask adapt-clip`)")
 
 
 class TwoStage:
@@ -120,7 +87,7 @@ class TwoStage:
 
 def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu") -> tuple:
     """(TwoStage labeller, class names with 'background' first). `classes`: (name, words) pairs."""
-    config.check(run_dir)
+    check_two_stage(config, run_dir)
     templates = get_templates(config.templates)
     clip = load_clip(config.model, config.pretrained, device)
     text, bg = class_text(clip, classes, config.background, templates)
@@ -148,15 +115,17 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
             skip_bad: bool = False, text: str | None = None, zero_shot: dict | None = None,
             proposals: TwoStageConfig | None = None) -> list:
     """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
-    Names are the input stems; a stem seen twice gets the parent folder prefixed. Label ids
+    Names are the images' paths relative to their input folders without the suffix (with it
+    where stems collide: photo.jpg, photo.png), see namedmask.data.image_outputs; unreadable
+    images are one error at the end listing them, or with `skip_bad` skipped and listed. Label ids
     are the model's, or with `classes` (a category set or names file) that set's ids, the
     model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
     cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
     arguments of models.openvocab.zero_shot_segmenter), labels those names; with `proposals`
     (and `text`) region proposals named by CLIP do (two-stage, see the module's notes)."""
     out_dir = Path(out_dir)
-    # taken (refused, locked) before the model loads, held for the whole run
-    with io.output_folder(out_dir, "predict"):
+    # taken (refused, locked) and the images found before the model loads, held for the whole run
+    with claim_image_outputs(out_dir, "predict", inputs, OUTPUTS, skip_bad=skip_bad) as outs:
         dev = resolve_device(device)
         if proposals is not None:
             if not text:
@@ -180,35 +149,31 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
                             dataset_words={n: target_set.prompt_words(n) for n in target_set.names})
             names = list(target_set.names)
             log.info("label ids of %s: %s", classes, cmap.describe()["model_to_dataset"])
-        return _predict(label_of, names, cmap, inputs, out_dir, overlays, progress, skip_bad)
+        return _predict(label_of, names, cmap, outs, overlays, progress)
 
 
-def _predict(label_of, names, cmap, inputs, out_dir: Path, overlays: bool, progress: bool, skip_bad: bool) -> list:
+OUTPUTS = {"labels": "labels/{}.png", "overlays": "overlays/{}.png"}
+
+
+def _predict(label_of, names, cmap, outs: ImageOutputs, overlays: bool, progress: bool) -> list:
     """The body of predict, inside its locked output folder."""
-    written, seen, bad = [], set(), []
-    for path in tqdm(collect_images(inputs), desc="predict", unit="img", disable=not progress):
-        stem = path.stem if path.stem not in seen else f"{path.parent.name}_{path.stem}"
-        seen.add(stem)
-        try:
-            image = load_image(path)
-        except ImageDecodeError as exc:
-            if not skip_bad:
-                raise PredictError(f"{exc} (pass --skip-bad to skip unreadable images)") from exc
-            log.warning("skipped %s: %s", path, exc)
-            bad.append(path)
+    written = []
+    for item in tqdm(outs.items, desc="predict", unit="img", disable=not progress):
+        image = outs.load(item)
+        if image is None:
             continue
         label = label_of(image)
         if cmap is not None:
             label = cmap.map_prediction(label)
-        target = io.inside(out_dir, f"labels/{stem}.png")
+        target = outs.path("labels", item)
         if len(names) <= 256:
             io.save_png(target, label.to(torch.uint8).numpy(), palette=voc_palette())
         else:  # more classes than a palette holds (ImageNet-S 919): 16-bit grayscale
             io.save_png(target, label.numpy().astype(np.uint16))
         if overlays:
-            save_overlay(io.inside(out_dir, f"overlays/{stem}.png"), image, label, names)
+            save_overlay(outs.path("overlays", item), image, label, names)
+        outs.record(item)
         written.append(target)
-    log.info("wrote %d label maps to %s", len(written), out_dir / "labels")
-    if bad:
-        log.warning("%d unreadable image(s) skipped: %s", len(bad), ", ".join(map(str, bad)))
+    log.info("wrote %d label maps to %s", len(written), outs.out / "labels")
+    outs.finish(len(written))
     return written

@@ -5,7 +5,9 @@ the suffix, refines each mask and writes `out/<same relative path>.png`: uint8, 
 1 = foreground (the pseudo-mask contract, namedmask/data/pseudo_masks.py). A mask pixel is
 foreground when it is non-zero (0/1, 0/255 and palette masks all work). Resumable: finished
 outputs are skipped, every write is atomic, and `out/refine.json` records the settings so a
-resumed run cannot mix two settings in one folder.
+resumed run cannot mix two settings in one folder; `out/sources/<path>.json` records the sha256
+of each output's image and mask (namedmask.data.image_outputs), so a pair of the same name from
+other folders (or an edited mask) is refined again, never "already done".
 
 When the masks come from a pseudo-mask folder (`namedmask saliency --refine none`: --masks is
 that folder or its masks/ subfolder), `out` becomes a pseudo-mask folder of the same schema
@@ -25,11 +27,12 @@ from tqdm.auto import tqdm
 
 from namedmask import io
 from namedmask.data.decode import IMAGE_SUFFIXES, ImageDecodeError, load_image
+from namedmask.data.image_outputs import file_digest, is_recorded, write_record
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.data.pseudo_masks import SCHEMA_VERSION, load_manifest
 from namedmask.errors import BadInputError, InputError
-from namedmask.ops.bilateral import GridTooLargeError, bilateral_solve_batch, resolve_params
-from namedmask.runtime import check_backend
+from namedmask.ops.bilateral import GridTooLargeError, KeyRangeError, bilateral_solve_batch, resolve_params
+from namedmask.runtime import check_backend, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ def refine_folder(images_dir: str | Path, masks_dir: str | Path, out_dir: str | 
     if not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be in [0, 1], got {threshold}")
     params = resolve_params(preset, sigma_spatial, sigma_luma, sigma_chroma, lam)
+    device = str(resolve_device(device))  # an absent GPU: one line before any work, not a driver traceback
     check_backend("bilateral_solve", backend, device)
     config = {"method": method, "preset": preset, **asdict(params), "threshold": threshold}
     source = pseudo_mask_source(masks_dir)
@@ -113,11 +117,13 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
     report = RefineReport(config=config)
     report.failed = [(stem, f"no image {Path(images_dir) / stem}.* for mask {masks[stem]}")
                      for stem in masks if stem not in images]
-    todo = []
+    todo, sources = [], {}
     for stem in masks:
         if stem not in images:
             continue
-        if io.inside(out_dir, f"{stem}.png").exists() and not overwrite:
+        sources[stem] = {"image": (images[stem], file_digest(images[stem])), "mask": (masks[stem], file_digest(masks[stem]))}
+        # done: the output exists and was refined from these very bytes (not another pair of that name)
+        if io.inside(out_dir, f"{stem}.png").exists() and not overwrite and is_recorded(out_dir, stem, sources[stem]):
             report.skipped_done += 1
         else:
             todo.append(stem)
@@ -135,19 +141,29 @@ def _refine(images, masks, masks_dir, images_dir, out_dir: Path, source, config,
                 bar.update(1)
         if not batch:
             continue
-        outputs = []
-        while batch:  # an image over the solver's memory bound is listed, the rest of its batch solved
-            try:
-                outputs = bilateral_solve_batch([b[1] for b in batch], [b[2] for b in batch], preset=preset,
-                                                sigma_spatial=params.sigma_spatial, sigma_luma=params.sigma_luma,
-                                                sigma_chroma=params.sigma_chroma, lam=params.lam, backend=backend)
-                break
-            except GridTooLargeError as exc:
-                stem = batch.pop(exc.index)[0]
-                report.failed.append((stem, f"{images[stem]}: {exc}"))
-                bar.update(1)
+        def solve(batch):  # -> (batch solved, outputs)
+            while batch:  # an image over the solver's memory bound is listed, the rest of its batch solved
+                try:
+                    return batch, bilateral_solve_batch(
+                        [b[1] for b in batch], [b[2] for b in batch], preset=preset, sigma_spatial=params.sigma_spatial,
+                        sigma_luma=params.sigma_luma, sigma_chroma=params.sigma_chroma, lam=params.lam,
+                        backend=backend)
+                except GridTooLargeError as exc:
+                    stem = batch.pop(exc.index)[0]
+                    report.failed.append((stem, f"{images[stem]}: {exc}"))
+                    bar.update(1)
+                except KeyRangeError:  # the keys of one image fit where a batch's do not: halve it
+                    if len(batch) == 1:
+                        raise  # the sigmas themselves: one error line, nothing of this batch written
+                    half = len(batch) // 2
+                    (a, out_a), (b, out_b) = solve(batch[:half]), solve(batch[half:])
+                    return a + b, out_a + out_b
+            return [], []
+
+        batch, outputs = solve(batch)
         for (stem, _, _), soft in zip(batch, outputs):
             io.save_png(io.inside(out_dir, f"{stem}.png"), (soft > threshold).to(torch.uint8).cpu().numpy().astype(np.uint8))
+            write_record(out_dir, stem, sources[stem])
             report.refined += 1
             bar.update(1)
     bar.close()

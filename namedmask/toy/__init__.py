@@ -11,7 +11,10 @@ tiny DINO trained on it, cached per seed under <out>/seed-<N>/:
     run.yaml                 a `namedmask run` config of the whole pipeline on this world
 
 Every step is skipped when its output exists with the same settings, and the two trainings
-resume from their last saved step when interrupted."""
+resume from their last saved step when interrupted. <out>/seed-<N> is taken like every stage's
+output folder (namedmask.io.output_folder: a folder of other files, or one symlinked out of
+<out>, is refused; one writer at a time; a killed run's temporaries are removed).
+`dino={"steps": 0}` trains no DINO: run.yaml then runs saliency on the CLIP tower."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 
 from namedmask import io
+from namedmask.config import ConfigError, _check
 from namedmask.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -42,6 +46,19 @@ class ToyWorldConfig:
     # models everywhere; --threads / $NAMEDMASK_THREADS win over it (recorded in clip|dino/train.json)
     threads: int = 2
 
+    def __post_init__(self):
+        if self.size not in ("full", "ci"):
+            raise ConfigError(f"size must be full or ci, got {self.size!r}")
+        _check(self, seed=(0, 2 ** 32 - 1), threads=(1, None))
+        for model, lowest, what in (("clip", 1, "an untrained CLIP is no model"), ("dino", 0, "0 = no DINO")):
+            steps = getattr(self, model).get("steps")
+            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < lowest):
+                raise ConfigError(f"{model} steps must be an integer >= {lowest} ({what}), got {steps!r}")
+
+    @property
+    def trains_dino(self) -> bool:
+        return self.dino.get("steps", 1) > 0
+
 
 def seed_dir(out: str | Path, seed: int) -> Path:
     return Path(out) / f"seed-{seed}"
@@ -57,15 +74,16 @@ def build_toy_world(cfg: ToyWorldConfig, progress: bool = True) -> Path:
 
     threads = configure_threads(cfg.threads)  # an explicit setting (default 2): the same bits on every machine
     log.info("toy world: %d torch threads (%s)", threads["intra_op"], threads["source"])
-    root = seed_dir(cfg.out, cfg.seed)
-    world = write_world(root / "world", cfg.seed, cfg.size, progress)
-    pairs = read_captions(world)
-    clip_file = train_clip(pairs, root / "clip", ClipTrainConfig(**{"seed": cfg.seed, **cfg.clip}), progress)
-    clip_tower_to_dino_layout(clip_file, root / "clip_tower" / "dino_layout.pth")
-    if cfg.dino.get("steps", 1) > 0:
-        train_dino(load_images([p for p, _ in pairs]), root / "dino",
-                   DinoTrainConfig(**{"seed": cfg.seed, **cfg.dino}), progress)
-    write_run_config(root)
+    root = io.inside(cfg.out, seed_dir(".", cfg.seed))  # OUT/seed-N symlinked out of OUT: refused
+    with io.output_folder(root, "toy-world", legacy=("run.yaml", "world/world.json")):  # owned, locked, cleaned
+        world = write_world(root / "world", cfg.seed, cfg.size, progress)
+        pairs = read_captions(world)
+        clip_file = train_clip(pairs, root / "clip", ClipTrainConfig(**{"seed": cfg.seed, **cfg.clip}), progress)
+        clip_tower_to_dino_layout(clip_file, root / "clip_tower" / "dino_layout.pth")
+        if cfg.trains_dino:
+            train_dino(load_images([p for p, _ in pairs]), root / "dino",
+                       DinoTrainConfig(**{"seed": cfg.seed, **cfg.dino}), progress)
+        write_run_config(root, "dino" if cfg.trains_dino else "clip_tower")
     return root
 
 
@@ -98,8 +116,9 @@ def saliency_settings(root: Path, backbone: str = "clip_tower") -> dict:
     raise InputError(f"backbone must be dino or clip_tower, got {backbone!r}")
 
 
-def write_run_config(root: Path) -> Path:
-    """<root>/run.yaml: `namedmask run --config <root>/run.yaml` runs NamedMask on this world."""
+def write_run_config(root: Path, backbone: str | None = None) -> Path:
+    """<root>/run.yaml: `namedmask run --config <root>/run.yaml` runs NamedMask on this world;
+    saliency on `backbone` (dino | clip_tower; None: the one demo.yaml names)."""
     import yaml
     from importlib import resources
 
@@ -108,7 +127,8 @@ def write_run_config(root: Path) -> Path:
     cfg.update(out=str(root.resolve() / "run"), pool=str(world / "pool"), categories=str(world / "categories.txt"),
                eval_root=str(world / "eval" / "multi"))
     cfg["archive"]["pretrained"] = str(root.resolve() / "clip" / "nm-toy.pt")
-    backbone = "dino" if "dino" in Path(cfg["saliency"]["dino_weights"]).parts else "clip_tower"
+    if backbone is None:
+        backbone = "dino" if "dino" in Path(cfg["saliency"]["dino_weights"]).parts else "clip_tower"
     cfg["saliency"].update(saliency_settings(root.resolve(), backbone))
     io.write_text(root / "run.yaml", yaml.safe_dump(cfg, sort_keys=False))
     return root / "run.yaml"
