@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.torch-installed: | $(BIN)/python
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install $(TORCH_SPEC) setuptools wheel ninja
+	$(BIN)/python -m pip install $(TORCH_SPEC) "setuptools>=77" wheel ninja
 	touch $@
 
 $(STAMP): $(VENV)/.torch-installed $(NATIVE)
