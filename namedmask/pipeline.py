@@ -25,6 +25,7 @@ from namedmask.data.archive import load_archive
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import write_dataset
 from namedmask.errors import NamedMaskError
+from namedmask.models.provenance import describe as describe_provenance
 from namedmask.report import build_report, iou_bar_chart
 from namedmask.stages.archive import build_archive
 from namedmask.stages.evaluate import evaluate_checkpoint, write_report
@@ -98,6 +99,15 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
             eval_dataset=cfg.eval_dataset or "folder", eval_root=cfg.eval_root or str(data / "eval"),
             predict_images=cfg.predict_images or [str(p) for p in sorted((data / "eval" / "images").glob("*.jpg"))[:3]])
     io.write_text(run / "config.yaml", dump_yaml(cfg))
+    if "archive" in cfg.stages:
+        if not cfg.pool:
+            raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
+        if not Path(cfg.pool).exists():
+            hint = ("; build the toy world first: namedmask toy-world --out runs/toy (make demo does)"
+                    if "/world/pool" in Path(cfg.pool).as_posix() else "")
+            raise PipelineError(f"{cfg.pool}: pool not found{hint}")
+    check_weights(cfg, run)
+    categories = categories_file(cfg.categories, run)
     warnings = _weight_warnings(cfg)
     for w in warnings:
         log.warning("\n%s\n%s\n%s", "!" * 100, w, "!" * 100)
@@ -106,13 +116,7 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
     masks = run / "saliency"
 
     if "archive" in cfg.stages:
-        if not cfg.pool:
-            raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
-        if not Path(cfg.pool).exists():
-            hint = ("; build the toy world first: namedmask toy-world --out runs/toy (make demo does)"
-                    if "/world/pool" in Path(cfg.pool).as_posix() else "")
-            raise PipelineError(f"{cfg.pool}: pool not found{hint}")
-        acfg = dataclasses.replace(cfg.archive, pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"))
+        acfg = dataclasses.replace(cfg.archive, pool=cfg.pool, categories=categories, out=str(run / "archive"))
         stages.run("archive", dataclasses.asdict(acfg), lambda: build_archive(acfg, progress=progress),
                    archive_json)
 
@@ -165,7 +169,61 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
 
     facts = {"run directory": run, "stages run now": ", ".join(stages.ran) or "none (all done before)",
              "stages skipped (already done)": ", ".join(stages.skipped) or "none"}
+    if (train_dir / "model.json").is_file():
+        meta = json.loads((train_dir / "model.json").read_text())
+        facts["model provenance (train/model.json)"] = describe_provenance(meta)
     return build_report(run, title=f"namedmask run: {run.name}", warnings=warnings, facts=facts)
+
+
+PRESETS = ("cpu", "gpu", "paper")   # namedmask/configs/<preset>.yaml
+
+
+def categories_file(categories: str, run: Path) -> str:
+    """The archive's category argument: a built-in set or a names file as given, or inline text
+    ("dog, cat|kitten, traffic light": classes by commas, synonyms by '|') written as
+    <run>/categories.txt."""
+    from namedmask.data.categories import BUILTIN
+    from namedmask.models.maskclip import parse_text_classes
+
+    if categories in BUILTIN or Path(categories).is_file():
+        return categories
+    if "," not in categories and "|" not in categories:
+        raise PipelineError(f"categories {categories!r}: not a built-in set ({', '.join(sorted(BUILTIN))}) nor a "
+                            f"file; to list names write them comma-separated: --categories \"dog, cat|kitten\"")
+    try:
+        classes = parse_text_classes(categories)
+    except NamedMaskError as exc:
+        raise PipelineError(f"categories: {exc}") from None
+    text = "".join(f"{ws[0]}" + (f" | {', '.join(ws[1:])}" if len(ws) > 1 else "") + "\n" for ws in classes)
+    path = run / "categories.txt"
+    if not path.is_file() or path.read_text() != text:
+        io.write_text(path, text)
+    return str(path)
+
+
+def check_weights(cfg: RunConfig, run: Path) -> None:
+    """Before any stage: every model the stages still to run need is present (or may be
+    downloaded now); otherwise one line saying which file, where to get it and which key takes
+    it. A missing optional backbone is a warning."""
+    from namedmask.models.weights import offline_reason, run_weights
+
+    done = {p.stem for p in (run / ".stages").glob("*.json")}
+    stage_of = {"CLIP": "archive", "DINO": "saliency", "SelfMask": "saliency"}
+    for w in run_weights(cfg):
+        if w.ok or stage_of.get(w.role, "train") in done:
+            continue
+        if not w.required:
+            log.warning(w.line())
+            continue
+        if w.status == "missing" and w.url:
+            from urllib.parse import urlparse
+
+            why = offline_reason(urlparse(w.url).hostname)
+            if why is None:
+                log.info("%s %s is not cached: it will be downloaded", w.role, w.model)
+                continue
+            raise PipelineError(w.line(why))
+        raise PipelineError(w.line())
 
 
 def _fingerprint_file(path: Path) -> str | None:

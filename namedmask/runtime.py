@@ -93,3 +93,54 @@ def init_distributed() -> tuple[int, int, bool]:
     # Ranks wait at the barrier until the slowest finishes embedding: allow a long time.
     dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
     return dist.get_rank(), dist.get_world_size(), True
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1 h 02 min', 95 -> '1 min 35 s', 7.2 -> '7.2 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class Eta:
+    """Logs, once, how long the rest of a long loop will take, measured over its first steps
+    (after a warm-up step, which pays for lazy initialisation): `step(done)` after each one."""
+
+    def __init__(self, log, what: str, total: int, start: int = 0, warmup: int = 1, measure: int = 5,
+                 unit: str = "iterations"):
+        import time
+
+        self.log, self.what, self.total, self.unit = log, what, total, unit
+        self.first, self.last = start + warmup, start + warmup + measure
+        self.clock, self.t0 = time.perf_counter, None
+        self.done = self.total - start <= warmup + measure  # too short to be worth a line
+
+    def step(self, done: int) -> None:
+        if self.done:
+            return
+        if done == self.first:
+            self.t0 = self.clock()
+        elif done == self.last and self.t0 is not None:
+            per = (self.clock() - self.t0) / (self.last - self.first)
+            left = self.total - done
+            self.log.info("%s: %.2f s per step over steps %d-%d -> about %s for the remaining %d %s", self.what, per,
+                          self.first + 1, self.last, format_duration(per * left), left, self.unit)
+            self.done = True
+
+
+def offline_reason(host: str | None) -> str | None:
+    """Why nothing can be downloaded from `host` (HF_HUB_OFFLINE set, or no connection), else
+    None; a missing model file then fails at once instead of after a minute of hub retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    host = host or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        return f"{host} is unreachable: {exc}"
+    return None

@@ -109,7 +109,7 @@ def test_no_import_cycle_in_the_package():
 
 
 # Lower layers never import higher ones (a module of layer i imports only layers >= i).
-LAYERS = [("namedmask.cli", "namedmask.__main__"), ("namedmask.pipeline",), ("namedmask.stages",),
+LAYERS = [("namedmask.cli", "namedmask.__main__"), ("namedmask.pipeline", "namedmask.api"), ("namedmask.stages",),
           ("namedmask.models", "namedmask.data", "namedmask.ops", "namedmask.runtime", "namedmask.report",
            "namedmask.kernels", "namedmask._native", "namedmask.envinfo"),
           ("namedmask.config", "namedmask.io", "namedmask.errors")]

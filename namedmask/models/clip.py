@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from namedmask.errors import InputError, NamedMaskError
+from namedmask.runtime import offline_reason as _offline_reason
 
 log = logging.getLogger(__name__)
 
@@ -155,12 +155,14 @@ def _cached_or_downloaded(name: str, tag: str, tag_cfg: dict) -> str:
             f"CLIP weights {name}/{tag} are not in the local cache and cannot be downloaded ({why}). "
             f"Download them where there is network ({source}), copy the file here and pass "
             f"--pretrained /path/to/file (an open_clip state dict: .bin, .pt or .safetensors)"
-            + (f" with --model {name}-quickgelu" if tag_cfg.get("quick_gelu") else "") + ".")
+            + (f" with --model {name}-quickgelu" if tag_cfg.get("quick_gelu") else "")
+            + f"; in namedmask run: --set archive.pretrained=FILE"
+            + (f" --set archive.model={name}-quickgelu" if tag_cfg.get("quick_gelu") else "") + ".")
     try:
         return open_clip.download_pretrained(tag_cfg)
     except Exception as exc:  # network errors come in many types
         raise WeightsUnavailableError(f"downloading CLIP weights {name}/{tag} from {source} failed ({exc}); "
-                                      f"pass a local file with --pretrained PATH") from exc
+                                      f"pass a local file with --pretrained PATH (namedmask run: --set archive.pretrained=FILE)") from exc
 
 
 def _cached_weights(tag_cfg: dict) -> str | None:
@@ -182,14 +184,4 @@ def _cached_weights(tag_cfg: dict) -> str | None:
         path = Path("~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
         if path.is_file():
             return str(path)
-    return None
-
-
-def _offline_reason(host: str | None) -> str | None:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as exc:
-        return f"{host} is unreachable: {exc}"
     return None

@@ -17,6 +17,7 @@ from namedmask.data.decode import load_image
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
 from namedmask.errors import InputError, NamedMaskError
 from namedmask.models.deeplab import load_segmenter
+from namedmask.models.provenance import WorldCheck
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import check_backend, resolve_device
@@ -203,6 +204,7 @@ def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, 
     dev = resolve_device(device)
     model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
     labeled_set = open_eval_set(dataset, root, split)
+    WorldCheck(meta, str(run_dir), log)(root)   # a toy / random-weight model on another world: warned once
     # fp32 as the official evaluation: bf16 logits can flip the argmax of near-ties
     return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=False,
                           max_images=max_images, progress=progress, backend=backend,

@@ -33,7 +33,8 @@ from namedmask.models.prompts import get_templates
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
-from namedmask.stages.openvocab import open_segmenter, text_classes
+from namedmask.models.provenance import WorldCheck
+from namedmask.stages.openvocab import build_segmenter, text_classes
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +162,16 @@ def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu")
 def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = True,
             progress: bool = True, classes: str | None = None, ignore_unmapped: bool = False,
             skip_bad: bool = False, text: str | None = None, zero_shot: dict | None = None,
-            proposals: TwoStageConfig | None = None) -> list:
+            proposals: TwoStageConfig | None = None, categories=None) -> list:
     """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
     Names are the input stems; a stem seen twice gets the parent folder prefixed. Label ids
     are the model's, or with `classes` (a category set or names file) that set's ids, the
     model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
     cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
     arguments of stages.openvocab.zero_shot_segmenter), labels those names; with `proposals`
-    (and `text`) region proposals named by CLIP do (two-stage, see the module's notes)."""
+    (and `text`) region proposals named by CLIP do (two-stage, see the module's notes). `run_dir`
+    may also be an official NamedMask final_model.pt, with `categories` (its training classes).
+    A toy or random-weight model warns once when it labels images from outside its world."""
     out_dir = Path(out_dir)
     # taken (refused, locked) before the model loads, held for the whole run
     with io.output_folder(out_dir, "predict"):
@@ -176,17 +179,17 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
         if proposals is not None:
             if not text:
                 raise PredictError("--proposals names regions among classes: give them with --text \"a, b|synonym\"")
-            label_of, names = two_stage(proposals, text_classes(text), run_dir, dev)
-        else:
-            if text or zero_shot is not None:
-                model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
-                                              zero_shot=zero_shot, classes=text_classes(text) if text else None,
-                                              device=dev)
-            else:
-                model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
-                names = meta["class_names"]
+            labeller, names = two_stage(proposals, text_classes(text), run_dir, dev)
 
-            def label_of(image):
+            def label_of(image, path=None):
+                return labeller(image)
+        else:
+            model, names, meta = build_segmenter(run_dir, categories=categories, zero_shot=zero_shot, text=text,
+                                                 device=dev)
+            world = WorldCheck(meta, str(run_dir), log)
+
+            def label_of(image, path=None):
+                world(path)
                 return predict_label(model, image, dev, amp=dev.type == "cuda")
         cmap = None
         if classes:
@@ -212,7 +215,7 @@ def _predict(label_of, names, cmap, inputs, out_dir: Path, overlays: bool, progr
             log.warning("skipped %s: %s", path, exc)
             bad.append(path)
             continue
-        label = label_of(image)
+        label = label_of(image, path)
         if cmap is not None:
             label = cmap.map_prediction(label)
         target = io.inside(out_dir, f"labels/{stem}.png")
