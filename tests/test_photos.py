@@ -161,6 +161,8 @@ def test_inline_categories_and_presets_need_no_yaml_or_imagenet(tmp_path, monkey
     from namedmask.pipeline import PipelineError, categories_file, load_run_config
 
     monkeypatch.delenv("IMAGENET_TRAIN", raising=False)
+    for var in ("VOC_ROOT", "SELFMASK_CHECKPOINT", "DINO_RESNET50"):  # still needed by the voc config
+        monkeypatch.setenv(var, str(tmp_path))
     cfg = load_run_config("voc", {"pool": str(tmp_path)})     # --pool replaces $IMAGENET_TRAIN
     assert cfg.pool == str(tmp_path)
     for preset, model, k in (("cpu", "ViT-B-16", 50), ("gpu", "ViT-L-14-336", 500), ("paper", "ViT-L-14-336", 500)):
