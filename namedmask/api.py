@@ -42,12 +42,14 @@ class ImageInputError(NamedMaskError, TypeError):
     """An input predict cannot read as an image; the message says what it takes."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Result:
     """One image's segmentation. `labels`: H x W class ids (uint8 up to 256 classes, else
     int32); `scores`: float32 C x H x W per-class probabilities; `class_names[i]` names id i
     (0 = background); `palette`: C x 3 uint8 colours of the label PNG and the overlay.
-    Behaves as its label array (`np.asarray(result)`, `result[y, x]`, `result.shape`)."""
+    Behaves as its label array where it reads it (`np.asarray(result)`, `result[y, x]`,
+    `result.shape`, `result.flat`, as `predict` returned a bare array before); compute on
+    `result.labels`."""
     labels: np.ndarray
     scores: np.ndarray
     class_names: list
@@ -92,6 +94,11 @@ class Result:
 
     def __getitem__(self, key):
         return self.labels[key]
+
+    def __getattr__(self, name):  # the label array's own attributes (flat, max, tolist, ...)
+        if name.startswith("__") or name == "labels":
+            raise AttributeError(name)
+        return getattr(self.labels, name)
 
     @property
     def shape(self) -> tuple:
