@@ -536,6 +536,21 @@ def _default_preset() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
+def _default_preset_light() -> str:
+    """_default_preset without importing torch: a GPU is what `nvidia-smi -L` lists."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "cpu"
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    return "gpu" if "GPU" in listed else "cpu"
+
+
 def _run_preset(config, pool, categories, preset, out, values: dict):
     """The config `run` loads for --pool/--categories/--preset (their values go into `values`)."""
     if preset and config:
@@ -574,17 +589,18 @@ def _run_preset(config, pool, categories, preset, out, values: dict):
 def weights(preset, config, overrides) -> None:
     """Every pretrained model a run needs: present (and where), or missing (where namedmask looked,
     the URL, and the option or config key that takes the file). Exit code 1 when one is missing."""
-    from namedmask.config import parse_overrides
-    from namedmask.models.weights import offline_reason, run_weights
-    from namedmask.pipeline import load_run_config
+    import os
+
+    from namedmask.config import RunConfig, load_config, parse_overrides
+    from namedmask.models.weights import run_weights
 
     if preset and config:
         raise click.UsageError("give --preset or --config, not both")
     values = parse_overrides(overrides)
     for key in ("pool", "eval_root"):  # a dataset config's $IMAGENET_TRAIN / $VOC_ROOT: not needed to list weights
         values.setdefault(key, ".")
-    cfg = load_run_config(config or preset or _default_preset(), values)
-    import os
+    # no torch, open_clip or timm imports for the presets' models: this answers in about a second
+    cfg = load_config(RunConfig, config or preset or _default_preset_light(), values)
 
     offline = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
         else None

@@ -280,3 +280,36 @@ def test_dino_without_weights_offline_is_one_fast_line(tmp_path, monkeypatch):
     message = str(info.value)
     assert "\n" not in message and "--dino-weights FILE" in message and "saliency.dino_weights=FILE" in message
     assert "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth" in message
+
+
+def test_known_weights_tables_match_open_clip_and_timm():
+    """`namedmask weights` answers without importing open_clip or timm for the presets' models:
+    its tables must say what those libraries say."""
+    import open_clip
+    import timm
+
+    from namedmask.models import weights
+
+    assert (weights.OPEN_CLIP_WEIGHTS, weights.OPEN_CLIP_SAFE_WEIGHTS) == (
+        open_clip.constants.HF_WEIGHTS_NAME, open_clip.constants.HF_SAFE_WEIGHTS_NAME)
+    for (name, tag), known in weights.KNOWN_CLIP.items():
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        assert {k: cfg.get(k) for k in known} == known
+    for name, known in weights.KNOWN_DINO.items():
+        cfg = timm.models.get_pretrained_cfg(name).to_dict()
+        assert {k: cfg.get(k) for k in known} == known and cfg.get("hf_hub_filename") is None
+
+
+def test_weights_lists_without_torch(tmp_path):
+    """The listing imports no torch (the reason it takes about a second)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from namedmask.cli import main; sys.argv = ['namedmask', 'weights', '--preset', 'cpu']\n"
+            "try:\n    main()\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch imported'")
+    env = {"HF_HUB_OFFLINE": "1", "HOME": str(tmp_path), "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "TORCH_HOME": str(tmp_path / "t"), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("missing") == 3

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from namedmask.runtime import offline_reason  # noqa: F401  (re-exported: dino, pipeline)
+from namedmask.io import offline_reason  # noqa: F401  (re-exported: dino, pipeline)
 
 # torch.hub names of the DINO ViTs -> timm names
 ALIASES = {"dino_vits16": "vit_small_patch16_224.dino", "dino_vits8": "vit_small_patch8_224.dino",
@@ -29,6 +29,18 @@ DINO_URLS = {
     "vit_base_patch16_224.dino": "https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
     "vit_base_patch8_224.dino": "https://dl.fbaipublicfiles.com/dino/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
 }
+# What open_clip and timm say about the models the presets use (checked against them by
+# tests/test_photos.py), so `namedmask weights` answers without importing torch, open_clip or timm.
+OPEN_CLIP_WEIGHTS, OPEN_CLIP_SAFE_WEIGHTS = "open_clip_pytorch_model.bin", "open_clip_model.safetensors"
+KNOWN_CLIP = {
+    ("ViT-B-16", "openai"): {
+        "url": "https://openaipublic.azureedge.net/clip/models/5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb"
+               "61988df416f/ViT-B-16.pt", "hf_hub": "timm/vit_base_patch16_clip_224.openai/", "quick_gelu": True},
+    ("ViT-L-14-336", "openai"): {
+        "url": "https://openaipublic.azureedge.net/clip/models/3035c92b350959924f9f00213499208652fc7ea050643e8b385c2"
+               "dac08641f02/ViT-L-14-336px.pt", "hf_hub": "timm/vit_large_patch14_clip_336.openai/", "quick_gelu": True},
+}
+KNOWN_DINO = {name: {"hf_hub_id": f"timm/{name}", "url": url} for name, url in DINO_URLS.items()}
 DINO_RESNET50_URL = "https://dl.fbaipublicfiles.com/dino/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"
 SELFMASK_URL = "https://github.com/NoelShin/selfmask/releases/download/v1.0.0/selfmask_nq20.pt"
 # Small timm backbones of the cpu preset: torchvision's ImageNet weights share timm's key layout.
@@ -74,10 +86,65 @@ class Weights:
                        f"(or {self.flag}){optional}")
 
 
+TINY_MODEL = "nm-tiny"   # a tiny CLIP config (open_clip_configs/) for tests and smoke runs
+_CONFIG_DIR = Path(__file__).with_name("open_clip_configs")
+
+
+def register_configs() -> None:
+    """Makes namedmask's model configs (nm-tiny, nm-toy) known to open_clip."""
+    import open_clip
+
+    if TINY_MODEL not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR)
+
+
+def default_pretrained(name: str) -> str:
+    """What --pretrained means when not given: OpenAI weights where they exist, random for nm-tiny."""
+    import open_clip
+
+    from namedmask.errors import InputError
+
+    if "openai" in open_clip.list_pretrained_tags_by_model(name):
+        return "openai"
+    if name == TINY_MODEL:
+        return "random"
+    raise InputError(f"CLIP model {name!r} has no 'openai' weights; pass --pretrained with one of "
+                     f"{open_clip.list_pretrained_tags_by_model(name)}, a checkpoint file, or 'random'")
+
+
 def hub_cache() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
+
+
+def clip_tag_cfg(name: str, tag: str) -> dict:
+    """open_clip's pretrained config of a tag (the known ones without importing open_clip)."""
+    if (name, tag) in KNOWN_CLIP:
+        return dict(KNOWN_CLIP[(name, tag)])
+    import open_clip
+
+    register_configs()
+    return open_clip.get_pretrained_cfg(name, tag) if name in open_clip.list_models() else {}
+
+
+def cached_clip_weights(tag_cfg: dict) -> str | None:
+    """The weights file of an open_clip pretrained tag if it is already on disk (no network):
+    its `file`, the HF hub cache (safetensors first), or open_clip's URL cache (~/.cache/clip)."""
+    if tag_cfg.get("file"):
+        return tag_cfg["file"]
+    if tag_cfg.get("hf_hub"):
+        repo, filename = os.path.split(tag_cfg["hf_hub"])
+        filename = filename or OPEN_CLIP_WEIGHTS
+        names = ([OPEN_CLIP_SAFE_WEIGHTS] if filename == OPEN_CLIP_WEIGHTS else []) + [filename]
+        found = _hub_file(repo, names)
+        if found:
+            return found
+    if tag_cfg.get("url"):
+        path = Path("~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
+        if path.is_file():
+            return str(path)
+    return None
 
 
 def torch_hub_checkpoints() -> Path:
@@ -104,30 +171,29 @@ def _short(path: Path) -> str:
 
 def clip_weights(name: str, pretrained: str | None) -> Weights:
     """The CLIP of stage (A): an open_clip name and tag / file / 'random'."""
-    import open_clip
-
-    from namedmask.models.clip import RANDOM, _cached_weights, default_pretrained, register_configs
-
-    register_configs()
     key, flag = "archive.pretrained", "build-archive --pretrained FILE"
-    try:
-        pretrained = pretrained or default_pretrained(name)
-    except Exception:
-        pretrained = pretrained or "?"
-    label = f"{name}/{pretrained}" if not Path(str(pretrained)).suffix else name
-    if pretrained == RANDOM:
+    if not pretrained:  # models.clip.default_pretrained: OpenAI weights where they exist
+        if (name, "openai") in KNOWN_CLIP:
+            pretrained = "openai"
+        else:
+            try:
+                pretrained = default_pretrained(name)
+            except Exception:
+                pretrained = "?"
+    label = f"{name}/{pretrained}"
+    if pretrained == "random":
         return Weights("CLIP", label, "random", key, flag)
     if Path(pretrained).suffix or os.sep in str(pretrained):
         p = Path(pretrained)
         return Weights("CLIP", name, "present" if p.is_file() else "local file missing", key, flag, path=str(p))
-    tag = open_clip.get_pretrained_cfg(name, pretrained) if name in open_clip.list_models() else {}
+    tag = clip_tag_cfg(name, pretrained)
     looked = [_short(hub_cache()), "~/.cache/clip"]
     if not tag:
         return Weights("CLIP", label, "missing", key, flag, looked=looked)
-    cached = _cached_weights(tag)
+    cached = cached_clip_weights(tag)
     if tag.get("hf_hub"):
         repo, filename = os.path.split(tag["hf_hub"])
-        url = f"https://huggingface.co/{repo}/resolve/main/{filename or open_clip.constants.HF_WEIGHTS_NAME}"
+        url = f"https://huggingface.co/{repo}/resolve/main/{filename or OPEN_CLIP_WEIGHTS}"
     else:
         url = tag.get("url")
     # open_clip builds OpenAI weights with QuickGELU from the tag; from a file only as NAME-quickgelu
@@ -153,15 +219,17 @@ def dino_weights(name: str, path: str | None, random_weights: bool = False, *, k
 
 def dino_cached(name: str) -> tuple[str | None, str | None]:
     """(cached weights file of timm's pretrained `name`, its download URL) without network."""
-    import timm
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(name)
-    except Exception:
-        cfg = None
+    cfg = KNOWN_DINO.get(name)
     if cfg is None:
-        return None, DINO_URLS.get(name)
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+        import timm
+
+        try:
+            cfg = timm.models.get_pretrained_cfg(name)
+        except Exception:
+            cfg = None
+        if cfg is None:
+            return None, DINO_URLS.get(name)
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     repo = cfg.get("hf_hub_id")
     if repo:
         found = _hub_file(repo, [cfg.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin"])
