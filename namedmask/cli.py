@@ -510,7 +510,7 @@ def _run_experts(archive, masks, out, groups, embeddings, config_path, overrides
 @click.option("--preset", type=click.Choice(["cpu", "gpu", "paper"]), default=None,
               help="Built-in settings for --pool (namedmask/configs/<preset>.yaml, docs/your-photos.md): cpu = about an "
                    "hour on a laptop for a few hundred photos, gpu = about a day on one GPU, paper = NamedMask's "
-                   "protocol  [default: gpu when a GPU is present, else cpu].")
+                   "protocol  [default: gpu when nvidia-smi lists a GPU, else cpu].")
 @click.option("--out", default=None, help="Run directory (overrides the config's 'out').")
 @click.option("--stages", default=None, help="Comma-separated subset of: archive,saliency,experts,train,eval,predict.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
@@ -518,7 +518,6 @@ def _run_experts(archive, masks, out, groups, embeddings, config_path, overrides
 def run(config, pool, categories, preset, out, stages, overrides) -> None:
     """The whole pipeline into one run directory, each stage resumable; writes index.html."""
     from namedmask.config import parse_overrides
-    from namedmask.pipeline import load_run_config, run_pipeline
 
     values = parse_overrides(overrides)
     config = _run_preset(config, pool, categories, preset, out, values)
@@ -526,18 +525,20 @@ def run(config, pool, categories, preset, out, stages, overrides) -> None:
         values["out"] = out
     if stages:
         values["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
+    if pool is not None:  # your photos: a missing weights file is one line at once, before the stages load
+        from namedmask.config import RunConfig, load_config
+        from namedmask.models.weights import check_run
+
+        cfg = load_config(RunConfig, config, values)
+        check_run(cfg, Path(cfg.out))
+    from namedmask.pipeline import load_run_config, run_pipeline
+
     report = run_pipeline(load_run_config(config, values))
     click.echo(f"report: {report}")
 
 
 def _default_preset() -> str:
-    import torch
-
-    return "gpu" if torch.cuda.is_available() else "cpu"
-
-
-def _default_preset_light() -> str:
-    """_default_preset without importing torch: a GPU is what `nvidia-smi -L` lists."""
+    """gpu when `nvidia-smi -L` lists a GPU, else cpu (no torch import: `weights` stays fast)."""
     import shutil
     import subprocess
 
@@ -582,7 +583,7 @@ def _run_preset(config, pool, categories, preset, out, values: dict):
 
 @cli.command()
 @click.option("--preset", type=click.Choice(["cpu", "gpu", "paper"]), default=None,
-              help="The preset whose models to list [default: gpu when a GPU is present, else cpu].")
+              help="The preset whose models to list [default: gpu when nvidia-smi lists a GPU, else cpu].")
 @click.option("--config", "config", default=None, help="Or a run config (YAML file or built-in name).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Config values as `run` takes them, e.g. --set saliency.dino_weights=FILE (repeatable).")
@@ -600,7 +601,7 @@ def weights(preset, config, overrides) -> None:
     for key in ("pool", "eval_root"):  # a dataset config's $IMAGENET_TRAIN / $VOC_ROOT: not needed to list weights
         values.setdefault(key, ".")
     # no torch, open_clip or timm imports for the presets' models: this answers in about a second
-    cfg = load_config(RunConfig, config or preset or _default_preset_light(), values)
+    cfg = load_config(RunConfig, config or preset or _default_preset(), values)
 
     offline = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
         else None

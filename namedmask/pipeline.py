@@ -202,28 +202,10 @@ def categories_file(categories: str, run: Path) -> str:
 
 
 def check_weights(cfg: RunConfig, run: Path) -> None:
-    """Before any stage: every model the stages still to run need is present (or may be
-    downloaded now); otherwise one line saying which file, where to get it and which key takes
-    it. A missing optional backbone is a warning."""
-    from namedmask.models.weights import offline_reason, run_weights
+    """Before any stage: models.weights.check_run (one line for a missing weights file)."""
+    from namedmask.models.weights import check_run
 
-    done = {p.stem for p in (run / ".stages").glob("*.json")}
-    stage_of = {"CLIP": "archive", "DINO": "saliency", "SelfMask": "saliency"}
-    for w in run_weights(cfg):
-        if w.ok or stage_of.get(w.role, "train") in done:
-            continue
-        if not w.required:
-            log.warning(w.line())
-            continue
-        if w.status == "missing" and w.url:
-            from urllib.parse import urlparse
-
-            why = offline_reason(urlparse(w.url).hostname)
-            if why is None:
-                log.info("%s %s is not cached: it will be downloaded", w.role, w.model)
-                continue
-            raise PipelineError(w.line(why))
-        raise PipelineError(w.line())
+    check_run(cfg, run)
 
 
 def _fingerprint_file(path: Path) -> str | None:

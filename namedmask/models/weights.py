@@ -13,11 +13,20 @@ Places looked in, in order:
 Offline ($HF_HUB_OFFLINE, or the host unreachable) a missing file is an error at once."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from namedmask.errors import NamedMaskError
 from namedmask.io import offline_reason  # noqa: F401  (re-exported: dino, pipeline)
+
+log = logging.getLogger(__name__)
+
+
+class WeightsMissingError(NamedMaskError, RuntimeError):
+    """A weights file a run needs is neither given, cached nor downloadable; the message is one
+    line: which model, where namedmask looked, the URL and the key that takes the file."""
 
 # torch.hub names of the DINO ViTs -> timm names
 ALIASES = {"dino_vits16": "vit_small_patch16_224.dino", "dino_vits8": "vit_small_patch8_224.dino",
@@ -283,3 +292,27 @@ def run_weights(cfg) -> list:
     if "train" in stages:
         out.append(backbone_weights(cfg.train.model.backbone, cfg.train.model.pretrained))
     return out
+
+
+def check_run(cfg, run: Path | None = None) -> None:
+    """Before `namedmask run` starts a stage: every model the stages still to run need is
+    present, random by request, or downloadable now; else WeightsMissingError with its line.
+    A stage already finished in `run` (its .stages marker) needs nothing. A missing optional
+    backbone is a warning."""
+    from urllib.parse import urlparse
+
+    done = {p.stem for p in (Path(run) / ".stages").glob("*.json")} if run is not None else set()
+    stage_of = {"CLIP": "archive", "DINO": "saliency", "SelfMask": "saliency"}
+    for w in run_weights(cfg):
+        if w.ok or stage_of.get(w.role, "train") in done:
+            continue
+        if not w.required:
+            log.warning(w.line())
+            continue
+        if w.status == "missing" and w.url:
+            why = offline_reason(urlparse(w.url).hostname)
+            if why is None:
+                log.info("%s %s is not cached: it will be downloaded", w.role, w.model)
+                continue
+            raise WeightsMissingError(w.line(why))
+        raise WeightsMissingError(w.line())
