@@ -313,3 +313,19 @@ def test_weights_lists_without_torch(tmp_path):
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("missing") == 3
+
+
+def test_eta_is_logged_once_from_the_first_steps(caplog):
+    from namedmask.runtime import Eta, format_duration
+
+    log = logging.getLogger("namedmask.test_eta")
+    eta = Eta(log, "train x", total=100, start=0)
+    eta.clock = iter([10.0, 20.0]).__next__          # after step 1 (the warm-up), after step 6
+    with caplog.at_level(logging.INFO, logger="namedmask.test_eta"):
+        for done in range(1, 101):
+            eta.step(done)
+    assert [r.getMessage() for r in caplog.records] == [
+        "train x: 2.00 s per step over steps 2-6 -> about 3 min 08 s for the remaining 94 iterations"]
+    resumed = Eta(log, "train x", total=100, start=97)   # too few steps left to be worth a line
+    assert resumed.done
+    assert [format_duration(s) for s in (7.25, 95, 3725)] == ["7.2 s", "1 min 35 s", "1 h 02 min"]

@@ -23,12 +23,13 @@ def predict_label(model, image: torch.Tensor, device, amp: bool = False) -> torc
 
 
 def resolve_run_dir(path: str | Path) -> Path:
-    """A trained run's folder from the folder itself, its checkpoint.pt, model.safetensors or
-    model.json (any of them names the same model)."""
+    """A trained run's folder from the folder itself (or a `namedmask run` folder: its train/),
+    its checkpoint.pt, model.safetensors or model.json (any of them names the same model)."""
     path = Path(path)
     if path.is_file() and (path.name in RUN_FILES or path.suffix == ".safetensors"):
         return path.parent
-    if path.is_dir():
-        return path
+    if path.is_dir():  # a `namedmask run` folder holds its model in train/
+        return path / "train" if not (path / "model.json").is_file() and (path / "train" / "model.json").is_file() \
+            else path
     raise ModelError(f"{path}: not found; give a run folder written by `namedmask train`, its checkpoint.pt "
                      f"or its model.safetensors")
