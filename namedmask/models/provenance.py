@@ -6,6 +6,7 @@ DINO). A toy or random-weight model knows nothing outside its world: `WorldCheck
 when one is run on other images (predict, eval, namedmask.load)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -15,7 +16,15 @@ TOY_CLIPS = ("nm-toy",)          # namedmask.toy.clip.MODEL: the toy world's tin
 RANDOM = "random"
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file, computed once per process for a file of the same size and mtime (the
+    experts stage trains many models on the same CLIP file)."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
