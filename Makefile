@@ -63,7 +63,7 @@ demo: install
 	$(BIN)/namedmask run --out runs/demo
 
 test: install
-	$(BIN)/python -m pytest
+	$(BUILD_ENV) $(BIN)/python -m pytest
 
 bench: install
 	$(BIN)/python -m bench
