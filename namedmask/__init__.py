@@ -1,9 +1,11 @@
 """namedmask: CLIP names things, DINO sees where they are; NamedMask distils both into an
 ordinary semantic segmenter trained without human pixel labels.
 
-    seg = namedmask.load("runs/x/train")     # a run folder, its checkpoint.pt or model.safetensors
-    labels = seg.predict("photo.jpg")         # H x W numpy array of class ids
-    seg.class_names[labels[0, 0]]
+    seg = namedmask.load("runs/x")            # a run folder, its train/, checkpoint.pt or model.safetensors
+    result = seg.predict("photo.jpg")         # labels (H x W ids), scores, class_names, overlay(), save()
+    seg.class_names[result.labels[0, 0]]
+
+(docs/python-api.md: official checkpoints, zero-shot CLIP, text=, batches, discover.)
 
 The stage functions (build_archive, run_saliency, refine_folder, refine_with_experts, train,
 evaluate_checkpoint, evaluate_label_maps, predict, run_pipeline), load_config and `ops` are
@@ -36,7 +38,8 @@ _passive_openmp()
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
-    "load": "namedmask.models.inference", "Segmenter": "namedmask.models.inference",
+    "load": "namedmask.api", "Segmenter": "namedmask.api", "Result": "namedmask.api",
+    "discover": "namedmask.api",
     "NamedMaskError": "namedmask.errors", "load_config": "namedmask.config",
     "build_archive": "namedmask.stages.archive", "run_saliency": "namedmask.stages.saliency",
     "refine_folder": "namedmask.stages.refine", "refine_with_experts": "namedmask.stages.experts",

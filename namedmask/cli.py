@@ -84,7 +84,7 @@ def setup_logging(verbose: int = 0, quiet: bool = False) -> None:
 def cli(ctx: click.Context, verbose: int, quiet: bool, threads: str | None) -> None:
     """namedmask: segment and name objects without pixel labels (NamedMask)."""
     setup_logging(verbose, quiet)
-    if ctx.invoked_subcommand not in (None, "bench", "config"):  # bench sets its own; config computes nothing
+    if ctx.invoked_subcommand not in (None, "bench", "config", "weights"):  # bench sets its own; these compute nothing
         from namedmask import runtime
 
         if threads is not None:
@@ -426,6 +426,9 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
               help="Write label ids of this category set (e.g. voc) or names file, classes paired by name.")
 @click.option("--ignore-unmapped", is_flag=True, help="With --classes: model classes the set lacks become background.")
 @click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing.")
+@click.option("--categories", default=None,
+              help="With an official NamedMask final_model.pt as --checkpoint: the classes it was trained on, in "
+                   "order (voc, a names file, or \"a, b|synonym\").")
 @_open_vocab_options
 @click.option("--proposals", type=click.Choice(["discover", "segmenter"]), default=None,
               help="Two-stage open vocabulary: regions from discover's DINO over-segmentation or from the "
@@ -439,8 +442,8 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
               help="--proposals discover: short side (px) for DINO and the solver.")
 @click.option("--k", type=int, default=8, show_default=True, help="--proposals discover: most regions per image.")
 @_config_options
-def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, text, proposals, embed,
-            mask_prompts, random_dino, size, k, config_path, overrides, **zero_shot) -> None:
+def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, categories, text, proposals,
+            embed, mask_prompts, random_dino, size, k, config_path, overrides, **zero_shot) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.config import PredictConfig, load_config
     from namedmask.stages.predict import TwoStageConfig, predict as run
@@ -467,7 +470,8 @@ def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped,
         zs = _zero_shot_settings(run_dir, text, **zero_shot)
         if run_dir is None and zs is None:
             raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")
-    written = run(run_dir, images, out, text=text, zero_shot=zs, proposals=two, **dataclasses.asdict(cfg))
+    extra = {"categories": categories} if categories else {}
+    written = run(run_dir, images, out, text=text, zero_shot=zs, proposals=two, **extra, **dataclasses.asdict(cfg))
     click.echo(f"{len(written)} label maps written to {out / 'labels'}")
 
 
@@ -518,22 +522,114 @@ def _run_experts(archive, masks, out, groups, embeddings, config_path, overrides
 @click.option("--config", "config", default=None,
               help="Run config: a YAML file or a built-in name (demo, voc, coco-object, coca, cityscapes-object) "
                    "[default: demo, generated data and tiny random models, no download].")
+@click.option("--pool", default=None, type=click.Path(exists=True, path_type=Path),
+              help="Your photos: a folder (searched recursively) or a list file. Trains on them and writes named "
+                   "masks of every photo; with --categories and a --preset, no config file is needed.")
+@click.option("--categories", default=None,
+              help='What to find: "dog, cat|kitten, traffic light" (| = synonyms), a built-in set (voc) or a names file.')
+@click.option("--preset", type=click.Choice(["cpu", "gpu", "paper"]), default=None,
+              help="Built-in settings for --pool (namedmask/configs/<preset>.yaml, docs/your-photos.md): cpu = about an "
+                   "hour on a laptop for a few hundred photos, gpu = about a day on one GPU, paper = NamedMask's "
+                   "protocol  [default: gpu when nvidia-smi lists a GPU, else cpu].")
 @click.option("--out", default=None, help="Run directory (overrides the config's 'out').")
 @click.option("--stages", default=None, help="Comma-separated subset of: archive,saliency,experts,train,eval,predict.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set train.iterations=100 (repeatable).")
-def run(config, out, stages, overrides) -> None:
+def run(config, pool, categories, preset, out, stages, overrides) -> None:
     """The whole pipeline into one run directory, each stage resumable; writes index.html."""
     from namedmask.config import parse_overrides
-    from namedmask.pipeline import load_run_config, run_pipeline
 
     values = parse_overrides(overrides)
+    config = _run_preset(config, pool, categories, preset, out, values)
     if out:
         values["out"] = out
     if stages:
         values["stages"] = [s.strip() for s in stages.split(",") if s.strip()]
+    if pool is not None:  # your photos: a missing weights file is one line at once, before the stages load
+        from namedmask.config import RunConfig, load_config
+        from namedmask.models.weights import check_run
+
+        cfg = load_config(RunConfig, config, values)
+        check_run(cfg, Path(cfg.out))
+    from namedmask.pipeline import load_run_config, run_pipeline
+
     report = run_pipeline(load_run_config(config, values))
     click.echo(f"report: {report}")
+
+
+def _default_preset() -> str:
+    """gpu when `nvidia-smi -L` lists a GPU, else cpu (no torch import: `weights` stays fast)."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "cpu"
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+    return "gpu" if "GPU" in listed else "cpu"
+
+
+def _run_preset(config, pool, categories, preset, out, values: dict):
+    """The config `run` loads for --pool/--categories/--preset (their values go into `values`)."""
+    if preset and config:
+        raise click.UsageError("give --preset or --config, not both (a preset is a built-in config)")
+    if pool is None and preset is None:
+        if categories:
+            values["categories"] = categories
+        return config
+    if config is None:
+        if pool is None:
+            raise click.UsageError("--preset trains on your photos: give --pool DIR and --categories \"a, b|synonym\"")
+        if not categories:
+            raise click.UsageError('--pool needs --categories, e.g. --categories "dog, cat|kitten, traffic light"')
+        if not out and "out" not in values:
+            raise click.UsageError("--pool needs --out DIR (the run folder)")
+        if preset is None:
+            preset = _default_preset()
+            log.info("preset %s (%s); choose with --preset cpu|gpu|paper", preset,
+                     "a GPU is present" if preset == "gpu" else "no GPU")
+        config = preset
+        # your photos, named: every pool photo is predicted; no labelled evaluation set
+        values.setdefault("predict_images", [str(pool)])
+    if pool is not None:
+        values["pool"] = str(pool)
+    if categories:
+        values["categories"] = categories
+    return config
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(["cpu", "gpu", "paper"]), default=None,
+              help="The preset whose models to list [default: gpu when nvidia-smi lists a GPU, else cpu].")
+@click.option("--config", "config", default=None, help="Or a run config (YAML file or built-in name).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Config values as `run` takes them, e.g. --set saliency.dino_weights=FILE (repeatable).")
+def weights(preset, config, overrides) -> None:
+    """Every pretrained model a run needs: present (and where), or missing (where namedmask looked,
+    the URL, and the option or config key that takes the file). Exit code 1 when one is missing."""
+    import os
+
+    from namedmask.config import RunConfig, load_config, parse_overrides
+    from namedmask.models.weights import run_weights
+
+    if preset and config:
+        raise click.UsageError("give --preset or --config, not both")
+    values = parse_overrides(overrides)
+    for key in ("pool", "eval_root"):  # a dataset config's $IMAGENET_TRAIN / $VOC_ROOT: not needed to list weights
+        values.setdefault(key, ".")
+    # no torch, open_clip or timm imports for the presets' models: this answers in about a second
+    cfg = load_config(RunConfig, config or preset or _default_preset(), values)
+
+    offline = "HF_HUB_OFFLINE is set" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") \
+        else None
+    entries = run_weights(cfg)
+    for w in entries:
+        click.echo(w.line(offline))
+    if any(not w.ok and w.required for w in entries):
+        sys.exit(1)
 
 
 @cli.group("config")

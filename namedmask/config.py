@@ -542,6 +542,17 @@ def _update(defaults, data: dict, where: str):
         raise ConfigError(f"config key {where}{exc}") from None
 
 
+def _without(base: dict, extra: dict) -> dict:
+    """`base` less the keys `extra` replaces outright (nested mappings are pruned key by key)."""
+    out = {}
+    for key, value in base.items():
+        if key in extra and isinstance(value, dict) and isinstance(extra[key], dict):
+            out[key] = _without(value, extra[key])
+        elif key not in extra:
+            out[key] = value
+    return out
+
+
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
@@ -581,8 +592,9 @@ def builtin_configs() -> list:
     return sorted(p.name[:-5] for p in resources.files("namedmask.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def read_yaml(path: str | Path) -> tuple[dict, str]:
-    """(mapping, where) of a YAML file, or of a built-in config given by name."""
+def read_yaml(path: str | Path, expand: bool = True) -> tuple[dict, str]:
+    """(mapping, where) of a YAML file, or of a built-in config given by name; `$VAR`s expanded
+    unless `expand` is False."""
     if not Path(path).exists() and str(path) in builtin_configs():
         text = resources.files("namedmask.configs").joinpath(f"{path}.yaml").read_text()
         where = f"built-in config {str(path)!r}"
@@ -598,7 +610,7 @@ def read_yaml(path: str | Path) -> tuple[dict, str]:
         raise ConfigError(f"{where}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a YAML mapping at top level")
-    return expand_env(data, where), where
+    return (expand_env(data, where) if expand else data), where
 
 
 def expand_env(value, where: str):
@@ -638,9 +650,12 @@ def load_config(cls=TrainConfig, path: str | Path | None = None, overrides=(), *
     """defaults ⊕ YAML file (or built-in config name) ⊕ `overrides` (key=value strings, or a
     nested dict) ⊕ `values` (non-None keyword values), merged deeply; unknown keys and wrong
     types are ConfigErrors naming the key."""
-    data, where = read_yaml(path) if path is not None else ({}, "config")
-    data = _merge(data, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
-    data = _merge(data, {k: v for k, v in values.items() if v is not None})
+    data, where = read_yaml(path, expand=False) if path is not None else ({}, "config")
+    extra = _merge(overrides if isinstance(overrides, dict) else parse_overrides(overrides),
+                   {k: v for k, v in values.items() if v is not None})
+    # a `$VAR` of the file is needed only where no override replaces its key (`run --config voc
+    # --pool photos/` does not need IMAGENET_TRAIN)
+    data = _merge(expand_env(_without(data, extra), where), extra)
     if cls is RunConfig:
         data = _migrate_run(data, where)
         cfg = from_dict(cls, data)

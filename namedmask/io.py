@@ -283,3 +283,18 @@ def output_folder(folder: str | os.PathLike, stage: str, legacy: tuple = (), ena
             logging.getLogger(__name__).info("%s: removed %d temporary file(s) of an interrupted run",
                                              folder, len(removed))
         yield folder
+
+
+def offline_reason(host: str | None) -> str | None:
+    """Why nothing can be downloaded from `host` (HF_HUB_OFFLINE set, or no connection), else
+    None; a missing model file then fails at once instead of after a minute of hub retries."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    host = host or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        return f"{host} is unreachable: {exc}"
+    return None

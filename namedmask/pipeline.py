@@ -25,7 +25,8 @@ from namedmask.config import STAGES, ConfigError, RunConfig, builtin_configs, du
 from namedmask.data.archive import load_archive
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import write_dataset
-from namedmask.errors import OutputStateError
+from namedmask.errors import BadInputError, OutputStateError
+from namedmask.models.provenance import describe as describe_provenance
 from namedmask.report import build_report, iou_bar_chart
 from namedmask.runtime import configure_threads
 from namedmask.stages.archive import build_archive
@@ -163,6 +164,15 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
     io.write_text(run / "config.yaml", dump_yaml(cfg))
     threads = configure_threads(cfg.threads)
     log.info("threads: %d intra-op, %d inter-op (%s)", threads["intra_op"], threads["inter_op"], threads["source"])
+    if "archive" in cfg.stages:
+        if not cfg.pool:
+            raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
+        if not Path(cfg.pool).exists():
+            hint = ("; build the toy world first: namedmask toy-world --out runs/toy (make demo does)"
+                    if "/world/pool" in Path(cfg.pool).as_posix() else "")
+            raise PipelineError(f"{cfg.pool}: pool not found{hint}")
+    check_weights(cfg, run)
+    categories = categories_file(cfg.categories, run)
     warnings = _weight_warnings(cfg)
     for w in warnings:
         log.warning("\n%s\n%s\n%s", "!" * 100, w, "!" * 100)
@@ -171,13 +181,7 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
     masks = run / "saliency"
 
     if "archive" in cfg.stages:
-        if not cfg.pool:
-            raise PipelineError("set 'pool' (a folder or list file of unlabelled images) in the run config")
-        if not Path(cfg.pool).exists():
-            hint = ("; build the toy world first: namedmask toy-world --out runs/toy (make demo does)"
-                    if "/world/pool" in Path(cfg.pool).as_posix() else "")
-            raise PipelineError(f"{cfg.pool}: pool not found{hint}")
-        acfg = dataclasses.replace(cfg.archive, pool=cfg.pool, categories=cfg.categories, out=str(run / "archive"))
+        acfg = dataclasses.replace(cfg.archive, pool=cfg.pool, categories=categories, out=str(run / "archive"))
         stages.run("archive", dataclasses.asdict(acfg), lambda: build_archive(acfg, progress=progress),
                    archive_json)
 
@@ -230,7 +234,43 @@ def _run(cfg: RunConfig, run: Path, progress: bool) -> Path:
 
     facts = {"run directory": run, "stages run now": ", ".join(stages.ran) or "none (all done before)",
              "stages skipped (already done)": ", ".join(stages.skipped) or "none"}
+    if (train_dir / "model.json").is_file():
+        meta = json.loads((train_dir / "model.json").read_text())
+        facts["model provenance (train/model.json)"] = describe_provenance(meta)
     return build_report(run, title=f"namedmask run: {run.name}", warnings=warnings, facts=facts)
+
+
+PRESETS = ("cpu", "gpu", "paper")   # namedmask/configs/<preset>.yaml
+
+
+def categories_file(categories: str, run: Path) -> str:
+    """The archive's category argument: a built-in set or a names file as given, or inline text
+    ("dog, cat|kitten, traffic light": classes by commas, synonyms by '|') written as
+    <run>/categories.txt."""
+    from namedmask.data.categories import BUILTIN
+    from namedmask.models.maskclip import parse_text_classes
+
+    if categories in BUILTIN or Path(categories).is_file():
+        return categories
+    if "," not in categories and "|" not in categories:
+        raise PipelineError(f"categories {categories!r}: not a built-in set ({', '.join(sorted(BUILTIN))}) nor a "
+                            f"file; to list names write them comma-separated: --categories \"dog, cat|kitten\"")
+    try:
+        classes = parse_text_classes(categories)
+    except BadInputError as exc:
+        raise PipelineError(f"categories: {exc}") from None
+    text = "".join(f"{ws[0]}" + (f" | {', '.join(ws[1:])}" if len(ws) > 1 else "") + "\n" for ws in classes)
+    path = run / "categories.txt"
+    if not path.is_file() or path.read_text() != text:
+        io.write_text(path, text)
+    return str(path)
+
+
+def check_weights(cfg: RunConfig, run: Path) -> None:
+    """Before any stage: models.weights.check_run (one line for a missing weights file)."""
+    from namedmask.models.weights import check_run
+
+    check_run(cfg, run)
 
 
 def _fingerprint_file(path: Path) -> str | None:

@@ -296,3 +296,39 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(n)
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1 h 02 min', 95 -> '1 min 35 s', 7.2 -> '7.2 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+class Eta:
+    """Logs, once, how long the rest of a long loop will take, measured over its first steps
+    (after a warm-up step, which pays for lazy initialisation): `step(done)` after each one."""
+
+    def __init__(self, log, what: str, total: int, start: int = 0, warmup: int = 1, measure: int = 5,
+                 unit: str = "iterations"):
+        import time
+
+        self.log, self.what, self.total, self.unit = log, what, total, unit
+        self.first, self.last = start + warmup, start + warmup + measure
+        self.clock, self.t0 = time.perf_counter, None
+        self.done = self.total - start <= warmup + measure  # too short to be worth a line
+
+    def step(self, done: int) -> None:
+        if self.done:
+            return
+        if done == self.first:
+            self.t0 = self.clock()
+        elif done == self.last and self.t0 is not None:
+            per = (self.clock() - self.t0) / (self.last - self.first)
+            left = self.total - done
+            self.log.info("%s: %.2f s per step over steps %d-%d -> about %s for the remaining %d %s", self.what, per,
+                          self.first + 1, self.last, format_duration(per * left), left, self.unit)
+            self.done = True

@@ -24,15 +24,18 @@ from tqdm.auto import tqdm
 
 from namedmask import io, ops
 from namedmask.config import CopyPasteConfig, TrainConfig, dump_yaml, to_dict
+from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE
 from namedmask.data.datasets import open_dataset
 from namedmask.data.training import IterationBatches, TrainError, TrainSamples, _seed, archive_items
+from namedmask.data.pseudo_masks import load_manifest
 from namedmask.models.deeplab import build_model, save_segmenter
+from namedmask.models.provenance import training_provenance
 from namedmask.report import METRICS_FILE, plot_curves
 from namedmask.envinfo import environment
 from namedmask.evaluation import evaluate_model
 from namedmask.models.openvocab import TextObjective
-from namedmask.runtime import dataloader_workers, setup_distributed, sync_buffers, thread_record
+from namedmask.runtime import Eta, dataloader_workers, setup_distributed, sync_buffers, thread_record
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,8 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     objective = TextObjective(cfg.text, cfg.archive, class_names, ctx.device) if cfg.head == "text" else None
     model = (objective.build_model(cfg.model, len(class_names)) if objective
              else build_model(cfg.model, len(class_names))).to(ctx.device)
+    if ctx.is_main:
+        model.provenance = _provenance(cfg)   # written into model.json by save_segmenter
     backbone = [p for n, p in model.named_parameters() if n.startswith("backbone.")]
     optimizer = torch.optim.Adam([{"params": backbone, "lr": cfg.optim.lr_backbone},
                                   {"params": model.head_parameters(), "lr": cfg.optim.lr_head}],
@@ -195,6 +200,7 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it",
                disable=not (progress and ctx.is_main) or start >= cfg.iterations)
     t_last, it = time.perf_counter(), start
+    eta = Eta(log, f"train {run_dir.name}", cfg.iterations, start)
     # The logged loss is the mean over the iterations since the last log or checkpoint (one
     # batch's loss is too noisy to read a curve from); restarting the window at checkpoints keeps
     # a resumed run's log identical to an uninterrupted one.
@@ -224,6 +230,8 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
         scheduler.step()
         done = it + 1
         bar.update(1)
+        if ctx.is_main:
+            eta.step(done)
         window_loss += loss.detach().float()
         window_steps += 1
         if done % cfg.log_every == 0 or done == cfg.iterations:
@@ -255,6 +263,19 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     if ctx.owns_group:
         dist.destroy_process_group()
     return run_dir
+
+
+def _provenance(cfg: TrainConfig) -> dict:
+    """What this model is made from (models.provenance): the archive's CLIP and category words,
+    the saliency model behind the masks (through the experts' manifest to its source masks)."""
+    archive = load_archive(cfg.archive)
+    manifest = load_manifest(cfg.masks)
+    if manifest.get("refine") == "experts" and manifest.get("source_masks"):
+        source = Path(cfg.masks) / manifest["source_masks"]
+        if (source / "manifest.json").is_file():
+            manifest = load_manifest(source)
+    return training_provenance(archive.meta, archive.pool_root, manifest.get("config") or {},
+                               archive.meta.get("prompt_words") or {}, cfg.augment.crop_size)
 
 
 def _save_checkpoint(ctx, run_dir, model, optimizer, scheduler, iteration, cfg, class_names) -> None:

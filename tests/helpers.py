@@ -21,5 +21,13 @@ def backend_params(op: str):
     return out
 
 
+def cuda_kernels_expected() -> bool:
+    """A CUDA build of torch compiles namedmask's CUDA kernels too, unless the build was asked not
+    to (make's light build: NAMEDMASK_CUDA=0, which `make test` passes on to pytest)."""
+    import os
+
+    return torch.version.cuda is not None and os.environ.get("NAMEDMASK_CUDA", "1") != "0"
+
+
 def cuda_device() -> torch.device:
     return torch.device("cuda")

@@ -36,6 +36,7 @@ CASES = [
      "namedmask.stages.refine:RefineError"),
     (["run", "--out", "o"], "namedmask.pipeline", "run_pipeline", "namedmask.training:TrainError"),
     (["config", "show"], "namedmask.pipeline", "load_run_config", "namedmask.config:ConfigError"),
+    (["weights"], "namedmask.config", "load_config", "namedmask.config:ConfigError"),
     (["toy-world", "--out", "o"], "namedmask.toy", "build_toy_world", "namedmask.config:ConfigError"),
     (["discover", "x.png", "--out", "o"], "namedmask.stages.discover", "discover",
      "namedmask.stages.discover:DiscoverError"),

@@ -719,6 +719,7 @@ CONFIG_COMMAND_ARGS = {
     "run": lambda w, t: ["--out", t / "o"],
     "saliency": lambda w, t: ["--archive", w["archive"], "--out", t / "o"],
     "train": lambda w, t: ["--archive", w["archive"], "--masks", w["masks"], "--out", t / "o"],
+    "weights": lambda w, t: [],
 }
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -21,6 +20,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from namedmask.errors import InputError, UnavailableError
+from namedmask.io import offline_reason as _offline_reason
+from namedmask.models.weights import cached_clip_weights as _cached_weights  # noqa: F401
+from namedmask.models.weights import default_pretrained, register_configs  # noqa: F401  (defined there, torch-free)
 
 log = logging.getLogger(__name__)
 
@@ -29,27 +31,10 @@ TINY_MODEL = "nm-tiny"
 TOY_MODEL = "nm-toy"     # the toy world's tiny CLIP (namedmask/toy), trained here on generated data
 RANDOM = "random"        # --pretrained value: random weights from RANDOM_SEED
 RANDOM_SEED = 0
-_CONFIG_DIR = Path(__file__).with_name("open_clip_configs")
 
 
 class WeightsUnavailableError(UnavailableError):
     """Pretrained weights are not cached and cannot be downloaded."""
-
-
-def register_configs() -> None:
-    """Makes namedmask's model configs (nm-tiny) known to open_clip."""
-    if TINY_MODEL not in open_clip.list_models():
-        open_clip.add_model_config(_CONFIG_DIR)
-
-
-def default_pretrained(name: str) -> str:
-    """What --pretrained means when not given: OpenAI weights where they exist, random for nm-tiny."""
-    if "openai" in open_clip.list_pretrained_tags_by_model(name):
-        return "openai"
-    if name == TINY_MODEL:
-        return RANDOM
-    raise InputError(f"CLIP model {name!r} has no 'openai' weights; pass --pretrained with one of "
-                     f"{open_clip.list_pretrained_tags_by_model(name)}, a checkpoint file, or {RANDOM!r}")
 
 
 @dataclass
@@ -156,41 +141,11 @@ def _cached_or_downloaded(name: str, tag: str, tag_cfg: dict) -> str:
             f"CLIP weights {name}/{tag} are not in the local cache and cannot be downloaded ({why}). "
             f"Download them where there is network ({source}), copy the file here and pass "
             f"--pretrained /path/to/file (an open_clip state dict: .bin, .pt or .safetensors)"
-            + (f" with --model {name}-quickgelu" if tag_cfg.get("quick_gelu") else "") + ".")
+            + (f" with --model {name}-quickgelu" if tag_cfg.get("quick_gelu") else "")
+            + "; in namedmask run: --set archive.pretrained=FILE"
+            + (f" --set archive.model={name}-quickgelu" if tag_cfg.get("quick_gelu") else "") + ".")
     try:
         return open_clip.download_pretrained(tag_cfg)
     except Exception as exc:  # network errors come in many types
         raise WeightsUnavailableError(f"downloading CLIP weights {name}/{tag} from {source} failed ({exc}); "
-                                      f"pass a local file with --pretrained PATH") from exc
-
-
-def _cached_weights(tag_cfg: dict) -> str | None:
-    """The weights file of a pretrained tag if it is already on disk (no network)."""
-    if tag_cfg.get("file"):
-        return tag_cfg["file"]
-    if tag_cfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo, filename = os.path.split(tag_cfg["hf_hub"])
-        filename = filename or open_clip.constants.HF_WEIGHTS_NAME
-        names = ([open_clip.constants.HF_SAFE_WEIGHTS_NAME] if filename == open_clip.constants.HF_WEIGHTS_NAME
-                 else []) + [filename]
-        for fn in names:
-            path = try_to_load_from_cache(repo, fn)
-            if isinstance(path, str):
-                return path
-    if tag_cfg.get("url"):
-        path = Path("~/.cache/clip").expanduser() / os.path.basename(tag_cfg["url"])
-        if path.is_file():
-            return str(path)
-    return None
-
-
-def _offline_reason(host: str | None) -> str | None:
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-    except OSError as exc:
-        return f"{host} is unreachable: {exc}"
-    return None
+                                      f"pass a local file with --pretrained PATH (namedmask run: --set archive.pretrained=FILE)") from exc

@@ -265,6 +265,8 @@ def save_segmenter(run_dir: str | Path, model: nn.Module, class_names: list, cla
     meta = {"format": "namedmask-deeplabv3plus", "model": to_dict(model.cfg), "num_classes": model.num_classes,
             "class_names": list(class_names), "class_ids": list(class_ids or range(len(class_names))),
             **(extra or {})}
+    if getattr(model, "provenance", None) is not None:  # models.provenance: what it was trained from
+        meta["provenance"] = model.provenance
     io.write_json(run_dir / META_FILE, meta)
 
 

@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from namedmask.errors import InputError, UnavailableError
+from namedmask.models.weights import ALIASES, dino_cached, offline_reason
 
 log = logging.getLogger(__name__)
 
-ALIASES = {"dino_vits16": "vit_small_patch16_224.dino", "dino_vits8": "vit_small_patch8_224.dino",
-           "dino_vitb16": "vit_base_patch16_224.dino", "dino_vitb8": "vit_base_patch8_224.dino"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,6 +61,15 @@ def create_dino(name: str = "vit_small_patch16_224.dino", weights: str | Path | 
     weights when `random_weights` is set (and no file is given)."""
     name = ALIASES.get(name, name)
     if weights is None and not random_weights:
+        cached, url = dino_cached(name)
+        if cached:  # timm reads the hub cache itself; no network
+            return build_vit(name, pretrained=True, **timm_kwargs)
+        why = offline_reason("huggingface.co")
+        if why:  # timm would retry the hub for ~30 s, then fail without a hint
+            raise DinoWeightsError(
+                f"DINO weights {name} are not in the local cache and cannot be downloaded ({why}); download "
+                f"{url or 'the official DINO checkpoint'} where there is network and pass the file: --dino-weights FILE "
+                f"(namedmask run: --set saliency.dino_weights=FILE), or --random-weights for a smoke run")
         try:
             return build_vit(name, pretrained=True, **timm_kwargs)
         except ValueError:

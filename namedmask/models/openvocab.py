@@ -11,6 +11,7 @@ Both segmenters are nn.Modules taking ImageNet-normalised images, so eval and pr
 and write them exactly like a closed-set checkpoint."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -79,8 +80,9 @@ def open_vocab_segmenter(run_dir, classes: list | None = None, device="cpu") -> 
     model, meta = load_segmenter(run_dir, device)
     if meta.get("head") != "text":
         raise OpenVocabError(f"{run_dir}: a closed-set run (its classifier knows only {meta['class_names'][1:4]}...); "
-                             f"new names need a run trained with train.head: text, or zero-shot dense CLIP "
-                             f"(--zero-shot --model M --pretrained P)")
+                             f"new names need a run trained with train.head: text, or zero-shot dense CLIP: predict "
+                             f"--text ... --model M --pretrained P without --checkpoint, eval --zero-shot --model M "
+                             f"--pretrained P, Python namedmask.load(zero_shot='M/P')")
     if classes is None:
         return model, meta["class_names"]
     clip = load_clip(meta["clip"]["name"], meta["clip"]["pretrained"], device)
@@ -189,3 +191,94 @@ def open_segmenter(*, run_dir=None, zero_shot: dict | None = None, classes: list
             raise OpenVocabError("zero-shot segmentation needs class names (--text or --text-classes)")
         return zero_shot_segmenter(classes, device=device, **zero_shot)
     return open_vocab_segmenter(run_dir, classes, device)
+
+
+
+# ------------------------------------------------------------------ the one segmenter factory
+
+def parse_zero_shot(spec) -> dict:
+    """zero_shot_segmenter's keyword arguments from "ViT-B-16/openai" (open_clip name / tag or
+    name / local file; "ViT-B-16" alone: its default tag) or a dict of them."""
+    if isinstance(spec, dict):
+        return dict(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise OpenVocabError(f"zero_shot: give \"MODEL/TAG\" (e.g. \"ViT-B-16/openai\") or a dict, got {spec!r}")
+    model, _, pretrained = spec.strip().partition("/")
+    return {"model": model, "pretrained": pretrained or None}
+
+
+def _run_folder(path: Path) -> Path | None:
+    """The trained model's folder of a run given by its folder, its train/, checkpoint.pt or
+    model.safetensors; None when `path` is no run."""
+    from namedmask.models.deeplab import META_FILE
+
+    if path.is_dir():
+        for folder in (path, path / "train"):
+            if (folder / META_FILE).is_file():
+                return folder
+        return None
+    if path.name in ("checkpoint.pt", "model.safetensors", META_FILE) and (path.parent / META_FILE).is_file():
+        return path.parent
+    return None
+
+
+def _official_segmenter(path: Path, categories, device) -> tuple:
+    """An official NamedMask `final_model.pt` (DeepLabv3+ ResNet-50 state dict) with the category
+    list it was trained on."""
+    from namedmask.config import ModelConfig
+    from namedmask.models.deeplab import DeepLabV3Plus, load_official_state_dict
+
+    if categories is None:
+        raise OpenVocabError(f"{path}: an official NamedMask checkpoint names no classes; give its categories in "
+                             f"training order: categories=\"voc\" (a category set, a names file, or \"a, b|synonym\")")
+    if isinstance(categories, (list, tuple)):
+        names = ["background", *[str(c) for c in categories]]
+    elif "," in str(categories) or "|" in str(categories):
+        names = ["background", *[name for name, _ in text_classes(str(categories))]]
+    else:
+        names = list(get_category_set(str(categories)).names)
+    model = DeepLabV3Plus(len(names), ModelConfig())
+    load_official_state_dict(model, path)
+    meta = {"format": "official-namedmask", "class_names": names, "source": str(path)}
+    return model.to(device).eval(), names, meta
+
+
+def build_segmenter(source=None, *, categories=None, zero_shot=None, text: str | None = None,
+                    device="cpu") -> tuple[torch.nn.Module, list, dict]:
+    """The segmenter predict, eval and namedmask.load use: (module taking ImageNet-normalised
+    images -> per-class scores [B, C, H, W], class names, meta). `source`: a trained run (folder,
+    train/, checkpoint.pt, model.safetensors) or an official `final_model.pt` (+ `categories`);
+    or `zero_shot` ("ViT-B-16/openai" or zero_shot_segmenter's options) with `text`. `text` on
+    a text-head run binds it to those names."""
+    from namedmask.models.deeplab import META_FILE, ModelError
+
+    if zero_shot is not None:
+        if source is not None:
+            raise OpenVocabError("give a trained model or zero_shot=..., not both")
+        if not text:
+            raise OpenVocabError("zero-shot segmentation names the classes you give: text=\"dog, cat|kitten\"")
+        model, names = zero_shot_segmenter(text_classes(text), device=device, **parse_zero_shot(zero_shot))
+        return model, names, {"zero_shot": parse_zero_shot(zero_shot)}
+    if source is None:
+        raise OpenVocabError("give a trained model (a run folder or checkpoint) or zero_shot=\"MODEL/TAG\"")
+    path = Path(source)
+    run = _run_folder(path)
+    if run is not None:
+        if categories is not None:
+            raise OpenVocabError(f"{path}: a namedmask run knows its categories; categories= is for official "
+                                 f"final_model.pt files")
+        if text:
+            model, names = open_vocab_segmenter(run, text_classes(text), device)
+            return model, names, json.loads((run / META_FILE).read_text())
+        model, meta = load_segmenter(run, device)
+        return model, meta["class_names"], meta
+    if path.is_file() and path.suffix in (".pt", ".pth", ".bin"):
+        if text:
+            raise OpenVocabError(f"{path}: an official NamedMask checkpoint is closed-set; new names need zero-shot "
+                                 f"dense CLIP (namedmask.load(zero_shot='M/P', text=...))")
+        return _official_segmenter(path, categories, device)
+    if not path.exists():
+        raise ModelError(f"{path}: not found; give a run folder written by `namedmask run`/`train`, its "
+                         f"checkpoint.pt or model.safetensors, or an official final_model.pt")
+    raise ModelError(f"{path}: no trained segmenter (model.json + model.safetensors); give a run folder written by "
+                     f"`namedmask run`/`train`, its checkpoint.pt or model.safetensors, or an official final_model.pt")

@@ -17,6 +17,7 @@ from namedmask.evaluation import EvalReport, EvaluationError, evaluate_model, op
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import resolve_run_dir
 from namedmask.models.openvocab import dataset_classes, open_segmenter, text_classes
+from namedmask.models.provenance import WorldCheck
 from namedmask.runtime import check_backend, resolve_device
 
 log = logging.getLogger(__name__)
@@ -86,6 +87,7 @@ def evaluate_checkpoint(run_dir: str | Path, dataset: str, root: str | Path, *, 
     dev = resolve_device(device)
     model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
     labeled_set = open_eval_set(dataset, root, split)
+    WorldCheck(meta, str(run_dir), log)(root)   # a toy / random-weight model on another world: warned once
     # fp32 as the official evaluation: bf16 logits can flip the argmax of near-ties
     return evaluate_model(model, labeled_set, meta["class_names"], device=dev, amp=False,
                           max_images=max_images, progress=progress, backend=backend,

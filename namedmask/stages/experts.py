@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from namedmask.data.pseudo_masks import load_manifest, mask_paths, mask_relpath
 from namedmask.errors import InputError
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label
-from namedmask.runtime import resolve_device
+from namedmask.runtime import Eta, resolve_device
 from namedmask.training import train
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,9 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
     config.get("train", {}).pop("num_workers", None)
     settings = {"config": config, "input_masks": source.get("config"), "images": io.fingerprint(sorted(saliency))}
     entries = {}
+    # the whole stage's time, measured on its first expert trained now (each expert's own
+    # training also logs its estimate)
+    eta = Eta(log, "experts", len(groups), warmup=0, measure=1, unit="experts")
     for g, cats in enumerate(groups):
         expert_dir = out / "experts" / f"{g:03d}"
         images = sorted(p for p in archive.images() if archive.best_category.get(p) in cats and p in saliency)
@@ -163,6 +167,7 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
                 log.warning("expert %d/%d (%s) has only %d training images (< %d): its masks will be unreliable; "
                             "use a larger archive (k) or fewer, grouped experts (groups)", g + 1, len(groups),
                             ", ".join(cats), len(trained_on), MIN_EXPERT_IMAGES)
+            t_expert = time.perf_counter()
             train_cfg = dataclasses.replace(cfg.train, archive=str(archive_file), masks=str(masks_dir),
                                             out=str(expert_dir))
             train(train_cfg, binary=True, categories=cats, progress=progress)
@@ -176,6 +181,9 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
             kept = _keep_input_if_collapsed(out, images, saliency, fg, cfg.collapse_ratio,
                                             f"expert {g + 1}/{len(groups)} ({', '.join(cats)})")
             io.write_json(done, {"categories": cats, "fg_fraction": fg, "kept_input_masks": kept, "settings": settings})
+            if eta.t0 is None:
+                eta.first, eta.last, eta.t0 = g, g + 1, t_expert
+            eta.step(g + 1)
         for p in images:
             entries[p] = {"mask": mask_relpath(p), "fg_fraction": fg[p],
                           "flag": "empty" if fg[p] == 0 else ("full" if fg[p] == 1 else None)}

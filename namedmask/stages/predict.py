@@ -33,7 +33,8 @@ from namedmask.models.prompts import get_templates
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
-from namedmask.models.openvocab import open_segmenter, text_classes
+from namedmask.models.openvocab import build_segmenter, text_classes
+from namedmask.models.provenance import WorldCheck
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu")
 def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = True,
             progress: bool = True, classes: str | None = None, ignore_unmapped: bool = False,
             skip_bad: bool = False, text: str | None = None, zero_shot: dict | None = None,
-            proposals: TwoStageConfig | None = None) -> list:
+            proposals: TwoStageConfig | None = None, categories=None) -> list:
     """Writes <out>/labels/<name>.png and <out>/overlays/<name>.png; returns the label paths.
     Names are the images' paths relative to their input folders without the suffix (with it
     where stems collide: photo.jpg, photo.png), see namedmask.data.image_outputs; unreadable
@@ -122,7 +123,9 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
     model's classes paired with them by name (namedmask.data.classmap). With `text` ("dog,
     cat|kitten": ids 1.. in that order) a text-head run, or dense CLIP (`zero_shot`: keyword
     arguments of models.openvocab.zero_shot_segmenter), labels those names; with `proposals`
-    (and `text`) region proposals named by CLIP do (two-stage, see the module's notes)."""
+    (and `text`) region proposals named by CLIP do (two-stage, see the module's notes). `run_dir`
+    may also be an official NamedMask final_model.pt, with `categories` (its training classes).
+    A toy or random-weight model warns once when it labels images from outside its world."""
     out_dir = Path(out_dir)
     # taken (refused, locked) and the images found before the model loads, held for the whole run
     with claim_image_outputs(out_dir, "predict", inputs, OUTPUTS, skip_bad=skip_bad) as outs:
@@ -130,17 +133,17 @@ def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = 
         if proposals is not None:
             if not text:
                 raise PredictError("--proposals names regions among classes: give them with --text \"a, b|synonym\"")
-            label_of, names = two_stage(proposals, text_classes(text), run_dir, dev)
-        else:
-            if text or zero_shot is not None:
-                model, names = open_segmenter(run_dir=None if zero_shot is not None else resolve_run_dir(run_dir),
-                                              zero_shot=zero_shot, classes=text_classes(text) if text else None,
-                                              device=dev)
-            else:
-                model, meta = load_segmenter(resolve_run_dir(run_dir), dev)
-                names = meta["class_names"]
+            labeller, names = two_stage(proposals, text_classes(text), run_dir, dev)
 
-            def label_of(image):
+            def label_of(image, path=None):
+                return labeller(image)
+        else:
+            model, names, meta = build_segmenter(run_dir, categories=categories, zero_shot=zero_shot, text=text,
+                                                 device=dev)
+            world = WorldCheck(meta, str(run_dir), log)
+
+            def label_of(image, path=None):
+                world(path)
                 return predict_label(model, image, dev, amp=dev.type == "cuda")
         cmap = None
         if classes:
@@ -162,7 +165,7 @@ def _predict(label_of, names, cmap, outs: ImageOutputs, overlays: bool, progress
         image = outs.load(item)
         if image is None:
             continue
-        label = label_of(image)
+        label = label_of(image, item.path)
         if cmap is not None:
             label = cmap.map_prediction(label)
         target = outs.path("labels", item)
