@@ -200,7 +200,7 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     bar = tqdm(total=cfg.iterations, initial=start, desc="train", unit="it",
                disable=not (progress and ctx.is_main) or start >= cfg.iterations)
     t_last, it = time.perf_counter(), start
-    eta = Eta(log, f"train {run_dir.name}", cfg.iterations, start)
+    eta = Eta(log, f"training {run_dir.parent.name}/{run_dir.name}", cfg.iterations, start)
     # The logged loss is the mean over the iterations since the last log or checkpoint (one
     # batch's loss is too noisy to read a curve from); restarting the window at checkpoints keeps
     # a resumed run's log identical to an uninterrupted one.
