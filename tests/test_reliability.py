@@ -1093,18 +1093,18 @@ def test_every_safetensors_write_goes_through_io():
 
 
 def test_mask_prompts_are_byte_identical_between_runs(tmp_path):
-    """Two processes (other hash seeds, so the library's metadata order differs) save the same
-    tokens: the same bytes."""
+    """Two processes (the library orders the metadata keys per process) save the same tokens:
+    the same bytes."""
     code = ("import sys, torch; from namedmask.models.clip import load_clip; "
             "from namedmask.models.mask_prompts import MaskPrompts; "
             "MaskPrompts(load_clip('nm-tiny'), depth=1, seed=3).save(sys.argv[1])")
     files = []
-    for seed in ("1", "2", "3"):
+    for seed in ("1", "2"):
         path = tmp_path / f"p{seed}.safetensors"
         subprocess.run([sys.executable, "-c", code, str(path)], env={**_subprocess_env(), "PYTHONHASHSEED": seed},
                        check=True, timeout=300)
         files.append(path.read_bytes())
-    assert files[0] == files[1] == files[2]
+    assert files[0] == files[1]
 
 
 def test_confusion_matrix_rejects_a_fractional_class_count():
