@@ -22,8 +22,15 @@ the zero-shot variants are a fixed, fully reported grid.
 
 Environment: NAMEDMASK_TOY_ROOT (a built `namedmask toy-world` seed folder: world/, clip/),
 NAMEDMASK_OPENVOCAB_DATA (a folder with archive/archive.json and saliency/ masks of that world;
-default <root>/openvocab/data, built with the stages when missing), NAMEDMASK_OPENVOCAB_ITERS
-(training iterations, default 400 as the toy run.yaml)."""
+default <out>/data, built with the stages when missing), NAMEDMASK_OPENVOCAB_ITERS
+(training iterations, default 400 as the toy run.yaml), NAMEDMASK_OPENVOCAB_OUT (where runs and
+generated splits go; default <root>/openvocab), NAMEDMASK_OPENVOCAB_VARIANTS (the training
+variants to run besides the closed set, separated by "|", e.g. "text head, diversified|text head,
+GKC"; default all) and NAMEDMASK_OPENVOCAB_PARTS.
+
+"text head, GKC" is the recipe gkc (models/gkc.py) with the same names file as "text head,
+diversified": per instance and iteration one of the names CLIP keeps on its box crop, and
+region distillation against the tiny CLIP's embedding of the grey-filled masked crop."""
 from __future__ import annotations
 
 import os
@@ -229,7 +236,7 @@ def run() -> list:
     torch.set_num_threads(2)
     root = _toy_root()
     world, clip_file = root / "world", str(root / "clip" / "nm-toy.pt")
-    out = root / "openvocab"
+    out = Path(os.environ.get("NAMEDMASK_OPENVOCAB_OUT", root / "openvocab"))   # a read-only world: elsewhere
     data = Path(os.environ.get("NAMEDMASK_OPENVOCAB_DATA", out / "data"))
     iterations = int(os.environ.get("NAMEDMASK_OPENVOCAB_ITERS", "400"))
     parts = set(os.environ.get("NAMEDMASK_OPENVOCAB_PARTS", "zero,train,held,speed").split(","))
@@ -276,7 +283,12 @@ def run() -> list:
                     "text head, diversified + distillation": (*text, f"text.names={div}", "text.distill_weight=1.0"),
                     "text head, diversified + distillation 0.25": (*text, f"text.names={div}", "text.distill_weight=0.25"),
                     "text head, diversified + distillation, maskclip teacher": (
-                        *text, f"text.names={div}", "text.distill_weight=1.0", "text.teacher_recipe=maskclip")}
+                        *text, f"text.names={div}", "text.distill_weight=1.0", "text.teacher_recipe=maskclip"),
+                    "text head, GKC": (*text, f"text.names={div}", "text.recipe=gkc")}
+        wanted = os.environ.get("NAMEDMASK_OPENVOCAB_VARIANTS")
+        if wanted:
+            chosen = [n for n in variants if n in wanted.split("|")]
+            variants = {n: variants[n] for n in ["closed set", *chosen]}
         for name, extra in variants.items():
             folder = out / "runs" / name.replace(", ", "_").replace(" + ", "_").replace(" ", "-")
             runs[name], seconds = _train(folder, archive, masks, root, iterations, *extra)
