@@ -240,10 +240,12 @@ class TextObjective:
             keep = torch.randperm(len(regions), generator=generator)[:self.gkc_max_regions].sort().values
         region_t = torch.tensor(region_image)[keep].to(dev)
         masks = torch.stack([sources[regions[i][0]] == regions[i][1] for i in keep.tolist()])
-        student = region_embeddings(emb, masks, region_t)
         teacher = F.normalize(self.cache.teacher[torch.tensor(region_item)[keep]].to(dev), dim=1)
         text_r = self.bank.embeddings[names[keep]].to(dev)
-        return loss + self.gkc_weight * distillation_loss(student, teacher, text_r, region_t, model.kd_scale.float())
+        with torch.autocast(dev.type, enabled=False):   # squared differences of cosines: in float32
+            student = region_embeddings(emb.float(), masks, region_t)
+            kd = distillation_loss(student, teacher, text_r, region_t, model.kd_scale.float())
+        return loss + self.gkc_weight * kd
 
 
 def _read_words(path) -> list:
