@@ -22,8 +22,16 @@ the zero-shot variants are a fixed, fully reported grid.
 
 Environment: NAMEDMASK_TOY_ROOT (a built `namedmask toy-world` seed folder: world/, clip/),
 NAMEDMASK_OPENVOCAB_DATA (a folder with archive/archive.json and saliency/ masks of that world;
-default <root>/openvocab/data, built with the stages when missing), NAMEDMASK_OPENVOCAB_ITERS
-(training iterations, default 400 as the toy run.yaml)."""
+default <out>/data, built with the stages when missing), NAMEDMASK_OPENVOCAB_ITERS
+(training iterations, default 400 as the toy run.yaml), NAMEDMASK_OPENVOCAB_OUT (where runs and
+generated splits go; default <root>/openvocab), NAMEDMASK_OPENVOCAB_VARIANTS (the training
+variants to run, separated by "|", e.g. "closed set|text head, diversified|text head, GKC"; default
+all), NAMEDMASK_OPENVOCAB_TRAIN_SEED (the training seed; default the world's run.yaml) and
+NAMEDMASK_OPENVOCAB_PARTS.
+
+"text head, GKC" is the recipe gkc (models/gkc.py) with the same names file as "text head,
+diversified": per instance and iteration one of the names CLIP keeps on its box crop, and
+region distillation against the tiny CLIP's embedding of the grey-filled masked crop."""
 from __future__ import annotations
 
 import os
@@ -144,6 +152,8 @@ def _train(out: Path, archive: Path, masks: Path, root: Path, iterations: int, *
     base = yaml.safe_load((root / "run.yaml").read_text())["train"]
     base.update(iterations=iterations, checkpoint_every=iterations, log_every=50, archive=str(archive),
                 masks=str(masks), out=str(out))
+    if os.environ.get("NAMEDMASK_OPENVOCAB_TRAIN_SEED"):   # training seed on the same world
+        base["seed"] = int(os.environ["NAMEDMASK_OPENVOCAB_TRAIN_SEED"])
     t0 = time.perf_counter()
     train(load_config(TrainConfig, overrides=list(extra), **base), progress=False)
     return out, time.perf_counter() - t0
@@ -230,7 +240,7 @@ def run() -> list:
     torch.set_num_threads(2)
     root = _toy_root()
     world, clip_file = root / "world", str(root / "clip" / "nm-toy.pt")
-    out = root / "openvocab"
+    out = Path(os.environ.get("NAMEDMASK_OPENVOCAB_OUT", root / "openvocab"))   # a read-only world: elsewhere
     data = Path(os.environ.get("NAMEDMASK_OPENVOCAB_DATA", out / "data"))
     iterations = int(os.environ.get("NAMEDMASK_OPENVOCAB_ITERS", "400"))
     parts = set(os.environ.get("NAMEDMASK_OPENVOCAB_PARTS", "zero,train,held,speed").split(","))
@@ -277,14 +287,20 @@ def run() -> list:
                     "text head, diversified + distillation": (*text, f"text.names={div}", "text.distill_weight=1.0"),
                     "text head, diversified + distillation 0.25": (*text, f"text.names={div}", "text.distill_weight=0.25"),
                     "text head, diversified + distillation, maskclip teacher": (
-                        *text, f"text.names={div}", "text.distill_weight=1.0", "text.teacher_recipe=maskclip")}
+                        *text, f"text.names={div}", "text.distill_weight=1.0", "text.teacher_recipe=maskclip"),
+                    "text head, GKC": (*text, f"text.names={div}", "text.recipe=gkc")}
+        wanted = os.environ.get("NAMEDMASK_OPENVOCAB_VARIANTS")
+        if wanted:
+            variants = {n: v for n, v in variants.items() if n in wanted.split("|")}
         for name, extra in variants.items():
             folder = out / "runs" / name.replace(", ", "_").replace(" + ", "_").replace(" ", "-")
             runs[name], seconds = _train(folder, archive, masks, root, iterations, *extra)
             rows.append(_row("train", name, f"{iterations} it", 0.0, seconds))
     if "train" in parts:
-        closed = _score(load_segmenter(runs["closed set"])[0], names, multi)[0]
-        rows.append(_row("mIoU", "closed set (NamedMask)", "eval/multi", closed))
+        closed = float("nan")
+        if "closed set" in runs:
+            closed = _score(load_segmenter(runs["closed set"])[0], names, multi)[0]
+            rows.append(_row("mIoU", "closed set (NamedMask)", "eval/multi", closed))
         unseen_names = [(c.name, (c.synonyms[1],)) for c in tw.NAMED]
         for name in [n for n in runs if n != "closed set"]:
             own = _score(*open_vocab_segmenter(runs[name]), multi)[0]   # its training names' ensemble, no CLIP

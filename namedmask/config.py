@@ -256,10 +256,21 @@ class TextHeadConfig:
     distill_pixels: str = choice("all", "foreground")  # foreground: the pseudo-mask's objects (worse on the toy world)
     teacher_recipe: str = choice("value", "maskclip")  # models/maskclip.py; value is the better teacher on the toy world
     teacher_short_side: int | None = None  # the teacher's input short side (None: CLIP's image size)
+    # default: the options above; gkc: GKC (Han et al., ICCV 2023, models/gkc.py): per instance and
+    # iteration one of the names CLIP finds on its box crop (p > gkc_threshold), and region-level
+    # distillation from CLIP's embedding of the grey-filled masked crop (weight gkc_weight)
+    recipe: str = choice("default", "gkc")
+    gkc_threshold: float = 0.1
+    gkc_weight: float = 10.0
+    gkc_max_regions: int = 200          # regions distilled per batch at most (official MAX_LIST_LEN)
 
     def __post_init__(self):
         _check_choices(self)
-        _check(self, distill_weight=(0.0, None), teacher_short_side=(16, MAX_SHORT_SIDE))
+        _check(self, distill_weight=(0.0, None), teacher_short_side=(16, MAX_SHORT_SIDE),
+               gkc_threshold=(0.0, 1.0), gkc_weight=(0.0, None), gkc_max_regions=(1, None))
+        if self.recipe == "gkc" and (self.distill_weight > 0 or self.diversify != "sample"):
+            raise ConfigError("recipe gkc draws names per instance and distils regions itself: leave "
+                              "diversify (sample) and distill_weight (0) at their defaults, or use recipe default")
 
 
 @dataclass

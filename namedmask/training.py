@@ -55,6 +55,28 @@ def apply_copy_paste(images, labels, cfg: CopyPasteConfig, generator):
                                  hflip=cfg.hflip, generator=generator)
 
 
+_NO_LABEL = 2 ** 31 - 1   # "ignore" while labels carry their sample (copy_paste_with_sources)
+
+
+def copy_paste_with_sources(images, labels, cfg: CopyPasteConfig, generator):
+    """apply_copy_paste, also saying where each foreground pixel came from: (images, labels,
+    sources), sources long [B, H, W] = the batch position of the sample whose object the pixel
+    shows, -1 on background and ignore. The labels travel as label + 256 x position through the
+    one op call, so images and labels are exactly apply_copy_paste's."""
+    batch = torch.arange(len(labels), device=labels.device).view(-1, 1, 1)
+    fg = (labels != 0) & (labels != IGNORE)
+    if cfg.p <= 0:
+        return images, labels, torch.where(fg, batch, -1)
+    coded = torch.where(fg, labels.long() + 256 * batch, torch.where(labels == IGNORE, _NO_LABEL, 0))
+    if not hasattr(ops, "random_copy_paste"):
+        apply_copy_paste(images, labels, cfg, generator)   # raises the same TrainError
+    images, coded = ops.random_copy_paste(images, coded, p=cfg.p, max_objects=cfg.max_objects, scale=cfg.scale,
+                                          hflip=cfg.hflip, ignore_index=_NO_LABEL, generator=generator)
+    fg = (coded != 0) & (coded != _NO_LABEL)
+    out = torch.where(fg, coded % 256, torch.where(coded == _NO_LABEL, IGNORE, 0)).to(labels.dtype)
+    return images, out, torch.where(fg, coded // 256, -1)
+
+
 # ------------------------------------------------------------------------------------ training
 
 def poly_factor(base_lr: float, cfg) -> callable:
@@ -158,6 +180,8 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
         _log_start(cfg, items, class_names, ctx)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     objective = TextObjective(cfg.text, cfg.archive, class_names, ctx.device) if cfg.head == "text" else None
+    if objective is not None:
+        objective.prepare(items, run_dir, cfg.seed, write=ctx.is_main)
     model = (objective.build_model(cfg.model, len(class_names)) if objective
              else build_model(cfg.model, len(class_names))).to(ctx.device)
     if ctx.is_main:
@@ -210,10 +234,15 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
         labels = labels.to(ctx.device, non_blocking=True)
         # random_copy_paste draws on a CPU generator whatever the images' device
         cp_gen = torch.Generator().manual_seed(_seed(cfg.seed, it, ctx.rank, 2))
-        images, labels = apply_copy_paste(images, labels, cfg.copy_paste, cp_gen)
+        sources = None
+        if objective is not None and objective.per_instance:
+            images, labels, sources = copy_paste_with_sources(images, labels, cfg.copy_paste, cp_gen)
+        else:
+            images, labels = apply_copy_paste(images, labels, cfg.copy_paste, cp_gen)
         with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
             if objective is not None:  # this iteration's names (same on every rank), + distillation
-                loss = objective.loss(net, images, labels, torch.Generator().manual_seed(_seed(cfg.seed, it, 3)))
+                loss = objective.loss(net, images, labels, torch.Generator().manual_seed(_seed(cfg.seed, it, 3)),
+                                      sources=sources, items=indices, iteration=it)
             else:
                 logits = net(images)
         if objective is None:

@@ -284,7 +284,7 @@ def load_segmenter(run_dir: str | Path, device: str | torch.device = "cpu") -> t
     meta = json.loads(meta_path.read_text())
     cfg = from_dict(ModelConfig, {**meta["model"], "pretrained": None})
     if meta.get("head") == "text":
-        model = TextDeepLabV3Plus(meta["num_classes"], cfg, meta["embed_dim"])
+        model = TextDeepLabV3Plus(meta["num_classes"], cfg, meta["embed_dim"], kd_scale=meta.get("recipe") == "gkc")
     else:
         model = DeepLabV3Plus(meta["num_classes"], cfg)
     try:
@@ -303,12 +303,14 @@ class TextDeepLabV3Plus(DeepLabV3Plus):
     without CLIP; any other text embeddings can be passed to forward."""
 
     def __init__(self, num_classes: int, cfg: ModelConfig | None = None, embed_dim: int = 512,
-                 init_temperature: float = 0.07):
+                 init_temperature: float = 0.07, kd_scale: bool = False):
         super().__init__(embed_dim, cfg)
         self.num_classes, self.embed_dim = num_classes, embed_dim
         self.background = nn.Parameter(F.normalize(torch.randn(embed_dim), dim=0))
         self.logit_scale = nn.Parameter(torch.tensor(float(-torch.log(torch.tensor(init_temperature)))))
         self.register_buffer("text", torch.zeros(num_classes - 1, embed_dim))
+        if kd_scale:  # GKC's learnt text_kd_logit_scale (recipe gkc, models/gkc.py); unused at inference
+            self.kd_scale = nn.Parameter(torch.ones(()))
 
     def pixel_embeddings(self, x: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> L2-normalised [B, D, H/4, W/4] (the head's resolution)."""
@@ -316,11 +318,17 @@ class TextDeepLabV3Plus(DeepLabV3Plus):
         return F.normalize(self.classifier(low, high), dim=1)
 
     def classify(self, emb: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        """Pixel embeddings [B, D, h, w] x text [K, D] -> logits [B, 1 + K, h, w] (background first)."""
+        """Pixel embeddings [B, D, h, w] x text [K, D] (or per image [B, K, D]) -> logits
+        [B, 1 + K, h, w] (background first)."""
         text = self.text if text is None else text
-        weights = F.normalize(torch.cat([self.background[None], text.to(emb.dtype)]), dim=1)
         # exp of a clamped log-scale, as CLIP (max 100), so the temperature cannot run away
-        return torch.einsum("bdhw,kd->bkhw", emb, weights) * self.logit_scale.clamp(max=4.6052).exp()
+        scale = self.logit_scale.clamp(max=4.6052).exp()
+        if text.dim() == 3:
+            bg = self.background.to(emb.dtype).expand(len(text), 1, -1)
+            weights = F.normalize(torch.cat([bg, text.to(emb.dtype)], 1), dim=2)
+            return torch.einsum("bdhw,bkd->bkhw", emb, weights) * scale
+        weights = F.normalize(torch.cat([self.background[None], text.to(emb.dtype)]), dim=1)
+        return torch.einsum("bdhw,kd->bkhw", emb, weights) * scale
 
     def forward(self, x: torch.Tensor, text: torch.Tensor | None = None, return_embeddings: bool = False):
         emb = self.pixel_embeddings(x)

@@ -12,6 +12,7 @@ and write them exactly like a closed-set checkpoint."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from namedmask.config import TextHeadConfig, ZeroShotConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE
-from namedmask.data.categories import get_category_set
+from namedmask.data.categories import BUILTIN_SYNONYMS, get_category_set
 from namedmask.data.classmap import category_words
 from namedmask.errors import BadInputError
 from namedmask.io import read_user_text
@@ -28,11 +29,15 @@ from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import (OpenVocabSegmenter, TextDeepLabV3Plus, load_backbone_weights,
                                       load_segmenter)
 from namedmask.models.dino import create_dino
+from namedmask.models.gkc import InstanceCache, distillation_loss, draw_names, image_classes, region_embeddings
 from namedmask.models.maskclip import MaskClipSegmenter, class_text, ensemble_text_embeddings, parse_text_classes
 from namedmask.models.prompts import get_templates
 from namedmask.models.text_head import DenseTeacher, TextBank, foreground_pixels, text_distillation_loss
 
+log = logging.getLogger(__name__)
+
 BACKGROUND_WORDS = ("background",)
+GKC_CACHE = "gkc.safetensors"   # in the run directory (models/gkc.py InstanceCache)
 
 
 class OpenVocabError(BadInputError):
@@ -105,7 +110,19 @@ class TextObjective:
         self.templates = (get_templates(cfg.templates) if cfg.templates
                           else tuple(archive.meta.get("templates", {}).get("templates") or get_templates("namedmask")))
         self.words = self._words(cfg, archive, class_names)
+        if all(len(w) == 1 for w in self.words) and (cfg.recipe == "gkc" or cfg.diversify != "none"):
+            log.warning("train.text: every category has a single name, so text diversification does nothing; give "
+                        "train.text.names a 'name | synonym, ...' file or a built-in set (%s)", ", ".join(BUILTIN_SYNONYMS))
         self.bank = TextBank.from_words(self.clip, self.words, self.templates, cfg.diversify)
+        self.recipe, self.cache, self.seed = cfg.recipe, None, 0
+        if self.recipe == "gkc":
+            self.flat_words = [w for ws in self.words for w in ws]
+            self.row_of = {}
+            for m, w in enumerate(self.flat_words):
+                self.row_of.setdefault(w, m)
+            self.base_words = [ws[0] for ws in self.words]
+            self.gkc_threshold, self.gkc_weight = float(cfg.gkc_threshold), float(cfg.gkc_weight)
+            self.gkc_max_regions = int(cfg.gkc_max_regions)
         self.device = torch.device(device)
         self.weight, self.distill_pixels = float(cfg.distill_weight), cfg.distill_pixels
         self.teacher = self.vocabulary = None
@@ -120,6 +137,23 @@ class TextObjective:
                      "templates": list(self.templates), "class_words": [list(w) for w in self.words],
                      "diversify": cfg.diversify, "distill_weight": self.weight,
                      "distill_pixels": cfg.distill_pixels, "teacher_recipe": cfg.teacher_recipe}
+        if self.recipe == "gkc":
+            self.meta.update(recipe="gkc", gkc_threshold=self.gkc_threshold, gkc_weight=self.gkc_weight)
+
+    @property
+    def per_instance(self) -> bool:
+        """Whether loss() needs each pixel's instance (`sources`, `items`, `iteration`)."""
+        return self.recipe == "gkc"
+
+    def prepare(self, items: list, run_dir, seed: int, write: bool = True) -> None:
+        """Recipe gkc: the per-instance synonym filter and teacher embeddings of the archive
+        items (data.training.TrainItem), computed once and cached in the run directory."""
+        self.seed = int(seed)
+        if self.recipe != "gkc":
+            return
+        self.cache = InstanceCache.build(
+            self.clip, [(it.image, it.mask, it.class_id - 1) for it in items], self.flat_words, self.bank.category,
+            self.gkc_threshold, Path(run_dir) / GKC_CACHE, write=write)
 
     @staticmethod
     def _words(cfg: TextHeadConfig, archive, class_names: list) -> list:
@@ -130,10 +164,18 @@ class TextObjective:
                 raise OpenVocabError(f"train.text.names {cfg.names}: no entry for categories {missing}")
             return [tuple(cats.prompt_words(n)) for n in class_names[1:]]
         recorded, synonyms = archive.meta.get("prompt_words", {}), archive.meta.get("synonyms", {})
-        return [tuple(recorded.get(n) or (n, *synonyms.get(n, ()))) for n in class_names[1:]]
+        words = [tuple(recorded.get(n) or (n, *synonyms.get(n, ()))) for n in class_names[1:]]
+        builtin = (archive.meta.get("config") or {}).get("categories")
+        if builtin in BUILTIN_SYNONYMS and all(len(w) == 1 for w in words):
+            # an archive of a built-in set, retrieved with the names alone: its synonym sets diversify
+            cats = get_category_set(builtin, synonyms=True)
+            words = [tuple(dict.fromkeys((*w, *cats.synonyms.get(n, ())))) for n, w in zip(class_names[1:], words)]
+            log.info("train.text: the built-in synonyms of %s (%d of %d categories have some)", builtin,
+                     sum(len(w) > 1 for w in words), len(words))
+        return words
 
     def build_model(self, model_cfg, num_classes: int) -> TextDeepLabV3Plus:
-        model = TextDeepLabV3Plus(num_classes, model_cfg, self.clip.embed_dim)
+        model = TextDeepLabV3Plus(num_classes, model_cfg, self.clip.embed_dim, kd_scale=self.recipe == "gkc")
         if model_cfg.pretrained:
             load_backbone_weights(model.backbone, model_cfg.pretrained)
         with torch.no_grad():
@@ -141,8 +183,14 @@ class TextObjective:
         model.text_meta = self.meta   # written into model.json by save_segmenter
         return model
 
-    def loss(self, net, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Cross-entropy against this iteration's names (+ weight x distillation)."""
+    def loss(self, net, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator, *,
+             sources: torch.Tensor | None = None, items=None, iteration: int = 0) -> torch.Tensor:
+        """Cross-entropy against this iteration's names (+ weight x distillation). Recipe gkc also
+        needs `sources` (long [B, H, W]: the batch position of the sample each foreground pixel
+        came from, -1 elsewhere), `items` (the archive item of each batch position) and the
+        iteration."""
+        if self.recipe == "gkc":
+            return self._gkc_loss(net, images, labels, generator, sources, items, iteration)
         text = self.bank.sample(generator).to(images.device)
         logits, emb = net(images, text=text, return_embeddings=True)
         if bool((labels != IGNORE).any()):
@@ -154,6 +202,54 @@ class TextObjective:
             valid = foreground_pixels(labels, emb.shape[-2:]) if self.distill_pixels == "foreground" else None
             loss = loss + self.weight * text_distillation_loss(emb, teacher, self.vocabulary, self.teacher.scale, valid)
         return loss
+
+
+    def _gkc_loss(self, net, images, labels, generator, sources, items, iteration) -> torch.Tensor:
+        """models/gkc.py: per-instance names and per-image classes, cross-entropy, + weight x
+        GKC's region distillation."""
+        if self.cache is None or sources is None or items is None:
+            raise OpenVocabError("recipe gkc: call prepare() and pass sources/items (stages/train.py does)")
+        model, dev, batch = getattr(net, "module", net), images.device, len(images)
+        present = [torch.unique(sources[b]).tolist() for b in range(batch)]
+        regions = [(b, s) for b in range(batch) for s in ([b] if b in present[b] else []) +
+                   [s for s in present[b] if s >= 0 and s != b]]      # an image's own object first
+        region_image = [b for b, _ in regions]
+        region_item = [int(items[s]) for _, s in regions]
+        names = draw_names(self.cache.kept, region_item, iteration, self.seed)
+        words, slot = image_classes(region_image, self.bank.category[names].tolist(),
+                                    [self.flat_words[m] for m in names.tolist()], self.base_words)
+        per_image = [words.get(b, self.base_words) for b in range(batch)]
+        width = max(len(w) for w in per_image)
+        rows = torch.zeros(batch, width, dtype=torch.long)
+        valid = torch.zeros(batch, 1 + width, dtype=torch.bool)
+        valid[:, 0] = True
+        for b, w in enumerate(per_image):
+            rows[b, :len(w)] = torch.tensor([self.row_of[x] for x in w])
+            valid[b, 1:1 + len(w)] = True
+        text = self.bank.embeddings[rows].to(dev)
+        target = labels.long().clone()
+        for (b, s), k in zip(regions, slot):
+            target[b][sources[b] == s] = k + 1
+        logits, emb = net(images, text=text, return_embeddings=True)
+        logits = logits.float().masked_fill(~valid.to(dev)[:, :, None, None], float("-inf"))
+        if bool((target != IGNORE).any()):
+            loss = F.cross_entropy(logits, target, ignore_index=IGNORE)
+        else:
+            loss = logits.masked_fill(logits.isinf(), 0).sum() * 0.0
+        loss = loss + model.kd_scale * 0.0   # in the graph even without regions (DDP)
+        if not regions:
+            return loss
+        keep = torch.arange(len(regions))
+        if len(regions) > self.gkc_max_regions:  # the official random subset (MAX_LIST_LEN)
+            keep = torch.randperm(len(regions), generator=generator)[:self.gkc_max_regions].sort().values
+        region_t = torch.tensor(region_image)[keep].to(dev)
+        masks = torch.stack([sources[regions[i][0]] == regions[i][1] for i in keep.tolist()])
+        teacher = F.normalize(self.cache.teacher[torch.tensor(region_item)[keep]].to(dev), dim=1)
+        text_r = self.bank.embeddings[names[keep]].to(dev)
+        with torch.autocast(dev.type, enabled=False):   # squared differences of cosines: in float32
+            student = region_embeddings(emb.float(), masks, region_t)
+            kd = distillation_loss(student, teacher, text_r, region_t, model.kd_scale.float())
+        return loss + self.gkc_weight * kd
 
 
 def _read_words(path) -> list:
