@@ -651,9 +651,26 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.option("--random-weights", is_flag=True, help="Random DINO weights: smoke runs only.")
 @click.option("--size", type=int, default=None, show_default="512", help="Short side (px) for DINO and the solver.")
 @click.option("--k", type=int, default=None, show_default="8", help="Most segments per image before merging.")
-@click.option("--embed", type=click.Choice(["attention", "crop", "whole"]), default=None, show_default="attention",
-              help="Segment embedding: class-row attention mask in CLIP's last layers, masked crop, or the whole "
-                   "image (baseline).")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default=None, show_default="default",
+              help="paper: the zero-guidance paper's method as its official code runs it (DINO ViT-S/8 keys, "
+                   "Ward tree cut and image+text tree merge, dense CRF, soft-area attention masking with global "
+                   "subtraction, GPT-2 caption naming; see docs/discover.md). Lower precedence than --config, "
+                   "--set and the options below.")
+@click.option("--embed", type=click.Choice(["attention", "crop", "whole", "zero-guidance"]), default=None,
+              show_default="attention",
+              help="Segment embedding: class-row attention mask in CLIP's last layers, masked crop, the whole "
+                   "image (baseline), or zero-guidance (the paper's: every query row masked by the segment's "
+                   "soft area, global subtraction).")
+@click.option("--cluster", type=click.Choice(["kmeans", "tree"]), default=None, show_default="kmeans",
+              help="Over-segmentation: cosine k-means (--k), or the paper's cut Ward tree of DINO keys.")
+@click.option("--refine-method", type=click.Choice(["bilateral", "densecrf"]), default=None,
+              show_default="bilateral", help="Refinement of the segments: the bilateral solver, or the dense CRF "
+                                             "(needs pydensecrf2: pip install \"namedmask[densecrf]\").")
+@click.option("--namer", type=click.Choice(["vocabulary", "caption"]), default=None, show_default="vocabulary",
+              help="Names: the nearest --vocabulary entry (fast), or a caption decoded by --captioner guided by "
+                   "CLIP (the paper's; slow).")
+@click.option("--captioner", default=None, metavar="NAME|FOLDER",
+              help="--namer caption: a Hugging Face causal language model (gpt2, gpt2-medium) or a local folder.")
 @click.option("--context", type=float, default=None, show_default="0.1",
               help="Factor (0..1) on the class token's attention to each patch outside the segment: 0 = the segment "
                    "only, 1 = no mask (per patch, not a total share: see README).")
@@ -668,19 +685,27 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.option("--no-refine", is_flag=True, help="No bilateral-solver refinement of the segments.")
 @click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
 @_config_options
-def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_weights, random_weights, size, k, embed,
-             context, mask_layers, mask_prompts, min_score, merge_threshold, no_refine, device, config_path,
-             overrides) -> None:
+def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_weights, random_weights, size, k, preset,
+             embed, cluster, refine_method, namer, captioner, context, mask_layers, mask_prompts, min_score,
+             merge_threshold, no_refine, device, config_path, overrides) -> None:
     """Segments and their names with no query and no class list (zero-guidance segmentation)."""
-    from namedmask.config import DiscoverConfig, load_config
+    from namedmask.config import DISCOVER_PRESETS, DiscoverConfig, load_config, parse_overrides, read_yaml
+
     from namedmask.stages.discover import discover as run
 
+    if preset and preset != "default":  # defaults < preset < --config < --set < options
+        base = dict(DISCOVER_PRESETS[preset])
+        if config_path is not None:
+            base.update(read_yaml(config_path)[0])
+        base.update(parse_overrides(overrides))
+        config_path, overrides = None, base
     cfg = load_config(DiscoverConfig, config_path, overrides, vocabulary=vocabulary, templates=templates, model=model,
                       pretrained=pretrained, dino=dino, dino_weights=dino_weights and str(dino_weights),
                       random_weights=_flag(random_weights), size=size, k=k, refine=False if no_refine else None,
                       embed=embed, context=context, mask_layers=mask_layers,
                       mask_prompts=mask_prompts and str(mask_prompts), min_score=min_score,
-                      merge_threshold=merge_threshold, device=device)
+                      merge_threshold=merge_threshold, device=device, cluster=cluster, refine_method=refine_method,
+                      namer=namer, captioner=captioner)
     result = run(images, out, cfg)
     n = sum(len(v) for v in result["segments"].values())
     click.echo(f"{result['done']} images segmented ({result['skipped']} already done), {n} segments -> {out}")
