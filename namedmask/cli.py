@@ -186,16 +186,31 @@ def _flag(value: bool):
 @click.option("--text-classes", default=None, is_flag=False, flag_value="dataset",
               help="With a text-head --checkpoint or --zero-shot: classify with these names (a category set or "
                    "names file; alone: the dataset's own class names).")
+@click.option("--discover", "discover_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Score a `namedmask discover` folder (free names) on --dataset/--root as the zero-guidance paper "
+                   "does: names matched to classes, IoU and recall over IoU thresholds 0-1 (docs/discover.md).")
+@click.option("--discover-mode", type=click.Choice(["t-t", "i-t"]), default="t-t", show_default=True,
+              help="--discover matching: t-t names to class names (sentence model, else CLIP text); i-t segment "
+                   "image embeddings to CLIP class prompts.")
+@click.option("--sentence-model", default=None, metavar="FOLDER|NAME",
+              help="--discover t-t: a sentence-embedding model (sentence-transformers layout, e.g. all-mpnet-base-v2).")
+@click.option("--text-threshold", type=float, default=0.5, show_default=True, help="--discover t-t: least cosine.")
+@click.option("--clip-threshold", type=float, default=0.1, show_default=True, help="--discover i-t: least cosine.")
 @_open_vocab_options
 @_config_options
 def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images, overlays_dir, num_classes,
              ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend, zero_shot, text_classes,
+             discover_dir, discover_mode, sentence_model, text_threshold, clip_threshold,
              text, config_path, overrides, **zs_options) -> None:
     """mIoU of prediction label maps against ground truth (--pred/--gt), or of a trained model
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
     from namedmask.config import EvalConfig, load_config
     from namedmask.data.categories import get_category_set
     from namedmask.stages.evaluate import evaluate_label_maps, write_report
+
+    if discover_dir is not None:
+        return _eval_discover(discover_dir, dataset, root, split, class_names, discover_mode, sentence_model,
+                              text_threshold, clip_threshold, max_images, out)
 
     cfg = load_config(EvalConfig, config_path, overrides, device=device, max_images=max_images, backend=backend,
                       ignore_unmapped=_flag(ignore_unmapped))
@@ -242,6 +257,41 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
     click.echo(report.table())
     if out:
         write_report(report, out)
+        click.echo(f"metrics written to {out}")
+
+
+def _eval_discover(discover_dir, dataset, root, split, class_names, mode, sentence_model, text_threshold,
+                   clip_threshold, max_images, out) -> None:
+    from namedmask import io
+    from namedmask.data.categories import get_category_set
+    from namedmask.data.datasets import open_dataset
+    from namedmask.stages.discover_eval import evaluate_discovered
+
+    if dataset is None or root is None:
+        raise click.UsageError("--discover needs --dataset (voc, folder, ...) and --root")
+    if out is not None:
+        _check_out_file(out)
+    labeled = open_dataset(dataset, root, split)
+    names = None
+    if class_names:
+        cs = get_category_set(class_names)
+        names = [cs.prompt_name(n) for n in cs.names]
+    elif labeled.class_names:
+        from namedmask.errors import NamedMaskError
+
+        try:  # the official prompt words of a built-in set (VOC: "dining table", ...)
+            cs = get_category_set(dataset)
+            names = [cs.prompt_name(n) for n in labeled.class_names]
+        except NamedMaskError:
+            names = list(labeled.class_names)
+    result = evaluate_discovered(discover_dir, labeled, class_names=names, mode=mode, sentence_model=sentence_model,
+                                 text_threshold=text_threshold, clip_threshold=clip_threshold, max_images=max_images)
+    click.echo(f"zero-guidance evaluation of {discover_dir} ({result['images']} images, mode {mode}, "
+               f"{result['matching']} >= {result['threshold']}):")
+    for key in ("iou_union", "iou_argmax", "recall_union", "recall_argmax", "recall_allseg"):
+        click.echo(f"  {key:14s} {result[key]:.4f}")
+    if out:
+        io.write_json(out, result)
         click.echo(f"metrics written to {out}")
 
 

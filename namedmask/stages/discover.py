@@ -292,7 +292,7 @@ def _discover(out: Path, paths: list, config: DiscoverConfig, progress: bool, mo
             labels, segments, seconds = discover_image(models, image, config, emb)
         t1 = time.perf_counter()
         with io.atomic_path(out / "embeddings" / f"{stem}.safetensors") as tmp:  # for `eval --discover`
-            io.save_safetensors({k: v.float().contiguous() for k, v in emb.items()}, tmp)
+            io.save_safetensors({k: v.float().clone().contiguous() for k, v in emb.items()}, tmp)
         label = (labels + 1).to(torch.uint8)
         io.save_png(out / "labels" / f"{stem}.png", label.numpy(), palette=voc_palette())
         legend = [""] + [f"{s['id']}: {s['name'] or '?'}" for s in segments]
