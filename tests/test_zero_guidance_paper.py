@@ -235,3 +235,36 @@ def test_tree_merge_by_hand():
     # the weight: image only (weight 1) merges 13 + 14 (cos 1) and not 5 + 6
     out = zg.merge_tree([1, 5, 13, 14], describe, threshold=0.99, weight=1.0)
     assert sorted(out) == [1, 5, 6]
+
+
+def test_densecrf_follows_the_image_edges():
+    pytest.importorskip("pydensecrf.densecrf")
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    img[:, :, 13:] = 220                                   # an edge at x = 13
+    energy = torch.zeros(2, 32, 32)
+    energy[0, :, 16:] = 1.0                                # the unary's boundary sits at x = 16 (patch grid)
+    energy[1, :, :16] = 1.0
+    g = torch.Generator().manual_seed(0)
+    energy += 0.3 * torch.rand(2, 32, 32, generator=g)
+    plain = energy.argmin(0)
+    crf = zg.densecrf_labels(img, -(-energy))              # energy: lower = likelier
+    truth = torch.zeros(32, 32, dtype=torch.long)
+    truth[:, 13:] = 1
+    assert (crf == truth).float().mean() > (plain == truth).float().mean()
+    assert (crf == truth).float().mean() > 0.97
+
+
+def test_tree_segments_label_map_and_tree_ids():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(4, 16, generator=g)[torch.tensor([0, 0, 1, 1] * 4 + [2, 2, 3, 3] * 4)]
+    feats = feats + 0.05 * torch.randn(32, 16, generator=g)
+    img = torch.randint(0, 256, (3, 32, 64), dtype=torch.uint8, generator=g)
+    labels, ids = zg.tree_segments(feats, (4, 8), img, leaves=4, threshold=0.95, refine=False)
+    assert labels.shape == (32, 64) and sorted(torch.unique(labels).tolist()) == list(range(len(ids)))
+    cut = zg.cut_tree(feats, 4, 0.95)
+    # no refinement: each pixel takes its patch's nearest centroid (nearest upsampling of the patch grid)
+    e = zg.centroid_energy(feats, cut.centroids).argmin(1).view(4, 8)
+    up = F.interpolate(e[None, None].float(), size=(32, 64), mode="nearest")[0, 0].long()
+    present = sorted(torch.unique(up).tolist())
+    assert ids == [cut.tree_ids[i] for i in present]
+    assert torch.equal(torch.tensor(present)[labels], up)
