@@ -144,3 +144,25 @@ def test_densecrf_missing_is_one_line(tmp_path, images, monkeypatch):
                                  *ARGS])
     assert r.exit_code != 0
     assert "namedmask[densecrf]" in r.output and "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_folder_of_an_older_version_still_resumes(tmp_path, images):
+    """discover.json written before the paper's settings existed: the new settings at their
+    defaults count as the same settings; a changed one does not."""
+    out = tmp_path / "out"
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("cat\ndog\n")
+    r = CliRunner().invoke(cli, ["discover", str(images / "flat.png"), "--out", str(out), "--vocabulary", str(vocab),
+                                 "--min-score", "-1", *ARGS[:-2], "--k", "2"])
+    assert r.exit_code == 0, r.output
+    settings = json.loads((out / "discover.json").read_text())
+    for key in ("cluster", "tree_leaves", "tree_cut", "dino_stride", "refine_method", "subtraction_sd", "merge_rule",
+                "merge_weight", "namer", "captioner", "caption_prompt", "caption_beam", "caption_length"):
+        settings.pop(key)
+    (out / "discover.json").write_text(json.dumps(settings))
+    r = CliRunner().invoke(cli, ["discover", str(images / "flat.png"), "--out", str(out), "--vocabulary", str(vocab),
+                                 "--min-score", "-1", *ARGS[:-2], "--k", "2"])
+    assert r.exit_code == 0 and "1 already done" in r.output, r.output
+    r = CliRunner().invoke(cli, ["discover", str(images / "flat.png"), "--out", str(out), "--vocabulary", str(vocab),
+                                 "--min-score", "-1", *ARGS[:-2], "--k", "2", "--cluster", "tree"])
+    assert r.exit_code != 0 and "other settings" in r.output

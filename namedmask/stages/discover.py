@@ -264,11 +264,18 @@ def discover(inputs, out_dir, config: DiscoverConfig | None = None, *, progress:
         return _discover(out, paths, config, progress, models)
 
 
+def _same_settings(old: dict, new: dict) -> bool:
+    """A folder's recorded settings equal these; a setting added after the folder was made counts
+    as equal when it has its default value (folders of older versions stay resumable)."""
+    defaults = asdict(DiscoverConfig())
+    return all(old.get(k, defaults.get(k)) == v for k, v in new.items()) and set(old) <= set(new)
+
+
 def _discover(out: Path, paths: list, config: DiscoverConfig, progress: bool, models: Models | None) -> dict:
     """The body of discover, inside its locked output folder."""
     settings = {k: v for k, v in asdict(config).items() if k != "device"}
     previous = out / CONFIG_NAME
-    if previous.is_file() and json.loads(previous.read_text()) != settings:
+    if previous.is_file() and not _same_settings(json.loads(previous.read_text()), settings):
         raise DiscoverError(f"{out} holds results made with other settings ({previous}); use a new --out folder")
     io.write_json(previous, settings)
     stems, seen = [], set()
