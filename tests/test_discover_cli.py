@@ -166,3 +166,35 @@ def test_folder_of_an_older_version_still_resumes(tmp_path, images):
     r = CliRunner().invoke(cli, ["discover", str(images / "flat.png"), "--out", str(out), "--vocabulary", str(vocab),
                                  "--min-score", "-1", *ARGS[:-2], "--k", "2", "--cluster", "tree"])
     assert r.exit_code != 0 and "other settings" in r.output
+
+
+def test_eval_discover_command(tmp_path, images):
+    """discover on a folder set, then `eval --discover` on it (both matching modes): the metrics
+    JSON, and one-line errors for a folder that is not discover's."""
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("cat\ndog\nsky\n")
+    ds = tmp_path / "set"
+    (ds / "labels").mkdir(parents=True)
+    import shutil
+    shutil.copytree(images, ds / "images")
+    two = np.zeros((60, 80), np.uint8)
+    two[:, 40:] = 1
+    two[:20] = 2
+    Image.fromarray(two).save(ds / "labels" / "two.png")
+    Image.fromarray(np.full((50, 50), 3, np.uint8)).save(ds / "labels" / "flat.png")
+    out = tmp_path / "disc"
+    r = CliRunner().invoke(cli, ["discover", str(ds / "images"), "--out", str(out), "--vocabulary", str(vocab),
+                                 "--min-score", "-1", *ARGS])
+    assert r.exit_code == 0, r.output
+    for mode in ("t-t", "i-t"):
+        m = tmp_path / f"{mode}.json"
+        r = CliRunner().invoke(cli, ["eval", "--discover", str(out), "--dataset", "folder", "--root", str(ds),
+                                     "--class-names", str(vocab), "--discover-mode", mode, "--out", str(m)])
+        assert r.exit_code == 0, r.output
+        res = json.loads(m.read_text())
+        assert res["images"] == 2 and res["classes"] == 3 and res["mode"] == mode
+        for key in ("iou_union", "iou_argmax", "recall_union", "recall_argmax", "recall_allseg"):
+            assert 0.0 <= res[key] <= 1.0
+    r = CliRunner().invoke(cli, ["eval", "--discover", str(ds), "--dataset", "folder", "--root", str(ds),
+                                 "--class-names", str(vocab)])
+    assert r.exit_code != 0 and "discover.json" in r.output and len(r.output.strip().splitlines()) == 1
