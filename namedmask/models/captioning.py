@@ -144,8 +144,8 @@ class ClipCaptioner:
         delta = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in context_pairs]
         for _ in range(self.cfg.iterations):
             shift = [(dk.clone().requires_grad_(True), dv.clone().requires_grad_(True)) for dk, dv in delta]
-            shifted = [(k + sk, v + sv) for (k, v), (sk, sv) in zip(context_pairs, shift)]
-            with torch.enable_grad():
+            with torch.enable_grad():  # callers run under no_grad (discover)
+                shifted = [(k + sk, v + sv) for (k, v), (sk, sv) in zip(context_pairs, shift)]
                 logits = self.lm(last, past_key_values=_cache(shifted)).logits[:, -1, :]
                 probs = torch.softmax(logits, dim=-1)
                 clip_loss, _ = self._clip_loss(probs, context, image)
