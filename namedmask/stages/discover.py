@@ -132,9 +132,8 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
     """One image (uint8 [H, W, 3]) -> (labels int64 [H, W] in 0..S-1, segments list, seconds per step).
     `embeddings`, when given, receives "image" [S, E] and "text" [S, E]: each final segment's
     CLIP embedding and its name's text embedding."""
-    if (config.cluster, config.embed, config.namer, config.refine_method) != ("kmeans", config.embed, "vocabulary",
-                                                                             "bilateral") \
-            or config.embed == "zero-guidance":
+    if config.cluster != "kmeans" or config.embed == "zero-guidance" or config.namer != "vocabulary" \
+            or config.refine_method != "bilateral":
         return _discover_image_paper(models, image_hwc, config, embeddings)
     seconds = {}
     t = time.perf_counter()
