@@ -499,9 +499,48 @@ def paper_vs_default(root: Path) -> list:
     return rows
 
 
+def collapse_study() -> list:
+    """How alike one image's segment embeddings come out (the mechanism issue 24 measured; no toy
+    world needed): random open_clip ViT-B-16 weights (seed 0), 4 random 224 px images, each cut
+    into 6 segments (a 2 x 3 grid); mean cosine between the segments of an image (1 = every
+    segment embeds alike) and the mean cosine of each segment to its own masked crop, for our
+    class-row attention (context 0.1, last 3 blocks), the paper's zero-guidance masking (last 2 of
+    12 blocks, sd 5) with and without global subtraction, and masked crops."""
+    from namedmask.models import zero_guidance as zg
+    from namedmask.models.clip import load_clip
+
+    torch.manual_seed(0)
+    clip = load_clip("ViT-B-16", "random")
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 224, 224, dtype=torch.bool)
+    cols = ((0, 75), (75, 150), (150, 224))
+    for i in range(6):
+        r, (c0, c1) = i // 3, cols[i % 3]
+        masks[i, r * 112:(r + 1) * 112, c0:c1] = True
+    variants = [("ours: class-row bias, context 0.1, 3 blocks", dict(mode="attention", context=0.1, mask_layers=3)),
+                ("paper: zero-guidance, 2 of 12 blocks, sd 5", dict(mode="zero-guidance", mask_layers=None, sd=5.0)),
+                ("paper without global subtraction", dict(mode="zero-guidance", mask_layers=None, sd=None)),
+                ("masked crop", dict(mode="crop"))]
+    tot = {v: [] for v, _ in variants}
+    own = {v: [] for v, _ in variants}
+    for _ in range(4):
+        small = torch.randint(0, 256, (3, 7, 7), dtype=torch.uint8, generator=g).float()
+        image = torch.nn.functional.interpolate(small[None], size=(224, 224), mode="bilinear")[0].round().to(torch.uint8)
+        crop = zg.segment_embeddings(clip, image, masks, mode="crop")
+        for name, kw in variants:
+            e = zg.segment_embeddings(clip, image, masks, **kw)
+            c = e @ e.T
+            tot[name].append(float((c.sum() - c.diagonal().sum()) / 30))
+            own[name].append(float((e * crop).sum(1).mean()))
+    return [Row(op=f"segment collapse {name}", backend="cpu", shape="ViT-B-16 random, 4 imgs x 6 segs", seconds=0.0,
+                extra={"mean cosine between an image's segments": round(float(np.mean(tot[name])), 4),
+                       "mean cosine to own masked crop": round(float(np.mean(own[name])), 4)})
+            for name, _ in variants]
+
+
 def run() -> list:
     """NAMEDMASK_BENCH_PARTS (comma list, default quality,prompts,speed; also study =
-    attention_study, twostage = two_stage, paper = paper_vs_default)."""
+    attention_study, twostage = two_stage, paper = paper_vs_default, collapse = collapse_study)."""
     rows = []
     root = _toy_root()
     parts = set(os.environ.get("NAMEDMASK_BENCH_PARTS", "quality,prompts,speed").split(","))
@@ -524,6 +563,8 @@ def run() -> list:
             rows += prompt_tuning(root)
         else:
             print(f"bench discover: no NamedMask run at {run_dir} (archive/, refined/): mask prompt tuning skipped")
+    if "collapse" in parts:
+        rows += collapse_study()
     if "speed" in parts:
         rows += speed()
     return rows
