@@ -407,9 +407,140 @@ def speed() -> list:
     return [Row(op="discover 512px speed", backend="cpu", shape=f"{cfg.model}+{cfg.dino}", seconds=wall, extra=extra)]
 
 
+def _paper_config(root: Path, base, **over):
+    """`--preset paper` on the toy models: the preset's settings, the toy CLIP/DINO and the toy
+    images' own size (96 px; the paper's 224 is for real photos)."""
+    from namedmask.config import DISCOVER_PRESETS, DiscoverConfig
+
+    keep = {k: getattr(base, k) for k in ("model", "pretrained", "dino", "dino_weights", "vit_kwargs", "size",
+                                          "templates", "device", "vocabulary")}
+    return DiscoverConfig(**{**DISCOVER_PRESETS["paper"], **keep, "namer": "vocabulary", "captioner": None, **over})
+
+
+def paper_vs_default(root: Path) -> list:
+    """The zero-guidance paper's method (`--preset paper`) beside today's default on the held-out
+    multi-object scenes, scored by the paper's metric (`eval --discover`: names matched to the 8
+    categories by the toy CLIP's text-text cosine >= 0.5 (no sentence model here), or image-text
+    >= 0.1; IoU and recall over IoU thresholds 0-1). Same vocabulary namer for both unless noted
+    (every toy word + DISTRACTORS nouns); with NAMEDMASK_TOY_CAPTIONER (a folder from
+    bench/toy_captioner.py) also the paper's caption naming on the first NAMEDMASK_BENCH_CAPTION_IMAGES
+    (default 4) images, the CLIP loss over the LM's NAMEDMASK_BENCH_CAPTION_TOP (default 64; the
+    official 512) likeliest tokens. Also the paper's pieces one at a time on the default (ablations)."""
+    from namedmask.data.datasets import FolderLabeledSet
+    from namedmask.stages.discover import DiscoverConfig, discover
+    from namedmask.stages.discover_eval import evaluate_discovered
+    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
+
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+        crf = "densecrf"
+    except ImportError:
+        crf = "bilateral"
+        print("bench discover: pydensecrf2 not installed: the paper rows refine with the bilateral solver")
+    cats = _toy_categories(root)
+    multi = root / "world" / "eval" / "multi"
+    images = sorted((multi / "images").glob("*.jpg"))
+    limit = int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)
+    images = images[:limit]
+    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
+                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
+                          size=96, k=6, templates="namedmask", min_score=-1.0, device="cpu")
+    models = _toy_models(root, base)
+    labeled = FolderLabeledSet(multi, ["background"] + [n for n, _ in cats])
+    variants = [("default", base, images),
+                ("paper (vocabulary names)", _paper_config(root, base, refine_method=crf), images),
+                ("default + tree clustering & merge", DiscoverConfig(**{**base.__dict__, "cluster": "tree",
+                                                                        "dino_stride": 2, "merge_rule": "tree",
+                                                                        "merge_threshold": 0.8}), images),
+                ("default + zero-guidance embedding", DiscoverConfig(**{**base.__dict__, "embed": "zero-guidance",
+                                                                        "mask_layers": None}), images),
+                ("paper - global subtraction", _paper_config(root, base, refine_method=crf, subtraction_sd=None),
+                 images)]
+    captioner = os.environ.get("NAMEDMASK_TOY_CAPTIONER")
+    if captioner:
+        n = int(os.environ.get("NAMEDMASK_BENCH_CAPTION_IMAGES", "4"))
+        variants += [("default, same images as captions", base, images[:n]),
+                     ("paper (vocabulary names), same images", _paper_config(root, base, refine_method=crf), images[:n]),
+                     ("paper (caption names, tiny GPT-2)", _paper_config(root, base, refine_method=crf, namer="caption",
+                                                                         captioner=captioner), images[:n])]
+    rows = []
+    for name, cfg, imgs in variants:
+        with tempfile.TemporaryDirectory(prefix="bench_zg_") as tmp:
+            out = Path(tmp) / "d"
+            use = models
+            if cfg.namer == "caption":
+                from namedmask.models.captioning import CaptionConfig, ClipCaptioner, load_language_model
+                from namedmask.stages.discover import Models
+
+                lm, tok = load_language_model(cfg.captioner)
+                top = int(os.environ.get("NAMEDMASK_BENCH_CAPTION_TOP", "64"))  # official 512: CPU time
+                use = Models(models.clip, models.vit, None, None, None,
+                             ClipCaptioner(models.clip, lm, tok, CaptionConfig(top_tokens=top)))
+            t0 = time.perf_counter()
+            res = discover(imgs, out, cfg, progress=False, models=use)
+            secs = (time.perf_counter() - t0) / len(imgs)
+            nseg = sum(len(v) for v in res["segments"].values()) / len(imgs)
+            lab = FolderLabeledSet(multi, labeled.class_names)
+            lab.items = [it for it in lab.items if Path(it.id).name in {p.stem for p in imgs}]
+            tt = evaluate_discovered(out, lab, mode="t-t", clip=models.clip)
+            it = evaluate_discovered(out, lab, mode="i-t", clip=models.clip)
+            names = sorted({s["name"] for v in res["segments"].values() for s in v if s["name"]})
+        extra = {"segments/img": round(nseg, 2),
+                 "t-t IoU union": tt["iou_union"], "t-t IoU argmax": tt["iou_argmax"],
+                 "t-t recall union": tt["recall_union"], "t-t recall argmax": tt["recall_argmax"],
+                 "t-t recall allseg": tt["recall_allseg"],
+                 "i-t IoU union": it["iou_union"], "i-t IoU argmax": it["iou_argmax"],
+                 "i-t recall union": it["recall_union"], "i-t recall allseg": it["recall_allseg"],
+                 "distinct names": len(names), "images": len(imgs), "refine": cfg.refine_method}
+        if cfg.namer == "caption":
+            extra["some names"] = ", ".join(names[:8])
+        rows.append(Row(op=f"toy zero-guidance {name}", backend="cpu", shape=f"{len(imgs)} imgs 96px",
+                        seconds=secs, extra=extra))
+    return rows
+
+
+def collapse_study() -> list:
+    """How alike one image's segment embeddings come out (the mechanism issue 24 measured; no toy
+    world needed): random open_clip ViT-B-16 weights (seed 0), 4 random 224 px images, each cut
+    into 6 segments (a 2 x 3 grid); mean cosine between the segments of an image (1 = every
+    segment embeds alike) and the mean cosine of each segment to its own masked crop, for our
+    class-row attention (context 0.1, last 3 blocks), the paper's zero-guidance masking (last 2 of
+    12 blocks, sd 5) with and without global subtraction, and masked crops."""
+    from namedmask.models import zero_guidance as zg
+    from namedmask.models.clip import load_clip
+
+    torch.manual_seed(0)
+    clip = load_clip("ViT-B-16", "random")
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(6, 224, 224, dtype=torch.bool)
+    cols = ((0, 75), (75, 150), (150, 224))
+    for i in range(6):
+        r, (c0, c1) = i // 3, cols[i % 3]
+        masks[i, r * 112:(r + 1) * 112, c0:c1] = True
+    variants = [("ours: class-row bias, context 0.1, 3 blocks", dict(mode="attention", context=0.1, mask_layers=3)),
+                ("paper: zero-guidance, 2 of 12 blocks, sd 5", dict(mode="zero-guidance", mask_layers=None, sd=5.0)),
+                ("paper without global subtraction", dict(mode="zero-guidance", mask_layers=None, sd=None)),
+                ("masked crop", dict(mode="crop"))]
+    tot = {v: [] for v, _ in variants}
+    own = {v: [] for v, _ in variants}
+    for _ in range(4):
+        small = torch.randint(0, 256, (3, 7, 7), dtype=torch.uint8, generator=g).float()
+        image = torch.nn.functional.interpolate(small[None], size=(224, 224), mode="bilinear")[0].round().to(torch.uint8)
+        crop = zg.segment_embeddings(clip, image, masks, mode="crop")
+        for name, kw in variants:
+            e = zg.segment_embeddings(clip, image, masks, **kw)
+            c = e @ e.T
+            tot[name].append(float((c.sum() - c.diagonal().sum()) / 30))
+            own[name].append(float((e * crop).sum(1).mean()))
+    return [Row(op=f"segment collapse {name}", backend="cpu", shape="ViT-B-16 random, 4 imgs x 6 segs", seconds=0.0,
+                extra={"mean cosine between an image's segments": round(float(np.mean(tot[name])), 4),
+                       "mean cosine to own masked crop": round(float(np.mean(own[name])), 4)})
+            for name, _ in variants]
+
+
 def run() -> list:
     """NAMEDMASK_BENCH_PARTS (comma list, default quality,prompts,speed; also study =
-    attention_study, twostage = two_stage)."""
+    attention_study, twostage = two_stage, paper = paper_vs_default, collapse = collapse_study)."""
     rows = []
     root = _toy_root()
     parts = set(os.environ.get("NAMEDMASK_BENCH_PARTS", "quality,prompts,speed").split(","))
@@ -422,6 +553,8 @@ def run() -> list:
         rows += attention_study(root)
     if toy and "quality" in parts:
         rows += quality(root)
+    if toy and "paper" in parts:
+        rows += paper_vs_default(root)
     if toy and "twostage" in parts:
         rows += two_stage(root)
     if toy and "prompts" in parts:
@@ -430,6 +563,8 @@ def run() -> list:
             rows += prompt_tuning(root)
         else:
             print(f"bench discover: no NamedMask run at {run_dir} (archive/, refined/): mask prompt tuning skipped")
+    if "collapse" in parts:
+        rows += collapse_study()
     if "speed" in parts:
         rows += speed()
     return rows

@@ -205,10 +205,21 @@ def _flag(value: bool):
 @click.option("--text-classes", default=None, is_flag=False, flag_value="dataset",
               help="With a text-head --checkpoint or --zero-shot: classify with these names (a category set or "
                    "names file; alone: the dataset's own class names).")
+@click.option("--discover", "discover_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Score a `namedmask discover` folder (free names) on --dataset/--root as the zero-guidance paper "
+                   "does: names matched to classes, IoU and recall over IoU thresholds 0-1 (docs/discover.md).")
+@click.option("--discover-mode", type=click.Choice(["t-t", "i-t"]), default="t-t", show_default=True,
+              help="--discover matching: t-t names to class names (sentence model, else CLIP text); i-t segment "
+                   "image embeddings to CLIP class prompts.")
+@click.option("--sentence-model", default=None, metavar="FOLDER|NAME",
+              help="--discover t-t: a sentence-embedding model (sentence-transformers layout, e.g. all-mpnet-base-v2).")
+@click.option("--text-threshold", type=float, default=0.5, show_default=True, help="--discover t-t: least cosine.")
+@click.option("--clip-threshold", type=float, default=0.1, show_default=True, help="--discover i-t: least cosine.")
 @_open_vocab_options
 @_config_options
 def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images, overlays_dir, num_classes,
              ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend, zero_shot, text_classes,
+             discover_dir, discover_mode, sentence_model, text_threshold, clip_threshold,
              text, config_path, overrides, **zs_options) -> None:
     """mIoU of prediction label maps against ground truth (--pred/--gt), or of a trained model
     on a dataset (--checkpoint/--dataset/--root): one dataset-level confusion matrix."""
@@ -216,6 +227,10 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
     from namedmask.data.categories import get_category_set
     from namedmask.evaluation import write_report
     from namedmask.stages.evaluate import evaluate_label_maps
+
+    if discover_dir is not None:
+        return _eval_discover(discover_dir, dataset, root, split, class_names, discover_mode, sentence_model,
+                              text_threshold, clip_threshold, max_images, out)
 
     cfg = load_config(EvalConfig, config_path, overrides, device=device, max_images=max_images, backend=backend,
                       ignore_unmapped=_flag(ignore_unmapped))
@@ -262,6 +277,41 @@ def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images
     click.echo(report.table())
     if out:
         write_report(report, out)
+        click.echo(f"metrics written to {out}")
+
+
+def _eval_discover(discover_dir, dataset, root, split, class_names, mode, sentence_model, text_threshold,
+                   clip_threshold, max_images, out) -> None:
+    from namedmask import io
+    from namedmask.data.categories import get_category_set
+    from namedmask.data.datasets import open_dataset
+    from namedmask.stages.discover_eval import evaluate_discovered
+
+    if dataset is None or root is None:
+        raise click.UsageError("--discover needs --dataset (voc, folder, ...) and --root")
+    if out is not None:
+        _check_out_file(out)
+    labeled = open_dataset(dataset, root, split)
+    names = None
+    if class_names:
+        cs = get_category_set(class_names)
+        names = [cs.prompt_name(n) for n in cs.names]
+    elif labeled.class_names:
+        from namedmask.errors import NamedMaskError
+
+        try:  # the official prompt words of a built-in set (VOC: "dining table", ...)
+            cs = get_category_set(dataset)
+            names = [cs.prompt_name(n) for n in labeled.class_names]
+        except NamedMaskError:
+            names = list(labeled.class_names)
+    result = evaluate_discovered(discover_dir, labeled, class_names=names, mode=mode, sentence_model=sentence_model,
+                                 text_threshold=text_threshold, clip_threshold=clip_threshold, max_images=max_images)
+    click.echo(f"zero-guidance evaluation of {discover_dir} ({result['images']} images, mode {mode}, "
+               f"{result['matching']} >= {result['threshold']}):")
+    for key in ("iou_union", "iou_argmax", "recall_union", "recall_argmax", "recall_allseg"):
+        click.echo(f"  {key:14s} {result[key]:.4f}")
+    if out:
+        io.write_json(out, result)
         click.echo(f"metrics written to {out}")
 
 
@@ -767,9 +817,26 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.option("--random-weights", is_flag=True, help="Random DINO weights: smoke runs only.")
 @click.option("--size", type=int, default=None, show_default="512", help="Short side (px) for DINO and the solver.")
 @click.option("--k", type=int, default=None, show_default="8", help="Most segments per image before merging.")
-@click.option("--embed", type=click.Choice(["attention", "crop", "whole"]), default=None, show_default="attention",
-              help="Segment embedding: class-row attention mask in CLIP's last layers, masked crop, or the whole "
-                   "image (baseline).")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default=None, show_default="default",
+              help="paper: the zero-guidance paper's method as its official code runs it (DINO ViT-S/8 keys, "
+                   "Ward tree cut and image+text tree merge, dense CRF, soft-area attention masking with global "
+                   "subtraction, GPT-2 caption naming; see docs/discover.md). Lower precedence than --config, "
+                   "--set and the options below.")
+@click.option("--embed", type=click.Choice(["attention", "crop", "whole", "zero-guidance"]), default=None,
+              show_default="attention",
+              help="Segment embedding: class-row attention mask in CLIP's last layers, masked crop, the whole "
+                   "image (baseline), or zero-guidance (the paper's: every query row masked by the segment's "
+                   "soft area, global subtraction).")
+@click.option("--cluster", type=click.Choice(["kmeans", "tree"]), default=None, show_default="kmeans",
+              help="Over-segmentation: cosine k-means (--k), or the paper's cut Ward tree of DINO keys.")
+@click.option("--refine-method", type=click.Choice(["bilateral", "densecrf"]), default=None,
+              show_default="bilateral", help="Refinement of the segments: the bilateral solver, or the dense CRF "
+                                             "(needs pydensecrf2: pip install \"namedmask[densecrf]\").")
+@click.option("--namer", type=click.Choice(["vocabulary", "caption"]), default=None, show_default="vocabulary",
+              help="Names: the nearest --vocabulary entry (fast), or a caption decoded by --captioner guided by "
+                   "CLIP (the paper's; slow).")
+@click.option("--captioner", default=None, metavar="NAME|FOLDER",
+              help="--namer caption: a Hugging Face causal language model (gpt2, gpt2-medium) or a local folder.")
 @click.option("--context", type=float, default=None, show_default="0.1",
               help="Factor (0..1) on the class token's attention to each patch outside the segment: 0 = the segment "
                    "only, 1 = no mask (per patch, not a total share: see README).")
@@ -785,19 +852,27 @@ def refine(method, images_dir, archive, groups, embeddings, masks_dir, out_dir, 
 @click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
 @click.option("--skip-bad", is_flag=True, help="Log, list and skip unreadable images instead of failing at the end.")
 @_config_options
-def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_weights, random_weights, size, k, embed,
-             context, mask_layers, mask_prompts, min_score, merge_threshold, no_refine, device, skip_bad, config_path,
-             overrides) -> None:
+def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_weights, random_weights, size, k, preset,
+             embed, cluster, refine_method, namer, captioner, context, mask_layers, mask_prompts, min_score,
+             merge_threshold, no_refine, device, skip_bad, config_path, overrides) -> None:
     """Segments and their names with no query and no class list (zero-guidance segmentation)."""
-    from namedmask.config import DiscoverConfig, load_config
+    from namedmask.config import DISCOVER_PRESETS, DiscoverConfig, load_config, parse_overrides, read_yaml
+
     from namedmask.stages.discover import discover as run
 
+    if preset and preset != "default":  # defaults < preset < --config < --set < options
+        base = dict(DISCOVER_PRESETS[preset])
+        if config_path is not None:
+            base.update(read_yaml(config_path)[0])
+        base.update(parse_overrides(overrides))
+        config_path, overrides = None, base
     cfg = load_config(DiscoverConfig, config_path, overrides, vocabulary=vocabulary, templates=templates, model=model,
                       pretrained=pretrained, dino=dino, dino_weights=dino_weights and str(dino_weights),
                       random_weights=_flag(random_weights), size=size, k=k, refine=False if no_refine else None,
                       embed=embed, context=context, mask_layers=mask_layers,
                       mask_prompts=mask_prompts and str(mask_prompts), min_score=min_score,
-                      merge_threshold=merge_threshold, device=device, skip_bad=_flag(skip_bad))
+                      merge_threshold=merge_threshold, device=device, cluster=cluster, refine_method=refine_method,
+                      namer=namer, captioner=captioner, skip_bad=_flag(skip_bad))
     result = run(images, out, cfg)
     n = sum(len(v) for v in result["segments"].values())
     bad = f", {result['bad']} unreadable skipped" if result["bad"] else ""

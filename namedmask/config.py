@@ -382,7 +382,7 @@ class TwoStageConfig:
     templates: str = "namedmask"
     background: tuple = ("background",)     # background prompts (empty: threshold only)
     threshold: float | None = None          # best class probability under which a region is background
-    embed: str = choice("crop", "attention", "whole")  # namedmask.models.zero_guidance.EMBED_MODES
+    embed: str = choice("crop", "attention", "whole", "zero-guidance")  # namedmask.models.zero_guidance.EMBED_MODES
     mask_prompts: str | None = None         # tokens from `namedmask adapt-clip` (embed crop)
     context: float = 0.1                    # attention embedding: factor on each outside patch
     mask_layers: int = 3
@@ -420,9 +420,9 @@ class DiscoverConfig:
     k: int = 8                              # most segments before merging (labels are a palette PNG)
     min_area: float = 0.01
     refine: bool = True
-    embed: str = choice("attention", "crop", "whole")  # models.zero_guidance.EMBED_MODES
+    embed: str = choice("attention", "crop", "whole", "zero-guidance")  # models.zero_guidance.EMBED_MODES
     context: float = 0.1                    # factor on the class token's attention to each outside patch
-    mask_layers: int = 3
+    mask_layers: int | None = 3             # None: scaled to CLIP's depth as the paper (4 of 24; embed zero-guidance)
     mask_prompts: str | None = None         # tokens from `namedmask adapt-clip` (embed crop)
     min_score: float = 0.2                  # cosine below which a segment has no name
     merge_threshold: float = 0.9            # cosine of segment embeddings that merges touching segments
@@ -431,14 +431,54 @@ class DiscoverConfig:
     device: str = "auto"
     seed: int = 0
     skip_bad: bool = False                  # log, list and skip unreadable images (not a result setting)
+    # The zero-guidance paper's pieces (issue 24; `--preset paper` sets them all, DISCOVER_PRESETS).
+    cluster: str = choice("kmeans", "tree")  # kmeans | tree (Ward tree of the DINO keys, cut as the paper)
+    tree_leaves: int = 20                   # cluster tree: leaves of the top of the Ward tree
+    tree_cut: float = 0.95                  # cluster tree: a node is split while its children's centroid cosine < this
+    dino_stride: int | None = None          # overlapping DINO patches this many px apart (None: the patch size)
+    refine_method: str = choice("bilateral", "densecrf")  # bilateral | densecrf (pydensecrf2, the paper's)
+    subtraction_sd: float | None = 5.0      # embed zero-guidance: global subtraction sd (None: none)
+    merge_rule: str = choice("adjacent", "tree")  # adjacent (touching, same name or close) | tree (the paper's bottom-up merge)
+    merge_weight: float = 0.5               # merge_rule tree: weight of the image cosine (1 - it: the names' text cosine)
+    namer: str = choice("vocabulary", "caption")  # vocabulary (nearest entry) | caption (CLIP-guided decoding, --captioner)
+    captioner: str | None = None            # namer caption: a Hugging Face causal LM (hub name or local folder)
+    caption_prompt: str = "Image of a"
+    caption_beam: int = 5
+    caption_length: int = 15                # most generated tokens
 
     def __post_init__(self):
         _check_choices(self)
         _check(self, size=(16, MAX_SHORT_SIDE), k=(1, 255), min_area=(0.0, 1.0), context=(0.0, 1.0),
                mask_layers=(1, None), min_score=(-1.0, 1.0), merge_threshold=(-1.0, 1.0), top=(1, None),
-               seed=(0, None))
+               seed=(0, None), tree_leaves=(2, 255), tree_cut=(-1.0, 2.0), dino_stride=(1, None),
+               subtraction_sd=(0.0, None), merge_weight=(0.0, 1.0), caption_beam=(1, None), caption_length=(1, None))
         if self.mask_prompts and self.embed != "crop":
             raise ConfigError("mask_prompts work on masked crops: set embed crop (--embed crop)")
+        if self.mask_layers is None and self.embed != "zero-guidance":
+            raise ConfigError("mask_layers may be left empty (scaled to CLIP's depth) only with embed zero-guidance")
+        if self.merge_rule == "tree" and self.cluster != "tree":
+            raise ConfigError("merge_rule tree merges along the cluster tree: set cluster tree (or merge_rule adjacent)")
+        if self.namer == "caption" and not self.captioner:
+            raise ConfigError("namer caption needs a language model: --captioner gpt2 (a Hugging Face name or a "
+                              "local folder)")
+
+
+# `discover --preset NAME`: settings under the config file, --set and the command line.
+# paper: nessessence/ZeroGuidanceSeg as released (run_dino_clustering.sh, run_zeroguidance.sh):
+# DINO ViT-S/8 last-layer keys at 224 px, stride 2; a Ward tree of 20 leaves cut at 0.95 (the
+# threshold the merge script reads); dense CRF; soft-area attention masking of every query row
+# in the last 4 of 24 CLIP blocks (scaled to the depth) with global subtraction sd 5; captions
+# by CLIP-guided GPT-2 decoding ("Image of a", beam 5); the bottom-up tree merge at
+# 0.5 image + 0.5 text cosine >= 0.8; every segment named (no score floor).
+DISCOVER_PRESETS = {
+    "default": {},
+    "paper": {"dino": "vit_small_patch8_224.dino", "size": 224, "dino_stride": 2, "cluster": "tree",
+              "tree_leaves": 20, "tree_cut": 0.95, "refine": True, "refine_method": "densecrf",
+              "embed": "zero-guidance", "mask_layers": None, "subtraction_sd": 5.0, "merge": True,
+              "merge_rule": "tree", "merge_threshold": 0.8, "merge_weight": 0.5, "min_score": -1.0,
+              "namer": "caption", "captioner": "gpt2-medium", "caption_prompt": "Image of a", "caption_beam": 5,
+              "caption_length": 15, "model": "ViT-L-14-336"},
+}
 
 
 @dataclass

@@ -186,14 +186,22 @@ def patch_size(vit) -> int:
     return int(vit.patch_embed.patch_size[0])
 
 
-def forward_tokens(vit, images: torch.Tensor, pos_embed_rule: str = "dino"):
+def forward_tokens(vit, images: torch.Tensor, pos_embed_rule: str = "dino", stride: int | None = None):
     """Normalised images [B, 3, H, W] (H, W multiples of the patch size) -> (last-layer
     tokens after the final norm [B, 1 + h*w, C], (h, w)). pos_embed_rule: "dino" (DINO,
-    TokenCut) or "size" (SelfMask), see resample_pos_embed."""
+    TokenCut) or "size" (SelfMask), see resample_pos_embed. stride (a divisor of the patch
+    size): overlapping patches, grid 1 + (H - p) / stride per side (the dino-vit-features
+    extractor's `patch_vit_resolution`, used by zero-guidance segmentation)."""
     p = patch_size(vit)
     if images.shape[-2] % p or images.shape[-1] % p:
         raise ValueError(f"input {tuple(images.shape[-2:])} is not a multiple of the patch size {p}")
-    x = vit.patch_embed.proj(images)
+    if stride is not None and stride != p:
+        if stride < 1 or p % stride:
+            raise InputError(f"DINO stride {stride} must divide the patch size {p}")
+        proj = vit.patch_embed.proj
+        x = F.conv2d(images, proj.weight, proj.bias, stride=stride)
+    else:
+        x = vit.patch_embed.proj(images)
     b, _, h, w = x.shape
     x = vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
     pos = resample_pos_embed(vit.pos_embed, (h, w), pos_embed_rule)
@@ -221,8 +229,9 @@ def capture_last_keys(vit):
 
 
 @torch.no_grad()
-def last_layer_keys(vit, images: torch.Tensor):
-    """TokenCut's features: last-layer keys of the patch tokens [B, h*w, C], and (h, w)."""
+def last_layer_keys(vit, images: torch.Tensor, stride: int | None = None):
+    """TokenCut's features: last-layer keys of the patch tokens [B, h*w, C], and (h, w)
+    (stride: see forward_tokens)."""
     with capture_last_keys(vit) as captured:
-        _, grid = forward_tokens(vit, images)
+        _, grid = forward_tokens(vit, images, stride=stride)
     return captured["keys"][:, vit.num_prefix_tokens:], grid

@@ -23,15 +23,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from namedmask.errors import InputError
+from namedmask.errors import InputError, UnavailableError
 from namedmask.models.clip import Clip
 from namedmask.models.dino import IMAGENET_MEAN, IMAGENET_STD, last_layer_keys, patch_size
 from namedmask.ops.bilateral import bilateral_solve_batch
 
-EMBED_MODES = ("attention", "crop", "whole")
+EMBED_MODES = ("attention", "crop", "whole", "zero-guidance")
+PAPER_DEPTH, PAPER_MASK_LAYERS = 24, 4    # ViT-L/14: blocks 20..23 masked (official, hard-coded `nth >= 20`)
 
 
 # ------------------------------------------------------------------------------ CLIP side
@@ -69,8 +71,55 @@ def patch_tokens(clip: Clip, x: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], -1).permute(0, 2, 1)
 
 
+def paper_mask_layers(depth: int) -> int:
+    """The number of last blocks the zero-guidance paper masks, scaled to a model's depth
+    (4 of ViT-L/14's 24; at least 1)."""
+    return max(1, round(PAPER_MASK_LAYERS * depth / PAPER_DEPTH))
+
+
+def soft_area_fractions(masks: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """Masks [S, H, W] -> the fraction of each CLIP patch they cover [S, gh * gw], by area
+    interpolation of the mask (the official `F.interpolate(mask, size=grid, mode='area')`)."""
+    return F.interpolate(masks[:, None].float(), size=tuple(grid), mode="area").flatten(1)
+
+
+def _area_masked_attention(blk, x: torch.Tensor, keep: torch.Tensor, sd: float | None) -> torch.Tensor:
+    """The zero-guidance paper's attention (official clip_v3_nb_mask, `_scaled_dot_product_attention`):
+    x [B, T, D] (after ln_1), keep [B, T] (1 on the class token, the segment's area fraction on
+    each patch). Per head: P = softmax(q k^T / sqrt(d)); every query row's weights are multiplied
+    by keep and renormalised (M); with sd, "global subtraction": M - w * P[class row], w =
+    exp(-(c + 1)^2 / sd), c = the cosine between M and P rows averaged over heads and rows (one c
+    per image); no renormalisation after the subtraction. Returns out_proj(attention @ v)."""
+    attn = blk.attn
+    b, t, d = x.shape
+    h = attn.num_heads
+    q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (z.reshape(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))  # [B, H, T, hd]
+    logits = (q / math.sqrt(d // h)) @ k.transpose(-1, -2)                      # [B, H, T, T]
+    plain = logits.softmax(-1)
+    masked = torch.exp(logits - logits.amax(-1, keepdim=True)) * keep[:, None, None, :].to(logits.dtype)
+    masked = masked / masked.sum(-1, keepdim=True)
+    if sd is not None:
+        c = F.cosine_similarity(masked, plain, dim=-1).mean((1, 2))             # [B]
+        w = torch.exp(-(c + 1) ** 2 / sd)
+        masked = masked - w[:, None, None, None] * plain[:, :, :1, :]
+    out = (masked @ v).transpose(1, 2).reshape(b, t, d)
+    return attn.out_proj(out)
+
+
+def _paper_block(blk, h: torch.Tensor, keep: torch.Tensor, sd: float | None) -> torch.Tensor:
+    """One open_clip ResidualAttentionBlock (batch-first h [B, T, D]) with the paper's attention."""
+    if not isinstance(blk.attn, torch.nn.MultiheadAttention) or getattr(blk.attn, "_qkv_same_embed_dim", True) is False:
+        raise InputError("zero-guidance attention needs CLIP blocks with torch.nn.MultiheadAttention (open_clip ViT)")
+    ls_1 = getattr(blk, "ls_1", torch.nn.Identity())
+    ls_2 = getattr(blk, "ls_2", torch.nn.Identity())
+    h = h + ls_1(_area_masked_attention(blk, blk.ln_1(h), keep, sd))
+    return h + ls_2(blk.mlp(blk.ln_2(h)))
+
+
 def clip_forward(clip: Clip, x: torch.Tensor, *, cls_bias: torch.Tensor | None = None, bias_layers: int = 0,
-                 prompts: torch.Tensor | None = None, blank: torch.Tensor | None = None) -> torch.Tensor:
+                 prompts: torch.Tensor | None = None, blank: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None, keep_layers: int = 0, sd: float | None = None) -> torch.Tensor:
     """CLIP image embeddings [B, E] (not normalised) of normalised images x [B, 3, S, S].
 
     cls_bias [B, 1 + L]: additive attention bias of the class token's row in the last
@@ -78,7 +127,9 @@ def clip_forward(clip: Clip, x: torch.Tensor, *, cls_bias: torch.Tensor | None =
     unbiased blocks then run once and the batch expands where the bias starts. prompts [P, L, D] with blank [B, L] bool: in blocks 0..P-1 the input
     tokens of blank patches are replaced by the prompt tokens of that block (mask prompt
     tuning; block 0's prompts replace the patch embedding before the position embedding is
-    added, as the blank patch's own embedding would have been)."""
+    added, as the blank patch's own embedding would have been). keep [B, 1 + L] with keep_layers
+    and sd: the zero-guidance paper's attention (`_area_masked_attention`) in the last
+    keep_layers blocks, one keep row per segment (x may hold one image for all of them)."""
     v = _visual(clip)
     t = patch_tokens(clip, x)
     b, n, d = t.shape
@@ -89,6 +140,7 @@ def clip_forward(clip: Clip, x: torch.Tensor, *, cls_bias: torch.Tensor | None =
     blocks = v.transformer.resblocks
     batch_first = getattr(v.transformer, "batch_first", True)
     first_biased = len(blocks) - bias_layers if cls_bias is not None else len(blocks)
+    first_kept = len(blocks) - keep_layers if keep is not None else len(blocks)
     mask = None
     if cls_bias is not None:
         heads = blocks[-1].attn.num_heads
@@ -104,6 +156,11 @@ def clip_forward(clip: Clip, x: torch.Tensor, *, cls_bias: torch.Tensor | None =
             h = torch.cat([h[:, :1], patches], 1)
         if i == first_biased and h.shape[0] != mask.shape[0] // heads:
             h = h.expand(mask.shape[0] // heads, -1, -1)
+        if i >= first_kept:
+            if h.shape[0] != len(keep):
+                h = h.expand(len(keep), -1, -1)
+            h = _paper_block(blk, h, keep.to(h.device), sd)
+            continue
         kw = {"attn_mask": mask} if i >= first_biased else {}
         h = blk(h, **kw) if batch_first else blk(h.transpose(0, 1), **kw).transpose(0, 1)
     pooled = v.ln_post(h[:, 0])
@@ -154,10 +211,12 @@ def masked_crops(image: torch.Tensor, masks: torch.Tensor, size: int, mean: tupl
 
 @torch.no_grad()
 def segment_embeddings(clip: Clip, image: torch.Tensor, masks: torch.Tensor, *, mode: str = "attention",
-                       context: float = 0.1, mask_layers: int = 3, mask_prompts=None,
-                       batch_size: int = 32) -> torch.Tensor:
+                       context: float = 0.1, mask_layers: int | None = 3, mask_prompts=None,
+                       batch_size: int = 32, sd: float | None = 5.0) -> torch.Tensor:
     """L2-normalised CLIP embeddings [S, E] of the segments `masks` (bool [S, H, W]) of `image`
-    (uint8 [3, H, W]). mode: see EMBED_MODES; mask_prompts: a MaskPrompts for mode "crop"."""
+    (uint8 [3, H, W]). mode: see EMBED_MODES; mask_prompts: a MaskPrompts for mode "crop".
+    mode "zero-guidance": the paper's rule (`_area_masked_attention`) in the last `mask_layers`
+    blocks (None: `paper_mask_layers` of the depth), global subtraction with `sd` (None: none)."""
     if mode not in EMBED_MODES:
         raise InputError(f"embedding mode must be one of {EMBED_MODES}, got {mode!r}")
     if len(masks) == 0:
@@ -167,6 +226,17 @@ def segment_embeddings(clip: Clip, image: torch.Tensor, masks: torch.Tensor, *, 
         e = clip_forward(clip, normalise(clip, _resize_uint8(image, size)))
         return F.normalize(e.float(), dim=-1).cpu().expand(len(masks), -1).clone()
     out = []
+    if mode == "zero-guidance":
+        depth = clip_depth(clip)
+        layers = paper_mask_layers(depth) if mask_layers is None else mask_layers
+        if not 1 <= layers <= depth:
+            raise InputError(f"mask_layers must be in 1..{depth} (the depth of {clip.name}), got {layers}")
+        x = normalise(clip, _resize_uint8(image, size))
+        frac = soft_area_fractions(masks, clip_grid(clip))
+        keep = torch.cat([torch.ones(len(frac), 1), frac], 1).to(clip.device)
+        for i in range(0, len(masks), batch_size):
+            out.append(clip_forward(clip, x, keep=keep[i:i + batch_size], keep_layers=layers, sd=sd))
+        return F.normalize(torch.cat(out).float(), dim=-1).cpu()
     if mode == "attention":
         depth = clip_depth(clip)
         if not 1 <= mask_layers <= depth:
@@ -222,14 +292,16 @@ class Oversegmentation:
 
 
 def oversegment(features: torch.Tensor, grid: tuple, image: torch.Tensor, *, k: int = 8, min_area: float = 0.01,
-                temperature: float = 0.05, refine: bool = True, seed: int = 0) -> Oversegmentation:
+                temperature: float = 0.05, refine: bool = True, seed: int = 0,
+                refine_method: str = "bilateral") -> Oversegmentation:
     """DINO patch features [h*w, C] -> a pixel label map of `image` (uint8 [3, H, W]).
 
     Cosine k-means of the patch features into <= k clusters; clusters under `min_area` of the
     patches are absorbed by their nearest cluster; then each cluster's soft assignment
     (softmax of cosine / temperature over the clusters), upsampled to pixels, is refined along
     the image's edges by the bilateral solver and each pixel takes the cluster with the
-    highest refined score (no refinement: the upsampled soft assignments decide)."""
+    highest refined score (no refinement: the upsampled soft assignments decide).
+    refine_method "densecrf": the dense CRF (`densecrf_labels`) with unary -cosine / temperature."""
     h, w = grid
     feats = F.normalize(features.float(), dim=-1)
     labels = kmeans(feats, k, seed=seed)
@@ -241,6 +313,11 @@ def oversegment(features: torch.Tensor, grid: tuple, image: torch.Tensor, *, k: 
     sim = feats @ centres.T                               # [h*w, S]
     patch_labels = sim.argmax(1).view(h, w)
     H, W = image.shape[-2:]
+    if refine and refine_method == "densecrf" and sim.shape[1] > 1:
+        unary = F.interpolate((-sim / temperature).T.reshape(-1, 1, h, w), size=(H, W), mode="bilinear",
+                              align_corners=False)[:, 0]
+        pixel = densecrf_labels(image, unary)
+        return Oversegmentation(torch.unique(pixel, return_inverse=True)[1].view(H, W), patch_labels)
     soft = torch.softmax(sim / temperature, dim=1).T.reshape(-1, 1, h, w)
     soft = F.interpolate(soft, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
     if refine and len(soft) > 1:
@@ -261,7 +338,7 @@ def working_image(image_hwc: torch.Tensor, size: int, patch: int) -> torch.Tenso
 
 
 def propose_segments(vit, image_hwc: torch.Tensor, *, size: int = 512, k: int = 8, min_area: float = 0.01,
-                     refine: bool = True, seed: int = 0, lap=None) -> tuple:
+                     refine: bool = True, seed: int = 0, lap=None, refine_method: str = "bilateral") -> tuple:
     """An image (uint8 [H, W, 3]) -> (the working image uint8 [3, h, w] at short side `size`,
     its segments int64 [h, w] in 0..S-1): DINO (`vit`) last-layer keys, then `oversegment`.
     `lap(step)`, when given, is called after "dino" and after "oversegment" (timing)."""
@@ -272,10 +349,240 @@ def propose_segments(vit, image_hwc: torch.Tensor, *, size: int = 512, k: int = 
     keys, grid = last_layer_keys(vit, x)
     if lap:
         lap("dino")
-    labels = oversegment(keys[0].cpu(), grid, img, k=k, min_area=min_area, refine=refine, seed=seed).labels
+    labels = oversegment(keys[0].cpu(), grid, img, k=k, min_area=min_area, refine=refine, seed=seed,
+                         refine_method=refine_method).labels
     if lap:
         lap("oversegment")
     return img, labels
+
+
+# ------------------------------------------------------------------------------ the paper's tree
+
+@dataclass
+class TreeCut:
+    """The leaves of the cut tree (official run_dino_clustering_tree.py): patch labels int64 [N]
+    in 0..S-1, each leaf's tree id (root = 0, children of t = 2t+1, 2t+2), centroids [S, C]
+    (means of the L2-normalised features, not renormalised)."""
+    labels: torch.Tensor
+    tree_ids: list
+    centroids: torch.Tensor
+
+
+def ward_parts(features: torch.Tensor, leaves: int = 20) -> tuple:
+    """The official agglomerative step (a modified sklearn AgglomerativeClustering, whose Ward
+    tree is scipy.cluster.hierarchy.ward of the features): L2-normalised features [N, C] ->
+    (parts bool [2 (leaves - 1), N], nodes): the tree is split top-down `leaves - 1` times, always
+    the most recently merged node first (the official `_hc_cut`); split a yields parts 2a, 2a+1
+    (the two children in scipy's order); nodes[a] = (split node, child 0, child 1) ids."""
+    from heapq import heappush, heappushpop
+
+    from scipy.cluster.hierarchy import ward
+
+    x = features.detach().cpu().double().numpy()
+    n = len(x)
+    if n < 2:
+        return np.zeros((0, n), dtype=bool), []
+    leaves = max(2, min(leaves, n))
+    children = ward(x)[:, :2].astype(np.int64)
+    members = {}
+
+    def leaf_set(node):
+        if node < n:
+            return np.array([node])
+        if node not in members:
+            stack, out = [node], []
+            while stack:
+                c = stack.pop()
+                if c < n:
+                    out.append(c)
+                elif c in members:
+                    out.extend(members[c].tolist())
+                else:
+                    stack.extend(children[c - n].tolist())
+            members[node] = np.sort(np.array(out))
+        return members[node]
+
+    heap = [-(int(children[-1].max()) + 1)]
+    parts, nodes = np.zeros((2 * (leaves - 1), n), dtype=bool), []
+    for a in range(leaves - 1):
+        node = -heap[0]
+        c0, c1 = (int(c) for c in children[node - n])
+        heappush(heap, -c0)
+        heappushpop(heap, -c1)
+        parts[2 * a, leaf_set(c0)] = True
+        parts[2 * a + 1, leaf_set(c1)] = True
+        nodes.append((node, c0, c1))
+    return parts, nodes
+
+
+def cut_tree(features: torch.Tensor, leaves: int = 20, threshold: float = 0.95) -> TreeCut:
+    """The official cut of the Ward tree of DINO patch features [N, C]: the root is always split;
+    a later split (in `ward_parts` order) is kept when its node was kept and the cosine between
+    its two children's centroids is below `threshold`. The kept nodes that are not split again
+    are the leaves, numbered in the order they were kept."""
+    x = F.normalize(features.detach().float().cpu(), dim=-1)
+    n = len(x)
+    parts, nodes = ward_parts(x, leaves)
+    if not nodes:
+        return TreeCut(torch.zeros(n, dtype=torch.int64), [0], x.mean(0, keepdim=True))
+    pm = torch.from_numpy(parts)
+    cent = (pm.double() @ x.double()) / pm.sum(1, keepdim=True).double()
+    cn = F.normalize(cent, dim=-1)
+    sim = (cn @ cn.T).float()
+    tree_id = {nodes[0][0]: 0}
+    order, split = [], set()                         # kept nodes in the order they were kept; split ones
+    for a, (node, c0, c1) in enumerate(nodes):
+        if node not in tree_id or (a > 0 and not float(sim[2 * a, 2 * a + 1]) < threshold):
+            continue
+        tree_id[c0], tree_id[c1] = 2 * tree_id[node] + 1, 2 * tree_id[node] + 2
+        order += [(c0, 2 * a), (c1, 2 * a + 1)]
+        split.add(node)
+    kept = [(c, p) for c, p in order if c not in split]
+    labels = torch.full((n,), -1, dtype=torch.int64)
+    for i, (_, p) in enumerate(kept):
+        labels[pm[p]] = i
+    centroids = torch.stack([x[labels == i].mean(0) for i in range(len(kept))])
+    return TreeCut(labels, [tree_id[c] for c, _ in kept], centroids)
+
+
+def centroid_energy(features: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The official unary of the dense CRF: per patch, the squared distance of its L2-normalised
+    feature [N, C] to each centroid [S, C], minus the largest of them ([N, S], <= 0; the nearest
+    centroid has the lowest energy)."""
+    x = F.normalize(features.detach().float().cpu(), dim=-1).double()
+    d = ((x[:, None, :] - centroids.double()[None]) ** 2).sum(-1)
+    return (d - d.amax(1, keepdim=True)).float()
+
+
+DENSECRF_EXTRA = "densecrf"   # pip install "namedmask[densecrf]" (pydensecrf2)
+
+
+class MissingExtraError(UnavailableError, ImportError):
+    """An optional dependency a chosen setting needs is not installed; the message names the extra."""
+
+
+def densecrf_available() -> None:
+    """Raises MissingExtraError (one line naming the extra) when pydensecrf2 is not installed."""
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError as exc:
+        raise MissingExtraError(f"dense-CRF refinement needs pydensecrf2: pip install \"namedmask[{DENSECRF_EXTRA}]\" "
+                                f"(or pydensecrf2), or use the bilateral solver (refine_method bilateral)") from exc
+
+
+def densecrf_labels(image: torch.Tensor, energy: torch.Tensor, *, iterations: int = 10,
+                    gaussian: tuple = (1, 25), bilateral: tuple = (5, 13, 100)) -> torch.Tensor:
+    """The official dense-CRF refinement (pydensecrf DenseCRF2D): image uint8 [3, H, W], unary
+    energy float [S, H, W]; Gaussian pairwise sxy=1 compat=25, bilateral sxy=5 srgb=13
+    compat=100, diagonal kernels, symmetric normalisation, 10 mean-field iterations; argmax of Q
+    -> int64 [H, W]."""
+    densecrf_available()
+    import pydensecrf.densecrf as dcrf
+
+    s, h, w = energy.shape
+    d = dcrf.DenseCRF2D(w, h, s)
+    d.setUnaryEnergy(np.ascontiguousarray(energy.reshape(s, -1).numpy().astype(np.float32)))
+    d.addPairwiseGaussian(sxy=gaussian[0], compat=gaussian[1], kernel=dcrf.DIAG_KERNEL,
+                          normalization=dcrf.NORMALIZE_SYMMETRIC)
+    rgb = np.ascontiguousarray(image.permute(1, 2, 0).numpy().astype(np.uint8))
+    d.addPairwiseBilateral(sxy=bilateral[0], srgb=bilateral[1], rgbim=rgb, compat=bilateral[2],
+                           kernel=dcrf.DIAG_KERNEL, normalization=dcrf.NORMALIZE_SYMMETRIC)
+    q = np.array(d.inference(iterations))
+    return torch.from_numpy(q.argmax(0).reshape(h, w)).long()
+
+
+@dataclass
+class TreeNode:
+    members: list          # leaf indices (0..S-1) under this node
+    image: torch.Tensor    # its image embedding [E]
+    text: torch.Tensor     # its name's text embedding [E]
+    extra: object = None   # what `describe` returned beside the two embeddings (its naming)
+    exclusive: bool = True
+
+
+def merge_tree(tree_ids: list, describe, *, threshold: float = 0.8, weight: float = 0.5) -> dict:
+    """The official bottom-up merge (run_autotext_segment_merge.py, --merge_choice mix,
+    --apply_merge, --no-compute_all_nodes): leaves with tree ids `tree_ids` (segment i has
+    tree_ids[i]); two siblings that are both present and unmerged-into-a-parent merge into their
+    parent when weight * cos(image embeddings) + (1 - weight) * cos(text embeddings of their
+    names) >= threshold; a pair that fails blocks every ancestor. describe(members) -> (image
+    embedding, text embedding, extra) of a node (the leaves' and each merged parent's).
+    Returns {tree id: TreeNode} of the final segments (the exclusive nodes)."""
+    nodes = {}
+    for i, t in enumerate(tree_ids):
+        img, txt, extra = describe([i])
+        nodes[int(t)] = TreeNode([i], img, txt, extra)
+
+    def cos(a, b):
+        return float(F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1))
+
+    def climb(t):
+        while t > 0:
+            sib = t + 1 if t % 2 else t - 1
+            if sib not in nodes or not nodes[sib].exclusive or not nodes[t].exclusive:
+                return
+            a, b = nodes[min(t, sib)], nodes[max(t, sib)]
+            if not weight * cos(a.image, b.image) + (1 - weight) * cos(a.text, b.text) >= threshold:
+                return
+            members = sorted(a.members + b.members)
+            img, txt, extra = describe(members)
+            a.exclusive = b.exclusive = False
+            t = (t - 1) // 2
+            nodes[t] = TreeNode(members, img, txt, extra)
+
+    for t in sorted(nodes):
+        climb(t)
+    return {t: node for t, node in sorted(nodes.items()) if node.exclusive}
+
+
+REFINE_METHODS = ("bilateral", "densecrf")
+
+
+def tree_segments(features: torch.Tensor, grid: tuple, image: torch.Tensor, *, leaves: int = 20,
+                  threshold: float = 0.95, refine: bool = True, refine_method: str = "densecrf",
+                  temperature: float = 0.05) -> tuple:
+    """The paper's over-segmentation of `image` (uint8 [3, H, W]) from DINO patch features
+    [h*w, C]: `cut_tree`, then every pixel's unary = `centroid_energy` of its patch (nearest
+    upsampling, as the official code), refined by the dense CRF (official), or by the bilateral
+    solver on softmax(-energy / temperature), or not at all (the nearest centroid). Leaves left
+    with no pixel are dropped. -> (labels int64 [H, W] in 0..S-1, tree ids of the S segments)."""
+    if refine and refine_method not in REFINE_METHODS:
+        raise InputError(f"refine method must be one of {REFINE_METHODS}, got {refine_method!r}")
+    h, w = grid
+    cut = cut_tree(features, leaves, threshold)
+    energy = centroid_energy(features, cut.centroids).T.reshape(-1, 1, h, w)
+    H, W = image.shape[-2:]
+    energy = F.interpolate(energy, size=(H, W), mode="nearest")[:, 0]
+    if len(energy) == 1 or not refine:
+        pixel = energy.argmin(0)
+    elif refine_method == "densecrf":
+        pixel = densecrf_labels(image, energy)
+    else:
+        soft = torch.softmax(-energy / temperature, dim=0).clamp(0, 1)
+        rgb = image.permute(1, 2, 0).contiguous()
+        pixel = torch.stack(bilateral_solve_batch([rgb] * len(soft), list(soft))).argmax(0)
+    present, labels = torch.unique(pixel, return_inverse=True)
+    return labels.view(H, W), [cut.tree_ids[int(i)] for i in present]
+
+
+def propose_tree_segments(vit, image_hwc: torch.Tensor, *, size: int = 224, stride: int | None = None,
+                          leaves: int = 20, threshold: float = 0.95, refine: bool = True,
+                          refine_method: str = "densecrf", lap=None) -> tuple:
+    """`propose_segments` with the paper's over-segmentation (`tree_segments`) of DINO's
+    last-layer keys, patches `stride` apart -> (working image uint8 [3, h, w], labels int64
+    [h, w], tree ids)."""
+    dev = next(vit.parameters()).device
+    img = working_image(image_hwc, size, patch_size(vit))
+    x = img[None].to(dev, torch.float32).div(255)
+    x = (x - torch.tensor(IMAGENET_MEAN, device=dev).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD, device=dev).view(1, 3, 1, 1)
+    keys, grid = last_layer_keys(vit, x, stride=stride)
+    if lap:
+        lap("dino")
+    labels, tree_ids = tree_segments(keys[0].cpu(), grid, img, leaves=leaves, threshold=threshold, refine=refine,
+                                     refine_method=refine_method)
+    if lap:
+        lap("oversegment")
+    return img, labels, tree_ids
 
 
 # ------------------------------------------------------------------------------ naming

@@ -17,6 +17,8 @@ Output folder:
                            score, runner-ups [[name, score], ...], area (fraction of the image);
                            and the seconds each step took
   overlays/<name>.png      the image tinted per segment, legend "id: name"
+  embeddings/<name>.safetensors  per segment: "image" its CLIP embedding, "text" its name's text
+                           embedding (rows in segment order; read by `namedmask eval --discover`)
   segments.json            all images' segments (rewritten at the end of every run)
   report.html              the report section: totals, seconds per step, the names found (how
                            many segments and images), per image its overlay and a table of its
@@ -71,25 +73,36 @@ class DiscoverError(BadInputError):
 class Models:
     clip: Clip
     vit: torch.nn.Module
-    vocabulary: Vocabulary
-    text: torch.Tensor
+    vocabulary: Vocabulary | None
+    text: torch.Tensor | None
     prompts: object = None
+    captioner: object = None    # models.captioning.ClipCaptioner (namer caption)
 
 
 def load_models(config: DiscoverConfig, cache: Path | None = None) -> Models:
     from namedmask.models.mask_prompts import load_mask_prompts
 
-    vocab = load_vocabulary(config.vocabulary)  # bad user files fail before any model loads
+    captions = config.namer == "caption"
+    vocab = None if captions else load_vocabulary(config.vocabulary)  # bad user files fail before any model loads
     templates = get_templates(config.templates)
     if config.mask_prompts and not Path(config.mask_prompts).is_file():
         raise DiscoverError(f"--mask-prompts {config.mask_prompts}: no such file (make one with `namedmask adapt-clip`)")
+    if config.refine and config.refine_method == "densecrf":
+        zg.densecrf_available()
     dev = resolve_device(config.device)
     clip = load_clip(config.model, config.pretrained, dev)
     vit = create_dino(config.dino, config.dino_weights, random_weights=config.random_weights,
                       **(config.vit_kwargs or {})).to(dev)
-    text = vocabulary_embeddings(clip, vocab, templates, cache)
+    text = None if captions else vocabulary_embeddings(clip, vocab, templates, cache)
     prompts = load_mask_prompts(config.mask_prompts, clip) if config.mask_prompts else None
-    return Models(clip, vit, vocab, text, prompts)
+    captioner = None
+    if captions:
+        from namedmask.models.captioning import CaptionConfig, ClipCaptioner, load_language_model
+
+        lm, tok = load_language_model(config.captioner, dev)
+        captioner = ClipCaptioner(clip, lm, tok, CaptionConfig(prompt=config.caption_prompt, beam=config.caption_beam,
+                                                               length=config.caption_length))
+    return Models(clip, vit, vocab, text, prompts, captioner)
 
 
 def vocabulary_embeddings(clip: Clip, vocab: Vocabulary, templates: tuple, cache: Path | None = None) -> torch.Tensor:
@@ -101,8 +114,31 @@ def _masks(labels: torch.Tensor) -> torch.Tensor:
     return labels[None] == torch.arange(int(labels.max()) + 1)[:, None, None]
 
 
-def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConfig) -> tuple:
-    """One image (uint8 [H, W, 3]) -> (labels int64 [H, W] in 0..S-1, segments list, seconds per step)."""
+def _name(models: Models, emb: torch.Tensor, config: DiscoverConfig) -> list:
+    """Per segment embedding [S, E]: (name or None, score, runner-ups [[name, score]], text embedding [E])."""
+    out = []
+    if models.captioner is not None:
+        for e in emb:
+            c = models.captioner.caption(e)
+            out.append((c.name if c.score >= config.min_score else None, c.score,
+                        [list(x) for x in c.candidates[1:config.top]], c.text))
+        return out
+    naming = zg.name_segments(emb, models.text, top=config.top)
+    for i, s in zip(naming.index, naming.scores):
+        out.append((models.vocabulary.names[int(i[0])] if float(s[0]) >= config.min_score else None, float(s[0]),
+                    [[models.vocabulary.names[int(j)], round(float(v), 4)] for j, v in zip(i[1:], s[1:])],
+                    models.text[int(i[0])]))
+    return out
+
+
+def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConfig,
+                   embeddings: dict | None = None) -> tuple:
+    """One image (uint8 [H, W, 3]) -> (labels int64 [H, W] in 0..S-1, segments list, seconds per step).
+    `embeddings`, when given, receives "image" [S, E] and "text" [S, E]: each final segment's
+    CLIP embedding and its name's text embedding."""
+    if config.cluster != "kmeans" or config.embed == "zero-guidance" or config.namer != "vocabulary" \
+            or config.refine_method != "bilateral":
+        return _discover_image_paper(models, image_hwc, config, embeddings)
     seconds = {}
     t = time.perf_counter()
 
@@ -138,10 +174,92 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
                  "runner_ups": [[models.vocabulary.names[int(j)], round(float(s), 4)]
                                 for j, s in zip(naming.index[i, 1:], naming.scores[i, 1:])],
                  "area": round(float(area[i]), 5)} for i in range(len(names))]
+    if embeddings is not None:
+        embeddings["image"] = emb
+        embeddings["text"] = models.text[naming.index[:, 0]]
     return native, segments, seconds
 
 
-OUTPUTS = {"labels": "labels/{}.png", "segments": "segments/{}.json", "overlays": "overlays/{}.png"}
+def _discover_image_paper(models: Models, image_hwc: torch.Tensor, config: DiscoverConfig,
+                          embeddings: dict | None) -> tuple:
+    """discover_image with any of the zero-guidance paper's pieces: the cluster tree (and its
+    merge), the soft-area attention embedding, caption naming; the other pieces as configured."""
+    seconds = {}
+    t = time.perf_counter()
+
+    def lap(step):
+        nonlocal t
+        now = time.perf_counter()
+        seconds[step] = seconds.get(step, 0.0) + now - t
+        t = now
+
+    tree_ids = None
+    if config.cluster == "tree":
+        img, labels, tree_ids = zg.propose_tree_segments(
+            models.vit, image_hwc, size=config.size, stride=config.dino_stride, leaves=config.tree_leaves,
+            threshold=config.tree_cut, refine=config.refine, refine_method=config.refine_method, lap=lap)
+    else:
+        img, labels = zg.propose_segments(models.vit, image_hwc, size=config.size, k=config.k,
+                                          min_area=config.min_area, refine=config.refine, seed=config.seed, lap=lap,
+                                          refine_method=config.refine_method)
+    depth = zg.clip_depth(models.clip)
+    layers = None if config.mask_layers is None else min(config.mask_layers, depth)
+
+    def embed(masks):
+        e = zg.segment_embeddings(models.clip, img, masks, mode=config.embed, context=config.context,
+                                  mask_layers=layers, mask_prompts=models.prompts, sd=config.subtraction_sd)
+        lap("embed")
+        return e
+
+    def name(e):
+        n = _name(models, e, config)
+        lap("name")
+        return n
+
+    leaf_masks = _masks(labels)
+    emb = embed(leaf_masks)
+    named = name(emb)
+    if config.merge and config.merge_rule == "tree":
+        def describe(members):
+            if len(members) == 1:
+                i = members[0]
+                return emb[i], named[i][3], (emb[i], named[i])
+            e = embed(leaf_masks[members].any(0, keepdim=True))[0]
+            n = name(e[None])[0]
+            return e, n[3], (e, n)
+
+        final = zg.merge_tree(tree_ids, describe, threshold=config.merge_threshold, weight=config.merge_weight)
+        lut = torch.zeros(len(tree_ids), dtype=torch.int64)
+        for j, node in enumerate(final.values()):
+            lut[node.members] = j
+        labels = lut[labels]
+        emb = torch.stack([node.extra[0] for node in final.values()])
+        named = [node.extra[1] for node in final.values()]
+        tree_ids = list(final)
+    elif config.merge:
+        merged = zg.merge_groups(labels, [n[0] for n in named], emb, config.merge_threshold)
+        if int(merged.max()) < int(labels.max()):
+            labels = merged
+            emb = embed(_masks(labels))
+            named = name(emb)
+    H, W = image_hwc.shape[:2]
+    native = F.interpolate(labels[None, None].float(), size=(H, W), mode="nearest")[0, 0].long()
+    area = torch.bincount(native.flatten(), minlength=len(named)).float() / native.numel()
+    segments = []
+    for i, (nm, score, runner_ups, _) in enumerate(named):
+        seg = {"id": i + 1, "name": nm, "score": round(float(score), 4), "runner_ups": runner_ups,
+               "area": round(float(area[i]), 5)}
+        if tree_ids is not None:
+            seg["tree_id"] = int(tree_ids[i])
+        segments.append(seg)
+    if embeddings is not None:
+        embeddings["image"] = emb
+        embeddings["text"] = torch.stack([n[3].float().cpu() for n in named])
+    return native, segments, seconds
+
+
+OUTPUTS = {"labels": "labels/{}.png", "segments": "segments/{}.json", "overlays": "overlays/{}.png",
+           "embeddings": "embeddings/{}.safetensors"}
 # Settings that do not change the results (not compared with an earlier run's).
 RUN_ONLY = ("device", "skip_bad")
 
@@ -156,12 +274,19 @@ def discover(inputs, out_dir, config: DiscoverConfig | None = None, *, progress:
         return _discover(outs, config, progress, models)
 
 
+def _same_settings(old: dict, new: dict) -> bool:
+    """A folder's recorded settings equal these; a setting added after the folder was made counts
+    as equal when it has its default value (folders of older versions stay resumable)."""
+    defaults = asdict(DiscoverConfig())
+    return all(old.get(k, defaults.get(k)) == v for k, v in new.items()) and set(old) <= set(new)
+
+
 def _discover(outs: ImageOutputs, config: DiscoverConfig, progress: bool, models: Models | None) -> dict:
     """The body of discover, inside its locked output folder."""
     out = outs.out
     settings = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
     previous = out / CONFIG_NAME
-    if previous.is_file() and json.loads(previous.read_text()) != settings:
+    if previous.is_file() and not _same_settings(json.loads(previous.read_text()), settings):
         raise DiscoverError(f"{out} holds results made with other settings ({previous}); use a new --out folder")
     io.write_json(previous, settings)
     todo = [item for item in outs.items if not outs.done(item)]
@@ -174,9 +299,12 @@ def _discover(outs: ImageOutputs, config: DiscoverConfig, progress: bool, models
         if image is None:
             continue
         decode = time.perf_counter() - t0
+        emb = {}
         with torch.no_grad():
-            labels, segments, seconds = discover_image(models, image, config)
+            labels, segments, seconds = discover_image(models, image, config, emb)
         t1 = time.perf_counter()
+        with io.atomic_path(outs.path("embeddings", item)) as tmp:  # for `eval --discover`
+            io.save_safetensors({k: v.float().clone().contiguous() for k, v in emb.items()}, tmp)
         label = (labels + 1).to(torch.uint8)
         io.save_png(outs.path("labels", item), label.numpy(), palette=voc_palette())
         legend = [""] + [f"{s['id']}: {s['name'] or '?'}" for s in segments]
