@@ -365,12 +365,28 @@ class AdaptConfig:
     negatives: str | None = "builtin"
     seed: int = 0
     device: str = "auto"
+    # OVSeg's training (`--preset ovseg`, models/mask_prompts.py OVSEG_TRAINING): loss
+    # "contrastive" = open_clip's symmetric in-batch loss against each region's plain noun (its
+    # logit scale learned too); "ce" = cross-entropy over the categories' prompt ensembles (+ negatives).
+    loss: str = "ce"                        # ce | contrastive
+    warmup: int = 0                         # linear lr warm-up steps, then `schedule`
+    schedule: str = "constant"              # constant | cosine (to 0 at the last step)
+    beta2: float = 0.999                    # AdamW's second-moment decay
+    eps: float = 1e-8                       # AdamW's epsilon
 
     def __post_init__(self):
         _check(self, depth=(1, None), steps=(1, None), batch_size=(1, None), lr=(0.0, None),
-               val_fraction=(0.0, 0.9), finetune_lr=(0.0, None))
+               val_fraction=(0.0, 0.9), finetune_lr=(0.0, None), warmup=(0, None), beta2=(0.0, 1.0),
+               eps=(0.0, None))
+        _check_choice(self, "loss", ("ce", "contrastive"))
+        _check_choice(self, "schedule", ("constant", "cosine"))
         if isinstance(self.negatives, str) and self.negatives.lower() in ("none", ""):
             self.negatives = None
+        if self.loss == "contrastive" and self.negatives is not None:
+            raise ConfigError("negatives belong to loss ce; the contrastive loss's negatives are the other "
+                              "regions' nouns in the batch (set negatives: none)")
+        if self.loss == "contrastive" and self.batch_size < 2:
+            raise ConfigError("loss contrastive needs batch_size >= 2 (in-batch negatives)")
 
 
 STAGES = ("archive", "saliency", "experts", "train", "eval", "predict")
