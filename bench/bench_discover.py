@@ -12,8 +12,12 @@ and NAMEDMASK_TOY_RUN, default <toy>/run, a NamedMask run on it with archive/ an
   pixels (naming precision) — the documented equivalents of the zero-guidance paper's
   segment-recall / naming metrics;
 - masked-region classification among the NamedMask categories: plain CLIP vs mask prompts trained
-  by `adapt-clip` on the run's archive + refined masks; accuracy on the ground-truth regions of
-  the held-out multi-object scenes (never trained on) and on adapt-clip's own held-out split.
+  by `adapt-clip` on the run's archive + refined masks (default settings, categories only, and
+  `--preset ovseg`); accuracy on the ground-truth regions of the held-out multi-object scenes
+  (never trained on) and on adapt-clip's own held-out split;
+- OVSeg's inference (`predict --proposals segmenter --preset ovseg`, the run's segmenter and the
+  ovseg-trained prompts) beside the segmenter alone and today's two-stage default: mIoU on the
+  held-out multi-object scenes.
 Speed (no toy world needed): seconds per image of discover at 512 px on this machine's CPU with
 the default architectures (ViT-L/14@336 CLIP, DINO ViT-S/16; random weights: the time does not
 depend on the values) and each step's share.
@@ -294,7 +298,7 @@ def prompt_tuning(root: Path) -> list:
     distractors, so that the open-vocabulary row names against nouns never trained on."""
     from namedmask.data.vocabulary import builtin_entries
     from namedmask.models.clip import load_clip
-    from namedmask.models.mask_prompts import load_mask_prompts
+    from namedmask.models.mask_prompts import OVSEG_TRAINING, load_mask_prompts
     from namedmask.models.prompts import get_templates
     from namedmask.stages.adapt_clip import AdaptConfig, accuracy, adapt_clip, category_text, predict
     from namedmask.stages.discover import vocabulary_embeddings
@@ -318,9 +322,11 @@ def prompt_tuning(root: Path) -> list:
         negatives.write_text("".join(f"{e[0]} | {', '.join(e[1:])}\n" for e in builtin_entries()
                                      if not evaluated & {w.lower() for w in e}))
         regions = None
-        for variant, neg in (("categories only", None), ("with negatives", str(negatives))):
-            cfg = AdaptConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), steps=steps, device="cpu",
-                              negatives=neg)
+        trained = {}
+        for variant, neg in (("categories only", None), ("with negatives", str(negatives)), ("ovseg preset", None)):
+            preset = OVSEG_TRAINING if variant == "ovseg preset" else {}
+            cfg = AdaptConfig(**{**preset, "model": "nm-toy", "pretrained": str(root / "clip" / "nm-toy.pt"),
+                                 "steps": steps, "device": "cpu", "negatives": neg})
             out = Path(tmp) / variant.replace(" ", "_")
             t0 = time.perf_counter()
             summary = adapt_clip(run / "archive", run / "refined", out, cfg, progress=False)
@@ -338,8 +344,14 @@ def prompt_tuning(root: Path) -> list:
 
             plain, tuned = accuracy(clip, regions, idx, text), accuracy(clip, regions, idx, text, prompts)
             open_plain, open_tuned = open_accuracy(None), open_accuracy(prompts)
+            vild = category_text(clip, run / "archive", names, get_templates("vild")).cpu()
+            trained[variant] = out / "mask_prompts.safetensors"
             extra = {"GT regions (held-out multi scenes)": len(idx), "accuracy plain": round(plain, 4),
                      "accuracy mask prompts": round(tuned, 4), "gain (points)": round(100 * (tuned - plain), 2),
+                     "ViLD text: plain": round(accuracy(clip, regions, idx, vild), 4),
+                     "ViLD text: mask prompts": round(accuracy(clip, regions, idx, vild, prompts), 4),
+                     "settings": {k: summary["settings"][k] for k in ("depth", "loss", "lr", "warmup", "schedule",
+                                                                      "templates")},
                      f"open vocabulary ({len(vocab)} entries) plain": round(open_plain, 4),
                      f"open vocabulary ({len(vocab)} entries) mask prompts": round(open_tuned, 4),
                      "open vocabulary gain (points)": round(100 * (open_tuned - open_plain), 2),
@@ -351,6 +363,47 @@ def prompt_tuning(root: Path) -> list:
                      "chance": round(1 / len(names), 4), "steps": steps}
             rows.append(Row(op="mask prompt tuning", backend=variant, shape=f"{len(names)} classes",
                             seconds=train_s, extra=extra))
+        if (run / "train").is_dir():
+            rows += ovseg_inference(root, run / "train", trained)
+        else:
+            print(f"bench discover: no trained segmenter at {run / 'train'}: OVSeg inference skipped")
+    return rows
+
+
+def ovseg_inference(root: Path, train_dir: Path, prompts: dict) -> list:
+    """`predict --proposals segmenter` on the held-out multi-object scenes with the run's
+    segmenter: the segmenter alone, today's two-stage default (plain CLIP, NamedMask templates,
+    "background" prompt), with each variant's mask prompts, and `--preset ovseg` (ViLD
+    templates, ensemble 0.7) with and without its prompts. mIoU over background + the 8 names."""
+    from namedmask.models.deeplab import load_segmenter
+    from namedmask.models.mask_prompts import OVSEG_INFERENCE
+    from namedmask.stages.evaluate import FolderLabeledSet, evaluate_label_maps, evaluate_model
+    from namedmask.stages.predict import TwoStageConfig, predict
+
+    cats = _toy_categories(root)
+    multi = root / "world" / "eval" / "multi"
+    names = ["background"] + [n for n, _ in cats]
+    model, meta = load_segmenter(train_dir)
+    alone = evaluate_model(model, FolderLabeledSet(multi, names), meta["class_names"], progress=False)
+    rows = [Row(op="toy OVSeg inference", backend="segmenter alone", shape="eval/multi", seconds=0.0,
+                extra={"mIoU eval/multi": round(alone.metrics.miou, 4)})]
+    clip_file = str(root / "clip" / "nm-toy.pt")
+    variants = {"two-stage default (plain CLIP)": {}}
+    variants.update({f"two-stage + mask prompts ({v})": {"mask_prompts": str(p)} for v, p in prompts.items()})
+    variants["--preset ovseg, plain CLIP"] = dict(OVSEG_INFERENCE)
+    if "ovseg preset" in prompts:
+        variants["--preset ovseg + its mask prompts"] = {**OVSEG_INFERENCE, "mask_prompts": str(prompts["ovseg preset"])}
+    for variant, kw in variants.items():
+        cfg = TwoStageConfig("segmenter", "nm-toy", clip_file, **{"templates": "namedmask", **kw})
+        with tempfile.TemporaryDirectory(prefix="bench_ovseg_") as out:
+            t0 = time.perf_counter()
+            written = predict(train_dir, [multi / "images"], out, device="cpu", overlays=False, progress=False,
+                              text=", ".join(names[1:]), proposals=cfg)
+            secs = (time.perf_counter() - t0) / len(written)
+            report = evaluate_label_maps(Path(out) / "labels", multi / "labels", len(names), class_names=names,
+                                         progress=False)
+        rows.append(Row(op="toy OVSeg inference", backend=variant, shape=f"{len(written)} imgs", seconds=secs,
+                        extra={"mIoU eval/multi": round(report.metrics.miou, 4)}))
     return rows
 
 

@@ -115,15 +115,16 @@ def _open_vocab_options(fn):
                                                   "a text-head --checkpoint or zero-shot dense CLIP labels them."),
         click.option("--model", default=None, help="Zero-shot: an open_clip model name (e.g. ViT-B-16)."),
         click.option("--pretrained", default=None, help="Zero-shot: a pretrained tag, a weights file or 'random'."),
-        click.option("--templates", default="namedmask", show_default=True,
-                     help="Zero-shot prompt templates: namedmask (85) | simple | FILE."),
+        click.option("--templates", default=None, show_default="namedmask",
+                     help="Zero-shot prompt templates: namedmask (85) | vild (14) | simple | FILE."),
         click.option("--background-threshold", type=float, default=None,
                      help="Zero-shot: pixels whose best class probability is below this are background."),
         click.option("--no-background-prompt", is_flag=True,
                      help="Zero-shot: no 'background' prompt (needs a threshold)."),
-        click.option("--recipe", type=click.Choice(["value", "maskclip"]), default="value", show_default=True,
-                     help="Zero-shot dense path of the last ViT block: value alone, or maskclip (MaskCLIP's code: "
-                          "+ residual + MLP)."),
+        click.option("--recipe", type=click.Choice(["value", "maskclip"]), default=None, show_default="value",
+                     help="Zero-shot dense path of the last ViT block: value = the value path alone, without the "
+                          "block's residual and MLP (dropping them is ClearCLIP's finding; not ClearCLIP itself); "
+                          "maskclip = MaskCLIP's released code (value path + residual + MLP)."),
         click.option("--short-side", type=int, default=None,
                      help="Zero-shot: CLIP input short side (default: its size)."),
         click.option("--refine", type=click.Choice(["none", "bilateral", "dino"]), default="none", show_default=True,
@@ -140,23 +141,34 @@ def _open_vocab_options(fn):
     return fn
 
 
-def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, background_threshold, no_background_prompt,
-                        recipe, short_side, refine, dino, dino_weights) -> dict | None:
-    """zero_shot_segmenter's keyword arguments when --model asks for zero-shot, else None
-    (checked as config.ZeroShotConfig before any work)."""
-    from namedmask.config import ZeroShotConfig
+_PRESET_HELP = ("maskclip: zero-shot dense CLIP as MaskCLIP's released code (recipe maskclip, short side 512, "
+                "key smoothing 1.0, prompt denoising 0.5; options given win)")
 
+
+def _zero_shot_settings(run_dir, text, *, model, pretrained, templates, background_threshold, no_background_prompt,
+                        recipe, short_side, refine, dino, dino_weights, preset=None) -> dict | None:
+    """zero_shot_segmenter's keyword arguments when --model asks for zero-shot, else None
+    (a preset fills what the options leave empty; checked as config.ZeroShotConfig before any work)."""
+    from namedmask.config import ZeroShotConfig
+    from namedmask.models.maskclip import apply_preset
+
+    if preset is not None and preset != "maskclip":
+        raise click.UsageError(f"--preset {preset} belongs to --proposals segmenter, not to dense zero-shot CLIP")
     if model is None:
+        if preset is not None:
+            raise click.UsageError("--preset maskclip is zero-shot dense CLIP: give --model (and --pretrained)")
         return None
     if run_dir is not None:
         raise click.UsageError("give --checkpoint (a trained run) or --model (zero-shot dense CLIP), not both")
     if not text:
         raise click.UsageError("zero-shot dense CLIP needs class names: --text \"a, b|synonym\" (predict) "
                                "or --zero-shot --dataset (eval)")
-    return dataclasses.asdict(ZeroShotConfig(
-        model=model, pretrained=pretrained, templates=templates, threshold=background_threshold,
-        background=() if no_background_prompt else ("background",), recipe=recipe, short_side=short_side,
-        refine=refine, dino=dino, dino_weights=dino_weights))
+    settings = apply_preset({"model": model, "pretrained": pretrained, "templates": templates or "namedmask",
+                             "threshold": background_threshold,
+                             "background": () if no_background_prompt else ("background",), "recipe": recipe,
+                             "short_side": short_side, "refine": refine, "dino": dino, "dino_weights": dino_weights},
+                            preset)
+    return dataclasses.asdict(ZeroShotConfig(**{**settings, "recipe": settings["recipe"] or "value"}))
 
 
 def _config_options(fn):
@@ -216,6 +228,7 @@ def _flag(value: bool):
 @click.option("--text-threshold", type=float, default=0.5, show_default=True, help="--discover t-t: least cosine.")
 @click.option("--clip-threshold", type=float, default=0.1, show_default=True, help="--discover i-t: least cosine.")
 @_open_vocab_options
+@click.option("--preset", type=click.Choice(["maskclip"]), default=None, help=_PRESET_HELP + ".")
 @_config_options
 def eval_cmd(pred_dir, gt_dir, run_dir, dataset, root, split, device, max_images, overlays_dir, num_classes,
              ignore_index, class_names, gt_classes, ignore_unmapped, out, skip_bad, backend, zero_shot, text_classes,
@@ -491,9 +504,13 @@ def train(archive, masks, out, iterations, batch_size, config_path, overrides) -
 @click.option("--size", type=int, default=512, show_default=True,
               help="--proposals discover: short side (px) for DINO and the solver.")
 @click.option("--k", type=int, default=8, show_default=True, help="--proposals discover: most regions per image.")
+@click.option("--preset", type=click.Choice(["maskclip", "ovseg"]), default=None,
+              help=_PRESET_HELP + "; ovseg: --proposals segmenter as OVSeg's inference (14 ViLD templates, each "
+                                  "region's class = argmax of segmenter^0.3 x CLIP^0.7 probabilities; use with "
+                                  "--mask-prompts from `adapt-clip --preset ovseg`).")
 @_config_options
 def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped, skip_bad, categories, text, proposals,
-            embed, mask_prompts, random_dino, size, k, config_path, overrides, **zero_shot) -> None:
+            embed, mask_prompts, random_dino, size, k, preset, config_path, overrides, **zero_shot) -> None:
     """Label PNGs (+ colour overlays with a legend) for images or folders of images."""
     from namedmask.config import PredictConfig, load_config
     from namedmask.stages.predict import TwoStageConfig, predict as run
@@ -502,14 +519,26 @@ def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped,
                       classes=classes, ignore_unmapped=_flag(ignore_unmapped), skip_bad=_flag(skip_bad))
 
     two = None
+    if preset == "ovseg" and proposals != "segmenter":
+        raise click.UsageError("--preset ovseg is OVSeg's inference on a segmenter's regions: add --proposals "
+                               "segmenter (with --checkpoint RUN)")
     if proposals:
+        from namedmask.models.mask_prompts import OVSEG_INFERENCE
+
         if zero_shot["model"] is None:
             raise click.UsageError("--proposals names regions with CLIP: give --model (and --pretrained)")
-        if zero_shot["short_side"] is not None or zero_shot["refine"] != "none":
-            raise click.UsageError("--short-side and --refine belong to dense zero-shot CLIP, not to --proposals")
-        two = TwoStageConfig(proposals, zero_shot["model"], zero_shot["pretrained"], zero_shot["templates"],
+        if zero_shot["short_side"] is not None or zero_shot["refine"] != "none" or zero_shot["recipe"] \
+                or preset == "maskclip":
+            raise click.UsageError("--short-side, --refine, --recipe and --preset maskclip belong to dense zero-shot "
+                                   "CLIP, not to --proposals")
+        ovseg = OVSEG_INFERENCE if preset == "ovseg" else {}
+        if ovseg and zero_shot["background_threshold"] is not None:
+            raise click.UsageError("--preset ovseg names every proposed region among the --text classes (OVSeg has "
+                                   "no background choice for a region): drop --background-threshold")
+        two = TwoStageConfig(proposals, zero_shot["model"], zero_shot["pretrained"],
+                             zero_shot["templates"] or ovseg.get("templates", "namedmask"),
                              () if zero_shot["no_background_prompt"] else ("background",),
-                             zero_shot["background_threshold"], embed=embed,
+                             zero_shot["background_threshold"], embed=embed, ensemble=ovseg.get("ensemble"),
                              mask_prompts=mask_prompts and str(mask_prompts),
                              dino=zero_shot["dino"] or "vit_small_patch16_224.dino",
                              dino_weights=zero_shot["dino_weights"], random_dino=random_dino, size=size, k=k)
@@ -517,7 +546,7 @@ def predict(images, run_dir, out, device, no_overlays, classes, ignore_unmapped,
     else:
         if mask_prompts or random_dino or embed != "crop":
             raise click.UsageError("--embed, --mask-prompts and --random-dino go with --proposals")
-        zs = _zero_shot_settings(run_dir, text, **zero_shot)
+        zs = _zero_shot_settings(run_dir, text, preset=preset, **zero_shot)
         if run_dir is None and zs is None:
             raise click.UsageError("give --checkpoint RUN, or --text with --model (zero-shot dense CLIP)")
     extra = {"categories": categories} if categories else {}
@@ -900,13 +929,22 @@ def discover(images, out, vocabulary, templates, model, pretrained, dino, dino_w
               help="Train against this vocabulary's other nouns as negatives: give the vocabulary discover will "
                    "name with ('none': a closed choice among the categories only).")
 @click.option("--device", default=None, show_default="auto", help="auto, cpu, cuda, cuda:N.")
+@click.option("--preset", type=click.Choice(["ovseg"]), default=None,
+              help="ovseg: OVSeg's released training (depth 3; open_clip's symmetric in-batch contrastive loss "
+                   "against plain nouns, logit scale learned; AdamW lr 0.05, betas 0.9/0.98, eps 1e-6, 100 warm-up "
+                   "steps then cosine; ViLD templates for the accuracy report; no negatives). --set and the options "
+                   "above win over it.")
 @_config_options
 def adapt_clip_cmd(archive, masks, out, model, pretrained, templates, depth, steps, batch_size, lr, val_fraction,
-                   finetune, negatives, device, config_path, overrides) -> None:
+                   finetune, negatives, device, preset, config_path, overrides) -> None:
     """Mask prompt tuning: learn tokens for CLIP's blanked patches on the archive's masked regions."""
-    from namedmask.config import AdaptConfig, load_config
+    from namedmask.config import AdaptConfig, load_config, parse_overrides
     from namedmask.stages.adapt_clip import adapt_clip
 
+    if preset == "ovseg":
+        from namedmask.models.mask_prompts import OVSEG_TRAINING
+
+        overrides = {**OVSEG_TRAINING, **parse_overrides(overrides)}
     cfg = load_config(AdaptConfig, config_path, overrides, model=model, pretrained=pretrained, templates=templates,
                       depth=depth, steps=steps, batch_size=batch_size, lr=lr, val_fraction=val_fraction,
                       finetune=_flag(finetune), negatives=negatives, device=device)

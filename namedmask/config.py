@@ -365,10 +365,13 @@ class ZeroShotConfig:
     refine: str | None = choice("none", "bilateral", "dino", None)
     dino: str | None = None
     dino_weights: str | None = None
+    key_smoothing: float | None = None      # MaskCLIP's key smoothing threshold (None: off; --preset maskclip 1.0)
+    prompt_denoising: float | None = None   # MaskCLIP's prompt denoising threshold (None: off; --preset maskclip 0.5)
 
     def __post_init__(self):
         _check_choices(self)
-        _check(self, threshold=(0.0, 1.0), short_side=(16, MAX_SHORT_SIDE))
+        _check(self, threshold=(0.0, 1.0), short_side=(16, MAX_SHORT_SIDE), key_smoothing=(0.0, 1.0),
+               prompt_denoising=(0.0, 1.0))
         if self.threshold is None and not self.background:
             raise ConfigError("no background prompt and no --background-threshold: give one")
 
@@ -394,6 +397,7 @@ class TwoStageConfig:
     k: int = 8
     min_area: float = 0.01
     seed: int = 0
+    ensemble: float | None = None           # OVSeg: CLIP's weight in the geometric ensemble with the segmenter (0.7)
 
     def __post_init__(self):
         _check_choices(self)
@@ -403,6 +407,10 @@ class TwoStageConfig:
             raise ConfigError("no background prompt and no --background-threshold: give one")
         if self.mask_prompts and self.embed != "crop":
             raise ConfigError("mask_prompts work on masked crops: use embed crop (--embed crop)")
+        if self.ensemble is not None and (self.proposals != "segmenter" or not 0 <= self.ensemble <= 1
+                                          or self.threshold is not None):
+            raise ConfigError(f"ensemble: the OVSeg ensemble (weight {self.ensemble}) needs proposals segmenter, a "
+                              f"weight in [0, 1] and no --background-threshold")
 
 
 @dataclass
@@ -504,12 +512,27 @@ class AdaptConfig:
     negatives: str | None = "builtin"
     seed: int = 0
     device: str = "auto"
+    # OVSeg's training (`--preset ovseg`, models/mask_prompts.py OVSEG_TRAINING): loss
+    # "contrastive" = open_clip's symmetric in-batch loss against each region's plain noun (its
+    # logit scale learned too); "ce" = cross-entropy over the categories' prompt ensembles (+ negatives).
+    loss: str = choice("ce", "contrastive")
+    warmup: int = 0                         # linear lr warm-up steps, then `schedule`
+    schedule: str = choice("constant", "cosine")  # cosine: to 0 at the last step
+    beta2: float = 0.999                    # AdamW's second-moment decay
+    eps: float = 1e-8                       # AdamW's epsilon
 
     def __post_init__(self):
         _check(self, depth=(1, None), steps=(1, None), batch_size=(1, None), lr=(0.0, None),
-               val_fraction=(0.0, 0.9), finetune_lr=(0.0, None), seed=(0, None))
+               val_fraction=(0.0, 0.9), finetune_lr=(0.0, None), seed=(0, None), warmup=(0, None),
+               beta2=(0.0, 1.0), eps=(0.0, None))
+        _check_choices(self)
         if isinstance(self.negatives, str) and self.negatives.lower() in ("none", ""):
             self.negatives = None
+        if self.loss == "contrastive" and self.negatives is not None:
+            raise ConfigError("negatives belong to loss ce; the contrastive loss's negatives are the other "
+                              "regions' nouns in the batch (set negatives: none)")
+        if self.loss == "contrastive" and self.batch_size < 2:
+            raise ConfigError("loss contrastive needs batch_size >= 2 (in-batch negatives)")
 
 
 STAGES = ("archive", "saliency", "experts", "train", "eval", "predict")

@@ -826,7 +826,8 @@ def _build_with(cls, values: dict):
 
 # Choices that are valid only together with another setting (checked by the config too).
 NEEDS = {("DiscoverConfig", "merge_rule", "tree"): {"cluster": "tree"},
-         ("DiscoverConfig", "namer", "caption"): {"captioner": "gpt2"}}
+         ("DiscoverConfig", "namer", "caption"): {"captioner": "gpt2"},
+         ("AdaptConfig", "loss", "contrastive"): {"negatives": None}}
 
 
 @pytest.mark.parametrize("cls,key", _fields(lambda v, f: "choices" in f.metadata))

@@ -3,7 +3,8 @@ space, classified by cosine to prompt-ensembled text embeddings. No training.
 
 ViT (open_clip VisionTransformer): every block but the last runs as usual; in the last block
 each token takes the attention's value path instead of attention, then ln_post and proj per
-patch. Recipe "value" (default) drops the block's residual and MLP (ClearCLIP); "maskclip"
+patch. Recipe "value" (default) drops the block's residual and MLP — ClearCLIP's finding
+(Lan et al. 2024), not ClearCLIP itself, which also swaps in query-query attention; "maskclip"
 keeps them as MaskCLIP's released code does (mmseg/models/backbones/vit.py, return_qkv: v =
 out_proj(v_proj(ln_1(x))) + x; v = v + mlp(ln_2(v))).
 Position embeddings are resized bicubically when the patch grid differs from the training one.
@@ -11,6 +12,19 @@ Position embeddings are resized bicubically when the patch grid differs from the
 ResNet (open_clip ModifiedResNet): the attention pool's value and output projections applied
 per location of the last stage, c_proj(v_proj(x)), without the pool's position embedding (as
 MaskCLIP's head does).
+
+MaskCLIP's refinement (the released head, mmseg/models/decode_heads/maskclip_head.py,
+refine_output; both off unless asked for, the `maskclip` preset turns both on):
+- prompt denoising (threshold t_pd, released configs 0.5): P = softmax(100 x cosine) over the
+  prompts per location; a prompt whose highest probability anywhere in the image is below t_pd
+  gets cosine -100 everywhere (it is taken to be absent);
+- key smoothing (threshold t_ks, released configs 1.0): K = the last block's keys per patch
+  (ViT: out_proj(k_proj(ln_1(x))), as the released backbone applies the attention's output
+  projection to q, k and v alike; ResNet: the attention pool's k_proj per location), each key
+  *channel* L2-normalised over the patches (the released code's F.normalize(k, p=2) on [B, N, C]
+  normalises along its default dim=1, the patches — kept as released); every location whose
+  highest probability is below t_ks takes (K K^T P) instead of P.
+Then, as mmseg's inference, the (smoothed) scores are resized bilinearly to the image.
 
 `MaskClipSegmenter` is an nn.Module taking ImageNet-normalised images (what eval_input makes)
 and returning per-label scores at the input size, so it is scored exactly like a trained
@@ -35,6 +49,12 @@ from namedmask.ops import bilateral_solve
 
 RECIPES = ("value", "maskclip")   # the first is the default (see value_path)
 REFINES = ("none", "bilateral", "dino")
+REFINE_SCALE = 100.0   # the released head's softmax(100 x cosine), whatever the CLIP's logit scale
+# Zero-shot presets (`--preset`): the settings a paper's released code used.
+# maskclip: chongzhou96/MaskCLIP — residual + MLP kept in the last block, short side 512
+# (test pipeline img_scale (2048, 512), keep_ratio), key smoothing 1.0 and prompt denoising 0.5
+# (the values of its configs, e.g. maskclip_plus_kspd_*; maskclip_head.refine_output).
+PRESETS = {"maskclip": {"recipe": "maskclip", "short_side": 512, "key_smoothing": 1.0, "prompt_denoising": 0.5}}
 
 
 class MaskClipError(BadInputError):
@@ -79,9 +99,20 @@ def value_path(block: nn.Module, x: torch.Tensor, recipe: str = "value") -> torc
     return v + block.ls_2(block.mlp(block.ln_2(v)))
 
 
-def vit_dense(visual: nn.Module, x: torch.Tensor, recipe: str = "value") -> torch.Tensor:
+def block_keys(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The keys of a block on tokens [B, L, D] as MaskCLIP's released backbone returns them for
+    key smoothing: out_proj(k_proj(ln_1(x))) (its return_qkv applies the output projection to
+    q, k and v alike) -> [B, L, D]."""
+    attn = block.attn
+    d = x.shape[-1]
+    bias = attn.in_proj_bias[d:2 * d] if attn.in_proj_bias is not None else None
+    return attn.out_proj(F.linear(block.ln_1(x), attn.in_proj_weight[d:2 * d], bias))
+
+
+def vit_dense(visual: nn.Module, x: torch.Tensor, recipe: str = "value", keys: bool = False):
     """open_clip VisionTransformer, CLIP-normalised images [B, 3, H, W] (H, W multiples of the
-    patch size) -> dense embeddings [B, D, H/p, W/p] (not normalised)."""
+    patch size) -> dense embeddings [B, D, H/p, W/p] (not normalised); with `keys`, also the
+    last block's keys of the patches [B, N, D] (block_keys, class token dropped)."""
     if getattr(visual, "attn_pool", None) is not None:
         raise MaskClipError("CLIP towers with an attentional pooler (CoCa) have no per-patch value path")
     t = visual.conv1(x)
@@ -96,33 +127,70 @@ def vit_dense(visual: nn.Module, x: torch.Tensor, recipe: str = "value") -> torc
     for block in blocks[:-1]:
         t = block(t)
     t = t if batch_first else t.transpose(0, 1)
-    t = visual.ln_post(value_path(blocks[-1], t, recipe)[:, 1:])
+    out = visual.ln_post(value_path(blocks[-1], t, recipe)[:, 1:])
     if visual.proj is not None:
-        t = t @ visual.proj
-    return t.transpose(1, 2).reshape(b, -1, h, w)
+        out = out @ visual.proj
+    out = out.transpose(1, 2).reshape(b, -1, h, w)
+    return (out, block_keys(blocks[-1], t)[:, 1:]) if keys else out
 
 
-def resnet_dense(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """open_clip ModifiedResNet -> [B, D, H/32, W/32]: c_proj(v_proj(.)) per location."""
+def resnet_dense(visual: nn.Module, x: torch.Tensor, keys: bool = False):
+    """open_clip ModifiedResNet -> [B, D, H/32, W/32]: c_proj(v_proj(.)) per location; with
+    `keys`, also the attention pool's k_proj per location [B, N, C] (MaskCLIP's key smoothing)."""
     x = x.to(visual.conv1.weight.dtype)
     x = visual.stem(x)
     x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
     pool = visual.attnpool
-    y = pool.c_proj(pool.v_proj(x.permute(0, 2, 3, 1)))
-    return y.permute(0, 3, 1, 2)
+    y = pool.c_proj(pool.v_proj(x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+    return (y, pool.k_proj(x.flatten(2).transpose(1, 2))) if keys else y
 
 
-def dense_features(visual: nn.Module, x: torch.Tensor, recipe: str = "value") -> torch.Tensor:
+def dense_features(visual: nn.Module, x: torch.Tensor, recipe: str = "value", keys: bool = False):
     """CLIP image tower + CLIP-normalised images -> L2-normalised dense embeddings [B, D, h, w].
-    recipe (ViT only): "value" or "maskclip" (see value_path)."""
+    recipe (ViT only): "value" or "maskclip" (see value_path). With `keys`: (embeddings, the
+    last attention's keys per location, float32 [B, h*w, C], not normalised)."""
     if hasattr(visual, "transformer") and hasattr(visual, "conv1"):
-        out = vit_dense(visual, x, recipe)
+        out = vit_dense(visual, x, recipe, keys)
     elif hasattr(visual, "attnpool") and hasattr(visual, "layer4"):
-        out = resnet_dense(visual, x)
+        out = resnet_dense(visual, x, keys)
     else:
         raise MaskClipError(f"{type(visual).__name__}: dense CLIP supports open_clip's VisionTransformer and "
                             f"ModifiedResNet image towers (timm towers have no CLIP projection per patch)")
+    if keys:
+        return F.normalize(out[0].float(), dim=1), out[1].float()
     return F.normalize(out.float(), dim=1)
+
+
+def prompt_denoise(cosine: torch.Tensor, threshold: float, scale: float = REFINE_SCALE) -> torch.Tensor:
+    """MaskCLIP's prompt denoising: cosines [B, P, h, w] -> the same, with every prompt whose
+    highest probability (softmax over prompts of scale x cosine) anywhere in its image is below
+    `threshold` set to -100 (absent from that image)."""
+    probs = (scale * cosine).softmax(1)
+    absent = probs.flatten(2).amax(2) < threshold                         # [B, P]
+    return cosine.masked_fill(absent[:, :, None, None], -100.0)
+
+
+def key_smooth(cosine: torch.Tensor, keys: torch.Tensor, threshold: float, scale: float = REFINE_SCALE) -> torch.Tensor:
+    """MaskCLIP's key smoothing: cosines [B, P, h, w] and keys [B, h*w, C] -> scores [B, P, h, w].
+    P = softmax over prompts of scale x cosine; each key channel is L2-normalised over the
+    locations (the released code's normalisation, see the module's notes), W = K K^T [B, N, N];
+    locations whose highest probability is below `threshold` take W P, the others keep P."""
+    b, p, h, w = cosine.shape
+    probs = (scale * cosine).softmax(1).flatten(2).transpose(1, 2)        # [B, N, P]
+    k = F.normalize(keys.float(), dim=1)
+    smoothed = (k @ k.transpose(1, 2)) @ probs
+    low = probs.amax(2, keepdim=True) < threshold
+    return torch.where(low, smoothed, probs).transpose(1, 2).reshape(b, p, h, w)
+
+
+def apply_preset(settings: dict, preset: str | None) -> dict:
+    """Zero-shot settings (zero_shot_segmenter's keywords) with a preset's values filled in where
+    `settings` leaves them None; preset None returns them unchanged."""
+    if preset is None:
+        return settings
+    if preset not in PRESETS:
+        raise MaskClipError(f"--preset {preset!r}: the zero-shot presets are {', '.join(PRESETS)}")
+    return {**settings, **{k: v for k, v in PRESETS[preset].items() if settings.get(k) is None}}
 
 
 def stride_of(visual: nn.Module) -> int:
@@ -214,16 +282,27 @@ class MaskClipSegmenter(nn.Module):
     probability is below `threshold`. `short_side`: the image is resized so its short side has
     this many pixels (rounded to the patch grid) before the tower runs. refine: "bilateral"
     (the bilateral solver per label) or "dino" (scores averaged over DINO-key neighbours,
-    `affinity_refine`; needs `dino`, a timm DINO ViT)."""
+    `affinity_refine`; needs `dino`, a timm DINO ViT).
+
+    prompt_denoising / key_smoothing: MaskCLIP's thresholds (prompt_denoise, key_smooth; None =
+    off). With key smoothing the scores are the smoothed probabilities summed per label (their
+    argmax is MaskCLIP's; they no longer sum to 1, so a background threshold cannot apply)."""
 
     def __init__(self, clip: Clip, class_embeddings: torch.Tensor, background_embeddings: torch.Tensor | None = None,
                  threshold: float | None = None, short_side: int | None = None, refine: str | None = None,
-                 recipe: str = "value", dino: nn.Module | None = None, dino_tau: float = 0.2):
+                 recipe: str = "value", dino: nn.Module | None = None, dino_tau: float = 0.2,
+                 key_smoothing: float | None = None, prompt_denoising: float | None = None):
         super().__init__()
         if threshold is None and (background_embeddings is None or len(background_embeddings) == 0):
             raise MaskClipError("background needs a threshold and/or background prompts; give one")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise MaskClipError(f"background threshold must be in [0, 1], got {threshold}")
+        for name, value in (("key smoothing", key_smoothing), ("prompt denoising", prompt_denoising)):
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise MaskClipError(f"{name} threshold must be in [0, 1], got {value}")
+        if key_smoothing is not None and threshold is not None:
+            raise MaskClipError("key smoothing's scores are not probabilities: background by a prompt, not by "
+                                "--background-threshold")
         if refine not in (None, *REFINES):
             raise MaskClipError(f"refine {refine!r}: expected one of {', '.join(REFINES)}")
         if (refine == "dino") != (dino is not None):
@@ -236,6 +315,7 @@ class MaskClipSegmenter(nn.Module):
         self.stride = stride_of(self.visual)
         self.short_side = int(short_side or clip.image_size)
         self.threshold = threshold
+        self.key_smoothing, self.prompt_denoising = key_smoothing, prompt_denoising
         self.refine = None if refine in (None, "none") else refine
         self.dino, self.dino_tau = (dino.eval() if dino is not None else None), float(dino_tau)
         bg = background_embeddings if background_embeddings is not None else class_embeddings[:0]
@@ -249,10 +329,20 @@ class MaskClipSegmenter(nn.Module):
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y, rgb = to_clip_input(x, self.clip_mean, self.clip_std, self.short_side, self.stride)
-        feats = dense_features(self.visual, y.to(next(self.visual.parameters()).dtype), self.recipe)
-        logits = torch.einsum("bdhw,kd->bkhw", feats, self.text.to(feats.device)) * self.logit_scale
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        probs = logits.softmax(1)
+        y = y.to(next(self.visual.parameters()).dtype)
+        if self.key_smoothing is not None:
+            feats, keys = dense_features(self.visual, y, self.recipe, keys=True)
+        else:
+            feats = dense_features(self.visual, y, self.recipe)
+        cosine = torch.einsum("bdhw,kd->bkhw", feats, self.text.to(feats.device))
+        if self.prompt_denoising is not None:
+            cosine = prompt_denoise(cosine, self.prompt_denoising)
+        if self.key_smoothing is not None:
+            probs = F.interpolate(key_smooth(cosine, keys, self.key_smoothing), size=x.shape[-2:], mode="bilinear",
+                                  align_corners=False)
+        else:
+            logits = F.interpolate(cosine * self.logit_scale, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            probs = logits.softmax(1)
         scores = torch.zeros(x.shape[0], self.num_labels, *x.shape[-2:], device=x.device)
         scores.index_add_(1, self.label_of_prompt.to(x.device), probs)
         if self.threshold is not None:

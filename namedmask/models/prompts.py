@@ -1,7 +1,8 @@
 """Prompt templates for CLIP text embeddings. A template holds one "{}" for the class name.
 
 "namedmask": the 80 CLIP ImageNet templates (Radford et al. 2021) + 5 scene templates, the
-85 prompts NamedMask averages; "simple": one plain prompt; or a text file, one template a line."""
+85 prompts NamedMask averages; "vild": ViLD's 14 prompts (OVSeg's inference); "simple": one
+plain prompt; or a text file, one template a line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -100,9 +101,29 @@ SCENE_TEMPLATES = (
     "this is one {} in the scene.",
 )
 
+# ViLD's 14 detection prompts (Gu et al. 2022), which OVSeg ensembles at inference
+# (facebookresearch/ov-seg, open_vocab_seg/modeling/clip_adapter/text_template.py, TEXT_TEMPLATES "vild").
+VILD_TEMPLATES = (
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
 BUILTIN_TEMPLATES = {
     "namedmask": IMAGENET_TEMPLATES + SCENE_TEMPLATES,
     "simple": ("a photo of a {}.",),
+    "vild": VILD_TEMPLATES,
 }
 
 

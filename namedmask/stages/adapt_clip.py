@@ -41,7 +41,7 @@ from namedmask.data.vocabulary import Vocabulary, load_vocabulary
 from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import Clip, load_clip
-from namedmask.models.mask_prompts import MaskPrompts
+from namedmask.models.mask_prompts import MaskPrompts, contrastive_loss, lr_factor
 from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
 from namedmask.runtime import resolve_device
@@ -52,7 +52,7 @@ CONFIG_NAME = "adapt.json"
 PROMPTS_NAME = "mask_prompts.safetensors"
 NEGATIVES_NAME = "negatives_text.safetensors"  # the negatives vocabulary's text embeddings (a cache)
 # Settings added since the first folders were written, at the value they had before.
-LEGACY_SETTINGS = {"negatives": None}
+LEGACY_SETTINGS = {"negatives": None, "loss": "ce", "warmup": 0, "schedule": "constant", "beta2": 0.999, "eps": 1e-8}
 
 
 class AdaptError(BadInputError):
@@ -181,35 +181,62 @@ def split(n: int, val_fraction: float, seed: int) -> tuple:
     return perm[n_val:], perm[:n_val]
 
 
+def noun_text(clip: Clip, names: list) -> torch.Tensor:
+    """[C, E]: each category's plain noun (its name, no template) encoded and L2-normalised, the
+    text side of OVSeg's contrastive loss."""
+    return clip.encode_texts(list(names)).float()
+
+
 def train_prompts(clip: Clip, regions, text: torch.Tensor, train_idx: torch.Tensor, config: AdaptConfig,
                   progress: bool = True, negatives: torch.Tensor | None = None) -> tuple:
-    """Returns (prompts, per-step losses). Cross-entropy over the categories' text rows, and over
-    `negatives` [K, E] as extra classes no region belongs to."""
+    """Returns (prompts, per-step losses). loss "ce": cross-entropy over the categories' text rows
+    [C, E], and over `negatives` [K, E] as extra classes no region belongs to. loss "contrastive"
+    (OVSeg): `text` holds the categories' plain nouns (noun_text); open_clip's symmetric in-batch
+    loss between each region and its noun, with a learned logit scale (clamped to <= 100) that
+    starts at CLIP's. The lr follows config.warmup / config.schedule (lr_factor)."""
     torch.manual_seed(config.seed)
     prompts = MaskPrompts(clip, depth=config.depth, seed=config.seed)
     for p in clip.model.parameters():
         p.requires_grad_(False)
     groups = [{"params": list(prompts.parameters()), "lr": config.lr}]
+    contrastive = config.loss == "contrastive"
+    log_scale = None
+    if contrastive:   # open_clip leaves the logit scale trainable under --lock-image/--lock-text
+        log_scale = torch.nn.Parameter(clip.model.logit_scale.detach().float().clone().clamp(max=math.log(100)))
+        groups.append({"params": [log_scale], "lr": config.lr})
     if config.finetune:
         visual = [p for p in clip.model.visual.parameters()]
         for p in visual:
             p.requires_grad_(True)
         groups.append({"params": visual, "lr": config.finetune_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, weight_decay=0.0, betas=(0.9, config.beta2), eps=config.eps)
+    base_lrs = [group["lr"] for group in opt.param_groups]
+    scheduled = config.warmup > 0 or config.schedule != "constant"
     scale = float(clip.model.logit_scale.exp().clamp(max=100))
     text = (text if negatives is None else torch.cat([text, negatives.to(text)])).to(clip.device)
     g = torch.Generator().manual_seed(config.seed)
     losses = []
-    for _ in tqdm(range(config.steps), desc="adapt-clip", disable=not progress):
+    for step in tqdm(range(config.steps), desc="adapt-clip", disable=not progress):
+        if scheduled:
+            factor = lr_factor(step, config.steps, config.warmup, config.schedule)
+            for group, base in zip(opt.param_groups, base_lrs):
+                group["lr"] = base * factor
         b = train_idx[torch.randint(len(train_idx), (min(config.batch_size, len(train_idx)),), generator=g)]
-        logits = scale * _embed(clip, regions, b, prompts) @ text.T
-        loss = F.cross_entropy(logits, regions.labels[b].to(clip.device))
+        emb = _embed(clip, regions, b, prompts)
+        if contrastive:
+            loss = contrastive_loss(emb, text[regions.labels[b].to(clip.device)], log_scale.exp())
+        else:
+            loss = F.cross_entropy(scale * emb @ text.T, regions.labels[b].to(clip.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if log_scale is not None:
+            with torch.no_grad():
+                log_scale.clamp_(0, math.log(100))
         losses.append(float(loss.detach()))
     for p in clip.model.parameters():
         p.requires_grad_(False)
+    prompts.learned_logit_scale = None if log_scale is None else float(log_scale.detach().exp())
     return prompts, losses
 
 
@@ -253,7 +280,8 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, negativ
     plain = accuracy(clip, regions, val_idx, text)
     negatives = None if negative_vocab is None else negative_text(
         clip, negative_vocab, archive_path, regions.names, templates, out / NEGATIVES_NAME)
-    prompts, losses = train_prompts(clip, regions, text, train_idx, config, progress, negatives)
+    train_text = noun_text(clip, regions.names).cpu() if config.loss == "contrastive" else text
+    prompts, losses = train_prompts(clip, regions, train_text, train_idx, config, progress, negatives)
     tuned = accuracy(clip, regions, val_idx, text, prompts)
     prompts.save(out / PROMPTS_NAME)
     if config.finetune:
@@ -264,6 +292,8 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, negativ
                "val_accuracy_plain": plain, "val_accuracy_prompts": tuned,
                "loss_first": sum(losses[:k]) / k, "loss_last": sum(losses[-k:]) / k,
                "chance": 1 / len(regions.names), "negatives": 0 if negatives is None else len(negatives)}
+    if prompts.learned_logit_scale is not None:
+        summary["learned_logit_scale"] = prompts.learned_logit_scale
     summary = {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in summary.items()}
     io.write_json(done, summary)
     log.info("adapt-clip: held-out masked-region accuracy %.3f plain -> %.3f with mask prompts (%d regions)",

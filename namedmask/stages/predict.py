@@ -7,7 +7,10 @@ proposals first — discover's DINO over-segmentation (namedmask.models.zero_gui
 predicted non-background class) — then CLIP names each region among the --text classes and
 background (zero_guidance.classify_segments: the dense zero-shot segmenter's rule applied to one
 embedding per region). Region embeddings: masked crop by default (optionally with mask prompts
-from `namedmask adapt-clip`), or the class-row attention mask."""
+from `namedmask adapt-clip`), or the class-row attention mask. With `ensemble` (OVSeg's
+inference, `--preset ovseg`, proposals segmenter) each region takes the argmax class of the
+segmenter's and CLIP's class probabilities combined geometrically
+(models.mask_prompts.ovseg_ensemble; no background choice inside a proposed region)."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 
 from namedmask import io
 from namedmask.config import TwoStageConfig
+from namedmask.data.augment import eval_input
 from namedmask.data.categories import get_category_set, voc_palette
 from namedmask.data.classmap import ClassMap
 from namedmask.data.image_outputs import ImageOutputs, claim_image_outputs
@@ -27,13 +31,13 @@ from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import load_clip
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.dino import create_dino
-from namedmask.models.mask_prompts import load_mask_prompts
+from namedmask.models.mask_prompts import load_mask_prompts, ovseg_ensemble, region_class_scores
 from namedmask.models.maskclip import class_text
 from namedmask.models.prompts import get_templates
 from namedmask.models.inference import predict_label, resolve_run_dir
 from namedmask.report import save_overlay
 from namedmask.runtime import resolve_device
-from namedmask.models.openvocab import build_segmenter, text_classes
+from namedmask.models.openvocab import build_segmenter, open_vocab_segmenter, text_classes
 from namedmask.models.provenance import WorldCheck
 
 log = logging.getLogger(__name__)
@@ -70,14 +74,17 @@ class TwoStage:
     @torch.no_grad()
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         c = self.config
-        img, masks = self.propose(image)
+        img, masks, *seg_scores = self.propose(image)
         out = torch.zeros(img.shape[-2:], dtype=torch.int64)
         if len(masks):
             emb = zg.segment_embeddings(self.clip, img, masks, mode=c.embed, context=c.context,
                                         mask_layers=min(c.mask_layers, zg.clip_depth(self.clip)),
                                         mask_prompts=self.prompts)
-            labels, _ = zg.classify_segments(emb, self.text, self.background, logit_scale=self.logit_scale,
-                                             threshold=c.threshold)
+            if c.ensemble is not None:   # segment_embeddings are L2-normalised
+                labels = ovseg_ensemble(seg_scores[0], emb, self.text, c.ensemble).argmax(1) + 1
+            else:
+                labels, _ = zg.classify_segments(emb, self.text, self.background, logit_scale=self.logit_scale,
+                                                 threshold=c.threshold)
             for m, label in zip(masks, labels.tolist()):
                 out[m] = label
         H, W = image.shape[:2]
@@ -93,7 +100,17 @@ def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu")
     clip = load_clip(config.model, config.pretrained, device)
     text, bg = class_text(clip, classes, config.background, templates)
     prompts = load_mask_prompts(config.mask_prompts, clip) if config.mask_prompts else None
-    if config.proposals == "segmenter":
+    if config.proposals == "segmenter" and config.ensemble is not None:
+        segmenter, columns = _named_segmenter(resolve_run_dir(run_dir), classes, device)
+
+        def propose(image):
+            with torch.no_grad():
+                probs = segmenter(eval_input(image).to(device)).float().softmax(1)[0].cpu()
+            label = probs.argmax(0)
+            ids = [i for i in label.unique().tolist() if i != 0]
+            masks = label[None] == torch.tensor(ids, dtype=torch.int64).view(-1, 1, 1)
+            return image.permute(2, 0, 1), masks, region_class_scores(probs, masks, columns)
+    elif config.proposals == "segmenter":
         segmenter, _ = load_segmenter(resolve_run_dir(run_dir), device)
 
         def propose(image):
@@ -109,6 +126,29 @@ def two_stage(config: TwoStageConfig, classes: list, run_dir=None, device="cpu")
                                               seed=config.seed)
             return img, labels[None] == torch.arange(int(labels.max()) + 1).view(-1, 1, 1)
     return TwoStage(clip, text, bg, propose, config, prompts), ["background"] + [name for name, _ in classes]
+
+
+def _named_segmenter(run_dir: Path, classes: list, device) -> tuple:
+    """(segmenter, columns): a trained segmenter scoring the `classes` ((name, words) pairs) —
+    a text-head run bound to their names, or a closed-set run whose classes include them by name
+    or synonym — and, per class, the column of its output holding that class's score."""
+    model, meta = load_segmenter(run_dir, device)
+    if meta.get("head") == "text":   # its own CLIP embeds the names (its training templates)
+        model, _ = open_vocab_segmenter(run_dir, classes, device)
+        return model, torch.arange(1, len(classes) + 1)
+    known = {n.lower(): i for i, n in enumerate(meta["class_names"]) if i}
+    columns, missing = [], []
+    for name, words in classes:
+        hit = [known[w.lower()] for w in (name, *words) if w.lower() in known]
+        if hit:
+            columns.append(hit[0])
+        else:
+            missing.append(name)
+    if missing:
+        raise PredictError(f"--preset ovseg ensembles the segmenter's score of every --text class, and {run_dir} "
+                           f"(closed set: {', '.join(meta['class_names'][1:])}) has none for {missing}; name only "
+                           f"its classes, or use a text-head run (train.head: text)")
+    return model, torch.tensor(columns)
 
 
 def predict(run_dir, inputs, out_dir, *, device: str = "auto", overlays: bool = True,
