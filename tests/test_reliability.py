@@ -421,7 +421,8 @@ def test_every_stage_is_deterministic(world, tmp_path):
 # ------------------------------------------------------------------------------ kill matrix
 
 def _subprocess_env():
-    return dict(os.environ, OMP_NUM_THREADS="1",
+    # one thread, like the in-process runs they are compared with: training bits depend on it
+    return dict(os.environ, OMP_NUM_THREADS="1", NAMEDMASK_THREADS="1",
                 PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
@@ -480,12 +481,14 @@ def kill_matrix(world, tmp_path, stages, seeds):
             assert temporaries(out) == [], (stage, seed)
 
 
-def test_kill_matrix_small(world, tmp_path):
+def test_kill_matrix_small(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAMEDMASK_THREADS", "1")  # the killed subprocess's setting: same threads, same bits
     kill_matrix(world, tmp_path, ["saliency", "train"], seeds=[0])
 
 
 @pytest.mark.slow
-def test_kill_matrix_large(world, tmp_path):
+def test_kill_matrix_large(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAMEDMASK_THREADS", "1")
     kill_matrix(world, tmp_path, ["saliency", "refine", "train"], seeds=range(4))
 
 
