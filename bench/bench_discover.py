@@ -262,12 +262,26 @@ def attention_study(root: Path) -> list:
     return rows
 
 
+def _two_stage_score(run_dir, cfg, split: Path, names: list) -> tuple:
+    """predict --proposals on a held-out split: (images, seconds per image, mIoU against its labels)."""
+    from namedmask.stages.evaluate import evaluate_label_maps
+    from namedmask.stages.predict import predict
+
+    with tempfile.TemporaryDirectory(prefix="bench_two_stage_") as out:
+        t0 = time.perf_counter()
+        written = predict(run_dir, [split / "images"], out, device="cpu", overlays=False, progress=False,
+                          text=", ".join(names[1:]), proposals=cfg)
+        secs = (time.perf_counter() - t0) / len(written)
+        report = evaluate_label_maps(Path(out) / "labels", split / "labels", len(names), class_names=names,
+                                     progress=False)
+    return len(written), secs, report.metrics.miou
+
+
 def two_stage(root: Path) -> list:
     """`predict --text --proposals discover` on the held-out multi-object scenes: mIoU over
     background + the 8 named categories (one name each, as bench_openvocab's zero-shot rows),
     the toy CLIP naming the toy DINO's segments (quality() settings: 96 px, k 6)."""
-    from namedmask.stages.evaluate import evaluate_label_maps
-    from namedmask.stages.predict import TwoStageConfig, predict
+    from namedmask.config import TwoStageConfig
     from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
 
     cats = _toy_categories(root)
@@ -279,16 +293,10 @@ def two_stage(root: Path) -> list:
         cfg = TwoStageConfig("discover", "nm-toy", str(root / "clip" / "nm-toy.pt"), "namedmask", background,
                              threshold, embed=embed, dino=VIT_NAME, vit_kwargs=dict(VIT_KWARGS),
                              dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), size=96, k=6)
-        with tempfile.TemporaryDirectory(prefix="bench_two_stage_") as out:
-            t0 = time.perf_counter()
-            written = predict(None, [multi / "images"], out, device="cpu", overlays=False, progress=False,
-                              text=", ".join(names[1:]), proposals=cfg)
-            secs = (time.perf_counter() - t0) / len(written)
-            report = evaluate_label_maps(Path(out) / "labels", multi / "labels", len(names), class_names=names,
-                                         progress=False)
+        n, secs, miou = _two_stage_score(None, cfg, multi, names)
         bg = "bg prompt" if background else f"threshold {threshold}"
-        rows.append(Row(op=f"toy two-stage discover+{embed}, {bg}", backend="cpu", shape=f"{len(written)} imgs",
-                        seconds=secs, extra={"mIoU eval/multi": round(report.metrics.miou, 4)}))
+        rows.append(Row(op=f"toy two-stage discover+{embed}, {bg}", backend="cpu", shape=f"{n} imgs",
+                        seconds=secs, extra={"mIoU eval/multi": round(miou, 4)}))
     return rows
 
 
@@ -377,8 +385,9 @@ def ovseg_inference(root: Path, train_dir: Path, prompts: dict) -> list:
     templates, ensemble 0.7) with and without its prompts. mIoU over background + the 8 names."""
     from namedmask.models.deeplab import load_segmenter
     from namedmask.models.mask_prompts import OVSEG_INFERENCE
-    from namedmask.stages.evaluate import FolderLabeledSet, evaluate_label_maps, evaluate_model
-    from namedmask.stages.predict import TwoStageConfig, predict
+    from namedmask.config import TwoStageConfig
+    from namedmask.data.datasets import FolderLabeledSet
+    from namedmask.evaluation import evaluate_model
 
     cats = _toy_categories(root)
     multi = root / "world" / "eval" / "multi"
@@ -395,15 +404,9 @@ def ovseg_inference(root: Path, train_dir: Path, prompts: dict) -> list:
         variants["--preset ovseg + its mask prompts"] = {**OVSEG_INFERENCE, "mask_prompts": str(prompts["ovseg preset"])}
     for variant, kw in variants.items():
         cfg = TwoStageConfig("segmenter", "nm-toy", clip_file, **{"templates": "namedmask", **kw})
-        with tempfile.TemporaryDirectory(prefix="bench_ovseg_") as out:
-            t0 = time.perf_counter()
-            written = predict(train_dir, [multi / "images"], out, device="cpu", overlays=False, progress=False,
-                              text=", ".join(names[1:]), proposals=cfg)
-            secs = (time.perf_counter() - t0) / len(written)
-            report = evaluate_label_maps(Path(out) / "labels", multi / "labels", len(names), class_names=names,
-                                         progress=False)
-        rows.append(Row(op="toy OVSeg inference", backend=variant, shape=f"{len(written)} imgs", seconds=secs,
-                        extra={"mIoU eval/multi": round(report.metrics.miou, 4)}))
+        n, secs, miou = _two_stage_score(train_dir, cfg, multi, names)
+        rows.append(Row(op="toy OVSeg inference", backend=variant, shape=f"{n} imgs", seconds=secs,
+                        extra={"mIoU eval/multi": round(miou, 4)}))
     return rows
 
 

@@ -566,6 +566,23 @@ class RunConfig:
             raise ConfigError(f"threads: expected auto or a positive integer, got {t!r}")
 
 
+def changed_settings(old: dict, new: dict, defaults: dict, ignore=()) -> list:
+    """The keys of `new` (dotted inside nested sections) whose value differs from what `old`
+    recorded. A key `old` lacks, a setting added after it was written, counts as its value in
+    `defaults` (the behaviour the older version had), so folders of older versions stay
+    resumable while every real change is named. Used by every stage that resumes a folder."""
+    changed = []
+    for key, value in new.items():
+        if key in ignore:
+            continue
+        was = old.get(key, defaults.get(key))
+        if isinstance(value, dict) and isinstance(was, dict):
+            changed += [f"{key}.{sub}" for sub in changed_settings(was, value, defaults.get(key) or {})]
+        elif was != value:
+            changed.append(key)
+    return changed
+
+
 def to_dict(cfg) -> dict:
     """Plain dict (tuples as lists) fit for YAML/JSON."""
     def plain(v):

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from namedmask import io, ops
-from namedmask.config import CopyPasteConfig, TrainConfig, dump_yaml, to_dict
+from namedmask.config import CopyPasteConfig, TrainConfig, changed_settings, dump_yaml, to_dict
 from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE
 from namedmask.data.datasets import open_dataset
@@ -100,8 +100,8 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         return
-    old, new = yaml.safe_load(path.read_text()), to_dict(cfg)
-    diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    diff = changed_settings(yaml.safe_load(path.read_text()), to_dict(cfg), to_dict(TrainConfig()),
+                            ignore=RESUMABLE_CHANGES)
     if diff:
         raise TrainError(f"{run_dir} holds a run with a different config ({', '.join(diff)}); resume it with the "
                          f"same config, or give a new --out")

@@ -87,3 +87,16 @@ def test_discover_reads_its_config(tmp_path):
     res = _invoke(["discover", str(tmp_path), "--out", str(tmp_path / "o"), "--config", str(config), "--k", "300"])
     assert res.exit_code != 0 and "got 300" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_changed_settings_names_real_changes_and_tolerates_added_keys():
+    """The one resume check of train, discover and adapt-clip: a key an older folder lacks counts
+    as its default; any real change is named, inside nested sections too."""
+    from namedmask.config import changed_settings
+
+    defaults = {"a": 1, "new": 0, "optim": {"lr": 0.1, "beta": 0.9}}
+    old = {"a": 1, "optim": {"lr": 0.1}}                      # written before `new` and `beta` existed
+    assert changed_settings(old, {"a": 1, "new": 0, "optim": {"lr": 0.1, "beta": 0.9}}, defaults) == []
+    assert changed_settings(old, {"a": 2, "new": 5, "optim": {"lr": 0.2, "beta": 0.9}}, defaults) == \
+        ["a", "new", "optim.lr"]
+    assert changed_settings(old, {"a": 2, "new": 0}, defaults, ignore=("a",)) == []

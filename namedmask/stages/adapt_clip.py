@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from namedmask import io
-from namedmask.config import AdaptConfig
+from namedmask.config import AdaptConfig, changed_settings
 from namedmask.data.archive import load_archive
 from namedmask.data.decode import ImageDecodeError, load_image
 from namedmask.data.pseudo_masks import mask_paths, no_foreground_message, read_pseudo_mask
@@ -262,7 +262,7 @@ def _adapt_clip(out: Path, archive_path, masks_dir, config: AdaptConfig, negativ
     if done.is_file():
         summary = json.loads(done.read_text())
         previous = {**LEGACY_SETTINGS, **summary.get("settings", {})}
-        changed = {k: v for k, v in settings.items() if previous.get(k) != v}
+        changed = {k: settings[k] for k in changed_settings(summary.get("settings", {}), settings, LEGACY_SETTINGS)}
         if changed:
             hint = (" (a folder made before --negatives existed has none: pass --negatives none)"
                     if "negatives" in changed and previous["negatives"] is None else "")

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from namedmask import io
-from namedmask.config import DiscoverConfig
+from namedmask.config import DiscoverConfig, changed_settings
 from namedmask.data.categories import voc_palette
 from namedmask.data.image_outputs import ImageOutputs, claim_image_outputs
 from namedmask.data.vocabulary import Vocabulary, load_vocabulary
@@ -131,6 +131,18 @@ def _name(models: Models, emb: torch.Tensor, config: DiscoverConfig) -> list:
     return out
 
 
+def _step_timer() -> tuple:
+    """({step: seconds}, lap): lap(step) adds the time since the previous lap to `step`."""
+    seconds, last = {}, [time.perf_counter()]
+
+    def lap(step: str) -> None:
+        now = time.perf_counter()
+        seconds[step] = seconds.get(step, 0.0) + now - last[0]
+        last[0] = now
+
+    return seconds, lap
+
+
 def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConfig,
                    embeddings: dict | None = None) -> tuple:
     """One image (uint8 [H, W, 3]) -> (labels int64 [H, W] in 0..S-1, segments list, seconds per step).
@@ -139,14 +151,7 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
     if config.cluster != "kmeans" or config.embed == "zero-guidance" or config.namer != "vocabulary" \
             or config.refine_method != "bilateral":
         return _discover_image_paper(models, image_hwc, config, embeddings)
-    seconds = {}
-    t = time.perf_counter()
-
-    def lap(step):
-        nonlocal t
-        now = time.perf_counter()
-        seconds[step] = seconds.get(step, 0.0) + now - t
-        t = now
+    seconds, lap = _step_timer()
 
     img, labels = zg.propose_segments(models.vit, image_hwc, size=config.size, k=config.k, min_area=config.min_area,
                                       refine=config.refine, seed=config.seed, lap=lap)
@@ -184,14 +189,7 @@ def _discover_image_paper(models: Models, image_hwc: torch.Tensor, config: Disco
                           embeddings: dict | None) -> tuple:
     """discover_image with any of the zero-guidance paper's pieces: the cluster tree (and its
     merge), the soft-area attention embedding, caption naming; the other pieces as configured."""
-    seconds = {}
-    t = time.perf_counter()
-
-    def lap(step):
-        nonlocal t
-        now = time.perf_counter()
-        seconds[step] = seconds.get(step, 0.0) + now - t
-        t = now
+    seconds, lap = _step_timer()
 
     tree_ids = None
     if config.cluster == "tree":
@@ -274,20 +272,16 @@ def discover(inputs, out_dir, config: DiscoverConfig | None = None, *, progress:
         return _discover(outs, config, progress, models)
 
 
-def _same_settings(old: dict, new: dict) -> bool:
-    """A folder's recorded settings equal these; a setting added after the folder was made counts
-    as equal when it has its default value (folders of older versions stay resumable)."""
-    defaults = asdict(DiscoverConfig())
-    return all(old.get(k, defaults.get(k)) == v for k, v in new.items()) and set(old) <= set(new)
-
-
 def _discover(outs: ImageOutputs, config: DiscoverConfig, progress: bool, models: Models | None) -> dict:
     """The body of discover, inside its locked output folder."""
     out = outs.out
     settings = {k: v for k, v in asdict(config).items() if k not in RUN_ONLY}
     previous = out / CONFIG_NAME
-    if previous.is_file() and not _same_settings(json.loads(previous.read_text()), settings):
-        raise DiscoverError(f"{out} holds results made with other settings ({previous}); use a new --out folder")
+    changed = changed_settings(json.loads(previous.read_text()), settings, asdict(DiscoverConfig())) \
+        if previous.is_file() else []
+    if changed:
+        raise DiscoverError(f"{out} holds results made with other settings ({', '.join(changed)}; {previous}); "
+                            f"use a new --out folder")
     io.write_json(previous, settings)
     todo = [item for item in outs.items if not outs.done(item)]
     if todo and models is None:
