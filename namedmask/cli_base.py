@@ -89,16 +89,29 @@ def field_option(f: dataclasses.Field) -> click.Option:
         kw["type"] = float
     elif "int" in str(f.type):
         kw["type"] = int
-    return click.Option([name, f.name], **kw)
+    return Option([name, f.name], **kw)
+
+
+class Option(click.Option):
+    """Shows a default as `[default: 512]`: click puts a default given as text in parentheses."""
+
+    def get_help_record(self, ctx):
+        record = super().get_help_record(ctx)
+        if record and isinstance(self.show_default, str):
+            record = (record[0], record[1].replace(f"[default: ({self.show_default})]", f"[default: {self.show_default}]"))
+        return record
 
 
 def helped_fields(*classes) -> dict:
-    """{name: field} of the fields with help, the first class's where several hold a name."""
+    """{name: field} of the fields with help, the first class's where several hold a name; a
+    command's own settings first, then those of the configs and parts it is built from."""
     out = {}
     for cls in classes:
-        for f in dataclasses.fields(cls):
-            if "help" in f.metadata:
-                out.setdefault(f.name, f)
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for klass in cls.__mro__:
+            for name in vars(klass).get("__annotations__", {}):
+                if name in fields and "help" in fields[name].metadata:
+                    out.setdefault(name, fields[name])
     return out
 
 

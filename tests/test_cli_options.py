@@ -56,7 +56,7 @@ def test_help_defaults_are_the_dataclass_defaults(command):
             assert not p.show_default, (command, p.opts)
         else:
             assert p.show_default == str(expected), (command, p.opts)
-            assert f"[default: ({expected})]" in p.get_help_record(ctx)[1]
+            assert f"[default: {expected}]" in p.get_help_record(ctx)[1]
         checked += 1
     assert checked >= 1
 
