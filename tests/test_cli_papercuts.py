@@ -55,7 +55,7 @@ def test_verbosity_levels(verbose, quiet, root, ours, restore_levels):
 
 def test_devices_default_to_auto():
     assert ArchiveConfig().device == "auto"
-    assert "[default: (auto)]" in CliRunner().invoke(cli, ["build-archive", "--help"]).output
+    assert "[default: auto]" in CliRunner().invoke(cli, ["build-archive", "--help"]).output
 
 
 def test_prepare_check_knows_folder_sets(tmp_path):
