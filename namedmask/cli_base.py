@@ -141,10 +141,10 @@ def config_command(fn, name: str, cls, *more, images: bool = False, presets=None
             given = {**{k: v for k, v in data.items() if k in passed}, **given}
         try:
             cfg = C.load_config(cls, config_path, overrides, **{k: v for k, v in given.items() if k in own})
-        except C.ConfigError as exc:  # a value typed on the command line: name its option (exit code 2)
+        except C.ConfigError as exc:  # a value typed on the command line: the error names its option
             if exc.key in given:
-                raise click.BadParameter(str(exc), param_hint=fields[exc.key].metadata.get("flag") or
-                                         "--" + exc.key.replace("_", "-")) from None
+                flag = fields[exc.key].metadata.get("flag") or "--" + exc.key.replace("_", "-")
+                raise C.ConfigError(f"{flag}: {exc}", exc.key) from None
             raise
         return fn(cfg, given, *(() if images_ is None else (images_,)))
 
