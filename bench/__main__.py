@@ -6,12 +6,15 @@ import inspect
 from bench.common import environment, print_table, save_json
 
 BENCHMARKS = ["confusion_matrix", "copy_paste", "decode", "archive", "saliency", "train", "bilateral", "loaded", "memory",
-              "quality", "openvocab", "discover", "official"]
+              "quality", "openvocab", "discover"]
+# Run by name only (minutes each on a CPU): official = side by side with the official scripts.
+ON_REQUEST = ["official"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
-    parser.add_argument("names", nargs="*", default=BENCHMARKS, help=f"any of {BENCHMARKS}")
+    parser.add_argument("names", nargs="*", default=BENCHMARKS,
+                        help=f"any of {BENCHMARKS + ON_REQUEST}; default: {BENCHMARKS}")
     parser.add_argument("--json", default="bench/results/latest.json", help="write all rows here")
     parser.add_argument("--stages", action="store_true",
                         help="with loaded: whole stages (archive .. discover) on a ci toy world, not the ops")

@@ -11,18 +11,21 @@ it: PIL per image, torchvision transforms, the official batch sizes, numpy/scipy
 official uses them. tests/test_bench_official.py checks that each computes what ours computes.
 
   pair       ours                                   official (re-implemented)
-  archive    build_archive (whole stage)            prompt_engineering + extract_image_embeddings
-                                                    (DataLoader, batch 16) + retrieve_images (argsort)
-  tokencut   run_saliency tokencut + solver         get_saliency.py per image: ViTFeat keys, dense
-                                                    affinity, scipy.linalg.eigh(D - A, D), ncut,
+  archive    build_archive (whole stage)            extract_image_embeddings (loads CLIP, DataLoader,
+                                                    batch 16, pickle) + retrieve_images (argsort)
+  tokencut   the saliency stage's calls per image   get_saliency.py per image: ViTFeat keys, dense
+             (decode .. PNG), bilateral solver      affinity, scipy.linalg.eigh(D - A, D), ncut,
                                                     scipy bilateral solver, fill holes + largest cc
-  selfmask   run_saliency selfmask + solver         generate_pseudo_masks: SelfMask.forward(inference,
+  selfmask   the same with SelfMask                 generate_pseudo_masks: SelfMask.forward(inference,
                                                     bilateral_solver=True), nearest to native size
   train      namedmask.training.train               Trainer.fit: ImageNet1KDataset (PIL augmentation,
                                                     copy_paste, max_n_masks 2), Adam, PolyLR,
                                                     RunningScore per iteration
   eval       ClassMap + ops.confusion_matrix + miou RunningScore.update per image + get_scores
 
+Saliency rows come twice: the whole per-image path, and the same without the network forward
+(identical work on both sides), where our kernels sit. Per photo the two sides run in turn,
+the first alternating (this machine is shared; its speed drifts).
 Ratio = official seconds / our seconds (> 1: ours faster). Model weights are shared (the same
 module objects, or the same seeded builder); threads: OMP_NUM_THREADS (1 when unset) for both.
 Deliberate differences are listed in docs/benchmarks.md, "Side by side with the official scripts".
@@ -31,7 +34,6 @@ Deliberate differences are listed in docs/benchmarks.md, "Side by side with the 
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -317,7 +319,8 @@ def convert_tensor_to_pil_image(x: torch.Tensor) -> Image.Image:
 
 
 @torch.no_grad()
-def official_selfmask_forward(model, x: torch.Tensor, bilateral_solver: bool = True, timer: dict | None = None) -> tuple:
+def official_selfmask_forward(model, x: torch.Tensor, bilateral_solver: bool = True,
+                              timer: dict | None = None) -> tuple:
     """SelfMask.forward(x, inference=True, bilateral_solver=...) for one normalised image
     [1, 3, H, W]: decoder on the last layer, features upsampled x2, every query's mask, all of
     them upsampled x4 and cropped, the query of max objectness > 0.5; then the bilateral solver
@@ -637,8 +640,8 @@ def _train_pair(backbone: str, iterations: int, threads: int) -> tuple:
         torch.set_num_threads(threads)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model, len(names))
-        loader = DataLoader(OfficialTrainSet(items, cfg.augment.crop_size, cfg.augment.scale), batch_size=cfg.batch_size,
-                            shuffle=True, num_workers=workers, pin_memory=False)
+        loader = DataLoader(OfficialTrainSet(items, cfg.augment.crop_size, cfg.augment.scale),
+                            batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=False)
         random.seed(0), np.random.seed(0)
         stamps = []
         official_fit(model, loader, total, len(names), on_iteration=lambda i: stamps.append(time.perf_counter()))

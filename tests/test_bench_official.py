@@ -263,3 +263,24 @@ def test_official_train_sample_shapes_and_labels(tmp_path):
         sample = data[0]
         assert sample["image"].shape == (3, 32, 32) and sample["mask"].shape == (32, 32)
         assert set(sample["mask"].unique().tolist()) <= {0, 7, 255}
+
+
+@pytest.mark.parametrize("method", ["tokencut", "selfmask"])
+def test_our_saliency_image_is_the_stage_path(tmp_path, method):
+    """The bench's per-image path (spelled out to time the network apart) gives the saliency
+    stage's mask (_predict_batch), bit for bit, and writes it."""
+    from namedmask.data.decode import load_image
+    from namedmask.models.saliency import TokenCut
+    from namedmask.stages.saliency import _predict_batch, bilateral_refiner
+
+    torch.manual_seed(0)
+    if method == "tokencut":
+        model = TokenCut(build_vit("vit_small_patch16_224.dino", **TINY_VIT), short_side=48)
+    else:
+        model = SelfMaskPredictor(SelfMask(build_vit("vit_small_patch8_224.dino", **TINY_VIT), 5, 2), short_side=40)
+    path = _photo(tmp_path / "p.jpg", (70, 50))
+    refine = bilateral_refiner("bilateral-solver")
+    mask, _, _ = official.our_saliency_image(model, refine, path, tmp_path / "p.png")
+    (_, stage_mask, reason), = _predict_batch(model, refine, ["p.jpg"], [load_image(path)], "cpu")
+    assert reason is None and mask.shape == (50, 70) and np.array_equal(mask, stage_mask)
+    assert np.array_equal(np.array(Image.open(tmp_path / "p.png")), mask)
