@@ -34,6 +34,7 @@ Deliberate differences are listed in docs/benchmarks.md, "Side by side with the 
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -60,10 +61,10 @@ from bilateral_oracle import scipy_bilateral_solve  # noqa: E402
 POOL, VOC_MINI = SHARED_DATA / "pool", SHARED_DATA / "voc_mini"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TARGETS = {"archive": 1.0, "tokencut": 3.0, "selfmask": 1.0, "train": 1.0, "eval": 3.0}
-SIZES = {  # what one run times (on 2 busy cores a full run takes ~10 min, --quick ~3)
-    "full": {"archive": [("nm-tiny", 265), ("ViT-B-16", 32)], "tokencut": 8, "selfmask": 2,
-             "train": ("resnet18", 3), "eval": 1449},
-    "quick": {"archive": [("nm-tiny", 32)], "tokencut": 2, "selfmask": 1, "train": ("resnet18", 1), "eval": 120},
+SIZES = {  # what one run times (on 2 busy cores a full run takes ~10 min, --quick ~4)
+    "full": {"archive": [("nm-tiny", 265), ("ViT-B-16", 16)], "tokencut": 8, "selfmask": 2,
+             "train": ("resnet18", 2, 2), "eval": 1449},   # train: backbone, iterations timed per run, runs
+    "quick": {"archive": [("nm-tiny", 32)], "tokencut": 2, "selfmask": 1, "train": ("resnet18", 1, 1), "eval": 120},
 }
 TEMPLATES = "simple"  # text embeddings are shared and untimed: one template keeps their (equal) cost out of the run
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def official_rank(text: dict, images: dict, k: int) -> dict:
 def official_extract_and_rank(model: str, paths: list, text: dict, k: int, workers: int, pickle_path: Path) -> dict:
     """The image side of the official archive: extract_image_embeddings loads CLIP, embeds the
     pool through its DataLoader (batch 16) and pickles {file name: embedding}; retrieve_images
-    loads the pickle, stacks it and ranks (official_rank)."""
+    loads the pickle, stacks it and ranks (official_rank). Returns (ranking, embeddings)."""
     import pickle
 
     from namedmask.models.clip import RANDOM, load_clip
@@ -150,7 +151,7 @@ def official_extract_and_rank(model: str, paths: list, text: dict, k: int, worke
         pickle.dump(official_image_embeddings(clip, paths, 16, workers), f)
     with open(pickle_path, "rb") as f:
         images = pickle.load(f)
-    return official_rank(text, images, k)
+    return official_rank(text, images, k), images
 
 
 def _truncated_differs(path: Path, size: int) -> bool:
@@ -160,10 +161,23 @@ def _truncated_differs(path: Path, size: int) -> bool:
     return int(size * long / short) != round(long * size / short)
 
 
-def _archive_pair(model: str, count: int, k: int, workers: int) -> tuple:
-    """Image embeddings of the pool + ranking. The text embeddings (1700 prompts, the same work
-    on both sides) are computed once, untimed, by our stage's own function into its cache, and
-    the official ranking gets the same ones."""
+def _our_embeddings(out: Path) -> dict:
+    """{file name: fp16 embedding} from our stage's shards."""
+    from safetensors.torch import load_file
+
+    paths = json.loads((out / "embeddings" / "index.json").read_text())["paths"]
+    found = {}
+    for shard in sorted((out / "embeddings").glob("shard-*.safetensors")):
+        tensors = load_file(str(shard))
+        found.update({Path(paths[i]).name: e for i, e in zip(tensors["indices"].tolist(), tensors["embeddings"])})
+    return found
+
+
+def _archive_pair(model: str, count: int, k: int, workers: int, rounds: int = 2) -> list:
+    """Image embeddings of the pool + ranking, `rounds` times each side, the first side
+    alternating (means of the rounds). The text embeddings (the same work on both sides) are
+    computed untimed by our stage's own function into its cache, and the official ranking gets
+    the same ones."""
     from namedmask import io
     from namedmask.config import ArchiveConfig
     from namedmask.data.categories import get_category_set
@@ -173,32 +187,51 @@ def _archive_pair(model: str, count: int, k: int, workers: int) -> tuple:
 
     photos = pool_photos(count)
     cats, templates = get_category_set("voc"), get_templates(TEMPLATES)
+    names = [cats.prompt_words(n)[0] for n in cats.names[1:]]  # the official prompt names
+    times = {"ours": [], "official": []}
     with tempfile.TemporaryDirectory() as tmp:
-        pool, out = Path(tmp) / "pool", Path(tmp) / "out"
+        pool = Path(tmp) / "pool"
         pool.mkdir()
         for p in photos:
             (pool / p.name).symlink_to(p)
-        t0 = time.perf_counter()
-        with io.output_folder(out, "build-archive"):  # the stage's folder, its text cache filled
-            text = _text_embeddings(load_clip(model, RANDOM), cats, templates, out / "text_embeddings.safetensors")
-        text_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        archive = build_archive(ArchiveConfig(str(pool), "voc", str(out), model=model, pretrained=RANDOM, k=k,
-                                              templates=TEMPLATES, device="cpu"), progress=False)
-        ours = time.perf_counter() - t0
-        names = [cats.prompt_words(n)[0] for n in cats.names[1:]]  # the official prompt names
-        t0 = time.perf_counter()
-        ranked = official_extract_and_rank(model, sorted(pool.iterdir()), dict(zip(names, text)), k, workers,
-                                           Path(tmp) / "embeddings.pkl")
-        official = time.perf_counter() - t0
+
+        def ours(r):
+            out = Path(tmp) / f"out{r}"
+            with io.output_folder(out, "build-archive"):  # the stage's folder, its text cache filled
+                text = _text_embeddings(load_clip(model, RANDOM), cats, templates, out / "text_embeddings.safetensors")
+            t0 = time.perf_counter()
+            archive = build_archive(ArchiveConfig(str(pool), "voc", str(out), model=model, pretrained=RANDOM, k=k,
+                                                  templates=TEMPLATES, device="cpu"), progress=False)
+            times["ours"].append(time.perf_counter() - t0)
+            return archive, text, out
+
+        def official(r, text):
+            t0 = time.perf_counter()
+            result = official_extract_and_rank(model, sorted(pool.iterdir()), dict(zip(names, text)), k, workers,
+                                               Path(tmp) / f"embeddings{r}.pkl")
+            times["official"].append(time.perf_counter() - t0)
+            return result
+
+        for r in range(rounds):
+            if r % 2 == 0:
+                archive, text, out = ours(r)
+                ranked, embeddings = official(r, text)
+            else:
+                ranked, embeddings = official(r, text)
+                archive, text, out = ours(r)
+        mine = _our_embeddings(out)
+    size = archive.meta["model"]["image_size"]
+    alike = [p.name for p in photos if not _truncated_differs(p, size)]
+    diff = max((float((mine[n].float() - embeddings[n]).abs().max()) for n in alike), default=float("nan"))
     ours_lists = [[e["path"] for e in archive.archives[n]] for n in cats.names[1:]]
     same = sum(ranked[w] == o for w, o in zip(names, ours_lists))
     overlap = statistics.mean(len(set(ranked[w]) & set(o)) / k for w, o in zip(names, ours_lists))
-    resized = sum(_truncated_differs(p, archive.meta["model"]["image_size"]) for p in photos)
-    return [("image embeddings + ranking", ours, official, {"top-k lists identical": f"{same}/{len(names)} categories",
-                            "mean top-k overlap": f"{overlap:.3f}",
-                            "photos resized to another size (long side truncated vs rounded)": f"{resized}/{count}",
-                            "text embeddings (untimed, shared)": f"{text_seconds:.2f} s"})]
+    return [("image embeddings + ranking", statistics.mean(times["ours"]), statistics.mean(times["official"]), {
+        "rounds": f"{rounds}, alternating (seconds: ours {', '.join(f'{t:.2f}' for t in times['ours'])}; "
+                  f"official {', '.join(f'{t:.2f}' for t in times['official'])})",
+        "photos resized to another size (long side truncated vs rounded)": f"{count - len(alike)}/{count}",
+        "max |embedding difference| on the photos resized alike (ours stored fp16)": f"{diff:.2e}",
+        "top-k lists identical": f"{same}/{len(names)} categories", "mean top-k overlap": f"{overlap:.3f}"})]
 
 
 # ================================================================ bilateral solver (both saliency paths)
@@ -612,13 +645,16 @@ def official_fit(model, loader, iterations: int, n_classes: int, on_iteration=No
             on_iteration(it)
 
 
-def _iteration_seconds(stamps: list) -> float:
-    """Median time between consecutive iterations, the first one (start-up) left out."""
+def _iteration_gaps(stamps: list) -> list:
+    """Times between consecutive iterations, without the first (start-up) and the last (our
+    final checkpoint write)."""
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return statistics.median(gaps[1:] if len(gaps) > 1 else gaps)
+    return gaps[1:-1] if len(gaps) > 2 else gaps
 
 
-def _train_pair(backbone: str, iterations: int, threads: int) -> tuple:
+def _train_pair(backbone: str, iterations: int, threads: int, rounds: int = 2) -> list:
+    """Seconds per iteration: `rounds` runs each side, the first side alternating; the median
+    over every timed iteration of a side."""
     from bench.bench_train import write_inputs
     from namedmask.config import TrainConfig, load_config
     from namedmask.data.training import archive_items
@@ -626,29 +662,44 @@ def _train_pair(backbone: str, iterations: int, threads: int) -> tuple:
     from namedmask.runtime import dataloader_workers
     from namedmask.training import train
 
-    total = iterations + 2  # one for start-up, one whose checkpoint write is not timed
+    total = iterations + 3  # + start-up, + the last gap (our checkpoint write), + one so a gap exists
+    gaps = {"ours": [], "official": []}
     with tempfile.TemporaryDirectory() as tmp:
         archive, masks = write_inputs(Path(tmp))
-        cfg = load_config(TrainConfig, overrides=[f"model.backbone={backbone}", "batch_size=2", f"iterations={total}",
-                                                  f"archive={archive}", f"masks={masks}", f"out={Path(tmp) / 'run'}",
-                                                  "device=cpu", f"log_every={total}", f"checkpoint_every={total}"])
-        stamps = []
-        train(cfg, on_iteration=lambda i: stamps.append(time.perf_counter()), progress=False)
-        ours = _iteration_seconds(stamps[:-1])
         items, names = archive_items(archive, masks)
-        workers = dataloader_workers(cfg.num_workers)
-        torch.set_num_threads(threads)
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, len(names))
-        loader = DataLoader(OfficialTrainSet(items, cfg.augment.crop_size, cfg.augment.scale),
-                            batch_size=cfg.batch_size, shuffle=True, num_workers=workers, pin_memory=False)
-        random.seed(0), np.random.seed(0)
-        stamps = []
-        official_fit(model, loader, total, len(names), on_iteration=lambda i: stamps.append(time.perf_counter()))
-        official = _iteration_seconds(stamps[:-1])
-    return [("seconds per iteration", ours, official, {
-        "iterations timed": f"{iterations} (median)", "batch": cfg.batch_size, "crop": cfg.augment.crop_size,
-        "backbone": backbone, "data workers (both)": workers})]
+
+        def config(r):
+            return load_config(TrainConfig, overrides=[
+                f"model.backbone={backbone}", "batch_size=2", f"iterations={total}", f"archive={archive}",
+                f"masks={masks}", f"out={Path(tmp) / f'run{r}'}", "device=cpu", f"log_every={total}",
+                f"checkpoint_every={total}"])
+
+        def ours(r):
+            stamps = []
+            train(config(r), on_iteration=lambda i: stamps.append(time.perf_counter()), progress=False)
+            gaps["ours"] += _iteration_gaps(stamps)
+
+        def official(r):
+            cfg = config(r)
+            torch.set_num_threads(threads)
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, len(names))
+            loader = DataLoader(OfficialTrainSet(items, cfg.augment.crop_size, cfg.augment.scale),
+                                batch_size=cfg.batch_size, shuffle=True,
+                                num_workers=dataloader_workers(cfg.num_workers), pin_memory=False)
+            random.seed(r), np.random.seed(r)
+            stamps = []
+            official_fit(model, loader, total, len(names), on_iteration=lambda i: stamps.append(time.perf_counter()))
+            gaps["official"] += _iteration_gaps(stamps)
+
+        for r in range(rounds):
+            for side in ((ours, official) if r % 2 == 0 else (official, ours)):
+                side(r)
+    cfg = config(0)
+    return [("seconds per iteration", statistics.median(gaps["ours"]), statistics.median(gaps["official"]), {
+        "iterations timed": f"{len(gaps['ours'])} / {len(gaps['official'])} (median; {rounds} runs each, alternating)",
+        "batch": cfg.batch_size, "crop": cfg.augment.crop_size, "backbone": backbone,
+        "data workers (both)": dataloader_workers(cfg.num_workers)})]
 
 
 # ================================================================ (E) evaluation
@@ -743,7 +794,7 @@ def run(quick: bool = False) -> list[Row]:
         ("selfmask", f"ViT-S/8 + decoder random, {sizes['selfmask']} pool photos, short side 512, with solver",
          lambda: _saliency_pair("selfmask", sizes["selfmask"])),
         ("train", f"DeepLabv3+ {sizes['train'][0]} OS8, batch 2, crop 384, seconds per iteration",
-         lambda: _train_pair(*sizes["train"], threads)),
+         lambda: _train_pair(sizes["train"][0], sizes["train"][1], threads, sizes["train"][2])),
         ("eval", f"{sizes['eval']} label maps (voc_mini repeated), 21 classes, confusion + mIoU",
          lambda: _eval_pair(sizes["eval"])),
     ]
