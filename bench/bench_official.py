@@ -225,7 +225,7 @@ def _archive_pair(model: str, count: int, k: int, workers: int, rounds: int = 2)
     diff = max((float((mine[n].float() - embeddings[n]).abs().max()) for n in alike), default=float("nan"))
     ours_lists = [[e["path"] for e in archive.archives[n]] for n in cats.names[1:]]
     same = sum(ranked[w] == o for w, o in zip(names, ours_lists))
-    overlap = statistics.mean(len(set(ranked[w]) & set(o)) / k for w, o in zip(names, ours_lists))
+    overlap = statistics.mean(len(set(ranked[w]) & set(o)) / min(k, count) for w, o in zip(names, ours_lists))
     return [("image embeddings + ranking", statistics.mean(times["ours"]), statistics.mean(times["official"]), {
         "rounds": f"{rounds}, alternating (seconds: ours {', '.join(f'{t:.2f}' for t in times['ours'])}; "
                   f"official {', '.join(f'{t:.2f}' for t in times['official'])})",
