@@ -200,8 +200,9 @@ def _archive_pair(model: str, count: int, k: int, workers: int, rounds: int = 2)
             with io.output_folder(out, "build-archive"):  # the stage's folder, its text cache filled
                 text = _text_embeddings(load_clip(model, RANDOM), cats, templates, out / "text_embeddings.safetensors")
             t0 = time.perf_counter()
-            archive = build_archive(ArchiveConfig(str(pool), "voc", str(out), model=model, pretrained=RANDOM, k=k,
-                                                  templates=TEMPLATES, device="cpu"), progress=False)
+            archive = build_archive(ArchiveConfig(pool=str(pool), categories="voc", out=str(out), model=model,
+                                                  pretrained=RANDOM, k=k, templates=TEMPLATES, device="cpu"),
+                                    progress=False)
             times["ours"].append(time.perf_counter() - t0)
             return archive, text, out
 
