@@ -5,7 +5,9 @@ scipy.sparse.linalg.cg itself), with two deliberate changes that make it exact:
     kernels; the published float formula may flip a pixel on an exact cell boundary), and
   * vertices are found with np.unique over coordinate rows (no base-255 hash, so no aliasing).
 With published_hash=True it uses the published base-255 hash instead (as fast as the original,
-for the benchmark; exact only while every coordinate is < 255).
+for the benchmark; exact only while every coordinate is < 255); with published_yuv=True the
+published float YUV (np.tensordot with the float matrix, cells by astype(int) truncation) as
+TokenCut's and NamedMask's bilateral_solver.py compute it (bench/bench_official.py).
 Also the coarse-mask recipe of issue 9 (shared by the tests and bench/bench_bilateral.py).
 """
 import numpy as np
@@ -13,19 +15,26 @@ import torch
 from scipy.sparse import csr_matrix, diags
 from scipy.sparse.linalg import cg
 
+RGB_TO_YUV = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 RGB_TO_YUV_E6 = np.array([[299000, 587000, 114000], [-168736, -331264, 500000], [500000, -418688, -81312]],
                          dtype=np.int64)
 YUV_OFFSET_E6 = np.array([0, 128000000, 128000000], dtype=np.int64)
 
 
 class ScipyBilateralGrid:
-    def __init__(self, rgb: np.ndarray, sigma_spatial, sigma_luma, sigma_chroma, published_hash=False):
+    def __init__(self, rgb: np.ndarray, sigma_spatial, sigma_luma, sigma_chroma, published_hash=False,
+                 published_yuv=False):
         h, w, _ = rgb.shape
-        yuv = (rgb.reshape(-1, 3).astype(np.int64) @ RGB_TO_YUV_E6.T + YUV_OFFSET_E6) / 1e6
+        if published_yuv:
+            yuv = (np.tensordot(rgb, RGB_TO_YUV, ([2], [1])) + np.array([0.0, 128.0, 128.0])).reshape(-1, 3)
+            cell = lambda v, sigma: (v / sigma).astype(np.int64)  # noqa: E731  truncation, as published
+        else:
+            yuv = (rgb.reshape(-1, 3).astype(np.int64) @ RGB_TO_YUV_E6.T + YUV_OFFSET_E6) / 1e6
+            cell = lambda v, sigma: np.floor(v / sigma)  # noqa: E731
         iy, ix = np.mgrid[:h, :w]
-        coords = np.stack([np.floor(ix.reshape(-1) / sigma_spatial), np.floor(iy.reshape(-1) / sigma_spatial),
-                           np.floor(yuv[:, 0] / sigma_luma), np.floor(yuv[:, 1] / sigma_chroma),
-                           np.floor(yuv[:, 2] / sigma_chroma)], 1).astype(np.int64)
+        coords = np.stack([cell(ix.reshape(-1), sigma_spatial), cell(iy.reshape(-1), sigma_spatial),
+                           cell(yuv[:, 0], sigma_luma), cell(yuv[:, 1], sigma_chroma),
+                           cell(yuv[:, 2], sigma_chroma)], 1).astype(np.int64)
         self.npixels, self.dim = coords.shape
         if published_hash:
             hash_vec = 255.0 ** np.arange(self.dim)
@@ -71,8 +80,8 @@ class ScipyBilateralGrid:
 
 
 def scipy_bilateral_solve(rgb, target, confidence, sigma_spatial, sigma_luma, sigma_chroma, lam,
-                          max_iter=25, tol=1e-5, published_hash=False):
-    grid = ScipyBilateralGrid(rgb, sigma_spatial, sigma_luma, sigma_chroma, published_hash)
+                          max_iter=25, tol=1e-5, published_hash=False, published_yuv=False):
+    grid = ScipyBilateralGrid(rgb, sigma_spatial, sigma_luma, sigma_chroma, published_hash, published_yuv)
     m = grid.splat(np.ones(grid.npixels))
     n = np.ones(grid.nvertices)
     for _ in range(10):

@@ -76,6 +76,33 @@ def test_ground_truth_ids_nothing_maps_to():
         two.map_prediction(torch.tensor([0, 5]), "p.png")
 
 
+def test_ground_truth_check_without_sorting_agrees_with_the_sorted_one():
+    """map_ground_truth's check by min/max passes (no torch.unique) decides as the value list
+    does, on uint8 and int64 maps, with the ignore value above, inside and below the classes,
+    scored ids contiguous or not: the map comes back unchanged exactly when every value is
+    scored or ignored, else the same error names the same values."""
+    rng = np.random.default_rng(0)
+    cases = [(list(VOC), list(VOC), 255), (["background", "cat", "dog"], list(VOC), 255),
+             (["0", "1", "2"], ["0", "1", "2"], 1), (["0", "1", "2"], ["0", "1", "2"], -1)]
+    for model, dataset, ignore in cases:
+        cmap = ClassMap(model, dataset, ignore_index=ignore)
+        allowed = set(cmap.scored) | {ignore}
+        for dtype in (torch.uint8, torch.int64):
+            for trial in range(40):
+                values = sorted(allowed | {int(v) for v in rng.integers(-2, 258, 2)}) if trial % 2 else sorted(allowed)
+                values = [v for v in values if dtype == torch.int64 or 0 <= v <= 255]
+                gt = torch.tensor(rng.choice(values, (5, 7)), dtype=dtype)
+                bad = sorted(v for v in set(gt.tolist()[0] + sum(gt.tolist()[1:], [])) if v not in allowed)
+                if not bad:
+                    assert cmap.map_ground_truth(gt) is gt
+                else:
+                    with pytest.raises(ClassMapError, match=rf"ground-truth id\(s\) {bad[0]} "):
+                        cmap.map_ground_truth(gt)
+    # the identity map hands a uint8 prediction back as it is (confusion_matrix's uint8 path)
+    pred = torch.tensor([[0, 3, 20]], dtype=torch.uint8)
+    assert ClassMap(list(VOC), list(VOC)).map_prediction(pred) is pred
+
+
 # ------------------------------------------------------------------------------ eval on files
 
 @pytest.fixture
