@@ -81,7 +81,7 @@ def test_short_side_resize_without_crop(backend, real_photos):
         (batch,) = list(iter_image_batches([path], 1, resize=resize, backend=backend))
         w, h = Image.open(path).size
         nw, nh = resize.output_size(w, h)
-        assert batch.images.shape == (1, 3, nh, nw) and min(nh, nw) == 100
+        assert batch.images.shape == (1, 3, nh, nw) and min(nh, nw) == 100  # DALI too: it is given the size
 
 
 def test_load_image_matches_pillow(real_photos, pil_reference):
@@ -259,3 +259,14 @@ def test_import_does_not_load_dali():
             "if not torch.cuda.is_available(): d.resolve_backend('auto')\n"
             "print('nvidia.dali' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_short_side_resize_sizes_are_torchvision_s():
+    """The long side is truncated, as torchvision's Resize(int) (what open_clip and the official
+    NamedMask/ReCo preprocessing run): 500x333 -> 336: int(336 * 500 / 333) = 504 (504.5 rounded is 505)."""
+    import torchvision.transforms.functional as TF
+
+    for w, h in ((500, 333), (333, 500), (640, 427), (427, 640), (336, 336), (1000, 3), (7, 5)):
+        resize = Resize(336)
+        expected_h, expected_w = TF._compute_resized_output_size((h, w), [336])
+        assert resize.output_size(w, h) == (expected_w, expected_h), (w, h)
