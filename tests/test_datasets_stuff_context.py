@@ -194,3 +194,24 @@ def test_eval_discover_pascal_context_background_scores(tmp_path):
     _png(folder / "labels" / "2008_000001.png", [[1, 1], [0, 0]])
     voc_like = FolderLabeledSet(folder, list(PASCAL_CONTEXT_59))
     assert de.evaluate_discovered(out, voc_like, clip=clip)["iou_union"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_eval_discover_cli_reads_the_new_layouts(tmp_path):
+    from click.testing import CliRunner
+
+    from namedmask.cli import cli
+
+    root = _coco_stuff(tmp_path / "coco")
+    out = tmp_path / "disc"
+    _discovered(out, "000000000001", [[0] * 4, [0] * 4, [1] * 4, [1] * 4], ["person", "car"])
+    result = CliRunner().invoke(cli, ["eval", "--discover", str(out), "--dataset", "coco-stuff", "--root", str(root),
+                                      "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["classes"] == 182 and metrics["images"] == 1
+    # the command gives the library's numbers (the same random tiny CLIP from discover.json)
+    assert metrics["iou_union"] == pytest.approx(de.evaluate_discovered(out, open_dataset("coco-stuff", root))[
+        "iou_union"], abs=1e-6)
+    missing = CliRunner().invoke(cli, ["eval", "--discover", str(out), "--dataset", "pascal-context-59",
+                                       "--root", str(tmp_path / "coco")])
+    assert missing.exit_code != 0 and "PASCAL-Context" in missing.output and "Traceback" not in missing.output
