@@ -473,7 +473,7 @@ def _paper_config(root: Path, base, **over):
     return DiscoverConfig(**{**DISCOVER_PRESETS["paper"], **keep, "namer": "vocabulary", "captioner": None, **over})
 
 
-def paper_vs_default(root: Path) -> list:
+def paper_vs_default(root: Path, captions_only: bool = False) -> list:
     """The zero-guidance paper's method (`--preset paper`) beside today's default on the held-out
     multi-object scenes, scored by the paper's metric (`eval --discover`: names matched to the 8
     categories by the toy CLIP's text-text cosine >= 0.5 (no sentence model here), or image-text
@@ -481,7 +481,8 @@ def paper_vs_default(root: Path) -> list:
     (every toy word + DISTRACTORS nouns); with NAMEDMASK_TOY_CAPTIONER (a folder from
     bench/toy_captioner.py) also the paper's caption naming on the first NAMEDMASK_BENCH_CAPTION_IMAGES
     (default 4) images, the CLIP loss over the LM's NAMEDMASK_BENCH_CAPTION_TOP (default 64; the
-    official 512) likeliest tokens. Also the paper's pieces one at a time on the default (ablations)."""
+    official 512) likeliest tokens. Also the paper's pieces one at a time on the default (ablations).
+    captions_only: only the three caption rows (part "captions")."""
     from namedmask.data.datasets import FolderLabeledSet
     from namedmask.stages.discover import DiscoverConfig, discover
     from namedmask.stages.discover_eval import evaluate_discovered
@@ -513,6 +514,11 @@ def paper_vs_default(root: Path) -> list:
                 ("paper - global subtraction", _paper_config(root, base, refine_method=crf, subtraction_sd=None),
                  images)]
     captioner = os.environ.get("NAMEDMASK_TOY_CAPTIONER")
+    if captions_only:   # the caption rows alone (the rest measured by an earlier `paper` run)
+        if not captioner:
+            print("bench discover: part captions needs NAMEDMASK_TOY_CAPTIONER (bench/toy_captioner.py): skipped")
+            return []
+        variants = []
     if captioner:
         n = int(os.environ.get("NAMEDMASK_BENCH_CAPTION_IMAGES", "4"))
         variants += [("default, same images as captions", base, images[:n]),
@@ -596,7 +602,8 @@ def collapse_study() -> list:
 
 def run() -> list:
     """NAMEDMASK_BENCH_PARTS (comma list, default quality,prompts,speed; also study =
-    attention_study, twostage = two_stage, paper = paper_vs_default, collapse = collapse_study)."""
+    attention_study, twostage = two_stage, paper = paper_vs_default, captions = its caption rows alone,
+    collapse = collapse_study)."""
     rows = []
     root = _toy_root()
     parts = set(os.environ.get("NAMEDMASK_BENCH_PARTS", "quality,prompts,speed").split(","))
@@ -611,6 +618,8 @@ def run() -> list:
         rows += quality(root)
     if toy and "paper" in parts:
         rows += paper_vs_default(root)
+    if toy and "captions" in parts and "paper" not in parts:
+        rows += paper_vs_default(root, captions_only=True)
     if toy and "twostage" in parts:
         rows += two_stage(root)
     if toy and "prompts" in parts:

@@ -619,13 +619,15 @@ class DiscoverConfig(ClipPart, DinoPart, RegionPart, EmbedPart):
     caption_prompt: str = "Image of a"
     caption_beam: int = 5
     caption_length: int = 15                # most generated tokens
+    caption_top_tokens: int = 512           # namer caption: CLIP scores the LM's this many likeliest next tokens (official 512)
 
     def __post_init__(self):
         _check_choices(self)
         _check(self, size=(16, MAX_SHORT_SIDE), k=(1, 255), min_area=(0.0, 1.0), context=(0.0, 1.0),
                mask_layers=(1, None), min_score=(-1.0, 1.0), merge_threshold=(-1.0, 1.0), top=(1, None),
                seed=(0, None), tree_leaves=(2, 255), tree_cut=(-1.0, 2.0), dino_stride=(1, None),
-               subtraction_sd=(0.0, None), merge_weight=(0.0, 1.0), caption_beam=(1, None), caption_length=(1, None))
+               subtraction_sd=(0.0, None), merge_weight=(0.0, 1.0), caption_beam=(1, None), caption_length=(1, None),
+               caption_top_tokens=(1, None))
         if self.mask_prompts and self.embed != "crop":
             raise ConfigError("mask_prompts work on masked crops: set embed crop (--embed crop)")
         if self.mask_layers is None and self.embed != "zero-guidance":
@@ -663,7 +665,7 @@ DISCOVER_PRESETS = {
               "embed": "zero-guidance", "mask_layers": None, "subtraction_sd": 5.0, "merge": True,
               "merge_rule": "tree", "merge_threshold": 0.8, "merge_weight": 0.5, "min_score": -1.0,
               "namer": "caption", "captioner": "gpt2-medium", "caption_prompt": "Image of a", "caption_beam": 5,
-              "caption_length": 15, "model": "ViT-L-14-336"},
+              "caption_length": 15, "caption_top_tokens": 512, "model": "ViT-L-14-336"},
 }
 
 

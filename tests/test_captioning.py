@@ -92,3 +92,19 @@ def test_clean_is_the_official_name():
 def test_missing_model_is_one_line(tmp_path):
     with pytest.raises(cap.CaptionerError, match="--captioner"):
         cap.load_language_model(str(tmp_path))
+
+
+def test_discover_settings_reach_the_captioner(lm_and_tok):
+    """discover's caption settings (--set caption_top_tokens=N ...) are the captioner's: the
+    models discover loads for namer caption carry them; the paper preset keeps the official 512."""
+    from namedmask.config import DISCOVER_PRESETS, DiscoverConfig
+    from namedmask.stages.discover import load_models
+
+    cfg = DiscoverConfig(model="nm-tiny", pretrained="random", random_weights=True, device="cpu", refine=False,
+                         namer="caption", captioner=str(lm_and_tok), caption_top_tokens=7, caption_beam=2,
+                         caption_length=3)
+    c = load_models(cfg).captioner
+    assert (c.cfg.top_tokens, c.cfg.beam, c.cfg.length, c.cfg.prompt) == (7, 2, 3, "Image of a")
+    assert DiscoverConfig().caption_top_tokens == 512 == DISCOVER_PRESETS["paper"]["caption_top_tokens"]
+    with pytest.raises(ValueError, match="caption_top_tokens"):
+        DiscoverConfig(caption_top_tokens=0)

@@ -95,6 +95,41 @@ COCA = ("background",
         "sticky note", "stool", "strawberry", "sunflower", "tablet", "teddy bear", "thermometer", "tomato", "towel",
         "toy car", "typewriter", "violin", "waffles", "watering can", "watermelon", "wheelchair", "whisk")
 
+# COCO-Stuff-164k: the names of cocostuff's labels.txt by id (index = id; 0 "unlabeled"): COCO's 80
+# things with COCO's ids (the 11 ids COCO left unused keep their names: they are never in a label
+# map, yet the zero-guidance evaluation matches names against them too) and the 91 stuff classes,
+# ids 92-182. A stuffthingmaps PNG holds id - 1 (0 = person) and 255 for unlabelled pixels.
+_COCO_UNUSED_THINGS = {12: "street sign", 26: "hat", 29: "shoe", 30: "eye glasses", 45: "plate", 66: "mirror",
+                       68: "window", 69: "desk", 71: "door", 83: "blender", 91: "hair brush"}
+_COCO_STUFF_STUFF = (
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
+    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
+    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
+    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
+    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow",
+    "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree",
+    "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood",
+    "water-other", "waterdrops", "window-blind", "window-other", "wood")
+COCO_STUFF = ("unlabeled",) + tuple({**dict(COCO_THINGS), **_COCO_UNUSED_THINGS}[i] for i in range(1, 92)) \
+    + _COCO_STUFF_STUFF
+
+# PASCAL-Context 59 (mmseg's PascalContextDataset59 / the Detail API converters): id 0 = every
+# pixel of no 59-class; PASCAL_CONTEXT_59_SOURCE_IDS[i] = class i's id among the full 459 classes
+# of the original release (labels.txt; LabelMap in trainval/*.mat), the converters' `_mapping`.
+PASCAL_CONTEXT_59 = (
+    "background", "aeroplane", "bag", "bed", "bedclothes", "bench", "bicycle", "bird", "boat", "book", "bottle",
+    "building", "bus", "cabinet", "car", "cat", "ceiling", "chair", "cloth", "computer", "cow", "cup", "curtain",
+    "dog", "door", "fence", "floor", "flower", "food", "grass", "ground", "horse", "keyboard", "light", "motorbike",
+    "mountain", "mouse", "person", "plate", "platform", "pottedplant", "road", "rock", "sheep", "shelves",
+    "sidewalk", "sign", "sky", "snow", "sofa", "table", "track", "train", "tree", "truck", "tvmonitor", "wall",
+    "water", "window", "wood")
+PASCAL_CONTEXT_59_SOURCE_IDS = (
+    0, 2, 9, 18, 19, 22, 23, 25, 31, 33, 34, 44, 45, 46, 59, 65, 68, 72, 80, 85, 98, 104, 105, 113, 115, 144, 158,
+    159, 162, 187, 189, 207, 220, 232, 258, 259, 260, 284, 295, 296, 308, 324, 326, 347, 349, 354, 355, 360, 366,
+    368, 397, 415, 416, 420, 424, 427, 440, 445, 454, 458)
+
 BUILTIN = {"voc": VOC, "coco-object": COCO_OBJECT, "cityscapes-object": CITYSCAPES_OBJECT, "coca": COCA}
 
 # Alternative names for the open-vocabulary text head's diversification (train.text.names:

@@ -19,6 +19,25 @@ path) in a stable sorted order, the class names in id order (0 = background) and
                      own; 255 is a real class in S300/S919); class names are the subset's WordNet ids,
                      sorted (that is the dataset's id order); labels are int32.
 
+  coco-stuff         COCO-Stuff-164k: images <root>/images/<split>2017/*.jpg (or <root>/<split>2017) +
+                     stuffthingmaps PNGs <root>/stuffthingmaps_trainval2017/<split>2017/*.png (or
+                     <root>/annotations/<split>2017, mmseg's place for them; *_labelTrainIds.png are
+                     not read): pixel = cocostuff id - 1, 255 unlabelled (ignored). Class ids are
+                     cocostuff's (1 person ... 182 wood; 0 "unlabeled" never occurs), names from
+                     <root>/labels.txt or the stuffthingmaps folder's labels.txt ("id: name"), else
+                     built in. No background class: every class is matched and scored.
+  pascal-context-59  PASCAL-Context, 59 classes + 0 = the pixels of none of them. <root> = VOC2010 (or a
+                     folder holding VOC2010 or VOCdevkit/VOC2010): JPEGImages/ + either
+                     SegmentationClassContext/<id>.png (mmseg's converted maps, 0..59) with
+                     ImageSets/SegmentationContext/<split>.txt, or the original release's
+                     trainval/<id>.mat (LabelMap, the 459 ids; mapped to the 59 by the standard
+                     converters' id table, every other id -> 0) with that split file or
+                     ImageSets/Main/<split>.txt. 0 is not ignored (the zero-guidance evaluation
+                     scores its pixels as negatives); 255 is.
+  pascal-context-459 the original release: <root>/labels.txt ("id: name", 459 lines) + trainval/<id>.mat
+                     (or segment_anno/<id>.mat) + the images and split as for pascal-context-59.
+                     0 and the "unknown" class are neither a class nor ignored.
+
   folder             <root>/images/**/*.{jpg,png,...} + <root>/labels/<same relative stem>.png (index PNGs);
                      an image without a label is listed (label None) and not scored; class names
                      are the model's (class_names None).
@@ -38,7 +57,8 @@ import numpy as np
 from PIL import Image
 
 from namedmask import io
-from namedmask.data.categories import CITYSCAPES_LABEL_ID_TO_OBJECT, get_category_set
+from namedmask.data.categories import (CITYSCAPES_LABEL_ID_TO_OBJECT, COCO_STUFF, PASCAL_CONTEXT_59,
+                                       PASCAL_CONTEXT_59_SOURCE_IDS, get_category_set)
 from namedmask.data.coco import coco_paths
 from namedmask.data.decode import IMAGE_SUFFIXES
 from namedmask.data.labelmaps import LabelMapError, index_label_maps, read_label_map
@@ -46,7 +66,8 @@ from namedmask.errors import BadInputError, InputError
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s", "folder")
+DATASETS = ("voc", "coco-object", "coca", "cityscapes-object", "imagenet-s", "coco-stuff", "pascal-context-59",
+            "pascal-context-459", "folder")
 _WNID = re.compile(r"^n\d{8}$")
 
 
@@ -70,6 +91,8 @@ class LabeledSet:
     label_reader: Callable = field(repr=False)   # (label path, item) -> H×W class ids
     ignore_index: int = 255
     binary: bool = False    # CoCA-style (one object per image): also report mean per-image foreground IoU
+    background: int | None = 0   # the id of "no class" pixels (eval --discover ignores them for a class absent
+    #                              from the image); None: no such id, every pixel scores
 
     @property
     def num_classes(self) -> int:
@@ -236,6 +259,136 @@ def _open_imagenet_s(root: Path, split: str) -> LabeledSet:
                       ignore_index=IMAGENET_S_IGNORE)
 
 
+def _first_dir(what: str, *candidates: Path) -> Path:
+    for cand in candidates:
+        if cand.is_dir():
+            return cand
+    raise DatasetError(f"{what}: no folder {' or '.join(str(c) for c in candidates)}")
+
+
+def _read_id_names(path: Path) -> dict:
+    """{id: name} of an "id: name" file (cocostuff's and PASCAL-Context's labels.txt)."""
+    out = {}
+    for n, line in enumerate(io.read_user_text(path, DatasetError).splitlines(), 1):
+        if not line.strip():
+            continue
+        key, sep, name = line.partition(":")
+        if not sep or not key.strip().isdigit() or not name.strip():
+            raise DatasetError(f"{path}:{n}: expected 'id: name', got {line!r}")
+        out[int(key)] = name.strip()
+    return out
+
+
+def _open_coco_stuff(root: Path, split: str) -> LabeledSet:
+    images_dir = _first_dir("COCO-Stuff images", root / "images" / f"{split}2017", root / f"{split}2017")
+    labels_dir = _first_dir("COCO-Stuff stuffthingmaps", root / "stuffthingmaps_trainval2017" / f"{split}2017",
+                            root / "annotations" / f"{split}2017", root / "stuffthingmaps" / f"{split}2017")
+    names = list(COCO_STUFF)
+    for txt in (root / "labels.txt", labels_dir.parent / "labels.txt"):
+        if txt.is_file():
+            given = _read_id_names(txt)
+            if sorted(given) != list(range(len(COCO_STUFF))):
+                raise DatasetError(f"{txt}: expected ids 0..{len(COCO_STUFF) - 1} (cocostuff's labels.txt)")
+            names = [given[i] for i in range(len(COCO_STUFF))]
+            break
+    images = {p.stem: p for p in list_files(images_dir, (".jpg", ".jpeg", ".png"))}
+    labels = {p.stem: p for p in list_files(labels_dir, (".png",)) if not p.stem.endswith("_labelTrainIds")}
+    lut = np.full(256, 255, dtype=np.uint8)
+    lut[:len(COCO_STUFF) - 1] = np.arange(1, len(COCO_STUFF))   # id - 1 -> id; 255 stays ignored
+
+    def read(path: Path, item: LabeledItem) -> np.ndarray:
+        return lut[read_label_map(path)]
+
+    return LabeledSet("coco-stuff", root, tuple(names), _pair(images, labels, f"COCO-Stuff {split}"), read,
+                      background=None)
+
+
+def _context_root(root: Path) -> Path:
+    for cand in (root, root / "VOC2010", root / "VOCdevkit" / "VOC2010"):
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    raise DatasetError(f"{root}: no PASCAL-Context images (looked for JPEGImages/ in {root}, {root / 'VOC2010'} and "
+                       f"{root / 'VOCdevkit' / 'VOC2010'})")
+
+
+def _read_mat_labels(path: Path) -> np.ndarray:
+    """The LabelMap of a PASCAL-Context .mat file (the 459 ids)."""
+    from scipy.io import loadmat
+
+    try:
+        return np.asarray(loadmat(str(path))["LabelMap"], dtype=np.int64)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LabelMapError(f"{path}: cannot read a PASCAL-Context LabelMap ({exc})") from exc
+
+
+def _context_items(root: Path, voc: Path, split: str, labels_dir: Path, suffix: str, what: str) -> list:
+    split_files = [voc / "ImageSets" / "SegmentationContext" / f"{split}.txt"]
+    if suffix == ".mat":
+        split_files.append(voc / "ImageSets" / "Main" / f"{split}.txt")
+    split_file = next((f for f in split_files if f.is_file()), None)
+    if split_file is None:
+        raise DatasetError(f"{what}: no split file {' or '.join(map(str, split_files))}")
+    ids = [line.split()[0] for line in io.read_user_text(split_file, DatasetError).splitlines() if line.strip()]
+    items = [LabeledItem(i, voc / "JPEGImages" / f"{i}.jpg", labels_dir / f"{i}{suffix}") for i in ids]
+    _check_items_exist(items, f"{what} ({split_file})")
+    return items
+
+
+def _context_mat_dir(root: Path, voc: Path) -> Path | None:
+    for cand in (root / "trainval", root / "segment_anno", voc / "trainval"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _open_pascal_context_59(root: Path, split: str) -> LabeledSet:
+    voc = _context_root(root)
+    png_dir, mat_dir = voc / "SegmentationClassContext", _context_mat_dir(root, voc)
+    if png_dir.is_dir():
+        items = _context_items(root, voc, split, png_dir, ".png", f"PASCAL-Context 59 {split}")
+        return LabeledSet("pascal-context-59", voc, PASCAL_CONTEXT_59, items, _read_index_png, background=None)
+    if mat_dir is None:
+        raise DatasetError(f"{voc}: no PASCAL-Context labels: neither {png_dir} (mmseg's 59-class PNGs) nor "
+                           f"{root / 'trainval'} (the original release's .mat files)")
+    lut = np.zeros(460, dtype=np.uint8)
+    lut[list(PASCAL_CONTEXT_59_SOURCE_IDS)] = np.arange(len(PASCAL_CONTEXT_59_SOURCE_IDS))
+
+    def read(path: Path, item: LabeledItem) -> np.ndarray:
+        ids = _read_mat_labels(path)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(lut)):
+            raise LabelMapError(f"{path}: LabelMap ids outside 0..459")
+        return lut[ids]
+
+    items = _context_items(root, voc, split, mat_dir, ".mat", f"PASCAL-Context 59 {split}")
+    return LabeledSet("pascal-context-59", voc, PASCAL_CONTEXT_59, items, read, background=None)
+
+
+def _open_pascal_context_459(root: Path, split: str) -> LabeledSet:
+    voc = _context_root(root)
+    mat_dir = _context_mat_dir(root, voc)
+    labels_txt = next((p for p in (root / "labels.txt", voc / "labels.txt") if p.is_file()), None)
+    if mat_dir is None or labels_txt is None:
+        missing = [str(root / "trainval")] * (mat_dir is None) + [str(root / "labels.txt")] * (labels_txt is None)
+        raise DatasetError(f"PASCAL-Context 459 needs the original release: missing {', '.join(missing)}")
+    given = _read_id_names(labels_txt)
+    if not given or min(given) < 1 or max(given) > 65535:
+        raise DatasetError(f"{labels_txt}: expected ids 1..459 ('id: name' lines)")
+    names = ["unlabeled"] + [given.get(i, f"unused {i}") for i in range(1, max(given) + 1)]
+    lut = np.arange(len(names), dtype=np.int64)
+    for i, n in enumerate(names):
+        if n == "unknown":     # the official evaluation's unlabelled class: neither scored nor ignored
+            lut[i] = 0
+
+    def read(path: Path, item: LabeledItem) -> np.ndarray:
+        ids = _read_mat_labels(path)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(lut)):
+            raise LabelMapError(f"{path}: LabelMap ids outside 0..{len(lut) - 1} ({labels_txt})")
+        return lut[ids].astype(np.int32)
+
+    items = _context_items(root, voc, split, mat_dir, ".mat", f"PASCAL-Context 459 {split}")
+    return LabeledSet("pascal-context-459", voc, tuple(names), items, read, ignore_index=65535, background=None)
+
+
 class FolderLabeledSet(LabeledSet):
     """<root>/images/*.{jpg,png,...} + <root>/labels/<same stem>.png: a plain folder pair
     (the demo's evaluation set, or any user folder). Class names: the model's."""
@@ -253,7 +406,8 @@ class FolderLabeledSet(LabeledSet):
 
 
 _OPENERS = {"voc": _open_voc, "coco-object": _open_coco_object, "coca": _open_coca,
-            "cityscapes-object": _open_cityscapes, "imagenet-s": _open_imagenet_s,
+            "cityscapes-object": _open_cityscapes, "imagenet-s": _open_imagenet_s, "coco-stuff": _open_coco_stuff,
+            "pascal-context-59": _open_pascal_context_59, "pascal-context-459": _open_pascal_context_459,
             "folder": lambda root, split: FolderLabeledSet(root)}
 
 
@@ -298,6 +452,29 @@ def _expected_layout(name: str, root: Path, split: str) -> list:
                 (root / "gtFine" / split, "<city>/*_gtFine_labelIds.png")]
     if name == "folder":
         return [(root / "images", "images (*.jpg, *.png, ...)"), (root / "labels", "<image stem>.png index label maps")]
+    if name == "coco-stuff":
+        images = next((p for p in (root / "images" / f"{split}2017", root / f"{split}2017") if p.is_dir()),
+                      root / "images" / f"{split}2017")
+        maps = next((p for p in (root / "annotations" / f"{split}2017", root / "stuffthingmaps" / f"{split}2017")
+                     if p.is_dir()), root / "stuffthingmaps_trainval2017" / f"{split}2017")
+        return [(images, "*.jpg photos"), (maps, "stuffthingmaps *.png (cocostuff id - 1, 255 unlabelled)")]
+    if name.startswith("pascal-context"):
+        try:
+            voc = _context_root(root)
+        except DatasetError:
+            voc = root / "VOCdevkit" / "VOC2010"
+        mat = _context_mat_dir(root, voc) or root / "trainval"
+        if name == "pascal-context-59" and (voc / "SegmentationClassContext").is_dir():
+            return [(voc / "JPEGImages", "*.jpg photos"), (voc / "SegmentationClassContext", "*.png, ids 0..59"),
+                    (voc / "ImageSets" / "SegmentationContext" / f"{split}.txt", "image ids of the split")]
+        split_file = next((p for p in (voc / "ImageSets" / "SegmentationContext" / f"{split}.txt",
+                                       voc / "ImageSets" / "Main" / f"{split}.txt") if p.is_file()),
+                          voc / "ImageSets" / "SegmentationContext" / f"{split}.txt")
+        out = [(voc / "JPEGImages", "*.jpg photos"), (mat, "<id>.mat with LabelMap (the 459 ids)"),
+               (split_file, "image ids of the split")]
+        if name == "pascal-context-459":
+            out.append((root / "labels.txt", "'id: name' lines of the 459 classes"))
+        return out
     folders = ("train-semi", "train-semi-segmentation") if split == "train-semi" else \
         ("validation", "validation-segmentation")
     return [(root / folders[0], "<wnid>/*.JPEG"), (root / folders[1], "<wnid>/*.png (id = R + 256*G)")]

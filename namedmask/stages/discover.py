@@ -101,7 +101,8 @@ def load_models(config: DiscoverConfig, cache: Path | None = None) -> Models:
 
         lm, tok = load_language_model(config.captioner, dev)
         captioner = ClipCaptioner(clip, lm, tok, CaptionConfig(prompt=config.caption_prompt, beam=config.caption_beam,
-                                                               length=config.caption_length))
+                                                               length=config.caption_length,
+                                                               top_tokens=config.caption_top_tokens))
     return Models(clip, vit, vocab, text, prompts, captioner)
 
 

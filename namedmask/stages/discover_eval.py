@@ -238,6 +238,7 @@ def evaluate_discovered(discover_dir: str | Path, labeled_set, *, class_names: l
             sim = torch.full((len(named), len(words)), float("nan"))
             sim[idx] = feats @ class_emb.T
         scores.append(score_image(pred, gt, sim, threshold, class_ids=class_ids,
+                                  background=getattr(labeled_set, "background", 0),
                                   ignore_index=getattr(labeled_set, "ignore_index", 255)))
     if missing:
         log.warning("eval --discover: %d images without discover results or labels (first: %s)", len(missing),
