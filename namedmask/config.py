@@ -450,7 +450,8 @@ class EvalConfig:
         _check(self, max_images=(1, None), num_overlays=(0, None))
 
 
-DATASETS = "voc | coco-object | coca | cityscapes-object | imagenet-s | folder"
+DATASETS = ("voc | coco-object | coca | cityscapes-object | imagenet-s | coco-stuff | pascal-context-59 | "
+            "pascal-context-459 | folder")  # data.datasets.DATASETS + folder
 TEXT_HELP = ('Class names, e.g. "dog, cat|kitten, traffic light" (| = synonyms): a text-head --checkpoint or '
              'zero-shot dense CLIP labels them.')
 ZERO_SHOT_PRESETS = ("maskclip: zero-shot dense CLIP as MaskCLIP's released code (recipe maskclip, short side 512, "
@@ -465,9 +466,9 @@ class EvalCommandConfig(EvalConfig):
     gt: str | None = opt(None, "Folder of ground-truth index PNGs (palette or grayscale).", path="dir")
     checkpoint: str | None = opt(None, "Evaluate a trained model (its run folder, checkpoint.pt or model.safetensors) "
                                        "instead of prediction files.")
-    dataset: str | None = opt(None, f"With --checkpoint: {DATASETS}.")
-    root: str | None = opt(None, "With --checkpoint: dataset root.")
-    split: str = opt("val", "With --checkpoint: dataset split.")
+    dataset: str | None = opt(None, f"With --checkpoint, --zero-shot or --discover: {DATASETS}.")
+    root: str | None = opt(None, "With --dataset: its root folder.")
+    split: str = opt("val", "With --dataset: its split.")
     overlays: str | None = opt(None, "With --checkpoint: write colour overlays of a few images here.", path="dir")
     num_classes: int | None = opt(None, "Number of classes including background.")
     ignore_index: int = opt(255, "Ground-truth value that is not scored.")

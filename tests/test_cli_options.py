@@ -131,3 +131,9 @@ def test_config_and_set_reach_the_zero_shot_settings(tmp_path, monkeypatch):
     assert cfg.device == "cpu" and (given["model"], given["recipe"], given["short_side"]) == ("nm-tiny", "value", 96)
     res = CliRunner().invoke(cli, ["predict", "a.png", "--out", str(tmp_path / "o"), "--set", "nonsense=1"])
     assert res.exit_code == 1 and "unknown config key 'nonsense'" in res.output
+
+
+def test_dataset_help_lists_every_dataset():
+    from namedmask.data.datasets import DATASETS
+
+    assert set(DATASETS) | {"folder"} == {d.strip() for d in C.DATASETS.split("|")}
