@@ -14,13 +14,16 @@ def main() -> None:
     parser.add_argument("--json", default="bench/results/latest.json", help="write all rows here")
     parser.add_argument("--stages", action="store_true",
                         help="with loaded: whole stages (archive .. discover) on a ci toy world, not the ops")
+    parser.add_argument("--stage", action="append", default=None,
+                        help="with loaded --stages: time only this stage (repeatable; the others run once at 1 thread)")
     args = parser.parse_args()
     env = environment()
     print("environment:", ", ".join(f"{k}={v}" for k, v in env.items()))
     rows = []
     for name in args.names:
         module = importlib.import_module(f"bench.bench_{name}")
-        part = module.run_stages() if args.stages and name == "loaded" else module.run()
+        part = (module.run_stages(stages=args.stage or module.STAGE_NAMES) if args.stages and name == "loaded"
+                else module.run())
         print_table(part, name)
         rows += part
     save_json(rows, args.json)
