@@ -139,6 +139,49 @@ def test_a_stage_under_a_busy_loop_equals_the_same_stage_idle(tmp_path):
     assert loaded == idle
 
 
+def test_a_tiny_forward_pass_runs_on_one_thread_with_the_same_labels():
+    """Inference of a tiny model on a CPU runs on one thread (its operators are too short to
+    share); the rule is the model's counted FLOPs times the image's pixels, never the load, so a
+    tiny model's label maps are those of one thread whatever the thread setting."""
+    from namedmask.models.deeplab import build_model
+    from namedmask.models.inference import (TINY_FORWARD_FLOPS, forward_flops, forward_flops_per_pixel,
+                                            inference_threads, predict_label)
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1, groups=2),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 6, 7))
+    # 2 x outputs x (inputs per output): conv 8*5*6 * 3*9, grouped conv 4*5*6 * 4, linear 7 * 120
+    assert forward_flops(net, torch.zeros(1, 3, 5, 6)) == 2 * (8 * 30 * 27 + 4 * 30 * 4 + 7 * 120)
+
+    cfg = load_config(TrainConfig, overrides=tiny_train_overrides(1))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3).eval()
+    per_pixel = forward_flops_per_pixel(model)
+    assert per_pixel == forward_flops(model, torch.zeros(1, 3, 64, 64)) / 64 ** 2 and per_pixel > 0
+    torch.set_num_threads(2)
+    small = int((TINY_FORWARD_FLOPS / per_pixel) ** 0.5) - 1       # the largest square under the bound
+    with inference_threads(model, small, small, "cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with inference_threads(model, small + 2, small + 2, "cpu"):
+        assert torch.get_num_threads() == 2
+    with inference_threads(model, 8, 8, "meta"):                   # not a CPU: as set
+        assert torch.get_num_threads() == 2
+
+    image = torch.randint(0, 256, (70, 90, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    from namedmask.data.augment import eval_input
+
+    x = eval_input(image)
+    labels = predict_label(model, image, "cpu")
+    with torch.no_grad():
+        two = model(x)
+        torch.set_num_threads(1)
+        one = model(x)
+    # the logits differ in their last bits (on one thread torch runs 1x1 convolutions with another
+    # kernel); the label map is the 1-thread one, and here equal to the 2-thread one
+    assert torch.equal(labels, one.argmax(1)[0]) and torch.equal(one.argmax(1), two.argmax(1))
+    assert torch.allclose(one, two, atol=1e-5)
+
+
 # ------------------------------------------------------------------------ byte-stable files
 
 def test_two_writes_of_the_same_checkpoint_are_byte_identical(tmp_path):
