@@ -290,8 +290,8 @@ def two_stage(root: Path) -> list:
     rows = []
     for embed, background, threshold in (("crop", ("background",), None), ("crop", (), 0.5),
                                          ("attention", ("background",), None)):
-        cfg = TwoStageConfig("discover", "nm-toy", str(root / "clip" / "nm-toy.pt"), "namedmask", background,
-                             threshold, embed=embed, dino=VIT_NAME, vit_kwargs=dict(VIT_KWARGS),
+        cfg = TwoStageConfig("discover", model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"),
+                             templates="namedmask", background=background, threshold=threshold, embed=embed, dino=VIT_NAME, vit_kwargs=dict(VIT_KWARGS),
                              dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), size=96, k=6)
         n, secs, miou = _two_stage_score(None, cfg, multi, names)
         bg = "bg prompt" if background else f"threshold {threshold}"
@@ -403,7 +403,7 @@ def ovseg_inference(root: Path, train_dir: Path, prompts: dict) -> list:
     if "ovseg preset" in prompts:
         variants["--preset ovseg + its mask prompts"] = {**OVSEG_INFERENCE, "mask_prompts": str(prompts["ovseg preset"])}
     for variant, kw in variants.items():
-        cfg = TwoStageConfig("segmenter", "nm-toy", clip_file, **{"templates": "namedmask", **kw})
+        cfg = TwoStageConfig("segmenter", model="nm-toy", pretrained=clip_file, **{"templates": "namedmask", **kw})
         n, secs, miou = _two_stage_score(train_dir, cfg, multi, names)
         rows.append(Row(op="toy OVSeg inference", backend=variant, shape=f"{n} imgs", seconds=secs,
                         extra={"mIoU eval/multi": round(miou, 4)}))

@@ -290,8 +290,8 @@ def run() -> list:
                 for r in ("value", "maskclip")] + [("tiny CLIP", clip_file, r, "dino") for r in ("value", "maskclip")]
         for weights, pretrained, recipe, refine in grid:
             for bg_name, kw in (("bg prompt", {}), ("threshold 0.5", {"background": (), "threshold": 0.5})):
-                extra = {"refine": "dino", "dino": dino} if refine == "dino" else {}
-                variant = f"{weights}, {recipe}, {bg_name}" + (", DINO-key refine" if refine == "dino" else "")
+                extra = {"smooth": "dino", "dino": dino} if refine == "dino" else {}
+                variant = f"{weights}, {recipe}, {bg_name}" + (", DINO-key smoothing" if refine == "dino" else "")
                 for split, folder, classes, ref in (("pool dev (200, 10 names)", dev, everything, dev_background),
                                                     ("eval/multi", multi, named, background)):
                     seg, seg_names = zero_shot_segmenter(classes, "nm-toy", pretrained, recipe=recipe, **kw, **extra)

@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class ConfigError(BadInputError):
-    """An unknown key, a value of the wrong type or an unreadable config file."""
+    """An unknown key, a value of the wrong type or an unreadable config file. `key`: the
+    (dotted) key whose value is wrong, where one is (the CLI names its option)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 # Every config is checked when it is built (defaults, YAML, --set and command-line options
@@ -40,24 +45,54 @@ def _check(cfg, **rules) -> None:
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):  # a None default takes any YAML type
-            raise ConfigError(f"{key} must be a number, got {value!r}")
+            raise ConfigError(f"{key} must be a number, got {value!r}", key)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key} must be a finite number, got {value}")
+            raise ConfigError(f"{key} must be a finite number, got {value}", key)
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             span = f">= {lo}" if hi is None else (f"<= {hi}" if lo is None else f"in [{lo}, {hi}]")
-            raise ConfigError(f"{key} must be {span}, got {value}")
+            raise ConfigError(f"{key} must be {span}, got {value}", key)
 
 
 def _check_choice(cfg, key: str, choices: tuple) -> None:
     if getattr(cfg, key) not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {getattr(cfg, key)!r}")
+        raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {getattr(cfg, key)!r}", key)
 
 
-def choice(default, *values):
+def opt(default=None, help: str | None = None, *, choices: tuple | None = None, flag: str | None = None,
+        flag_value=None, path: str | None = None, shown: str | None = None, factory=None,
+        kw_only=dataclasses.MISSING):
+    """A config field. With `help` it is also a command-line option of every command whose config
+    holds it (cli.config_options builds the option from the field: its name, type, default and
+    help, so a setting is written once, here). `choices`: allowed values, checked in
+    __post_init__ however the value is given (flag, --set, YAML). `flag`: the option's spelling
+    when it is not --<key> (e.g. --no-overlays), `flag_value`: the value such a flag sets.
+    `path`: file | dir | exists (click checks it). `shown`: the default as help shows it, where
+    the field's default is a placeholder (None: "the model's own")."""
+    metadata = {k: v for k, v in {"help": help, "choices": choices, "flag": flag, "flag_value": flag_value,
+                                  "path": path, "shown": shown}.items() if v is not None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata, kw_only=kw_only)
+    return field(default=default, metadata=metadata, kw_only=kw_only)
+
+
+def choice(default, *values, help: str | None = None, **kw):
     """A field whose value must be one of `values` (the default first): checked by
     _check_choices in __post_init__ whether it comes from a flag, --set or YAML; the CLI's
-    click.Choice of the same option must list the same values (tests/test_reliability.py)."""
-    return field(default=default, metadata={"choices": (default, *(v for v in values if v != default))})
+    option offers the same values (it is built from this field)."""
+    return opt(default, help, choices=(default, *(v for v in values if v != default)), **kw)
+
+
+def like(part, key: str, default, *, shown: str | None = None):
+    """`part`'s field `key` (its help, choices, spelling) with another default: one setting that
+    a command defaults differently (predict's regions are masked crops, discover's attention)."""
+    meta = dict({f.name: f for f in dataclasses.fields(part)}[key].metadata)
+    if shown is not None:
+        meta["shown"] = shown
+    return field(default=default, metadata=meta, kw_only=True)
+
+
+class OptionError(ConfigError):
+    """Options that do not go together (the CLI shows it as a usage error, exit code 2)."""
 
 
 def _check_choices(cfg) -> None:
@@ -87,46 +122,105 @@ def _check_range_pair(cfg, key: str, lo: float, hi: float) -> None:
         raise ConfigError(f"{key} must be two numbers lo <= hi in [{lo}, {hi}], got {pair}")
 
 
+DEFAULT_CLIP = "ViT-L-14-336"               # models.clip.DEFAULT_MODEL (config imports no model code)
+DEFAULT_DINO = "vit_small_patch16_224.dino"
+DEVICE_HELP = "auto, cpu, cuda (cuda:LOCAL_RANK under torchrun), cuda:N."
+
+
+# Parts several commands share. Their keys stay flat in each config (discover's `model`, not
+# `clip.model`), so config files and recorded runs read as before; each key is declared once here.
+
+@dataclass(kw_only=True)
+class ClipPart:
+    """The CLIP that retrieves, embeds or names."""
+    model: str | None = opt(DEFAULT_CLIP, "open_clip model name (nm-tiny: a tiny test model).")
+    pretrained: str | None = opt(None, "open_clip tag, local checkpoint file, or 'random'.",
+                                 shown="the model's own: openai; random for nm-tiny")
+    templates: str = opt("namedmask", "Prompt templates: namedmask (85) | vild (14) | simple | FILE.")
+
+
+@dataclass(kw_only=True)
+class DinoPart:
+    """The DINO ViT whose keys over-segment an image."""
+    dino: str | None = opt(DEFAULT_DINO, "timm name of the DINO ViT.")
+    dino_weights: str | None = opt(None, "Local DINO weights (official or timm layout); else the timm hub.",
+                                   path="file")
+    vit_kwargs: dict | None = None          # timm construction arguments of the DINO ViT (toy models)
+
+
+@dataclass(kw_only=True)
+class RegionPart:
+    """How an image is cut into regions by DINO keys."""
+    size: int = opt(512, "Short side (px) for DINO and the solver.")
+    k: int = opt(8, "Most segments per image before merging.")
+    min_area: float = 0.01
+
+
+@dataclass(kw_only=True)
+class EmbedPart:
+    """How CLIP embeds one region of an image."""
+    embed: str = choice("attention", "crop", "whole", "zero-guidance",  # models.zero_guidance.EMBED_MODES
+                        help="Region embedding: class-row attention mask in CLIP's last layers, masked crop, the whole "
+                             "image (baseline), or zero-guidance (the paper's: every query row masked by the "
+                             "segment's soft area, global subtraction).")
+    context: float = opt(0.1, "Factor (0..1) on the class token's attention to each patch outside the region: 0 = "
+                              "the region only, 1 = no mask (per patch, not a total share).")
+    mask_layers: int | None = opt(3, "Last CLIP blocks that get the attention mask.")
+    mask_prompts: str | None = opt(None, "Mask-prompt tokens from `namedmask adapt-clip` (with embed crop).",
+                                   path="file")
+
+
+@dataclass(kw_only=True)
+class BackgroundPart:
+    """When CLIP calls a pixel or region background."""
+    threshold: float | None = opt(None, "Pixels (regions) whose best class probability is below this are "
+                                        "background.", flag="--background-threshold")
+    background: tuple = opt(("background",), "No 'background' prompt (needs a threshold).",
+                            flag="--no-background-prompt", flag_value=())
+
+
 @dataclass
-class ArchiveConfig:
+class ArchiveConfig(ClipPart):
     """Stage (A), `namedmask build-archive`."""
-    pool: str | None = None                 # image folder (searched recursively) or a list file
-    categories: str | None = None           # a category set name (voc) or file
-    out: str | None = None
-    model: str = "ViT-L-14-336"             # open_clip name (models.clip.DEFAULT_MODEL)
-    pretrained: str | None = None           # tag, checkpoint file, "random"; None = the model's default
-    k: int = 500
-    batch_size: int = 64
-    templates: str = "namedmask"            # namedmask (85) | simple | FILE
-    synonyms: str | None = None             # file: "name | synonym, synonym" lines
-    device: str = "auto"                    # auto | cpu | cuda (cuda:LOCAL_RANK under torchrun) | cuda:N
-    shard_size: int = 4096
-    report: bool = False
+    pool: str | None = opt(None, "Image folder (searched recursively) or a list file of paths relative to its folder.",
+                           path="exists")
+    categories: str | None = opt(None, "Category set (voc) or names file ('name | synonym, ...' lines).")
+    out: str | None = opt(None, "Output folder: archive.json, embedding shards, caches; re-run with the same "
+                                "arguments to resume.", path="dir")
+    k: int = opt(500, "Images per category archive.")
+    batch_size: int = opt(64, "Images per forward pass.")
+    synonyms: str | None = opt(None, "File of 'name | synonym, synonym' lines; all names of a category are averaged.",
+                               path="file")
+    device: str = opt("auto", DEVICE_HELP)
+    shard_size: int = opt(4096, "Images per embedding shard (the unit of resumption).")
+    report: bool = opt(False, "Also write a contact sheet PNG per category to OUT/report.")
 
     def __post_init__(self):
         _check(self, k=(1, None), batch_size=(1, None), shard_size=(1, None))
 
 
 @dataclass
-class SaliencyConfig:
+class SaliencyConfig(DinoPart):
     """Stage (B), `namedmask saliency`."""
-    archive: str | None = None
-    out: str | None = None
-    method: str = choice("tokencut", "selfmask")
-    refine: str = choice("bilateral-solver", "none")
-    short_side: int = 512
-    batch_size: int = 8
-    dino: str | None = None            # timm name of the DINO ViT; None = the method's default
-    dino_weights: str | None = None    # local DINO checkpoint (official or timm layout), TokenCut
-    checkpoint: str | None = None      # SelfMask checkpoint
-    random_weights: bool = False       # smoke runs only: meaningless masks
-    tau: float = 0.2
+    archive: str | None = opt(None, "archive.json (or its folder).")
+    out: str | None = opt(None, "Pseudo-mask folder (manifest.json + masks/); rerunning resumes it.", path="dir")
+    method: str = choice("tokencut", "selfmask", help="tokencut: training-free, DINO only; selfmask: needs "
+                                                      "--checkpoint.")
+    refine: str = choice("bilateral-solver", "none", help="Refinement of each mask (NamedMask's bilateral-solver "
+                                                          "parameters, threshold 0.5).")
+    short_side: int = opt(512, "Images are resized to this short side for the model.")
+    batch_size: int = opt(8, "Images decoded per step; equal sizes share a forward pass.")
+    dino: str | None = like(DinoPart, "dino", None, shown="vit_small_patch16_224.dino for tokencut, "
+                                                       "vit_small_patch8_224.dino for a random selfmask")
+    checkpoint: str | None = opt(None, "SelfMask checkpoint (official selfmask_nq20.pt layout).", path="file")
+    random_weights: bool = opt(False, "Random model weights: smoke runs only, masks are meaningless.")
+    tau: float = opt(0.2, "TokenCut affinity threshold.")
     eigen_solver: str = choice("arpack", "dense")  # same eigenvector
     corner_rule: bool = False          # TokenCut: MaskCut's corner prior for frame-filling objects (not TokenCut's rule)
-    device: str = "auto"
-    report: bool = False
+    device: str = opt("auto", DEVICE_HELP)
+    report: bool = opt(False, "Also write report/<id>_<category>.png overlays of a few masks each.")
     report_per_category: int = 4
-    vit_kwargs: dict = field(default_factory=dict)  # extra timm kwargs (tiny test ViTs)
+    vit_kwargs: dict = field(default_factory=dict, kw_only=True)  # extra timm kwargs (tiny test ViTs)
     manifest_every_s: float = 30.0     # manifest rewrite interval while running
 
     def __post_init__(self):
@@ -141,20 +235,25 @@ class SaliencyConfig:
 class RefineConfig:
     """`namedmask refine`: the fast bilateral solver over a folder of masks (sigma/lam None =
     the preset's value)."""
-    images: str | None = None
-    masks: str | None = None
-    out: str | None = None
-    preset: str = choice("namedmask", "tokencut", "tuned")  # namedmask.ops.bilateral.PRESETS
-    sigma_spatial: float | None = None
-    sigma_luma: float | None = None
-    sigma_chroma: float | None = None
-    lam: float | None = None
-    threshold: float = 0.5
-    backend: str = "auto"
-    device: str = "cpu"
+    images: str | None = opt(None, "Folder of images (the guides), e.g. the archive's pool root.", path="dir")
+    masks: str | None = opt(None, "Folder of mask PNGs (non-zero = foreground), matched to --images by relative path "
+                                  "and stem; a pseudo-mask folder (or its masks/) makes --out one too (manifest.json, "
+                                  "for train --masks).", path="dir")
+    out: str | None = opt(None, "Output folder: <stem>.png, 0 = background, 1 = foreground.", path="dir")
+    method: str = choice("bilateral-solver", help="The refinement (the one method; `namedmask experts` is stage C).")
+    preset: str = choice("namedmask", "tokencut", "tuned",  # namedmask.ops.bilateral.PRESETS
+                         help="Solver parameters: namedmask 16/16/8 lam 256, tokencut 24/4/4 lam 256, tuned "
+                              "(docs/stages.md).")
+    sigma_spatial: float | None = opt(None, "Override the preset's spatial sigma (pixels).")
+    sigma_luma: float | None = opt(None, "Override the preset's luma sigma.")
+    sigma_chroma: float | None = opt(None, "Override the preset's chroma sigma.")
+    lam: float | None = opt(None, "Override the preset's smoothness weight lambda.")
+    threshold: float = opt(0.5, "Foreground where the soft output exceeds this.")
+    backend: str = opt("auto", "Kernel backend of the solver.")
+    device: str = opt("cpu", "cpu or cuda.")
     batch_size: int = 8
-    overwrite: bool = False
-    skip_bad: bool = False
+    overwrite: bool = opt(False, "Redo masks already in --out.")
+    skip_bad: bool = opt(False, "Log and skip bad or missing pairs instead of failing at the end.")
 
     def __post_init__(self):
         _check_choices(self)
@@ -275,11 +374,11 @@ class TextHeadConfig:
 
 @dataclass
 class TrainConfig:
-    archive: str | None = None          # archive.json (or its folder)
-    masks: str | None = None            # pseudo-mask folder (manifest.json)
-    out: str | None = None              # run directory
-    iterations: int = 20000
-    batch_size: int = 16                # global batch, split evenly over DDP ranks
+    archive: str | None = opt(None, "archive.json (or its folder).")
+    masks: str | None = opt(None, "Pseudo-mask folder (manifest.json).")
+    out: str | None = opt(None, "Run directory (resumed if it holds a checkpoint).")
+    iterations: int = opt(20000, "Training iterations (optimizer steps).")
+    batch_size: int = opt(16, "Global batch, split evenly over DDP ranks.")
     num_workers: int = 4
     seed: int = 0
     device: str = "auto"                # auto | cpu | cuda
@@ -307,8 +406,9 @@ def expert_train_defaults() -> TrainConfig:
 
 @dataclass
 class ExpertsConfig:
-    groups: int | None = None           # None: one expert per category; N: k-means over text embeddings
-    embeddings: str | None = None       # safetensors/.pt file {category name: text embedding} for grouping
+    groups: int | None = opt(None, "Number of experts (k-means over text embeddings).", shown="one per category")
+    embeddings: str | None = opt(None, "File {category: text embedding} for --groups.",
+                                 shown="the archive folder's text_embeddings.safetensors")
     predict_batch_size: int = 1
     # An expert whose re-predicted masks cover less than this share of the foreground of the masks
     # it learnt from has collapsed (towards background); its images then keep their input masks,
@@ -327,44 +427,128 @@ class RunExpertsConfig(ExpertsConfig):
 
 
 @dataclass
+class ExpertsCommandConfig(ExpertsConfig):
+    """`namedmask experts`: the stage's settings and its folders."""
+    archive: str | None = opt(None, "archive.json (or its folder).", kw_only=True)
+    masks: str | None = opt(None, "Saliency pseudo-mask folder to refine.", kw_only=True)
+    out: str | None = opt(None, "Folder for the refined masks (same schema) and the experts.", kw_only=True)
+
+
+@dataclass
 class EvalConfig:
     """`namedmask eval --checkpoint`, and stage (E) inside `namedmask run` (there the dataset,
     root and split are RunConfig.eval_*)."""
-    device: str = "auto"
-    max_images: int | None = None
-    backend: str = "auto"               # kernel backend of the confusion matrix
+    device: str = opt("auto", "With --checkpoint: auto | cpu | cuda.")
+    max_images: int | None = opt(None, "With --checkpoint: score only the first N images.")
+    backend: str = opt("auto", "Kernel backend for the confusion matrix.")
     num_overlays: int = 4
-    ignore_unmapped: bool = False       # leave ground-truth ids no model class maps to unscored
+    ignore_unmapped: bool = opt(False, "Leave ground-truth ids no predicted class maps to unscored (counted in the "
+                                       "report) instead of failing; model classes the dataset lacks score as "
+                                       "background.")
 
     def __post_init__(self):
         _check(self, max_images=(1, None), num_overlays=(0, None))
+
+
+DATASETS = "voc | coco-object | coca | cityscapes-object | imagenet-s | folder"
+TEXT_HELP = ('Class names, e.g. "dog, cat|kitten, traffic light" (| = synonyms): a text-head --checkpoint or '
+             'zero-shot dense CLIP labels them.')
+ZERO_SHOT_PRESETS = ("maskclip: zero-shot dense CLIP as MaskCLIP's released code (recipe maskclip, short side 512, "
+                     "key smoothing 1.0, prompt denoising 0.5; options given win)")
+
+
+@dataclass
+class EvalCommandConfig(EvalConfig):
+    """`namedmask eval`: label maps against ground truth, a trained model or zero-shot CLIP on a
+    dataset, or a discover folder scored as the zero-guidance paper does."""
+    pred: str | None = opt(None, "Folder of predicted index PNGs (matched to --gt by file stem).", path="dir")
+    gt: str | None = opt(None, "Folder of ground-truth index PNGs (palette or grayscale).", path="dir")
+    checkpoint: str | None = opt(None, "Evaluate a trained model (its run folder, checkpoint.pt or model.safetensors) "
+                                       "instead of prediction files.")
+    dataset: str | None = opt(None, f"With --checkpoint: {DATASETS}.")
+    root: str | None = opt(None, "With --checkpoint: dataset root.")
+    split: str = opt("val", "With --checkpoint: dataset split.")
+    overlays: str | None = opt(None, "With --checkpoint: write colour overlays of a few images here.", path="dir")
+    num_classes: int | None = opt(None, "Number of classes including background.")
+    ignore_index: int = opt(255, "Ground-truth value that is not scored.")
+    class_names: str | None = opt(None, "Category set (e.g. voc) or names file: the classes of --pred.")
+    gt_classes: str | None = opt(None, "Category set or names file of the --gt ids when they differ from "
+                                       "--class-names; classes are paired by name (synonyms count).")
+    out: str | None = opt(None, "Write metrics JSON here.")
+    skip_bad: bool = opt(False, "Log, count and skip bad or missing pairs instead of failing.")
+    zero_shot: bool = opt(False, "Score zero-shot dense CLIP (--model/--pretrained) on --dataset.")
+    text_classes: str | None = opt(None, "With a text-head --checkpoint or --zero-shot: classify with these names (a "
+                                         "category set or names file; alone: the dataset's own class names).",
+                                   flag_value="dataset")
+    text: str | None = opt(None, TEXT_HELP)
+    preset: str | None = choice(None, "maskclip", help=ZERO_SHOT_PRESETS + ".")
+    discover: str | None = opt(None, "Score a `namedmask discover` folder (free names) on --dataset/--root as the "
+                                     "zero-guidance paper does: names matched to classes, IoU and recall over IoU "
+                                     "thresholds 0-1 (docs/discover.md).", path="dir")
+    discover_mode: str = choice("t-t", "i-t", help="--discover matching: t-t names to class names (sentence model, "
+                                                   "else CLIP text); i-t segment image embeddings to CLIP class prompts.")
+    sentence_model: str | None = opt(None, "--discover t-t: a sentence-embedding model (sentence-transformers layout, "
+                                           "e.g. all-mpnet-base-v2).")
+    text_threshold: float = opt(0.5, "--discover t-t: least cosine.")
+    clip_threshold: float = opt(0.1, "--discover i-t: least cosine.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_choices(self)
+        _check(self, num_classes=(1, MAX_CLASSES), ignore_index=(0, MAX_CLASSES - 1), text_threshold=(-1.0, 1.0),
+               clip_threshold=(-1.0, 1.0))
 
 
 @dataclass
 class PredictConfig:
     """`namedmask predict`, and inside `namedmask run` (there the images are
     RunConfig.predict_images)."""
-    device: str = "auto"
-    overlays: bool = True
-    classes: str | None = None          # write the label ids of this category set or names file
-    ignore_unmapped: bool = False       # with classes: model classes the set lacks become background
-    skip_bad: bool = False              # log, list and skip unreadable images
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
+    overlays: bool = opt(True, "Only label PNGs.", flag="--no-overlays", flag_value=False)
+    classes: str | None = opt(None, "Write label ids of this category set (e.g. voc) or names file, classes paired "
+                                    "by name.")
+    ignore_unmapped: bool = opt(False, "With --classes: model classes the set lacks become background.")
+    skip_bad: bool = opt(False, "Log, list and skip unreadable images instead of failing.")
 
 
 @dataclass
-class ZeroShotConfig:
+class PredictCommandConfig(PredictConfig):
+    """`namedmask predict`: which model labels the images, and where the labels go."""
+    checkpoint: str | None = opt(None, "A trained model: its run folder, checkpoint.pt or model.safetensors (or, for "
+                                       "zero-shot dense CLIP, --model/--pretrained with --text).")
+    out: str | None = opt(None, "Output folder: labels/<name>.png (class ids) and overlays/<name>.png.", path="dir")
+    categories: str | None = opt(None, "With an official NamedMask final_model.pt as --checkpoint: the classes it "
+                                       "was trained on, in order (voc, a names file, or \"a, b|synonym\").")
+    text: str | None = opt(None, TEXT_HELP)
+    proposals: str | None = choice(None, "discover", "segmenter",
+                                   help="Two-stage open vocabulary: regions from discover's DINO over-segmentation or "
+                                        "from the --checkpoint segmenter's masks, each named among --text by CLIP "
+                                        "(--model/--pretrained).")
+    preset: str | None = choice(None, "maskclip", "ovseg",
+                                help=ZERO_SHOT_PRESETS + "; ovseg: --proposals segmenter as OVSeg's inference (14 "
+                                     "ViLD templates, each region's class = argmax of segmenter^0.3 x CLIP^0.7 "
+                                     "probabilities; use with --mask-prompts from `adapt-clip --preset ovseg`).")
+
+    def __post_init__(self):
+        _check_choices(self)
+
+
+@dataclass
+class ZeroShotConfig(ClipPart, BackgroundPart):
     """Zero-shot dense CLIP (`predict`/`eval --model M --text ...`, models.openvocab
     .zero_shot_segmenter's keyword arguments)."""
-    model: str | None = None
-    pretrained: str | None = None
-    templates: str = "namedmask"
-    threshold: float | None = None          # --background-threshold
-    background: tuple = ("background",)     # background prompts (empty: threshold only)
-    recipe: str = choice("value", "maskclip")
-    short_side: int | None = None           # None: CLIP's input size
-    refine: str | None = choice("none", "bilateral", "dino", None)
-    dino: str | None = None
-    dino_weights: str | None = None
+    model: str | None = like(ClipPart, "model", None, shown="none: no zero-shot")
+    recipe: str = choice("value", "maskclip",
+                         help="Zero-shot dense path of the last ViT block: value = the value path alone, without the "
+                              "block's residual and MLP (dropping them is ClearCLIP's finding; not ClearCLIP itself); "
+                              "maskclip = MaskCLIP's released code (value path + residual + MLP).")
+    short_side: int | None = opt(None, "Zero-shot: CLIP input short side.", shown="CLIP's input size")
+    refine: str | None = choice("none", "bilateral", None,
+                                help="Zero-shot: refine the labels along image edges with the bilateral solver.")
+    smooth: str = choice("none", "dino", help="Zero-shot: average each patch's scores over its DINO-key neighbours "
+                                              "(needs --dino/--dino-weights).")
+    dino: str | None = like(DinoPart, "dino", None, shown="vit_small_patch16_224.dino for --proposals discover")
+    dino_weights: str | None = like(DinoPart, "dino_weights", None)
     key_smoothing: float | None = None      # MaskCLIP's key smoothing threshold (None: off; --preset maskclip 1.0)
     prompt_denoising: float | None = None   # MaskCLIP's prompt denoising threshold (None: off; --preset maskclip 0.5)
 
@@ -374,28 +558,17 @@ class ZeroShotConfig:
                prompt_denoising=(0.0, 1.0))
         if self.threshold is None and not self.background:
             raise ConfigError("no background prompt and no --background-threshold: give one")
+        if self.smooth == "dino" and self.refine not in (None, "none"):
+            raise ConfigError("--smooth dino and --refine bilateral are two ways to clean the scores: choose one")
 
 
 @dataclass
-class TwoStageConfig:
+class TwoStageConfig(ClipPart, DinoPart, RegionPart, EmbedPart, BackgroundPart):
     """`predict --proposals`: where regions come from and how CLIP names them (stages/predict.py)."""
     proposals: str = choice("discover", "segmenter")
-    model: str | None = None                # the naming CLIP (open_clip name)
-    pretrained: str | None = None
-    templates: str = "namedmask"
-    background: tuple = ("background",)     # background prompts (empty: threshold only)
-    threshold: float | None = None          # best class probability under which a region is background
-    embed: str = choice("crop", "attention", "whole", "zero-guidance")  # namedmask.models.zero_guidance.EMBED_MODES
-    mask_prompts: str | None = None         # tokens from `namedmask adapt-clip` (embed crop)
-    context: float = 0.1                    # attention embedding: factor on each outside patch
-    mask_layers: int = 3
-    dino: str = "vit_small_patch16_224.dino"  # discover proposals: the DINO ViT
-    dino_weights: str | None = None
-    random_dino: bool = False
-    vit_kwargs: dict | None = None          # timm construction arguments of the DINO ViT (toy models)
-    size: int = 512                         # discover proposals: short side for DINO and the solver
-    k: int = 8
-    min_area: float = 0.01
+    model: str | None = like(ClipPart, "model", None)
+    embed: str = like(EmbedPart, "embed", "crop")
+    random_dino: bool = opt(False, "--proposals discover: random DINO weights (smoke runs only).")
     seed: int = 0
     ensemble: float | None = None           # OVSeg: CLIP's weight in the geometric ensemble with the segmenter (0.7)
 
@@ -414,42 +587,35 @@ class TwoStageConfig:
 
 
 @dataclass
-class DiscoverConfig:
+class DiscoverConfig(ClipPart, DinoPart, RegionPart, EmbedPart):
     """`namedmask discover`: zero-guidance segmentation (stages/discover.py)."""
-    vocabulary: str = "builtin"             # builtin | FILE ('name | synonym, ...' lines)
-    templates: str = "namedmask"            # namedmask (85) | simple | FILE
-    model: str = "ViT-L-14-336"             # the naming CLIP (open_clip name)
-    pretrained: str | None = None
-    dino: str = "vit_small_patch16_224.dino"
-    dino_weights: str | None = None
-    random_weights: bool = False            # random DINO (smoke runs only)
-    vit_kwargs: dict | None = None          # timm construction arguments of the DINO ViT (toy models)
-    size: int = 512                         # short side for DINO and the solver
-    k: int = 8                              # most segments before merging (labels are a palette PNG)
-    min_area: float = 0.01
-    refine: bool = True
-    embed: str = choice("attention", "crop", "whole", "zero-guidance")  # models.zero_guidance.EMBED_MODES
-    context: float = 0.1                    # factor on the class token's attention to each outside patch
-    mask_layers: int | None = 3             # None: scaled to CLIP's depth as the paper (4 of 24; embed zero-guidance)
-    mask_prompts: str | None = None         # tokens from `namedmask adapt-clip` (embed crop)
-    min_score: float = 0.2                  # cosine below which a segment has no name
-    merge_threshold: float = 0.9            # cosine of segment embeddings that merges touching segments
+    vocabulary: str = opt("builtin", "'builtin' (~5,800 ImageNet-1k/21k, COCO, COCO-Stuff nouns) or a file: one name a "
+                                     "line, synonyms after '|'.")
+    random_weights: bool = opt(False, "Random DINO weights: smoke runs only.")
+    refine: bool = opt(True, "No refinement of the segments.", flag="--no-refine", flag_value=False)
+    min_score: float = opt(0.2, "Cosine below which a segment gets no name.")
+    merge_threshold: float = opt(0.9, "Touching segments whose embeddings have at least this cosine are merged.")
     merge: bool = True                      # off: the over-segmentation is kept as it is (ablations)
     top: int = 3                            # runner-up names kept per segment
-    device: str = "auto"
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     seed: int = 0
-    skip_bad: bool = False                  # log, list and skip unreadable images (not a result setting)
+    skip_bad: bool = opt(False, "Log, list and skip unreadable images instead of failing at the end.")
     # The zero-guidance paper's pieces (issue 24; `--preset paper` sets them all, DISCOVER_PRESETS).
-    cluster: str = choice("kmeans", "tree")  # kmeans | tree (Ward tree of the DINO keys, cut as the paper)
+    cluster: str = choice("kmeans", "tree", help="Over-segmentation: cosine k-means (--k), or the paper's cut Ward tree "
+                                                 "of DINO keys.")
     tree_leaves: int = 20                   # cluster tree: leaves of the top of the Ward tree
     tree_cut: float = 0.95                  # cluster tree: a node is split while its children's centroid cosine < this
     dino_stride: int | None = None          # overlapping DINO patches this many px apart (None: the patch size)
-    refine_method: str = choice("bilateral", "densecrf")  # bilateral | densecrf (pydensecrf2, the paper's)
+    refine_method: str = choice("bilateral", "densecrf",
+                                help="Refinement of the segments: the bilateral solver, or the dense CRF (needs "
+                                     "pydensecrf2: pip install \"namedmask[densecrf]\").")
     subtraction_sd: float | None = 5.0      # embed zero-guidance: global subtraction sd (None: none)
     merge_rule: str = choice("adjacent", "tree")  # adjacent (touching, same name or close) | tree (the paper's bottom-up merge)
     merge_weight: float = 0.5               # merge_rule tree: weight of the image cosine (1 - it: the names' text cosine)
-    namer: str = choice("vocabulary", "caption")  # vocabulary (nearest entry) | caption (CLIP-guided decoding, --captioner)
-    captioner: str | None = None            # namer caption: a Hugging Face causal LM (hub name or local folder)
+    namer: str = choice("vocabulary", "caption", help="Names: the nearest --vocabulary entry (fast), or a caption "
+                                                      "decoded by --captioner guided by CLIP (the paper's; slow).")
+    captioner: str | None = opt(None, "--namer caption: a Hugging Face causal language model (gpt2, gpt2-medium) or "
+                                      "a local folder.")
     caption_prompt: str = "Image of a"
     caption_beam: int = 5
     caption_length: int = 15                # most generated tokens
@@ -471,6 +637,18 @@ class DiscoverConfig:
                               "local folder)")
 
 
+@dataclass
+class DiscoverCommandConfig(DiscoverConfig):
+    """`namedmask discover`: the settings, where the results go, and a preset under them."""
+    out: str | None = opt(None, "Output folder: labels/, segments/, overlays/, segments.json (resumable).",
+                          path="dir", kw_only=True)
+    preset: str = choice("default", "paper", kw_only=True,
+                         help="paper: the zero-guidance paper's method as its official code runs it (DINO ViT-S/8 "
+                              "keys, Ward tree cut and image+text tree merge, dense CRF, soft-area attention masking "
+                              "with global subtraction, GPT-2 caption naming; see docs/discover.md). Lower precedence "
+                              "than --config, --set and the options.")
+
+
 # `discover --preset NAME`: settings under the config file, --set and the command line.
 # paper: nessessence/ZeroGuidanceSeg as released (run_dino_clustering.sh, run_zeroguidance.sh):
 # DINO ViT-S/8 last-layer keys at 224 px, stride 2; a Ward tree of 20 leaves cut at 0.95 (the
@@ -490,18 +668,15 @@ DISCOVER_PRESETS = {
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(ClipPart):
     """`namedmask adapt-clip`: mask prompt tuning on the archive's masked regions
     (stages/adapt_clip.py)."""
-    model: str = "ViT-L-14-336"
-    pretrained: str | None = None
-    templates: str = "namedmask"
-    depth: int = 1                          # blocks whose blank-patch inputs are prompt tokens
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 2e-3
-    val_fraction: float = 0.2               # share of regions held out for the accuracy report
-    finetune: bool = False                  # also train CLIP's image tower (off: CLIP frozen)
+    depth: int = opt(1, "CLIP blocks whose blank-patch tokens are learned prompts.")
+    steps: int = opt(300, "Training steps.")
+    batch_size: int = opt(32, "Masked regions per training step.")
+    lr: float = opt(2e-3, "Learning rate of the prompt tokens.")
+    val_fraction: float = opt(0.2, "Share of regions held out for the accuracy report.")
+    finetune: bool = opt(False, "Also fine-tune CLIP's image tower (off: CLIP stays frozen).")
     finetune_lr: float = 1e-5
     # A vocabulary ("builtin" or a names file, as discover's --vocabulary; "none": off) whose
     # entries that share no word with the categories are trained on as negatives: classes no
@@ -509,9 +684,11 @@ class AdaptConfig:
     # may name worse among many nouns (toy world, 280 nouns, seed 0: 0.814 plain -> 0.705 with
     # such prompts, 0.878 with negatives; README). For a short closed list of names ("none")
     # closed-set prompts can be better (seed 2: 0.961 against 0.893).
-    negatives: str | None = "builtin"
+    negatives: str | None = opt("builtin", "Train against this vocabulary's other nouns as negatives (builtin | FILE "
+                                           "| none): give the vocabulary discover will name with; none: a closed "
+                                           "choice among the categories only.")
     seed: int = 0
-    device: str = "auto"
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N.")
     # OVSeg's training (`--preset ovseg`, models/mask_prompts.py OVSEG_TRAINING): loss
     # "contrastive" = open_clip's symmetric in-batch loss against each region's plain noun (its
     # logit scale learned too); "ce" = cross-entropy over the categories' prompt ensembles (+ negatives).
@@ -533,6 +710,20 @@ class AdaptConfig:
                               "regions' nouns in the batch (set negatives: none)")
         if self.loss == "contrastive" and self.batch_size < 2:
             raise ConfigError("loss contrastive needs batch_size >= 2 (in-batch negatives)")
+
+
+@dataclass
+class AdaptCommandConfig(AdaptConfig):
+    """`namedmask adapt-clip`: the settings, the archive and masks it learns from, a preset under them."""
+    archive: str | None = opt(None, "RUN/archive (or its archive.json).", kw_only=True)
+    masks: str | None = opt(None, "The archive's refined pseudo-mask folder (manifest.json + masks/).", path="dir",
+                            kw_only=True)
+    out: str | None = opt(None, "Output folder: mask_prompts.safetensors and adapt.json.", path="dir", kw_only=True)
+    preset: str | None = choice(None, "ovseg", kw_only=True,
+                                help="ovseg: OVSeg's released training (depth 3; open_clip's symmetric in-batch "
+                                     "contrastive loss against plain nouns, logit scale learned; AdamW lr 0.05, betas "
+                                     "0.9/0.98, eps 1e-6, 100 warm-up steps then cosine; ViLD templates for the "
+                                     "accuracy report; no negatives). --config, --set and the options win over it.")
 
 
 STAGES = ("archive", "saliency", "experts", "train", "eval", "predict")
@@ -564,6 +755,56 @@ class RunConfig:
         t = self.threads
         if not (t is None or t == "auto" or (isinstance(t, int) and not isinstance(t, bool) and t >= 1)):
             raise ConfigError(f"threads: expected auto or a positive integer, got {t!r}")
+
+
+@dataclass
+class ToyWorldConfig:
+    """`namedmask toy-world` (namedmask.toy): the generated world and the tiny CLIP and DINO trained
+    on it. clip/dino: the toy trainers' settings (toy.clip.ClipTrainConfig, toy.dino.DinoTrainConfig)."""
+    out: str | None = opt(None, "Folder for the world and the models (cached per seed in OUT/seed-N).", path="dir")
+    seed: int = opt(0, "World and training seed.")
+    size: str = choice("full", "ci", help="ci: a reduced world for tests.")
+    clip: dict = field(default_factory=dict)   # ClipTrainConfig fields, e.g. --set clip.steps=50
+    dino: dict = field(default_factory=dict)   # DinoTrainConfig fields (steps 0: no DINO)
+    # torch threads of the two trainings: fixed (not the machine's cores) so that a seed gives the same
+    # models everywhere; --threads / $NAMEDMASK_THREADS win over it (recorded in clip|dino/train.json)
+    threads: int = 2
+
+    def __post_init__(self):
+        _check_choices(self)
+        _check(self, seed=(0, 2 ** 32 - 1), threads=(1, None))
+        for model, lowest, what in (("clip", 1, "an untrained CLIP is no model"), ("dino", 0, "0 = no DINO")):
+            steps = getattr(self, model).get("steps")
+            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < lowest):
+                raise ConfigError(f"{model} steps must be an integer >= {lowest} ({what}), got {steps!r}")
+
+    @property
+    def trains_dino(self) -> bool:
+        return self.dino.get("steps", 1) > 0
+
+
+@dataclass
+class PrepareCocoConfig:
+    """`namedmask prepare coco-object`."""
+    root: str | None = opt(None, "COCO root holding <split>2017/ and annotations/instances_<split>2017.json.",
+                           path="dir")
+    split: str = opt("val", "COCO split (val, train).")
+    out: str | None = opt(None, "Where to write the label PNGs.", path="dir",
+                          shown="<root>/annotations/coco_object_<split>2017")
+    overwrite: bool = opt(False, "Rebuild masks that already exist.")
+
+
+@dataclass
+class CheckDatasetConfig:
+    """`namedmask prepare check`."""
+    dataset: str | None = opt(None, DATASETS + ".")
+    root: str | None = opt(None, "The dataset's root folder.")
+    split: str = opt("val", "Split to check.")
+
+
+def project(cfg, cls):
+    """The `cls` part of a command's config (a subclass of cls): what the stage records and resumes by."""
+    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 def changed_settings(old: dict, new: dict, defaults: dict, ignore=()) -> list:
@@ -630,7 +871,7 @@ def _update(defaults, data: dict, where: str):
     try:
         return dataclasses.replace(defaults, **kwargs)
     except ConfigError as exc:  # a value out of range (__post_init__): name its full key
-        raise ConfigError(f"config key {where}{exc}") from None
+        raise ConfigError(f"config key {where}{exc}", exc.key and where + exc.key) from None
 
 
 def _without(base: dict, extra: dict) -> dict:
@@ -719,22 +960,37 @@ def expand_env(value, where: str):
     return value
 
 
+# Run configs written before stage C was named `experts` (2026-12-01) still load, with a warning,
+# until this date; "refine" is the bilateral step everywhere else.
+OLD_RUN_CONFIGS_UNTIL = "2027-06-01"
+
+
 def _migrate_run(data: dict, where: str) -> dict:
     """Run configs before stage C was named `experts`: `refine: {method: experts|none, ...}`
-    and the stage name `refine` still load, with a warning."""
+    and the stage name `refine` still load, with a dated warning."""
     data = dict(data)
     if "refine" in data:
-        log.warning("%s: the run config section 'refine:' is deprecated; write 'experts:' with "
-                    "'enabled: true' instead of 'method: experts'", where)
+        log.warning("%s: the run config section 'refine:' is deprecated and read only until %s; write 'experts:' "
+                    "with 'enabled: true' instead of 'method: experts'", where, OLD_RUN_CONFIGS_UNTIL)
         old = dict(data.pop("refine") or {})
         method = old.pop("method", "none")
         if method not in ("none", "experts"):
             raise ConfigError(f"{where}: refine.method must be 'none' or 'experts', got {method!r}")
         data["experts"] = _merge({**old, "enabled": method == "experts"}, data.get("experts") or {})
     if isinstance(data.get("stages"), list) and "refine" in data["stages"]:
-        log.warning("%s: stage 'refine' is now called 'experts'", where)
+        log.warning("%s: stage 'refine' is now called 'experts' (the old name is read until %s)", where,
+                    OLD_RUN_CONFIGS_UNTIL)
         data["stages"] = ["experts" if s == "refine" else s for s in data["stages"]]
     return data
+
+
+def under_preset(preset: dict, path, overrides) -> dict:
+    """A preset's settings with a config file and --set overrides on top (defaults < preset <
+    --config < --set), as load_config's overrides."""
+    data = dict(preset)
+    if path is not None:
+        data = _merge(data, read_yaml(path)[0])
+    return _merge(data, parse_overrides(overrides))
 
 
 def load_config(cls=TrainConfig, path: str | Path | None = None, overrides=(), **values):

@@ -53,11 +53,8 @@ def load_run_config(path: str | Path | None = None, overrides: dict | list | Non
     """A YAML file, or a built-in config by name (demo, voc, coco-object, coca,
     cityscapes-object; None = demo); then `overrides` (a nested dict or key=value strings),
     merged deeply. `$VAR` in string values is taken from the environment (an unset variable
-    is an error naming it)."""
-    try:
-        return load_config(RunConfig, path or "demo", overrides or ())
-    except ConfigError as exc:
-        raise PipelineError(str(exc)) from None
+    is an error naming it; config errors are ConfigErrors, as for every command)."""
+    return load_config(RunConfig, path or "demo", overrides or ())
 
 
 HEARTBEAT_S = 30.0  # how often a running stage's time is saved (what a hard kill can lose)

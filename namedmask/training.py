@@ -27,7 +27,8 @@ from namedmask.config import CopyPasteConfig, TrainConfig, changed_settings, dum
 from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE
 from namedmask.data.datasets import open_dataset
-from namedmask.data.training import IterationBatches, TrainError, TrainSamples, _seed, archive_items
+from namedmask.data.training import (IterationBatches, TrainError, TrainSamples, _seed, archive_items, collate,
+                                     unwrap)
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.models.deeplab import build_model, save_segmenter
 from namedmask.models.provenance import training_provenance
@@ -217,6 +218,7 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     loader = DataLoader(TrainSamples(items, cfg),
                         batch_sampler=IterationBatches(start, cfg.iterations, local_batch, ctx.rank, ctx.world),
                         num_workers=dataloader_workers(cfg.num_workers), pin_memory=ctx.device.type == "cuda",
+                        collate_fn=collate,
                         generator=torch.Generator().manual_seed(cfg.seed))  # keeps the global RNG untouched
     val_set = _open_val_set(cfg, class_names) if cfg.val.dataset else None
 
@@ -229,7 +231,8 @@ def _train(cfg: TrainConfig, binary, categories, on_iteration, progress) -> Path
     # batch's loss is too noisy to read a curve from); restarting the window at checkpoints keeps
     # a resumed run's log identical to an uninterrupted one.
     window_loss, window_steps = torch.zeros((), device=ctx.device), 0
-    for it, (images, labels, indices) in enumerate(loader, start=start):
+    for it, batch in enumerate(loader, start=start):
+        images, labels, indices = unwrap(batch)
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
         # random_copy_paste draws on a CPU generator whatever the images' device

@@ -90,7 +90,7 @@ def test_cli_errors(tmp_path):
     assert res.exit_code != 0 and "not a directory" in res.output
     res = CliRunner().invoke(cli, ["refine", "--method", "experts", "--images", str(tmp_path), "--masks",
                                    str(tmp_path), "--out", str(tmp_path / "o")])
-    assert res.exit_code != 0
+    assert res.exit_code == 2 and "bilateral-solver" in res.output
 
 
 @pytest.mark.parametrize("given", ["folder", "masks_subfolder"])

@@ -28,7 +28,7 @@ CASES = [
      "namedmask.training:TrainError"),
     (["predict", "--checkpoint", "r", "x.png", "--out", "o"], "namedmask.stages.predict", "predict",
      "namedmask.stages.predict:PredictError"),
-    (["refine-experts", "--archive", "a", "--masks", "m", "--out", "o"], "namedmask.stages.experts",
+    (["experts", "--archive", "a", "--masks", "m", "--out", "o", "--groups", "2"], "namedmask.stages.experts",
      "refine_with_experts", "namedmask.data.pseudo_masks:PseudoMaskError"),
     (["experts", "--archive", "a", "--masks", "m", "--out", "o"], "namedmask.stages.experts",
      "refine_with_experts", "namedmask.training:TrainError"),

@@ -158,16 +158,16 @@ def test_preset_fills_only_what_is_not_given():
 
 
 def test_cli_preset_reaches_the_segmenter():
-    from namedmask.cli import _zero_shot_settings
+    from namedmask.commands import zero_shot_settings
 
-    common = dict(model="nm-tiny", pretrained="random", templates=None, background_threshold=None,
-                  no_background_prompt=False, recipe=None, short_side=None, refine="none", dino=None, dino_weights=None)
-    default = _zero_shot_settings(None, "a, b", **common)
+    given = dict(model="nm-tiny", pretrained="random")  # the options given on the command line
+    default = zero_shot_settings(given, preset=None, checkpoint=None, text="a, b")
     assert (default["recipe"], default["templates"], default["short_side"]) == ("value", "namedmask", None)
     assert default.get("key_smoothing") is None and default.get("prompt_denoising") is None  # off by default
-    preset = _zero_shot_settings(None, "a, b", **common, preset="maskclip")
+    preset = zero_shot_settings(given, preset="maskclip", checkpoint=None, text="a, b")
     assert {k: preset[k] for k in PRESETS["maskclip"]} == PRESETS["maskclip"]
-    assert _zero_shot_settings(None, "a, b", **{**common, "short_side": 96}, preset="maskclip")["short_side"] == 96
+    assert zero_shot_settings({**given, "short_side": 96}, preset="maskclip", checkpoint=None,
+                              text="a, b")["short_side"] == 96
 
 
 def test_bad_refinement_options(clip):

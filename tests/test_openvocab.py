@@ -132,11 +132,16 @@ def test_text_head_config_checks_choices():
             TextHeadConfig(**bad)
 
 
-def test_zero_shot_dino_refine_options():
+def test_zero_shot_dino_smoothing_options():
+    """DINO-key averaging is a smoothing (--smooth dino), not the bilateral refine."""
     classes = [("dog", ("dog",))]
     with pytest.raises(OpenVocabError, match="--dino"):
+        zero_shot_segmenter(classes, "nm-tiny", smooth="dino")
+    with pytest.raises(ConfigError, match="refine"):
+        zero_shot_segmenter(classes, "nm-tiny", smooth="dino", refine="bilateral")
+    with pytest.raises(ConfigError, match="refine"):
         zero_shot_segmenter(classes, "nm-tiny", refine="dino")
-    with pytest.raises(OpenVocabError, match="only used by --refine dino"):
+    with pytest.raises(OpenVocabError, match="only used by --smooth dino"):
         zero_shot_segmenter(classes, "nm-tiny", dino="vit_small_patch8_224", dino_weights="x.pth")
 
 

@@ -14,7 +14,8 @@ from namedmask.data.archive import load_archive
 from namedmask.data.pseudo_masks import load_manifest
 from namedmask.data.synthetic import CLASSES, write_dataset
 from namedmask import pipeline
-from namedmask.pipeline import PipelineError, load_run_config, run_pipeline
+from namedmask.config import ConfigError
+from namedmask.pipeline import load_run_config, run_pipeline
 
 TINY_DEEPLAB = {"backbone": "resnet10t", "backbone_args": {"channels": [8, 16, 32, 64], "stem_width": 8},
                 "aspp_channels": 16, "low_level_channels": 8, "aspp_rates": [1, 2, 3]}
@@ -99,18 +100,18 @@ def test_a_stage_whose_output_is_gone_runs_again(tiny_config, first_run):
 
 
 def test_bad_configs_say_which_key(tmp_path, monkeypatch):
-    with pytest.raises(PipelineError, match="unknown config key 'pools'"):
+    with pytest.raises(ConfigError, match="unknown config key 'pools'"):
         load_run_config(None, {"pools": "x"})
-    with pytest.raises(PipelineError, match="unknown config key 'train.optim.lr'"):
+    with pytest.raises(ConfigError, match="unknown config key 'train.optim.lr'"):
         load_run_config(None, ["train.optim.lr=1"])
-    with pytest.raises(PipelineError, match="unknown stage"):
+    with pytest.raises(ConfigError, match="unknown stage"):
         load_run_config(None, {"stages": ["archive", "dance"]})
     monkeypatch.delenv("IMAGENET_TRAIN", raising=False)
-    with pytest.raises(PipelineError, match="IMAGENET_TRAIN"):
+    with pytest.raises(ConfigError, match="IMAGENET_TRAIN"):
         load_run_config("voc")
     bad = tmp_path / "bad.yaml"
     bad.write_text("archive: [unclosed")
-    with pytest.raises(PipelineError, match="YAML"):
+    with pytest.raises(ConfigError, match="YAML"):
         load_run_config(bad)
     res = CliRunner().invoke(cli, ["run", "--config", str(tmp_path / "missing.yaml")])
     assert res.exit_code != 0 and "missing.yaml" in res.output
@@ -153,5 +154,5 @@ def test_old_refine_section_still_loads(tmp_path, caplog):
     assert cfg.experts.enabled and cfg.experts.groups == 3 and cfg.stages == ["archive", "experts", "train"]
     assert "deprecated" in caplog.text
     path.write_text("refine: {method: bilateral}\n")
-    with pytest.raises(PipelineError, match="refine.method"):
+    with pytest.raises(ConfigError, match="refine.method"):
         load_run_config(path)

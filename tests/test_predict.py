@@ -211,7 +211,7 @@ def test_predict_proposals_discover_equals_its_parts(tmp_path):
     a = np.zeros((40, 56, 3), np.uint8)
     a[:, 28:] = 220
     a[:12, :, 2] = 255
-    cfg = TwoStageConfig("discover", "nm-tiny", "random", "simple", threshold=0.3, dino="vit_tiny_patch16_224",
+    cfg = TwoStageConfig("discover", model="nm-tiny", pretrained="random", templates="simple", threshold=0.3, dino="vit_tiny_patch16_224",
                          random_dino=True, size=32, k=4)
     label_of, names = two_stage(cfg, [("cat", ("cat", "kitty")), ("sky", ("sky",))])
     assert names == ["background", "cat", "sky"]

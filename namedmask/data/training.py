@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from namedmask.config import TrainConfig
 from namedmask.data.archive import load_archive
 from namedmask.data.augment import IGNORE, train_transform
 from namedmask.data.decode import load_image
 from namedmask.data.pseudo_masks import mask_paths, no_foreground_message, read_pseudo_mask
-from namedmask.errors import BadInputError
+from namedmask.errors import BadInputError, NamedMaskError
 from namedmask.runtime import one_thread
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,12 @@ class TrainSamples(Dataset):
         return int(self._perm[pos])
 
     def __getitem__(self, k: int):
+        try:
+            return self._sample(k)
+        except (NamedMaskError, OSError) as exc:  # a bad image: the error itself, not torch's wrapper
+            return WorkerError(exc)
+
+    def _sample(self, k: int):
         index = self.image_index(k)
         item = self.items[index]
         image = load_image(item.image).permute(2, 0, 1)
@@ -127,6 +133,27 @@ class TrainSamples(Dataset):
         with one_thread():  # the same bits whatever the thread count and the number of workers
             image, label = train_transform(image, label, self.cfg.augment, g)
         return image, label, index
+
+
+class WorkerError:
+    """An error of ours (or the OS's) raised while loading a sample, carried out of a DataLoader
+    worker as a value: torch would re-raise it with the worker's traceback as its message. The
+    loader's `collate` passes it on, and `unwrap` raises it, in the main process."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+def collate(batch: list):
+    """default_collate, or the batch's first WorkerError."""
+    return next((s for s in batch if isinstance(s, WorkerError)), None) or default_collate(batch)
+
+
+def unwrap(batch):
+    """The batch, or its sample's error raised here."""
+    if isinstance(batch, WorkerError):
+        raise batch.error
+    return batch
 
 
 class IterationBatches(Sampler):

@@ -58,24 +58,26 @@ def text_classes(text: str | None = None, categories: str | None = None) -> list
 
 def zero_shot_segmenter(classes: list, model: str, pretrained: str | None = None, *, templates: str = "namedmask",
                         background: tuple = BACKGROUND_WORDS, threshold: float | None = None,
-                        short_side: int | None = None, refine: str | None = None, recipe: str = "value",
-                        dino=None, dino_weights: str | None = None, device="cpu",
+                        short_side: int | None = None, refine: str | None = None, smooth: str = "none",
+                        recipe: str = "value", dino=None, dino_weights: str | None = None, device="cpu",
                         key_smoothing: float | None = None,
                         prompt_denoising: float | None = None) -> tuple[MaskClipSegmenter, list]:
     """(segmenter, class names with 'background' first). `classes`: (name, words) pairs.
-    refine "dino": `dino` is a DINO ViT module, or a timm name loaded with `dino_weights`.
+    refine "bilateral": the bilateral solver along image edges; smooth "dino": scores averaged
+    over DINO-key neighbours, `dino` a DINO ViT module or a timm name loaded with `dino_weights`.
     key_smoothing / prompt_denoising: MaskCLIP's thresholds (models.maskclip; None = off).
     The settings are checked as config.ZeroShotConfig (short side capped like saliency's, ...)."""
     ZeroShotConfig(model=model, pretrained=pretrained, templates=templates, threshold=threshold,
-                   background=tuple(background), recipe=recipe, short_side=short_side, refine=refine,
+                   background=tuple(background), recipe=recipe, short_side=short_side, refine=refine, smooth=smooth,
                    key_smoothing=key_smoothing, prompt_denoising=prompt_denoising)
-    if refine == "dino":
+    if smooth == "dino":
         if dino is None:
-            raise OpenVocabError("--refine dino needs --dino (a timm DINO name) and --dino-weights (its file)")
+            raise OpenVocabError("--smooth dino needs --dino (a timm DINO name) and --dino-weights (its file)")
         if isinstance(dino, str):
             dino = create_dino(dino, dino_weights).to(device)
+        refine = "dino"  # MaskClipSegmenter's one post-processing slot
     elif dino is not None or dino_weights is not None:
-        raise OpenVocabError("--dino/--dino-weights are only used by --refine dino")
+        raise OpenVocabError("--dino/--dino-weights are only used by --smooth dino")
     clip = load_clip(model, pretrained, device)
     text, bg = class_text(clip, classes, background, get_templates(templates))  # buffers: seg.to(device) moves them
     seg = MaskClipSegmenter(clip, text, bg, threshold=threshold, short_side=short_side, refine=refine, recipe=recipe,

@@ -18,13 +18,12 @@ output folder (namedmask.io.output_folder: a folder of other files, or one symli
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from namedmask import io
-from namedmask.config import ConfigError, _check
+from namedmask.config import ToyWorldConfig
 from namedmask.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -33,31 +32,6 @@ log = logging.getLogger(__name__)
 # before the blocks and has no patch-embedding bias (timm: pre_norm=True).
 CLIP_TOWER_VIT = "vit_base_patch16_224"
 CLIP_TOWER_KWARGS = {"img_size": 96, "embed_dim": 96, "depth": 3, "num_heads": 3, "pre_norm": True}
-
-
-@dataclass
-class ToyWorldConfig:
-    out: str
-    seed: int = 0
-    size: str = "full"               # full | ci (a reduced world for tests)
-    clip: dict = field(default_factory=dict)   # ClipTrainConfig fields
-    dino: dict = field(default_factory=dict)   # DinoTrainConfig fields
-    # torch threads of the two trainings: fixed (not the machine's cores) so that a seed gives the same
-    # models everywhere; --threads / $NAMEDMASK_THREADS win over it (recorded in clip|dino/train.json)
-    threads: int = 2
-
-    def __post_init__(self):
-        if self.size not in ("full", "ci"):
-            raise ConfigError(f"size must be full or ci, got {self.size!r}")
-        _check(self, seed=(0, 2 ** 32 - 1), threads=(1, None))
-        for model, lowest, what in (("clip", 1, "an untrained CLIP is no model"), ("dino", 0, "0 = no DINO")):
-            steps = getattr(self, model).get("steps")
-            if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < lowest):
-                raise ConfigError(f"{model} steps must be an integer >= {lowest} ({what}), got {steps!r}")
-
-    @property
-    def trains_dino(self) -> bool:
-        return self.dino.get("steps", 1) > 0
 
 
 def seed_dir(out: str | Path, seed: int) -> Path:
