@@ -336,3 +336,37 @@ def test_the_environment_record_names_what_results_depend_on():
         assert env["onednn"] and env["onednn"][0].isdigit()
     line = envinfo.format_environment(env)
     assert env["cpu_capability"] in line and "intra-op" in line
+
+
+def test_the_demo_number_and_its_spreads_come_from_the_runs_json(tmp_path):
+    """bench/demo_numbers.py: mIoU, world seed and per-stage threads read from the run folders;
+    the first run is the headline, runs of its world give the thread spread, runs of its thread
+    setting the seed spread."""
+    import yaml
+
+    from bench.demo_numbers import describe, summary
+
+    def fake_run(name, seed, miou, experts, train):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        (run / ".stages").mkdir()
+        (run / "refined").mkdir()
+        (run / "eval" / "metrics.json").write_text(json.dumps({"miou": miou, "num_images": 96}))
+        (run / "config.yaml").write_text(yaml.safe_dump({"pool": f"runs/toy/seed-{seed}/world/pool",
+                                                         "eval_root": f"runs/toy/seed-{seed}/world/eval/multi"}))
+        for stage, n in (("experts", 2), ("train", train), ("eval", train)):
+            (run / ".stages" / f"{stage}.json").write_text(json.dumps(
+                {"environment": {"commit": "abcdef123", "threads": {"intra_op": n}}}))
+        (run / "refined" / "manifest.json").write_text(json.dumps({"training_threads": {"0": experts, "1": experts}}))
+        return run
+
+    auto = fake_run("auto", 0, 0.66431, 1, 2)
+    one = fake_run("t1", 0, 0.65541, 1, 1)
+    seed1 = fake_run("s1", 1, 0.6, 1, 2)
+    assert describe(auto) == {"run": str(auto), "miou": 0.66431, "images": 96, "eval_set": "multi", "seed": 0,
+                              "threads": {"experts": "1", "train": 2, "eval": 2}, "commit": "abcdef1"}
+    text = summary([auto, one, seed1])
+    assert "headline: eval/multi mIoU 0.6643 (world seed 0, threads: experts 1, train 2, eval 2)" in text
+    assert "thread spread (seed 0): 0.6643 (experts 1, train 2, eval 2), 0.6554 (experts 1, train 1, eval 1); " \
+           "range 0.0089" in text
+    assert "seed spread (experts 1, train 2, eval 2): seed 0 0.6643, seed 1 0.6000; range 0.0643" in text
