@@ -233,6 +233,11 @@ def set_threads(n: int, source: str) -> dict:
     return thread_record(source)
 
 
+def threads_source() -> str | None:
+    """Where the current thread count came from (None before configure_threads/set_threads)."""
+    return _SOURCE
+
+
 def threads_are_automatic() -> bool:
     """Whether this process's thread count is namedmask's own choice (`auto`), not a number the
     user gave (--threads, $NAMEDMASK_THREADS, the config's `threads`, $OMP_NUM_THREADS). Only

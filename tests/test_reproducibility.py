@@ -139,6 +139,36 @@ def test_a_stage_under_a_busy_loop_equals_the_same_stage_idle(tmp_path):
     assert loaded == idle
 
 
+def test_a_tiny_model_on_automatic_threads_trains_on_one_thread(tmp_path, monkeypatch):
+    """With namedmask's automatic threads a tiny model (under 20 GFLOP per iteration) trains on
+    one thread, recorded, with the bits of an explicit --threads 1; an explicit 2 stays 2, and the
+    process's setting is restored after the run."""
+    from namedmask.training import TINY_TRAINING_FLOPS, is_tiny, training_flops
+
+    archive, masks, _ = write_archive(tmp_path / "world", per_class=4)
+    world = {"archive": archive, "masks": masks}
+    cfg = load_config(TrainConfig, overrides=tiny_train_overrides(4, batch=4, crop=32))
+    assert is_tiny(cfg) and 0 < training_flops(cfg) < TINY_TRAINING_FLOPS
+    assert not is_tiny(TrainConfig())                                   # ResNet-50, batch 16, crop 384
+    runtime.set_threads(1, "--threads/$NAMEDMASK_THREADS")
+    one = _train_once(world, tmp_path / "run")
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    runtime.set_threads(2, "auto (cores available: affinity and cgroup quota)")
+    summary = {}
+    real_finish = __import__("namedmask.training", fromlist=["_finish"])._finish
+
+    def finish(ctx, run_dir, *a, **k):
+        real_finish(ctx, run_dir, *a, **k)
+        summary.update(json.loads((run_dir / "summary.json").read_text()))
+    monkeypatch.setattr("namedmask.training._finish", finish)
+    auto = _train_once(world, tmp_path / "run")
+    assert auto == one
+    assert summary["environment"]["threads"]["intra_op"] == 1 and "tiny model" in summary["environment"]["threads"]["source"]
+    assert torch.get_num_threads() == 2 and runtime.threads_are_automatic()   # restored
+    runtime.set_threads(2, "config")
+    assert _train_once(world, tmp_path / "run") != one                 # an explicit 2 trains on 2 threads
+
+
 def test_a_tiny_forward_pass_runs_on_one_thread_with_the_same_labels():
     """Inference of a tiny model on a CPU runs on one thread (its operators are too short to
     share); the rule is the model's counted FLOPs times the image's pixels, never the load, so a

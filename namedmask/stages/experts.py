@@ -30,7 +30,7 @@ from namedmask.errors import InputError
 from namedmask.models.deeplab import load_segmenter
 from namedmask.models.inference import predict_label
 from namedmask.runtime import Eta, resolve_device
-from namedmask.training import train
+from namedmask.training import is_tiny, train
 
 log = logging.getLogger(__name__)
 
@@ -191,37 +191,18 @@ def _refine(archive, archive_file: Path, masks_dir, source: dict, saliency: dict
     return out
 
 
-# Experts in parallel: below this many floating-point operations per training iteration
-# (3x the forward pass, counted on the meta device) an expert is "tiny": its operators are too
-# small to split between threads, and one process per expert costs little memory. The toy
-# configs' experts: ~0.9 GFLOP; the paper's (ResNet-50, batch 8, crop 384): ~6 TFLOP.
-TINY_EXPERT_FLOPS = 20e9
-
-
-def training_flops(train_cfg) -> float:
-    """Floating-point operations of one training iteration of `train_cfg`'s binary model: 3x its
-    forward pass on a batch of crops (backward ~2x forward), counted on the meta device."""
-    from namedmask.models.deeplab import build_model
-    from namedmask.models.inference import forward_flops
-
-    crop = train_cfg.augment.crop_size
-    with torch.device("meta"):
-        model = build_model(train_cfg.model, 2)
-        x = torch.empty(train_cfg.batch_size, 3, crop, crop)
-    return 3 * forward_flops(model.train(), x)
-
-
 def expert_workers(todo: int, device: torch.device, train_cfg) -> int:
     """How many experts train at once, each in its own process on one thread: more than one only
     on a CPU, with namedmask's automatic threads (an explicit thread count is kept as given: the
     experts then train one after the other on that many threads, as before), with tiny experts
-    (training_flops < TINY_EXPERT_FLOPS) and more than one to train; then min(cores, experts).
-    A function of the machine's cores and the config, never of the load."""
+    (training.is_tiny: under 20 GFLOP per training iteration; the paper's ResNet-50 at crop 384,
+    ~6 TFLOP, never) and more than one to train; then min(cores, experts). A function of the
+    machine's cores and the config, never of the load."""
     from namedmask.runtime import available_cores, threads_are_automatic
 
     if device.type != "cpu" or todo < 2 or available_cores() < 2 or not threads_are_automatic():
         return 1
-    if training_flops(train_cfg) >= TINY_EXPERT_FLOPS:
+    if not is_tiny(train_cfg):
         return 1
     return min(available_cores(), todo)
 
