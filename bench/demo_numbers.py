@@ -3,9 +3,10 @@
   python -m bench.demo_numbers RUN [RUN ...]
 
 Each RUN is a `namedmask run` folder (runs/demo after `make demo`). Per run: the evaluation set's
-mIoU (eval/metrics.json), the toy-world seed (from the pool path in config.yaml), the thread
-setting each stage ran with (.stages/<stage>.json `environment.threads`; the experts' own, one
-per process or not, from refined/manifest.json) and the commit. Then one line per spread: the
+mIoU (eval/metrics.json), the toy-world seed (from the pool path in config.yaml), the threads
+each stage ran with (.stages/<stage>.json `environment.threads`, the process's setting; the
+training's own from train/summary.json, the experts' from refined/manifest.json; a tiny model's
+forward passes in eval run on one thread whatever the setting) and the commit. Then one line per spread: the
 runs of one world that differ only in their thread setting, and the runs of one thread setting on
 different worlds. The first RUN is the headline number.
 
@@ -39,6 +40,10 @@ def describe(run: Path) -> dict:
             env = json.loads(marker.read_text()).get("environment") or {}
             threads[stage] = (env.get("threads") or {}).get("intra_op")
             commit = commit or env.get("commit")
+    summary = run / "train" / "summary.json"   # what the training itself ran on (a tiny model: 1 thread)
+    if summary.is_file():
+        trained = ((json.loads(summary.read_text()).get("environment") or {}).get("threads") or {}).get("intra_op")
+        threads["train"] = trained or threads.get("train")
     manifest = run / "refined" / "manifest.json"
     if manifest.is_file():
         per_expert = set((json.loads(manifest.read_text()).get("training_threads") or {}).values())

@@ -388,6 +388,9 @@ def test_the_demo_number_and_its_spreads_come_from_the_runs_json(tmp_path):
             (run / ".stages" / f"{stage}.json").write_text(json.dumps(
                 {"environment": {"commit": "abcdef123", "threads": {"intra_op": n}}}))
         (run / "refined" / "manifest.json").write_text(json.dumps({"training_threads": {"0": experts, "1": experts}}))
+        (run / "train").mkdir()
+        (run / "train" / "summary.json").write_text(json.dumps({"environment": {"threads": {"intra_op": train}}}))
+        (run / ".stages" / "train.json").write_text(json.dumps({"environment": {"threads": {"intra_op": 2}}}))
         return run
 
     auto = fake_run("auto", 0, 0.66431, 1, 2)
