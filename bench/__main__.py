@@ -19,6 +19,8 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true",
                         help="with loaded: whole stages (archive .. discover) on a ci toy world, not the ops")
     parser.add_argument("--quick", action="store_true", help="a smaller smoke run, for the benchmarks that have one")
+    parser.add_argument("--stage", action="append", default=None,
+                        help="with loaded --stages: time only this stage (repeatable; the others run once at 1 thread)")
     args = parser.parse_args()
     env = environment()
     print("environment:", ", ".join(f"{k}={v}" for k, v in env.items()))
@@ -26,7 +28,7 @@ def main() -> None:
     for name in args.names:
         module = importlib.import_module(f"bench.bench_{name}")
         if args.stages and name == "loaded":
-            part = module.run_stages()
+            part = module.run_stages(stages=args.stage or module.STAGE_NAMES)
         elif args.quick and "quick" in inspect.signature(module.run).parameters:
             part = module.run(quick=True)
         else:

@@ -12,6 +12,7 @@ under load a single call can wait a whole scheduler time slice, so the max is re
 Target: default threads <= 1.5x the 1-thread time under load, for every op.
 
   python -m bench loaded --stages   whole stages instead (run_stages below)
+  python -m bench loaded --stages --stage experts --stage eval    only those (from a base run)
 
 Whole stages (archive, saliency, experts, train, eval, discover) on a ci-size toy world, each
 run in a fresh process (`namedmask run` for the first five, discover in the same process after
@@ -206,9 +207,10 @@ def stages_config(root: Path) -> Path:
     return path
 
 
-def _stage_child(config: str, out: str, threads: str) -> None:
-    """In a fresh process: the pipeline's stages, then discover on a few eval images; prints one
-    JSON line {stage: seconds, "threads": record, "digests": {output: sha256}}."""
+def _stage_child(config: str, out: str, threads: str, stages: str = ",".join(STAGE_NAMES)) -> None:
+    """In a fresh process: the pipeline's `stages` (of PIPELINE_STAGES; the ones before them are
+    already in `out`), then discover on a few eval images if asked; prints one JSON line
+    {"seconds": {stage: s}, "threads": record, "digests": {stage: sha256 of its outputs}}."""
     import hashlib
     import json
     from pathlib import Path as P
@@ -218,18 +220,24 @@ def _stage_child(config: str, out: str, threads: str) -> None:
 
     os.environ["NAMEDMASK_THREADS"] = threads
     record = configure_threads(threads)
-    cfg = load_run_config(config, {"out": out, "stages": PIPELINE_STAGES.split(",")})
-    run_pipeline(cfg, progress=False)
+    wanted = stages.split(",")
+    pipeline = [st for st in PIPELINE_STAGES.split(",") if st in wanted]
     run = P(out)
-    seconds = {st: json.loads((run / ".stages" / f"{st}.json").read_text())["seconds"]
-               for st in PIPELINE_STAGES.split(",") if (run / ".stages" / f"{st}.json").is_file()}
-    seconds["discover"], labels = _discover(P(config).parent / "seed-0")
-    digests = {"discover": hashlib.sha256(labels).hexdigest()[:16]}
+    seconds, digests = {}, {}
+    if pipeline:
+        cfg = load_run_config(config, {"out": out, "stages": pipeline})
+        run_pipeline(cfg, progress=False)
+        seconds = {st: json.loads((run / ".stages" / f"{st}.json").read_text())["seconds"] for st in pipeline}
+    if "discover" in wanted:
+        seconds["discover"], labels = _discover(P(config).parent / "seed-0")
+        digests["discover"] = hashlib.sha256(labels).hexdigest()[:16]
     for name, files in (("archive", [run / "archive" / "archive.json"]),
                         ("saliency", sorted((run / "saliency").rglob("*.png"))),
                         ("experts", sorted((run / "refined").rglob("*.png"))),
                         ("train", [run / "train" / "model.safetensors"]),
                         ("eval", [run / "eval" / "metrics.json"])):
+        if name not in wanted:
+            continue
         h = hashlib.sha256()
         for f in files:
             h.update(f.read_bytes() if f.suffix != ".json" else _without_paths(f))
@@ -273,47 +281,84 @@ def _discover(root: Path) -> tuple:
     return time.perf_counter() - t0, out
 
 
-def _child(config: Path, out: Path, threads: str) -> dict:
+# what each pipeline stage writes into the run folder (removed from a copy of the base run to time
+# that stage again)
+STAGE_OUTPUTS = {"archive": ["archive"], "saliency": ["saliency"], "experts": ["refined"], "train": ["train"],
+                 "eval": ["eval"]}
+
+
+def _base_run(config: Path, cache: Path) -> Path:
+    """Every pipeline stage run once at 1 thread into cache/run-base (untimed): what `--only`
+    stages start from (experts needs saliency, eval a trained model)."""
+    import json
+    import subprocess
+    import sys
+
+    base = cache / "run-base"
+    if not all((base / ".stages" / f"{st}.json").is_file() for st in PIPELINE_STAGES.split(",")):
+        env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NAMEDMASK_THREADS")}
+        subprocess.run([sys.executable, "-m", "namedmask", "-q", "--threads", "1", "run", "--config", str(config),
+                        "--out", str(base), "--stages", PIPELINE_STAGES], env=env, check=True, capture_output=True)
+    json.loads((base / ".stages" / "eval.json").read_text())
+    return base
+
+
+def _child(config: Path, out: Path, threads: str, stages=STAGE_NAMES, base: Path | None = None) -> dict:
+    """One timed run in a fresh process: all stages from scratch, or (`base` given) a copy of the
+    base run with `stages`' outputs removed, so that only they run."""
     import json
     import shutil
     import subprocess
     import sys
 
     shutil.rmtree(out, ignore_errors=True)
+    if base is not None:
+        shutil.copytree(base, out, ignore=shutil.ignore_patterns(".namedmask.lock"))
+        for st in stages:
+            for name in STAGE_OUTPUTS.get(st, []):
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / ".stages" / f"{st}.json").unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NAMEDMASK_THREADS")}
-    res = subprocess.run([sys.executable, "-m", "bench.bench_loaded", "--child", str(config), str(out), threads],
-                         env=env, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "bench.bench_loaded", "--child", str(config), str(out), threads,
+                          ",".join(stages)], env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"stage run failed ({threads} threads):\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_stages(conditions=("idle", "loaded"), rounds: int = 1, cache: Path | None = None) -> list[Row]:
+def run_stages(conditions=("idle", "loaded"), rounds: int = 1, cache: Path | None = None,
+               stages=STAGE_NAMES) -> list[Row]:
     """Per stage and condition: seconds with automatic threads and with 1 thread, their ratio;
-    whether the two settings' outputs were equal (digests of the stage's files)."""
+    whether the two settings' outputs were equal (digests of the stage's files). With a subset
+    of `stages`, each timed run starts from a copy of a base run (_base_run) and runs only them."""
     cache = Path(cache or Path(__file__).resolve().parent / "results" / "stages-toy")
     root = stages_world(cache)
     config = stages_config(root)
-    rows, equal = [], {}
+    stages = [st for st in STAGE_NAMES if st in stages]
+    base = None if set(stages) == set(STAGE_NAMES) else _base_run(config, cache)
+    rows, equal, loads = [], {}, {}
     for condition in conditions:
-        times = {"auto": {st: [] for st in STAGE_NAMES}, "1": {st: [] for st in STAGE_NAMES}}
+        times = {"auto": {st: [] for st in stages}, "1": {st: [] for st in stages}}
+        loads[condition] = [os.getloadavg()]
         with (busy_machine() if condition == "loaded" else _nothing()) as busy:
             label = f"loaded ({busy} busy)" if condition == "loaded" else "idle"
             for r in range(rounds):
                 results = {}
                 for setting in (("auto", "1") if r % 2 == 0 else ("1", "auto")):
-                    results[setting] = _child(config, cache / f"run-{condition}-{setting}", setting)
-                    for st in STAGE_NAMES:
+                    results[setting] = _child(config, cache / f"run-{condition}-{setting}", setting, stages, base)
+                    for st in stages:
                         times[setting][st].append(results[setting]["seconds"][st])
-                for st in STAGE_NAMES:
+                for st in stages:
                     equal.setdefault(st, set()).add(results["auto"]["digests"][st] == results["1"]["digests"][st])
+            loads[condition].append(os.getloadavg())
         auto_threads = results["auto"]["threads"]["intra_op"]
-        for st in STAGE_NAMES:
+        load = "load average (1 min) {:.2f} before, {:.2f} after".format(loads[condition][0][0], loads[condition][1][0])
+        for st in stages:
             a, one = statistics.median(times["auto"][st]), statistics.median(times["1"][st])
             rows.append(Row(f"stage {st}", f"{label}", "ci toy world", a, None, None, {
                 f"auto ({auto_threads} threads)": f"{a:.2f} s", "1 thread": f"{one:.2f} s",
                 "auto / 1 thread": f"{a / one:.2f}",
-                "outputs equal (auto vs 1 thread)": "yes" if equal[st] == {True} else "no"}))
+                "outputs equal (auto vs 1 thread)": "yes" if equal[st] == {True} else "no", "machine": load}))
     return rows
 
 
@@ -378,7 +423,7 @@ def run_wait_policy(conditions=("idle", "loaded"), rounds: int = 3) -> list[Row]
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) == 5 and sys.argv[1] == "--child":
+    if len(sys.argv) in (5, 6) and sys.argv[1] == "--child":
         _stage_child(*sys.argv[2:])
         sys.exit(0)
     parser = argparse.ArgumentParser()
@@ -386,12 +431,15 @@ if __name__ == "__main__":
     parser.add_argument("--stages", action="store_true", help="whole stages on a ci toy world (run_stages)")
     parser.add_argument("--rounds", type=int, default=1, help="--stages/--wait-policy: runs per setting and condition")
     parser.add_argument("--wait-policy", action="store_true", help="OpenMP wait policy: default vs PASSIVE")
+    parser.add_argument("--stage", action="append", choices=STAGE_NAMES, default=None,
+                        help="--stages: time only this stage (repeatable); the others run once, untimed, at 1 thread")
     args = parser.parse_args()
     if args.wait_policy:
         conditions = (args.only,) if args.only in ("idle", "loaded") else ("idle", "loaded")
         print_table(run_wait_policy(conditions, args.rounds), "OpenMP wait policy, a training step")
     elif args.stages:
         conditions = (args.only,) if args.only in ("idle", "loaded") else ("idle", "loaded")
-        print_table(run_stages(conditions, args.rounds), "whole stages, automatic threads vs 1 thread")
+        print_table(run_stages(conditions, args.rounds, stages=args.stage or STAGE_NAMES),
+                    "whole stages, automatic threads vs 1 thread")
     else:
         print_table(run((args.only,) if args.only else CONDITIONS), "CPU ops, idle, loaded and flickering")

@@ -113,6 +113,7 @@ def init_distributed() -> tuple[int, int, bool]:
 # take the cores from the threads (ours or other processes') they wait for.
 
 THREADS_ENV = "NAMEDMASK_THREADS"
+_SOURCE: str | None = None   # where the current thread count came from (configure_threads / set_threads)
 
 
 class ThreadsError(BadInputError):
@@ -219,16 +220,36 @@ def configure_threads(setting="auto") -> dict:
     CPU kernels take their helpers from it but never more than the intra-op count minus one
     (csrc/cpu/share_tasks.h, helpers_for), so --threads 1 means one thread there too."""
     intra, source = resolve_threads(setting)
-    if torch.get_num_threads() != intra:
-        torch.set_num_threads(intra)
+    return set_threads(intra, source)
+
+
+def set_threads(n: int, source: str) -> dict:
+    """torch's intra-op threads set to `n`, remembered with where that came from (the runs'
+    JSON records both); returns thread_record()."""
+    global _SOURCE
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    _SOURCE = source
     return thread_record(source)
+
+
+def threads_source() -> str | None:
+    """Where the current thread count came from (None before configure_threads/set_threads)."""
+    return _SOURCE
+
+
+def threads_are_automatic() -> bool:
+    """Whether this process's thread count is namedmask's own choice (`auto`), not a number the
+    user gave (--threads, $NAMEDMASK_THREADS, the config's `threads`, $OMP_NUM_THREADS). Only
+    then may a stage spend the cores in another way (experts: one process per expert)."""
+    return _SOURCE is not None and _SOURCE.startswith("auto") and torch.get_num_threads() == available_cores()
 
 
 def thread_record(source: str | None = None) -> dict:
     """The threads this process runs with now, where they came from, and the machine they were
     fitted to, for a run's JSON."""
     record = {"intra_op": torch.get_num_threads(), "inter_op": torch.get_num_interop_threads(),
-              "source": source or "torch's current setting", "cores_available": available_cores(),
+              "source": source or _SOURCE or "torch's current setting", "cores_available": available_cores(),
               "cores_idle_at_start": idle_cores(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
               "omp_wait_policy_set_by": ("namedmask" if os.environ.get("NAMEDMASK_SET_OMP_WAIT_POLICY") else

@@ -68,10 +68,13 @@ def _fresh_threads():
     """torch's intra-op threads and $NAMEDMASK_THREADS as the session started, for every test."""
     import torch
 
-    threads, env = torch.get_num_threads(), os.environ.get("NAMEDMASK_THREADS")
+    from namedmask import runtime
+
+    threads, env, source = torch.get_num_threads(), os.environ.get("NAMEDMASK_THREADS"), runtime._SOURCE
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+    runtime._SOURCE = source
     if env is None:
         os.environ.pop("NAMEDMASK_THREADS", None)
     else:

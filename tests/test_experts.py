@@ -197,3 +197,50 @@ def test_training_says_what_it_trains_on_and_warns(tmp_path, caplog):
     assert sum("only 3 training images (< 10)" in w for w in warnings) == len(CLASSES)
     assert sum("RANDOM weights" in w for w in warnings) == len(CLASSES)
     assert any("3 images, 2 classes (background, foreground), device cpu" in i for i in infos), infos
+
+
+def test_tiny_experts_on_automatic_threads_train_in_parallel_with_the_bits_of_one_thread(tmp_path, monkeypatch):
+    """With namedmask's automatic threads on a 2-core CPU, tiny experts train one per process on
+    one thread each; their masks and weights equal the experts trained one after the other with
+    an explicit single thread, byte for byte, and each records its thread count."""
+    from namedmask import runtime
+    from namedmask.stages import experts as experts_stage
+
+    archive, noisy, _ = write_archive(tmp_path / "w", per_class=4, seed=2)
+    cfg = load_config(ExpertsConfig, overrides=[f"train.{o}" for o in tiny_train_overrides(3)])
+    runtime.set_threads(1, "--threads/$NAMEDMASK_THREADS")
+    assert experts_stage.expert_workers(3, torch.device("cpu"), cfg.train) == 1
+    one = refine_with_experts(archive, noisy, tmp_path / "one", cfg, progress=False)
+
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    runtime.set_threads(2, "auto (cores available: affinity and cgroup quota)")
+    assert runtime.threads_are_automatic()
+    assert experts_stage.expert_workers(3, torch.device("cpu"), cfg.train) == 2
+    assert experts_stage.expert_workers(1, torch.device("cpu"), cfg.train) == 1   # nothing to share
+    assert experts_stage.expert_workers(3, torch.device("meta"), cfg.train) == 1  # not a CPU
+    started = []
+    real = experts_stage._run_in_processes
+    monkeypatch.setattr(experts_stage, "_run_in_processes", lambda *a: started.append(a[2]) or real(*a))
+    par = refine_with_experts(archive, noisy, tmp_path / "par", cfg, progress=False)
+    assert started == [2] and torch.get_num_threads() == 2   # the parent's threads are left as set
+
+    def files(root):
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and (p.suffix == ".safetensors" or "masks" in p.relative_to(root).parts)}
+    assert files(par) == files(one)
+    assert sum(k.endswith(".png") for k in files(one)) == 12 and sum(k.endswith(".safetensors") for k in files(one)) == 3
+    manifest = json.loads((par / "manifest.json").read_text())
+    assert manifest["training_threads"] == {"0": 1, "1": 1, "2": 1}
+    summary = json.loads((par / "experts" / "000" / "summary.json").read_text())
+    assert "one process per expert" in json.dumps(summary)
+
+    # an explicit thread count is kept: experts one after the other on it, as before
+    runtime.set_threads(2, "config")
+    assert not runtime.threads_are_automatic()
+    assert experts_stage.expert_workers(3, torch.device("cpu"), cfg.train) == 1
+    # big experts (the default ResNet-50 at crop 384) never go one per process
+    runtime.set_threads(2, "auto (cores available: affinity and cgroup quota)")
+    from namedmask.training import training_flops
+
+    assert training_flops(ExpertsConfig().train) > 1e12
+    assert experts_stage.expert_workers(3, torch.device("cpu"), ExpertsConfig().train) == 1

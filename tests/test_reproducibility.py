@@ -139,6 +139,79 @@ def test_a_stage_under_a_busy_loop_equals_the_same_stage_idle(tmp_path):
     assert loaded == idle
 
 
+def test_a_tiny_model_on_automatic_threads_trains_on_one_thread(tmp_path, monkeypatch):
+    """With namedmask's automatic threads a tiny model (under 20 GFLOP per iteration) trains on
+    one thread, recorded, with the bits of an explicit --threads 1; an explicit 2 stays 2, and the
+    process's setting is restored after the run."""
+    from namedmask.training import TINY_TRAINING_FLOPS, is_tiny, training_flops
+
+    archive, masks, _ = write_archive(tmp_path / "world", per_class=4)
+    world = {"archive": archive, "masks": masks}
+    cfg = load_config(TrainConfig, overrides=tiny_train_overrides(4, batch=4, crop=32))
+    assert is_tiny(cfg) and 0 < training_flops(cfg) < TINY_TRAINING_FLOPS
+    assert not is_tiny(TrainConfig())                                   # ResNet-50, batch 16, crop 384
+    runtime.set_threads(1, "--threads/$NAMEDMASK_THREADS")
+    one = _train_once(world, tmp_path / "run")
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    runtime.set_threads(2, "auto (cores available: affinity and cgroup quota)")
+    summary = {}
+    real_finish = __import__("namedmask.training", fromlist=["_finish"])._finish
+
+    def finish(ctx, run_dir, *a, **k):
+        real_finish(ctx, run_dir, *a, **k)
+        summary.update(json.loads((run_dir / "summary.json").read_text()))
+    monkeypatch.setattr("namedmask.training._finish", finish)
+    auto = _train_once(world, tmp_path / "run")
+    assert auto == one
+    assert summary["environment"]["threads"]["intra_op"] == 1 and "tiny model" in summary["environment"]["threads"]["source"]
+    assert torch.get_num_threads() == 2 and runtime.threads_are_automatic()   # restored
+    runtime.set_threads(2, "config")
+    assert _train_once(world, tmp_path / "run") != one                 # an explicit 2 trains on 2 threads
+
+
+def test_a_tiny_forward_pass_runs_on_one_thread_with_the_same_labels():
+    """Inference of a tiny model on a CPU runs on one thread (its operators are too short to
+    share); the rule is the model's counted FLOPs times the image's pixels, never the load, so a
+    tiny model's label maps are those of one thread whatever the thread setting."""
+    from namedmask.models.deeplab import build_model
+    from namedmask.models.inference import (TINY_FORWARD_FLOPS, forward_flops, forward_flops_per_pixel,
+                                            inference_threads, predict_label)
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(8, 4, 1, groups=2),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 6, 7))
+    # 2 x outputs x (inputs per output): conv 8*5*6 * 3*9, grouped conv 4*5*6 * 4, linear 7 * 120
+    assert forward_flops(net, torch.zeros(1, 3, 5, 6)) == 2 * (8 * 30 * 27 + 4 * 30 * 4 + 7 * 120)
+
+    cfg = load_config(TrainConfig, overrides=tiny_train_overrides(1))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 3).eval()
+    per_pixel = forward_flops_per_pixel(model)
+    assert per_pixel == forward_flops(model, torch.zeros(1, 3, 64, 64)) / 64 ** 2 and per_pixel > 0
+    torch.set_num_threads(2)
+    small = int((TINY_FORWARD_FLOPS / per_pixel) ** 0.5) - 1       # the largest square under the bound
+    with inference_threads(model, small, small, "cpu"):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    with inference_threads(model, small + 2, small + 2, "cpu"):
+        assert torch.get_num_threads() == 2
+    with inference_threads(model, 8, 8, "meta"):                   # not a CPU: as set
+        assert torch.get_num_threads() == 2
+
+    image = torch.randint(0, 256, (70, 90, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    from namedmask.data.augment import eval_input
+
+    x = eval_input(image)
+    labels = predict_label(model, image, "cpu")
+    with torch.no_grad():
+        two = model(x)
+        torch.set_num_threads(1)
+        one = model(x)
+    # the logits differ in their last bits (on one thread torch runs 1x1 convolutions with another
+    # kernel); the label map is the 1-thread one, and here equal to the 2-thread one
+    assert torch.equal(labels, one.argmax(1)[0]) and torch.equal(one.argmax(1), two.argmax(1))
+    assert torch.allclose(one, two, atol=1e-5)
+
+
 # ------------------------------------------------------------------------ byte-stable files
 
 def test_two_writes_of_the_same_checkpoint_are_byte_identical(tmp_path):
@@ -293,3 +366,40 @@ def test_the_environment_record_names_what_results_depend_on():
         assert env["onednn"] and env["onednn"][0].isdigit()
     line = envinfo.format_environment(env)
     assert env["cpu_capability"] in line and "intra-op" in line
+
+
+def test_the_demo_number_and_its_spreads_come_from_the_runs_json(tmp_path):
+    """bench/demo_numbers.py: mIoU, world seed and per-stage threads read from the run folders;
+    the first run is the headline, runs of its world give the thread spread, runs of its thread
+    setting the seed spread."""
+    import yaml
+
+    from bench.demo_numbers import describe, summary
+
+    def fake_run(name, seed, miou, experts, train):
+        run = tmp_path / name
+        (run / "eval").mkdir(parents=True)
+        (run / ".stages").mkdir()
+        (run / "refined").mkdir()
+        (run / "eval" / "metrics.json").write_text(json.dumps({"miou": miou, "num_images": 96}))
+        (run / "config.yaml").write_text(yaml.safe_dump({"pool": f"runs/toy/seed-{seed}/world/pool",
+                                                         "eval_root": f"runs/toy/seed-{seed}/world/eval/multi"}))
+        for stage, n in (("experts", 2), ("train", train), ("eval", train)):
+            (run / ".stages" / f"{stage}.json").write_text(json.dumps(
+                {"environment": {"commit": "abcdef123", "threads": {"intra_op": n}}}))
+        (run / "refined" / "manifest.json").write_text(json.dumps({"training_threads": {"0": experts, "1": experts}}))
+        (run / "train").mkdir()
+        (run / "train" / "summary.json").write_text(json.dumps({"environment": {"threads": {"intra_op": train}}}))
+        (run / ".stages" / "train.json").write_text(json.dumps({"environment": {"threads": {"intra_op": 2}}}))
+        return run
+
+    auto = fake_run("auto", 0, 0.66431, 1, 2)
+    one = fake_run("t1", 0, 0.65541, 1, 1)
+    seed1 = fake_run("s1", 1, 0.6, 1, 2)
+    assert describe(auto) == {"run": str(auto), "miou": 0.66431, "images": 96, "eval_set": "multi", "seed": 0,
+                              "threads": {"experts": "1", "train": 2, "eval": 2}, "commit": "abcdef1"}
+    text = summary([auto, one, seed1])
+    assert "headline: eval/multi mIoU 0.6643 (world seed 0, threads: experts 1, train 2, eval 2)" in text
+    assert "thread spread (seed 0): 0.6643 (experts 1, train 2, eval 2), 0.6554 (experts 1, train 1, eval 1); " \
+           "range 0.0089" in text
+    assert "seed spread (experts 1, train 2, eval 2): seed 0 0.6643, seed 1 0.6000; range 0.0643" in text
