@@ -9,6 +9,7 @@ metrics.jsonl (one JSON object per logged iteration / validation), curves.png, s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -178,8 +179,8 @@ def training_flops(cfg: TrainConfig) -> float:
     from namedmask.models.inference import forward_flops
 
     crop = cfg.augment.crop_size
-    with torch.device("meta"):
-        model = build_model(cfg.model, 2)
+    with torch.device("meta"):  # the architecture only: no backbone file read (nor loaded into meta tensors)
+        model = build_model(dataclasses.replace(cfg.model, pretrained=None), 2)
         x = torch.empty(cfg.batch_size, 3, crop, crop)
     return 3 * forward_flops(model.train(), x)
 

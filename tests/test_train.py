@@ -333,3 +333,19 @@ def test_train_cli_with_config_file(world, tmp_path):
     assert written["archive"] == str(world["archive"])
     res = CliRunner().invoke(cli, ["train", "--config", str(path), "--set", "optim.nope=1"])
     assert res.exit_code != 0 and "optim.nope" in res.output
+
+
+def test_training_flops_counts_the_architecture_only(tmp_path):
+    """The tiny-model rule builds the model on the meta device: a backbone weights file is never
+    read (a missing one is no error) nor copied into meta tensors (torch warned once per tensor)."""
+    import warnings
+
+    from namedmask.config import from_dict
+    from namedmask.training import training_flops
+
+    small = dict(batch_size=2, augment={"crop_size": 64})
+    plain = training_flops(from_dict(TrainConfig, small))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training_flops(from_dict(TrainConfig, {**small, "model": {"pretrained": str(tmp_path / "none.pth")}})) \
+            == plain > 0
