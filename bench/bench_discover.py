@@ -76,6 +76,21 @@ def _toy_models(root: Path, config):
     return Models(clip, vit, vocab, vocabulary_embeddings(clip, vocab, get_templates(config.templates)))
 
 
+def _toy_scenes(root: Path, **settings) -> tuple:
+    """(the held-out multi-object scenes, first NAMEDMASK_BENCH_IMAGES of them; discover's config on
+    the toy CLIP and DINO, `settings` on top) shared by the quality, attention and paper parts."""
+    from namedmask.stages.discover import DiscoverConfig
+    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
+
+    images = sorted((root / "world" / "eval" / "multi" / "images").glob("*.jpg"))
+    images = images[:int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)]
+    base = DiscoverConfig(**{"model": "nm-toy", "pretrained": str(root / "clip" / "nm-toy.pt"), "dino": VIT_NAME,
+                             "dino_weights": str(root / "dino" / "dino_toy_pretrain.pth"),
+                             "vit_kwargs": dict(VIT_KWARGS), "size": 96, "k": 6, "templates": "namedmask",
+                             "device": "cpu", **settings})
+    return images, base
+
+
 def _score_image(labels: torch.Tensor, segments: list, gt: np.ndarray, cats: list) -> dict:
     gt = torch.from_numpy(gt.astype(np.int64))
     objects = [c for c in torch.unique(gt).tolist() if 1 <= c <= len(cats)]
@@ -108,14 +123,7 @@ def quality(root: Path) -> list:
     from namedmask.stages.discover import DiscoverConfig, discover_image
 
     cats = _toy_categories(root)
-    images = sorted((root / "world" / "eval" / "multi" / "images").glob("*.jpg"))
-    limit = int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)
-    images = images[:limit]
-    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
-
-    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
-                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
-                          size=96, k=6, templates="namedmask", min_score=-1.0, device="cpu")
+    images, base = _toy_scenes(root, min_score=-1.0)
     models = _toy_models(root, base)
     rows = []
     variants = [(mode, merge, layers) for merge in (True, False)
@@ -185,15 +193,9 @@ def attention_study(root: Path) -> list:
     Masked crop and whole image on the same segments for reference."""
     from namedmask.data.decode import load_image
     from namedmask.models import zero_guidance as zg
-    from namedmask.stages.discover import DiscoverConfig
-    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
 
     cats = _toy_categories(root)
-    images = sorted((root / "world" / "eval" / "multi" / "images").glob("*.jpg"))
-    images = images[:int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)]
-    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
-                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
-                          size=96, k=6, templates="namedmask", device="cpu")
+    images, base = _toy_scenes(root)
     models = _toy_models(root, base)
     clip = models.clip
     depth = zg.clip_depth(clip)
@@ -486,7 +488,6 @@ def paper_vs_default(root: Path, captions_only: bool = False) -> list:
     from namedmask.data.datasets import FolderLabeledSet
     from namedmask.stages.discover import DiscoverConfig, discover
     from namedmask.stages.discover_eval import evaluate_discovered
-    from namedmask.toy.dino import VIT_KWARGS, VIT_NAME
 
     try:
         import pydensecrf.densecrf  # noqa: F401
@@ -496,12 +497,7 @@ def paper_vs_default(root: Path, captions_only: bool = False) -> list:
         print("bench discover: pydensecrf2 not installed: the paper rows refine with the bilateral solver")
     cats = _toy_categories(root)
     multi = root / "world" / "eval" / "multi"
-    images = sorted((multi / "images").glob("*.jpg"))
-    limit = int(os.environ.get("NAMEDMASK_BENCH_IMAGES", "0")) or len(images)
-    images = images[:limit]
-    base = DiscoverConfig(model="nm-toy", pretrained=str(root / "clip" / "nm-toy.pt"), dino=VIT_NAME,
-                          dino_weights=str(root / "dino" / "dino_toy_pretrain.pth"), vit_kwargs=dict(VIT_KWARGS),
-                          size=96, k=6, templates="namedmask", min_score=-1.0, device="cpu")
+    images, base = _toy_scenes(root, min_score=-1.0)
     models = _toy_models(root, base)
     labeled = FolderLabeledSet(multi, ["background"] + [n for n, _ in cats])
     variants = [("default", base, images),

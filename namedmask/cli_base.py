@@ -134,9 +134,9 @@ def config_command(fn, name: str, cls, *more, images: bool = False, presets=None
 
     def callback(config_path, overrides, images_=None, **params):
         given = {k: v for k, v in params.items() if v is not None}
-        if presets and given.get("preset") or passed:  # the preset under the file and --set
-            data = C.under_preset(presets(given["preset"]) if given.get("preset") and presets else {}, config_path,
-                                  overrides)
+        preset = presets(given["preset"]) if presets and given.get("preset") else None
+        if preset is not None or passed:  # file and --set read here: over the preset, and split off `more`'s keys
+            data = C.under_preset(preset or {}, config_path, overrides)
             config_path, overrides = None, {k: v for k, v in data.items() if k not in passed}
             given = {**{k: v for k, v in data.items() if k in passed}, **given}
         try:
