@@ -371,8 +371,10 @@ def _save_checkpoint(ctx, run_dir, model, optimizer, scheduler, iteration, cfg, 
     state = {"iteration": iteration, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "rng": {"torch": rngs}, "config": json.dumps(to_dict(cfg)),
              "class_names": list(class_names), "world_size": ctx.world}
-    io.save_torch(state, run_dir / CHECKPOINT_FILE)  # a full disk: one line, nothing half-written
+    # The weights first, the checkpoint last: the checkpoint is what a rerun resumes from, so a stop
+    # between the two writes redoes this iteration instead of keeping the previous weights as final.
     save_segmenter(run_dir, model, class_names, extra={"iteration": iteration})
+    io.save_torch(state, run_dir / CHECKPOINT_FILE)  # a full disk: one line, nothing half-written
     log.info("checkpoint at iteration %d written to %s", iteration, run_dir)
 
 

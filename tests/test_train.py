@@ -235,6 +235,33 @@ def test_resume_after_interruption_continues_identically(world, tmp_path):
         train(config(world, tmp_path / "b", 7, "checkpoint_every=2", batch=2, crop=32), progress=False)
 
 
+@pytest.mark.parametrize("stopped_in", ["save_segmenter", "save_torch"])
+def test_a_stop_inside_the_last_checkpoint_step_resumes_identically(world, tmp_path, monkeypatch, stopped_in):
+    """A stop between the final weights and the final checkpoint (a kill there made the rerun say
+    "already trained" and keep the previous iteration's weights) ends like an uninterrupted run."""
+    import namedmask.training as training
+    cfg = lambda out: config(world, out, 4, "checkpoint_every=1", batch=2, crop=32)  # noqa: E731
+    train(cfg(tmp_path / "whole"), progress=False)
+    write = getattr(training.io, stopped_in) if stopped_in == "save_torch" else training.save_segmenter
+    calls = []
+
+    def stop_on_last(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:   # the last iteration's write: stop there
+            raise Killed
+        return write(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(training.io if stopped_in == "save_torch" else training, stopped_in, stop_on_last)
+        with pytest.raises(Killed):
+            train(cfg(tmp_path / "stopped"), progress=False)
+    train(cfg(tmp_path / "stopped"), progress=False)
+    untimed = lambda run: [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(run)]  # noqa: E731
+    assert untimed(tmp_path / "stopped") == untimed(tmp_path / "whole")
+    assert (tmp_path / "stopped" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model.safetensors").read_bytes()
+
+
 def test_bad_inputs(world, tmp_path):
     with pytest.raises(TrainError, match="at least 2"):
         train(config(world, tmp_path / "r", 1, batch=1), progress=False)
