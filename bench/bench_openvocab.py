@@ -263,7 +263,11 @@ def run() -> list:
     from namedmask.models.prompts import get_templates
     from namedmask.models.openvocab import open_vocab_segmenter, zero_shot_segmenter
 
-    torch.set_num_threads(2)
+    from namedmask.runtime import configure_threads
+
+    # the CLI's rule ($NAMEDMASK_THREADS, $OMP_NUM_THREADS, else the cores available; tiny trainings
+    # then on one thread), not a fixed 2: two benches side by side on 2 cores ran 4 threads
+    configure_threads()
     root = _toy_root()
     world, clip_file = root / "world", str(root / "clip" / "nm-toy.pt")
     out = Path(os.environ.get("NAMEDMASK_OPENVOCAB_OUT", root / "openvocab"))   # a read-only world: elsewhere
