@@ -253,8 +253,6 @@ def _maskclip_rows(root: Path, clip_file: str, dev: Path, dev_classes: list, mul
 
 
 def run() -> list:
-    import torch
-
     from namedmask.toy import world as tw
     from namedmask.data.decode import load_image
     from namedmask.models.clip import load_clip

@@ -1,5 +1,6 @@
 """Zero-guidance discovery: the CLIP forward with a class-row attention bias (against open_clip
 and a hand computation), over-segmentation, naming, merging, and degenerate images."""
+import dataclasses
 import math
 import re
 
@@ -194,3 +195,38 @@ def test_builtin_vocabulary_imagenet21k_nouns():
     # a synonym is never another entry's name; the older lists come first, unchanged
     assert all(w.lower() not in taken for e in entries for w in e[1:])
     assert entries[0] == ("tench",) and {"soil", "animal", "swimming"} <= taken
+
+
+def test_tiny_models_discover_on_one_thread_with_the_same_labels(tmp_path):
+    """Automatic threads on a CPU: an image whose forward passes are tiny (the toy-size DINO and
+    CLIP) runs on one thread (two were 1.5-2.3x slower, docs/benchmarks.md), with the label
+    maps of a one-thread run; large models, or unknown costs (a caption LM), keep the threads."""
+    from namedmask.config import DiscoverConfig
+    from namedmask.models.inference import TINY_FORWARD_FLOPS, vit_forward_flops
+    from namedmask.stages.discover import _image_threads, discover_image, load_models
+
+    vocab = tmp_path / "v.txt"
+    vocab.write_text("disc\nsquare\nsky\n")
+    cfg = DiscoverConfig(model="nm-tiny", dino="vit_tiny_patch16_224", random_weights=True, size=32, k=3,
+                         templates="simple", device="cpu", vocabulary=str(vocab))
+    models = load_models(cfg)
+    assert vit_forward_flops(models.vit, 32) == 2.0 * sum(p.numel() for p in models.vit.parameters()) * (2 * 2 + 1)
+    assert vit_forward_flops(models.vit, 34, stride=6) == vit_forward_flops(models.vit, 32) * (4 ** 2 + 1) / 5  # 4x4 patches
+    seen = []
+    models.vit.blocks[-1].attn.qkv.register_forward_hook(lambda *a: seen.append(torch.get_num_threads()))
+    image = _image(3, 48).permute(1, 2, 0).contiguous()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _, _ = discover_image(models, image, cfg)
+        torch.set_num_threads(2)
+        two, _, _ = discover_image(models, image, cfg)
+        assert seen == [1, 1] and torch.get_num_threads() == 2   # restored after the image
+        assert torch.equal(one, two)
+        with _image_threads(models, dataclasses.replace(cfg, namer="caption", captioner="gpt2")):
+            assert torch.get_num_threads() == 2                    # a language model's cost is not counted
+        big = dataclasses.replace(cfg, size=int(32 * (TINY_FORWARD_FLOPS / vit_forward_flops(models.vit, 32)) ** 0.5) + 64)
+        with _image_threads(models, big):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -78,6 +78,31 @@ def inference_threads(model, height: int, width: int, device) -> contextlib.Abst
     return one_thread()
 
 
+def vit_forward_flops(model, side: int, stride: int | None = None) -> float | None:
+    """Floating-point operations of a ViT's forward pass on a side x side image (patches `stride`
+    px apart; None: the patch size), estimated as
+    2 x parameters x tokens (its linear layers, all but the attention products, cost two per
+    parameter per token: within 5 % of forward_flops for the toy DINO) without running it.
+    None for a model without a patch size (not a ViT): it keeps its threads."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None) or getattr(model, "patch_size", None)
+    if patch is None:
+        return None
+    patch = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    per_side = (side - patch) // (stride or patch) + 1
+    return 2.0 * sum(p.numel() for p in model.parameters()) * (per_side ** 2 + 1)
+
+
+def tiny_forwards_threads(device, *flops) -> contextlib.AbstractContextManager:
+    """One torch thread on a CPU while the forward passes counted in `flops` (None: unknown)
+    together stay under TINY_FORWARD_FLOPS, else as set: for a stage that runs a few small models
+    per image (discover: the DINO and CLIP towers). A function of the models and sizes, never of
+    the load."""
+    if torch.device(device).type != "cpu" or torch.get_num_threads() == 1 or any(f is None for f in flops) \
+            or sum(flops) >= TINY_FORWARD_FLOPS:
+        return contextlib.nullcontext()
+    return one_thread()
+
+
 @torch.no_grad()
 def predict_label(model, image: torch.Tensor, device, amp: bool = False) -> torch.Tensor:
     """uint8 [H, W, 3] image -> int64 [H, W] argmax class ids at native resolution, single scale."""

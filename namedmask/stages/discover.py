@@ -53,6 +53,7 @@ from namedmask.errors import BadInputError
 from namedmask.models import zero_guidance as zg
 from namedmask.models.clip import Clip, load_clip
 from namedmask.models.dino import create_dino
+from namedmask.models.inference import tiny_forwards_threads, vit_forward_flops
 from namedmask.models.maskclip import ensemble_text_embeddings
 from namedmask.models.prompts import get_templates
 from namedmask.report import save_overlay
@@ -149,9 +150,28 @@ def discover_image(models: Models, image_hwc: torch.Tensor, config: DiscoverConf
     """One image (uint8 [H, W, 3]) -> (labels int64 [H, W] in 0..S-1, segments list, seconds per step).
     `embeddings`, when given, receives "image" [S, E] and "text" [S, E]: each final segment's
     CLIP embedding and its name's text embedding."""
-    if config.cluster != "kmeans" or config.embed == "zero-guidance" or config.namer != "vocabulary" \
-            or config.refine_method != "bilateral":
-        return _discover_image_paper(models, image_hwc, config, embeddings)
+    with _image_threads(models, config):
+        if config.cluster != "kmeans" or config.embed == "zero-guidance" or config.namer != "vocabulary" \
+                or config.refine_method != "bilateral":
+            return _discover_image_paper(models, image_hwc, config, embeddings)
+        return _discover_image_fast(models, image_hwc, config, embeddings)
+
+
+def _image_threads(models: Models, config: DiscoverConfig):
+    """One thread for an image whose forward passes are tiny (the toy models: ~0.3 GFLOP), where
+    two threads were 1.5-2.3x slower (docs/benchmarks.md); a caption namer's language model is
+    not counted, so it keeps the threads."""
+    segments = config.tree_leaves if config.cluster == "tree" else config.k
+    clip_flops = vit_forward_flops(models.clip.model.visual, models.clip.image_size)
+    return tiny_forwards_threads(
+        next(models.vit.parameters()).device, vit_forward_flops(models.vit, config.size, config.dino_stride),
+        None if clip_flops is None else clip_flops * segments, None if config.namer == "caption" else 0.0)
+
+
+def _discover_image_fast(models: Models, image_hwc: torch.Tensor, config: DiscoverConfig,
+                         embeddings: dict | None) -> tuple:
+    """discover_image with today's default pieces (k-means, class-row attention embedding,
+    vocabulary names, bilateral refinement)."""
     seconds, lap = _step_timer()
 
     img, labels = zg.propose_segments(models.vit, image_hwc, size=config.size, k=config.k, min_area=config.min_area,
