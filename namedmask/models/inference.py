@@ -80,10 +80,9 @@ def inference_threads(model, height: int, width: int, device) -> contextlib.Abst
 
 def vit_forward_flops(model, side: int, stride: int | None = None) -> float | None:
     """Floating-point operations of a ViT's forward pass on a side x side image (patches `stride`
-    px apart; None: the patch size), estimated as
-    2 x parameters x tokens (its linear layers, all but the attention products, cost two per
-    parameter per token: within 5 % of forward_flops for the toy DINO) without running it.
-    None for a model without a patch size (not a ViT): it keeps its threads."""
+    px apart; None: the patch size), estimated without running it as 2 x parameters x tokens: its
+    linear layers, all but the attention products, cost two per parameter per token (within 5 % of
+    forward_flops for the toy DINO). None for a model without a patch size (not a ViT)."""
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None) or getattr(model, "patch_size", None)
     if patch is None:
         return None

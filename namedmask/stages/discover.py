@@ -31,6 +31,7 @@ not stop the others: listed at the end as one error, or skipped with skip_bad (-
 """
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import logging
@@ -161,11 +162,13 @@ def _image_threads(models: Models, config: DiscoverConfig):
     """One thread for an image whose forward passes are tiny (the toy models: ~0.3 GFLOP), where
     two threads were 1.5-2.3x slower (docs/benchmarks.md); a caption namer's language model is
     not counted, so it keeps the threads."""
+    if config.namer == "caption":
+        return contextlib.nullcontext()
     segments = config.tree_leaves if config.cluster == "tree" else config.k
     clip_flops = vit_forward_flops(models.clip.model.visual, models.clip.image_size)
-    return tiny_forwards_threads(
-        next(models.vit.parameters()).device, vit_forward_flops(models.vit, config.size, config.dino_stride),
-        None if clip_flops is None else clip_flops * segments, None if config.namer == "caption" else 0.0)
+    return tiny_forwards_threads(next(models.vit.parameters()).device,
+                                 vit_forward_flops(models.vit, config.size, config.dino_stride),
+                                 None if clip_flops is None else clip_flops * segments)
 
 
 def _discover_image_fast(models: Models, image_hwc: torch.Tensor, config: DiscoverConfig,
