@@ -369,14 +369,15 @@ def test_the_environment_record_names_what_results_depend_on():
 
 
 def test_the_demo_number_and_its_spreads_come_from_the_runs_json(tmp_path):
-    """bench/demo_numbers.py: mIoU, world seed and per-stage threads read from the run folders;
-    the first run is the headline, runs of its world give the thread spread, runs of its thread
-    setting the seed spread."""
+    """bench/demo_numbers.py: mIoU, world seed, CPU and per-stage threads read from the run folders;
+    the first run is the headline; runs of its world and CPU give the thread spread, runs of its
+    thread setting and CPU the seed spread, runs of its world and setting on another CPU or
+    instruction set the machine spread (no run counted in a spread it does not belong to)."""
     import yaml
 
     from bench.demo_numbers import describe, summary
 
-    def fake_run(name, seed, miou, experts, train):
+    def fake_run(name, seed, miou, experts, train, isa="AVX2"):
         run = tmp_path / name
         (run / "eval").mkdir(parents=True)
         (run / ".stages").mkdir()
@@ -386,7 +387,8 @@ def test_the_demo_number_and_its_spreads_come_from_the_runs_json(tmp_path):
                                                          "eval_root": f"runs/toy/seed-{seed}/world/eval/multi"}))
         for stage, n in (("experts", 2), ("train", train), ("eval", train)):
             (run / ".stages" / f"{stage}.json").write_text(json.dumps(
-                {"environment": {"commit": "abcdef123", "threads": {"intra_op": n}}}))
+                {"environment": {"commit": "abcdef123", "cpu": "AMD EPYC", "cpu_capability": isa,
+                                 "threads": {"intra_op": n}}}))
         (run / "refined" / "manifest.json").write_text(json.dumps({"training_threads": {"0": experts, "1": experts}}))
         (run / "train").mkdir()
         (run / "train" / "summary.json").write_text(json.dumps({"environment": {"threads": {"intra_op": train}}}))
@@ -396,10 +398,20 @@ def test_the_demo_number_and_its_spreads_come_from_the_runs_json(tmp_path):
     auto = fake_run("auto", 0, 0.66431, 1, 2)
     one = fake_run("t1", 0, 0.65541, 1, 1)
     seed1 = fake_run("s1", 1, 0.6, 1, 2)
+    wide = fake_run("avx512", 0, 0.69601, 1, 2, isa="AVX512")
+    wide_one = fake_run("avx512-t1", 0, 0.7, 1, 1, isa="AVX512")
     assert describe(auto) == {"run": str(auto), "miou": 0.66431, "images": 96, "eval_set": "multi", "seed": 0,
-                              "threads": {"experts": "1", "train": 2, "eval": 2}, "commit": "abcdef1"}
-    text = summary([auto, one, seed1])
-    assert "headline: eval/multi mIoU 0.6643 (world seed 0, threads: experts 1, train 2, eval 2)" in text
-    assert "thread spread (seed 0): 0.6643 (experts 1, train 2, eval 2), 0.6554 (experts 1, train 1, eval 1); " \
-           "range 0.0089" in text
-    assert "seed spread (experts 1, train 2, eval 2): seed 0 0.6643, seed 1 0.6000; range 0.0643" in text
+                              "cpu": "AMD EPYC [AVX2]", "threads": {"experts": "1", "train": 2, "eval": 2},
+                              "commit": "abcdef1"}
+    text = summary([auto, one, seed1, wide, wide_one])
+    assert "headline: eval/multi mIoU 0.6643 (world seed 0, AMD EPYC [AVX2], threads: experts 1, train 2, eval 2)" in text
+    assert "thread spread (seed 0, AMD EPYC [AVX2]): 0.6643 (experts 1, train 2, eval 2), " \
+           "0.6554 (experts 1, train 1, eval 1); range 0.0089" in text
+    assert "seed spread (experts 1, train 2, eval 2, AMD EPYC [AVX2]): 0.6643 (seed 0), 0.6000 (seed 1); " \
+           "range 0.0643" in text
+    assert "machine spread (seed 0, experts 1, train 2, eval 2): 0.6643 (AMD EPYC [AVX2]), " \
+           "0.6960 (AMD EPYC [AVX512]); range 0.0317" in text
+    assert f"| {wide} | 0 | multi (96 images) | AMD EPYC [AVX512] | experts 1, train 2, eval 2 | abcdef1 | 0.6960 |" in text
+    assert len(text.splitlines()) == 2 + 5 + 2 + 3   # header, 5 runs, blank + headline, 3 spreads
+    # One run alone: the headline, no spread lines.
+    assert [line for line in summary([auto]).splitlines() if "spread" in line] == []
