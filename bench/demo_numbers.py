@@ -4,14 +4,15 @@
 
 Each RUN is a `namedmask run` folder (runs/demo after `make demo`). Per run: the evaluation set's
 mIoU (eval/metrics.json), the toy-world seed (from the pool path in config.yaml), the CPU and the
-instruction set torch dispatched to (`environment`), the threads each stage ran with
-(.stages/<stage>.json `environment.threads`, the process's setting; the training's own from
-train/summary.json, the experts' from refined/manifest.json; a tiny model's forward passes in eval
-run on one thread whatever the setting) and the commit. Then one line per spread, each against the
+instruction sets torch and NumPy dispatched to with any cap on them (`environment`, as
+envinfo.format_machine writes it), the threads each stage ran with (.stages/<stage>.json
+`environment.threads`, the process's setting; the training's own from train/summary.json, the
+experts' from refined/manifest.json; a tiny model's forward passes in eval run on one thread
+whatever the setting) and the commit. Then one line per spread, each against the
 first RUN (the headline): runs of its world and CPU that differ only in their thread setting; runs
 of its thread setting and CPU on other worlds; runs of its world and thread setting on another CPU
 or instruction set (a result's bits depend on it: docs/reproducibility.md). Two hosts with the same
-CPU name and instruction set count as one machine: compare runs of one host where it matters.
+CPU name and instruction sets count as one machine: compare runs of one host where it matters.
 
 Regenerate the README's numbers (2-core machine, no GPU; docs/reproducibility.md):
 
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from namedmask.envinfo import format_machine
+
 
 def describe(run: Path) -> dict:
     """What one run's files say: mIoU, evaluation set, world seed, threads per stage, commit."""
@@ -45,7 +48,7 @@ def describe(run: Path) -> dict:
             env = json.loads(marker.read_text()).get("environment") or {}
             threads[stage] = (env.get("threads") or {}).get("intra_op")
             commit = commit or env.get("commit")
-            cpu = cpu or (f"{env['cpu']} [{env.get('cpu_capability')}]" if env.get("cpu") else None)
+            cpu = cpu or (format_machine(env) if env.get("cpu") else None)
     summary = run / "train" / "summary.json"   # what the training itself ran on (a tiny model: 1 thread)
     if summary.is_file():
         trained = ((json.loads(summary.read_text()).get("environment") or {}).get("threads") or {}).get("intra_op")

@@ -101,11 +101,29 @@ def _onednn_version() -> str | None:
     return _config_version(r"(?:MKL-DNN|oneDNN) v?(\d[\w.]*)") if torch.backends.mkldnn.is_available() else None
 
 
+# Variables that cap a library's CPU dispatch, and with it the rounding of its floats: capping
+# NumPy and OpenBLAS at AVX2 on an AVX-512 machine changed 10 of the demo's 320 TokenCut masks with
+# torch's models identical (docs/reproducibility.md, "The demo's number").
+DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR",
+                "NPY_DISABLE_CPU_FEATURES", "NPY_ENABLE_CPU_FEATURES", "OPENBLAS_CORETYPE")
+
+
+def _numpy_simd() -> list | None:
+    """The SIMD extensions NumPy dispatches to here (what `numpy.show_runtime()` calls "found";
+    a private NumPy module: None where it moved)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    except ImportError:
+        return None
+    return [f for f in __cpu_dispatch__ if __cpu_features__.get(f)]
+
+
 def environment(threads: dict | None = None, resumed: bool | None = None) -> dict:
     """What a run's numbers depend on besides its config and seed, for its JSON: the code
-    (commit), the libraries whose kernels compute the floats (torch, MKL, oneDNN), the CPU and the
-    instruction set torch dispatches to, the threads (runtime.thread_record), and whether the run
-    was resumed. Two runs whose records and configs are equal are expected to give equal bits."""
+    (commit), the libraries whose kernels compute the floats (torch, MKL, oneDNN, NumPy, SciPy),
+    the CPU, the instruction sets torch and NumPy dispatch to and the variables that cap them, the
+    threads (runtime.thread_record), and whether the run was resumed. Two runs on one machine whose
+    records and configs are equal are expected to give equal bits."""
     from namedmask import runtime
 
     record = {
@@ -117,6 +135,10 @@ def environment(threads: dict | None = None, resumed: bool | None = None) -> dic
         "onednn": _onednn_version(),
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "numpy": _version("numpy"),
+        "numpy_simd": _numpy_simd(),
+        "scipy": _version("scipy"),
+        "cpu_dispatch_env": {k: os.environ[k] for k in DISPATCH_ENV if k in os.environ},
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available()
         else [],
         "native_extension": _native.LOAD_ERROR is None,
@@ -127,11 +149,22 @@ def environment(threads: dict | None = None, resumed: bool | None = None) -> dic
     return record
 
 
+def format_machine(env: dict) -> str:
+    """The CPU of environment() and what its libraries dispatch to: "AMD EPYC [AVX512]", then NumPy's
+    widest SIMD set and any dispatch cap where recorded ("AMD EPYC [AVX2; NumPy X86_V3;
+    OPENBLAS_CORETYPE=Haswell]"). Runs of older records show what they have."""
+    parts = [str(env.get("cpu_capability"))]
+    if env.get("numpy_simd"):
+        parts.append(f"NumPy {env['numpy_simd'][-1]}")
+    parts += [f"{k}={v}" for k, v in (env.get("cpu_dispatch_env") or {}).items()]
+    return f"{env.get('cpu')} [{'; '.join(parts)}]"
+
+
 def format_environment(env: dict) -> str:
     """One line of environment(): what a reader needs to compare two runs."""
     t = env.get("threads", {})
     return (f"namedmask {env.get('namedmask')} ({env.get('commit') or 'not a git checkout'}), torch {env.get('torch')}, "
-            f"oneDNN {env.get('onednn') or '-'}, {env.get('cpu')} [{env.get('cpu_capability')}], "
+            f"oneDNN {env.get('onednn') or '-'}, {format_machine(env)}, "
             f"threads {t.get('intra_op')} intra-op / {t.get('inter_op')} inter-op ({t.get('source')}), "
             f"OpenMP wait {t.get('omp_wait_policy') or 'default'}"
             + ("" if env.get("resumed") is None else f", resumed: {'yes' if env['resumed'] else 'no'}"))

@@ -368,6 +368,28 @@ def test_the_environment_record_names_what_results_depend_on():
     assert env["cpu_capability"] in line and "intra-op" in line
 
 
+def test_the_environment_record_names_the_libraries_cpu_dispatch_and_its_caps(monkeypatch):
+    """NumPy's and SciPy's versions, the SIMD sets NumPy dispatches to and the variables that cap a
+    library's dispatch are recorded: capping NumPy/OpenBLAS changed TokenCut masks (reproducibility.md)."""
+    import numpy
+    import scipy
+
+    for name in envinfo.DISPATCH_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    monkeypatch.setenv("NPY_DISABLE_CPU_FEATURES", "AVX512F")
+    env = envinfo.environment()
+    assert (env["numpy"], env["scipy"]) == (numpy.__version__, scipy.__version__)
+    assert env["cpu_dispatch_env"] == {"NPY_DISABLE_CPU_FEATURES": "AVX512F", "OPENBLAS_CORETYPE": "Haswell"}
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+    assert env["numpy_simd"] == [f for f in __cpu_dispatch__ if __cpu_features__[f]]
+    assert envinfo.format_machine({"cpu": "AMD EPYC", "cpu_capability": "AVX2", "numpy_simd": ["X86_V3"],
+                                   "cpu_dispatch_env": {"OPENBLAS_CORETYPE": "Haswell"}}) \
+        == "AMD EPYC [AVX2; NumPy X86_V3; OPENBLAS_CORETYPE=Haswell]"
+    assert envinfo.format_machine({"cpu": "AMD EPYC", "cpu_capability": "AVX512"}) == "AMD EPYC [AVX512]"
+    assert envinfo.format_machine(env) in envinfo.format_environment(env)
+
+
 def test_the_demo_number_and_its_spreads_come_from_the_runs_json(tmp_path):
     """bench/demo_numbers.py: mIoU, world seed, CPU and per-stage threads read from the run folders;
     the first run is the headline; runs of its world and CPU give the thread spread, runs of its
